@@ -16,6 +16,6 @@ MULTI30K_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "
 
 @pytest.fixture(scope="session")
 def multi30k_dir() -> pathlib.Path:
-  if not (MULTI30K_DIR / "train.de").exists():
-    pytest.skip(f"Multi30k not found at {MULTI30K_DIR}")
-  return MULTI30K_DIR
+    if not (MULTI30K_DIR / "train.de").exists():
+        pytest.skip(f"Multi30k not found at {MULTI30K_DIR}")
+    return MULTI30K_DIR
