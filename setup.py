@@ -41,8 +41,6 @@ setuptools.setup(
     version="0.1.0",
     description="Reinforced Self-Training (ReST) for machine translation, T5X-compatible, in JAX/Flax.",
     packages=setuptools.find_packages(include=["rest_jax", "rest_jax.*"]),
-    package_data={"rest_jax": ["configs/**/*.gin"]},
-    include_package_data=True,
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

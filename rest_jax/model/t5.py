@@ -1,0 +1,519 @@
+"""T5 v1.1 / mT5 encoder-decoder in Flax Linen, with T5X's parameter names and logical axes.
+
+The parameter tree is exactly T5X's (`t5x/examples/t5/network.py`): a checkpoint trained here loads in T5X
+and vice versa (see `rest_jax.convert`). Two things differ from T5X, both for speed and neither visible in
+the parameters:
+
+* Incremental decoding uses an explicit cache (`decode_step`) instead of Flax's mutable `cache` collection,
+  so `rest_jax.decoding` is a pure jitted function of explicit state.
+* The cross-attention keys/values of each source are computed once (`cross_attention_kv`) and shared by all
+  N samples of that source and all decoding steps; T5X recomputes them for every sample at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Cache = Mapping[str, Array]
+
+# Large negative bias used for masked attention positions (as in T5X); finite so that a fully masked row
+# gives a uniform softmax rather than NaNs.
+_MASK_VALUE = -1e10
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Shape and numerics of a T5 encoder-decoder; field names follow T5X's `T5Config`.
+
+    Attributes:
+      vocab_size: Size of the (shared) token vocabulary; T5's is 32128, mT5's 250112.
+      dtype: Activation dtype ('float32' or 'bfloat16'); parameters are always float32.
+      emb_dim: Model width d_model.
+      num_heads: Attention heads.
+      num_encoder_layers: Encoder blocks.
+      num_decoder_layers: Decoder blocks.
+      head_dim: Width of one attention head (d_kv).
+      mlp_dim: Feed-forward width d_ff.
+      mlp_activations: ('gelu', 'linear') is T5 v1.1's gated GELU; ('relu',) is T5 1.0.
+      dropout_rate: Dropout after embeddings, attention, feed-forward and on attention weights.
+      logits_via_embedding: Tie the output projection to the token embedding (T5 1.0) or not (T5 v1.1).
+      float32_attention_logits: Compute attention logits and softmax in float32 under bfloat16.
+      relative_attention_num_buckets: Relative position buckets.
+      relative_attention_max_distance: Distance beyond which all positions share a bucket.
+      layer_norm_epsilon: RMSNorm epsilon.
+    """
+
+    vocab_size: int = 32128
+    dtype: str = "float32"
+    emb_dim: int = 512
+    num_heads: int = 6
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    head_dim: int = 64
+    mlp_dim: int = 1024
+    mlp_activations: Sequence[str] = ("gelu", "linear")
+    dropout_rate: float = 0.0
+    logits_via_embedding: bool = False
+    float32_attention_logits: bool = True
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+
+    def __post_init__(self):
+        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"T5Config.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}.")
+
+    @property
+    def activation_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **changes: Any) -> "T5Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+    if name == "linear":
+        return lambda x: x
+    if name == "gelu":
+        # T5X and HF's gelu_new both use the tanh approximation.
+        return lambda x: nn.gelu(x, approximate=True)
+    if name == "gelu_exact":
+        return lambda x: nn.gelu(x, approximate=False)
+    try:
+        return getattr(nn, name)
+    except AttributeError:
+        raise ValueError(f"Unknown mlp activation {name!r}.") from None
+
+
+def _param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], axes: Sequence[str]) -> Array:
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
+
+
+class LayerNorm(nn.Module):
+    """T5's RMSNorm: no mean subtraction, no bias, computed in float32."""
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale).astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """A bias-free projection whose kernel is stored 2-D, as T5X's DenseGeneral stores it."""
+
+    features: int
+    kernel_axes: Sequence[str]
+    kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.kernel_axes)
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+    """Token embedding shared by encoder, decoder and (when tied) the output projection."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.embedding = _param(
+            self, "embedding", nn.initializers.normal(stddev=1.0), (self.num_embeddings, self.features),
+            ("vocab", "embed"))
+
+    def __call__(self, tokens: Array) -> Array:
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, query: Array) -> Array:
+        return jnp.dot(query.astype(self.dtype), self.embedding.T.astype(self.dtype))
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """Maps key-minus-query offsets to buckets, as in T5 (Raffel et al. 2020, Sec. 2.1)."""
+    ret = jnp.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # Clamp before the log so that n = 0 never reaches it (the value is discarded there anyway).
+    n_large = jnp.maximum(n, max_exact).astype(jnp.float32)
+    val_if_large = max_exact + (
+        jnp.log(n_large / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+    """Learned per-head scalar bias for each relative-position bucket, shared by all layers of a stack."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.rel_embedding = _param(
+            self, "rel_embedding", nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+            (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
+
+    def __call__(self, query_positions: Array, key_positions: Array, bidirectional: bool) -> Array:
+        """Returns biases [1, heads, q, k] for 1-D position vectors."""
+        rel = key_positions[None, :] - query_positions[:, None]
+        buckets = relative_position_bucket(rel, bidirectional, self.num_buckets, self.max_distance)
+        values = jnp.take(self.rel_embedding, buckets, axis=1)  # [heads, q, k]
+        return values[None].astype(self.dtype)
+
+
+def _dot_product_attention(query: Array, key: Array, value: Array, bias: Array, dropout_rng: Array | None,
+                           dropout_rate: float, float32_logits: bool) -> Array:
+    """Attention of query [b, q, h, d] (or [b, n, q, h, d] for shared keys) over key/value [b, k, h, d].
+
+    No 1/sqrt(d) scaling: T5 folds it into the query initialisation.
+    """
+    shared = query.ndim == 5
+    if float32_logits:
+        query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+    if shared:
+        logits = jnp.einsum("bnqhd,bkhd->bnhqk", query, key)
+    else:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+    logits = logits + bias.astype(logits.dtype)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = weights * keep.astype(weights.dtype) / (1.0 - dropout_rate)
+    if shared:
+        return jnp.einsum("bnhqk,bkhd->bnqhd", weights, value)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+class MultiHeadAttention(nn.Module):
+    """T5X's multi-head attention with 2-D ('embed', 'joined_kv') projection kernels."""
+
+    num_heads: int
+    head_dim: int
+    out_features: int
+    dropout_rate: float = 0.0
+    float32_logits: bool = True
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        inner = self.num_heads * self.head_dim
+        kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+        depth_scaling = math.sqrt(self.head_dim)
+
+        def query_init(*args):
+            return kernel_init(*args) / depth_scaling
+
+        self.query = Dense(inner, ("embed", "joined_kv"), query_init, self.dtype)
+        self.key = Dense(inner, ("embed", "joined_kv"), kernel_init, self.dtype)
+        self.value = Dense(inner, ("embed", "joined_kv"), kernel_init, self.dtype)
+        self.out = Dense(self.out_features, ("joined_kv", "embed"), kernel_init, self.dtype)
+
+    def _split(self, x: Array) -> Array:
+        x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+        if x.ndim == 4:
+            x = nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
+        return x
+
+    def project_kv(self, inputs_kv: Array) -> tuple[Array, Array]:
+        """Keys and values [b, k, heads, head_dim] of `inputs_kv` (cacheable)."""
+        return self._split(self.key(inputs_kv)), self._split(self.value(inputs_kv))
+
+    def attend(self, inputs_q: Array, key: Array, value: Array, bias: Array, deterministic: bool) -> Array:
+        """Attends `inputs_q` [b, q, e] (or [b, n, q, e] sharing keys across n) to given keys/values."""
+        query = self._split(self.query(inputs_q))
+        rng = None if deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
+        x = _dot_product_attention(query, key, value, bias, rng, self.dropout_rate, self.float32_logits)
+        return self.out(x.reshape(x.shape[:-2] + (self.num_heads * self.head_dim,)))
+
+    def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool = True) -> Array:
+        key, value = self.project_kv(inputs_kv)
+        return self.attend(inputs_q, key, value, bias, deterministic)
+
+
+class MlpBlock(nn.Module):
+    """Feed-forward block; several activations multiply (gated GELU when ('gelu', 'linear'))."""
+
+    mlp_dim: int
+    activations: Sequence[str]
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        hidden = None
+        for i, name in enumerate(self.activations):
+            dense_name = "wi" if len(self.activations) == 1 else f"wi_{i}"
+            h = _activation(name)(Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name=dense_name)(x))
+            hidden = h if hidden is None else hidden * h
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+        return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="wo")(hidden)
+
+
+def _constrain(x: Array) -> Array:
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class EncoderLayer(nn.Module):
+    config: T5Config
+
+    def setup(self):
+        c = self.config
+        dt = c.activation_dtype
+        self.pre_attention_layer_norm = LayerNorm(c.layer_norm_epsilon, dt)
+        self.attention = MultiHeadAttention(c.num_heads, c.head_dim, c.emb_dim, c.dropout_rate,
+                                            c.float32_attention_logits, dt)
+        self.pre_mlp_layer_norm = LayerNorm(c.layer_norm_epsilon, dt)
+        self.mlp = MlpBlock(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt)
+        self.dropout = nn.Dropout(c.dropout_rate)
+
+    def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+        y = self.pre_attention_layer_norm(x)
+        y = self.attention(y, y, bias, deterministic)
+        x = _constrain(x + self.dropout(y, deterministic=deterministic))
+        y = self.mlp(self.pre_mlp_layer_norm(x), deterministic)
+        return _constrain(x + self.dropout(y, deterministic=deterministic))
+
+
+class DecoderLayer(nn.Module):
+    config: T5Config
+
+    def setup(self):
+        c = self.config
+        dt = c.activation_dtype
+
+        def attention():
+            return MultiHeadAttention(c.num_heads, c.head_dim, c.emb_dim, c.dropout_rate,
+                                      c.float32_attention_logits, dt)
+
+        self.pre_self_attention_layer_norm = LayerNorm(c.layer_norm_epsilon, dt)
+        self.self_attention = attention()
+        self.pre_cross_attention_layer_norm = LayerNorm(c.layer_norm_epsilon, dt)
+        self.encoder_decoder_attention = attention()
+        self.pre_mlp_layer_norm = LayerNorm(c.layer_norm_epsilon, dt)
+        self.mlp = MlpBlock(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt)
+        self.dropout = nn.Dropout(c.dropout_rate)
+
+    def _cross_and_mlp(self, x: Array, cross_k: Array, cross_v: Array, cross_bias: Array,
+                       deterministic: bool) -> Array:
+        y = self.pre_cross_attention_layer_norm(x)
+        y = self.encoder_decoder_attention.attend(y, cross_k, cross_v, cross_bias, deterministic)
+        x = x + self.dropout(y, deterministic=deterministic)
+        y = self.mlp(self.pre_mlp_layer_norm(x), deterministic)
+        return x + self.dropout(y, deterministic=deterministic)
+
+    def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+                 deterministic: bool) -> Array:
+        y = self.pre_self_attention_layer_norm(x)
+        y = self.self_attention(y, y, self_bias, deterministic)
+        x = _constrain(x + self.dropout(y, deterministic=deterministic))
+        cross_k, cross_v = self.encoder_decoder_attention.project_kv(encoded)
+        return _constrain(self._cross_and_mlp(x, cross_k, cross_v, cross_bias, deterministic))
+
+    def cross_kv(self, encoded: Array) -> tuple[Array, Array]:
+        return self.encoder_decoder_attention.project_kv(encoded)
+
+    def step(self, x: Array, self_k: Array, self_v: Array, index: Array, self_bias: Array,
+             cross_k: Array, cross_v: Array, cross_bias: Array) -> tuple[Array, Array, Array]:
+        """One decoding step. x: [b, n, 1, e]; self_k/v: [b*n, T, h, d] cache; cross_k/v: [b, s, h, d]."""
+        b, n = x.shape[:2]
+        y = self.pre_self_attention_layer_norm(x).reshape((b * n, 1, x.shape[-1]))
+        k, v = self.self_attention.project_kv(y)
+        self_k = jax.lax.dynamic_update_slice_in_dim(self_k, k.astype(self_k.dtype), index, axis=1)
+        self_v = jax.lax.dynamic_update_slice_in_dim(self_v, v.astype(self_v.dtype), index, axis=1)
+        y = self.self_attention.attend(y, self_k, self_v, self_bias, deterministic=True)
+        x = x + y.reshape(x.shape)
+        return self._cross_and_mlp(x, cross_k, cross_v, cross_bias, True), self_k, self_v
+
+
+def _padding_bias(key_mask: Array, dtype: Any) -> Array:
+    """[b, k] bool -> additive bias [b, 1, 1, k]."""
+    return jnp.where(key_mask, 0.0, _MASK_VALUE).astype(dtype)[:, None, None, :]
+
+
+class Transformer(nn.Module):
+    """T5 encoder-decoder (Raffel et al. 2020) with T5X's parameter tree.
+
+    Token id 0 is padding (and the decoder start token); padded encoder positions are masked out.
+    """
+
+    config: T5Config
+
+    def setup(self):
+        c = self.config
+        dt = c.activation_dtype
+        self.token_embedder = Embed(c.vocab_size, c.emb_dim, dt)
+        self.encoder = _Stack(c, is_decoder=False, name="encoder")
+        self.decoder = _Stack(c, is_decoder=True, name="decoder")
+
+    # -- full-sequence passes ------------------------------------------------------------------------------
+
+    def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
+        """Encoder output [b, s, emb_dim] (activation dtype)."""
+        x = self.token_embedder(encoder_input_tokens.astype(jnp.int32))
+        return self.encoder.encode(x, encoder_input_tokens > 0, not enable_dropout)
+
+    def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               enable_dropout: bool = False) -> Array:
+        """Teacher-forced decoder logits [b, t, vocab] in float32."""
+        y = self.token_embedder(decoder_input_tokens.astype(jnp.int32))
+        y = self.decoder.decode(y, encoded, encoder_input_tokens > 0, not enable_dropout)
+        return self._logits(y)
+
+    def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+                 enable_dropout: bool = False) -> Array:
+        encoded = self.encode(encoder_input_tokens, enable_dropout)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout)
+
+    def _logits(self, y: Array) -> Array:
+        if self.config.logits_via_embedding:
+            # T5X and HF rescale tied logits by 1/sqrt(d_model).
+            logits = self.token_embedder.attend(y) / jnp.sqrt(y.shape[-1]).astype(y.dtype)
+        else:
+            logits = self.decoder.logits_dense(y)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    # -- incremental decoding ------------------------------------------------------------------------------
+
+    def cross_attention_kv(self, encoded: Array) -> dict[str, Array]:
+        """Cross-attention keys and values of every decoder layer, computed once per source.
+
+        Returns {'k', 'v'}: [layers, b, s, heads, head_dim].
+        """
+        return self.decoder.cross_kv(encoded)
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
+        """Empty self-attention cache {'k', 'v'}: [layers, batch, max_length, heads, head_dim]."""
+        c = self.config
+        shape = (c.num_decoder_layers, batch_size, max_length, c.num_heads, c.head_dim)
+        zeros = jnp.zeros(shape, c.activation_dtype)
+        return {"k": zeros, "v": zeros}
+
+    def decode_step(self, tokens: Array, index: Array, cache: Cache, cross_kv: Cache,
+                    encoder_mask: Array) -> tuple[Array, dict[str, Array]]:
+        """Logits of the next token for every row, given the token at position `index`.
+
+        Args:
+          tokens: [b * n] int tokens at position `index` (rows grouped by source: row r is source r // n).
+          index: scalar int32 position being fed.
+          cache: self-attention cache from `init_cache(b * n, T)`.
+          cross_kv: from `cross_attention_kv` on the b encoded sources.
+          encoder_mask: [b, s] bool, True on real source tokens.
+
+        Returns:
+          (logits [b * n, vocab] float32, updated cache).
+        """
+        b = encoder_mask.shape[0]
+        n = tokens.shape[0] // b
+        x = self.token_embedder(tokens.astype(jnp.int32)).reshape((b, n, 1, -1))
+        y, cache = self.decoder.step(x, index, cache, cross_kv, encoder_mask)
+        return self._logits(y.reshape((b * n, 1, -1)))[:, 0], cache
+
+
+class _Stack(nn.Module):
+    """Encoder or decoder stack, named as T5X names them ('layers_i', 'relpos_bias', '*_norm')."""
+
+    config: T5Config
+    is_decoder: bool
+
+    def setup(self):
+        c = self.config
+        dt = c.activation_dtype
+        self.relpos_bias = RelativePositionBiases(c.relative_attention_num_buckets,
+                                                  c.relative_attention_max_distance, c.num_heads, dt)
+        self.dropout = nn.Dropout(c.dropout_rate)
+        if self.is_decoder:
+            self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_decoder_layers)]
+            self.decoder_norm = LayerNorm(c.layer_norm_epsilon, dt)
+            if not c.logits_via_embedding:
+                self.logits_dense = Dense(c.vocab_size, ("embed", "vocab"), dtype=dt)
+        else:
+            self.layers = [EncoderLayer(c, name=f"layers_{i}") for i in range(c.num_encoder_layers)]
+            self.encoder_norm = LayerNorm(c.layer_norm_epsilon, dt)
+
+    def encode(self, x: Array, mask: Array, deterministic: bool) -> Array:
+        positions = jnp.arange(x.shape[1])
+        bias = self.relpos_bias(positions, positions, bidirectional=True) + _padding_bias(mask, x.dtype)
+        x = _constrain(self.dropout(x, deterministic=deterministic))
+        for layer in self.layers:
+            x = layer(x, bias, deterministic)
+        return self.dropout(self.encoder_norm(x), deterministic=deterministic)
+
+    def decode(self, y: Array, encoded: Array, encoder_mask: Array, deterministic: bool) -> Array:
+        t = y.shape[1]
+        positions = jnp.arange(t)
+        causal = jnp.where(positions[None, :] <= positions[:, None], 0.0, _MASK_VALUE)[None, None]
+        self_bias = self.relpos_bias(positions, positions, bidirectional=False) + causal.astype(y.dtype)
+        cross_bias = _padding_bias(encoder_mask, y.dtype)
+        y = _constrain(self.dropout(y, deterministic=deterministic))
+        for layer in self.layers:
+            y = layer(y, encoded, self_bias, cross_bias, deterministic)
+        return self.dropout(self.decoder_norm(y), deterministic=deterministic)
+
+    def cross_kv(self, encoded: Array) -> dict[str, Array]:
+        ks, vs = zip(*(layer.cross_kv(encoded) for layer in self.layers))
+        return {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+
+    def step(self, x: Array, index: Array, cache: Cache, cross_kv: Cache,
+             encoder_mask: Array) -> tuple[Array, dict[str, Array]]:
+        max_length = cache["k"].shape[2]
+        key_positions = jnp.arange(max_length)
+        query_position = jnp.reshape(index, (1,)).astype(jnp.int32)
+        future = jnp.where(key_positions[None, :] <= query_position[:, None], 0.0, _MASK_VALUE)[None, None]
+        self_bias = self.relpos_bias(query_position, key_positions, bidirectional=False) + future.astype(x.dtype)
+        # Shared cross attention: query [b, n, 1, h, d] against keys [b, s, h, d].
+        cross_bias = _padding_bias(encoder_mask, x.dtype)[:, None]
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer.step(x, cache["k"][i], cache["v"][i], index, self_bias,
+                                 cross_kv["k"][i], cross_kv["v"][i], cross_bias)
+            new_k.append(k)
+            new_v.append(v)
+        return self.decoder_norm(x), {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+
+
+@gin.configurable
+def build_model(config: T5Config | None = None) -> Transformer:
+    """The model the gin config describes (`T5Config.*` bindings)."""
+    return Transformer(config if config is not None else T5Config())
+
+
+def init_params(model: Transformer, rng: Array, batch_size: int = 1, input_length: int = 8,
+                target_length: int = 8) -> Any:
+    """Boxed (logically partitioned) parameters of `model`."""
+    enc = jnp.ones((batch_size, input_length), jnp.int32)
+    dec = jnp.ones((batch_size, target_length), jnp.int32)
+    return model.init(rng, enc, dec)["params"]
+
+
+def count_params(params: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))
