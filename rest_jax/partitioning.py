@@ -1,0 +1,465 @@
+"""Device mesh, T5X logical axis rules, sharded train state and batches, multi-host start-up.
+
+One code path serves 1 CPU, 8 simulated devices and a TPU pod: the model names the axes of its
+parameters and activations logically ('batch', 'embed', 'mlp', 'heads', ...), the rules below map
+those names onto a ('data', 'model') mesh, and `jax.jit` with explicit shardings does the rest
+(GSPMD). ReST's Grow and Improve steps (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 2) both run
+through these helpers: sampling is sharded along the batch, training along batch and model.
+
+Typical use::
+
+    initialize_multihost()                       # before anything touches jax devices
+    mesh = create_mesh()                         # gin: create_mesh.mesh_shape = (-1, 2)
+    rules = standard_logical_axis_rules()        # gin: same knobs as T5X
+    state, state_shardings = create_sharded_state(init_fn, rng, mesh=mesh, rules=rules)
+    with mesh_context(mesh, rules):
+        step = jax.jit(train_step, out_shardings=(state_shardings, replicated(mesh)))
+        state, metrics = step(state, shard_batch(host_batch, mesh, rules))
+
+Only `jax.jit` with shardings and `jax.set_mesh` are used (no `pjit`, no `with mesh:`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from flax.core import meta
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+PyTree = Any
+MeshAxes = str | tuple[str, ...] | None
+LogicalRules = Sequence[tuple[str, MeshAxes]]
+
+# Environment variables that announce a multi-process launch (JAX's own, Cloud TPU pods and
+# multislice, SLURM, Open MPI). Their presence is what `initialize_multihost(mode='auto')` reads.
+_MULTIPROCESS_ENV = {
+    "JAX_COORDINATOR_ADDRESS": 0,
+    "MEGASCALE_COORDINATOR_ADDRESS": 0,
+    "TPU_WORKER_HOSTNAMES": 2,  # comma-separated host list: multi-host only with 2+ entries
+    "TPU_PROCESS_ADDRESSES": 2,
+    "SLURM_NTASKS": 2,  # integer count: multi-process only when >= 2
+    "OMPI_COMM_WORLD_SIZE": 2,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-host start-up.
+# --------------------------------------------------------------------------------------------
+
+
+def _multiprocess_env_detected() -> str | None:
+    """Names the environment variable that shows a multi-process launch, or None."""
+    for name, min_count in _MULTIPROCESS_ENV.items():
+        value = os.environ.get(name)
+        if not value:
+            continue
+        if min_count == 0:
+            return name
+        if name.endswith(("HOSTNAMES", "ADDRESSES")):
+            count = len([h for h in value.split(",") if h.strip()])
+        else:
+            try:
+                count = int(value)
+            except ValueError:
+                continue
+        if count >= min_count:
+            return name
+    return None
+
+
+@gin.configurable
+def initialize_multihost(mode: str = "auto", coordinator_address: str | None = None,
+                         num_processes: int | None = None, process_id: int | None = None,
+                         local_device_ids: Sequence[int] | None = None) -> bool:
+    """Starts `jax.distributed` when this program is one process of a multi-process job.
+
+    Must run before anything initialises the jax backend (`jax.devices()`, array creation).
+
+    Args:
+      mode: 'auto' initialises when a coordinator address is given or the environment shows a
+        multi-process launch (JAX_COORDINATOR_ADDRESS, TPU pod / multislice host lists, SLURM or
+        Open MPI with 2+ tasks), and is a no-op otherwise (one CPU, one host); 'always' initialises
+        unconditionally, letting jax detect the cluster (e.g. a Cloud TPU VM pod whose topology is
+        only in the metadata server); 'never' skips it.
+      coordinator_address: 'host:port' of process 0; None lets jax detect it.
+      num_processes: Number of processes; None lets jax detect it.
+      process_id: This process's index; None lets jax detect it.
+      local_device_ids: Devices this process drives; None means all visible ones.
+
+    Returns:
+      True when `jax.distributed` is initialised after the call.
+    """
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"initialize_multihost.mode must be 'auto', 'always' or 'never', got {mode!r}")
+    if jax.distributed.is_initialized():
+        return True
+    if mode == "never":
+        return False
+    reason = "mode='always'" if mode == "always" else (
+        "coordinator_address" if coordinator_address else _multiprocess_env_detected())
+    if reason is None:
+        logger.info("initialize_multihost: single-process run, jax.distributed not started.")
+        return False
+    logger.info("initialize_multihost: starting jax.distributed (%s).", reason)
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids)
+    logger.info("jax.distributed: process %d of %d, %d local / %d global devices.",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Mesh.
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_shape(shape: Sequence[int], num_devices: int, what: str) -> tuple[int, ...]:
+    """Replaces a single -1 in `shape` by whatever makes the product equal `num_devices`."""
+    shape = tuple(int(s) for s in shape)
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"{what}={shape}: sizes must be positive, with at most one -1 (fill).")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"{what}={shape}: {num_devices} devices are not divisible by {known}.")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"{what}={shape} needs {math.prod(shape)} devices, but {num_devices} are "
+                         "available; use -1 for the axis that should take the rest.")
+    return shape
+
+
+@gin.configurable
+def create_mesh(mesh_shape: Sequence[int] = (-1, 1), axis_names: Sequence[str] = ("data", "model"),
+                num_partitions: int | None = None, dcn_mesh_shape: Sequence[int] | None = None,
+                devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the device mesh, laid out for the interconnect (ICI within a slice, DCN across).
+
+    Axes are `AxisType.Auto` so that flax's logical sharding constraints steer GSPMD, as in T5X.
+
+    Args:
+      mesh_shape: Size of each axis within a slice; one -1 takes the remaining devices. The
+        default (-1, 1) is pure data parallelism.
+      axis_names: Mesh axis names; the logical axis rules refer to them.
+      num_partitions: T5X's knob: when set, overrides `mesh_shape` with (-1, num_partitions),
+        i.e. that many model-parallel partitions.
+      dcn_mesh_shape: For multislice TPU jobs, the number of slices along each axis (e.g. (2, 1)
+        for data parallelism across 2 slices); `mesh_shape` is then the per-slice shape.
+      devices: Devices to use; all global devices by default.
+
+    Returns:
+      A `jax.sharding.Mesh`.
+    """
+    if num_partitions is not None:
+        mesh_shape = (-1, int(num_partitions))
+    if len(mesh_shape) != len(axis_names):
+        raise ValueError(f"create_mesh: mesh_shape={tuple(mesh_shape)} and axis_names={tuple(axis_names)} "
+                         "differ in length.")
+    devices = list(jax.devices() if devices is None else devices)
+    axis_types = (AxisType.Auto,) * len(axis_names)
+    if dcn_mesh_shape is None:
+        shape = _resolve_shape(mesh_shape, len(devices), "create_mesh.mesh_shape")
+        return jax.make_mesh(shape, tuple(axis_names), axis_types=axis_types, devices=devices)
+    if len(dcn_mesh_shape) != len(axis_names):
+        raise ValueError(f"create_mesh: dcn_mesh_shape={tuple(dcn_mesh_shape)} and "
+                         f"axis_names={tuple(axis_names)} differ in length.")
+    num_slices = math.prod(dcn_mesh_shape)
+    if len(devices) % num_slices:
+        raise ValueError(f"create_mesh: {len(devices)} devices do not split into {num_slices} slices.")
+    ici_shape = _resolve_shape(mesh_shape, len(devices) // num_slices, "create_mesh.mesh_shape")
+    device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, tuple(dcn_mesh_shape), devices)
+    return Mesh(device_array, tuple(axis_names), axis_types=axis_types)
+
+
+# --------------------------------------------------------------------------------------------
+# Logical axis rules.
+# --------------------------------------------------------------------------------------------
+
+
+@gin.configurable
+def standard_logical_axis_rules(activation_partitioning_dims: int = 1,
+                                parameter_partitioning_dims: int = 1,
+                                additional_rules: LogicalRules | None = None) -> tuple[tuple[str, MeshAxes], ...]:
+    """T5X's standard logical-axis-to-mesh rules, with T5X's gin knobs and semantics.
+
+    The rules are priority-ordered: a logical axis takes the first rule whose mesh axis is still
+    free in that array. With 1-D partitioning (the default) parameters and activations are split
+    along 'model' by vocab / mlp / heads / joined_kv and batches along 'data'. 2-D activation
+    partitioning also splits 'embed' activations along 'model'; 2-D parameter partitioning splits
+    the parameters' 'embed' dimension along 'data' (ZeRO-3-like; activations keep 'data' for batch).
+
+    Args:
+      activation_partitioning_dims: 1 or 2.
+      parameter_partitioning_dims: 1 or 2.
+      additional_rules: Rules appended after the standard ones (lowest priority), e.g.
+        (('cache_batch', 'data'),).
+
+    Returns:
+      A tuple of (logical axis name, mesh axis or None) pairs.
+    """
+    head = [("batch", "data"), ("vocab", "model")]
+    model_parallel = [("mlp", "model"), ("heads", "model"), ("kv", None), ("joined_kv", "model")]
+    dims = (activation_partitioning_dims, parameter_partitioning_dims)
+    if dims == (1, 1):
+        rules = head + [("embed", None)] + model_parallel
+    elif dims == (2, 1):
+        rules = head + model_parallel + [("embed", "model")]
+    elif dims == (1, 2):
+        rules = head + model_parallel + [("embed", "data")]
+    elif dims == (2, 2):
+        rules = head + model_parallel + [("embed", "model"), ("embed", "data")]
+    else:
+        raise ValueError(f"standard_logical_axis_rules: activation_partitioning_dims="
+                         f"{activation_partitioning_dims}, parameter_partitioning_dims="
+                         f"{parameter_partitioning_dims} is not supported (each must be 1 or 2).")
+    # Axes T5X always replicates.
+    rules += [("relpos_buckets", None), ("abspos_buckets", None), ("length", None), ("layers", None),
+              ("stack", None), ("mlp_activations", None)]
+    if additional_rules:
+        rules += [tuple(rule) for rule in additional_rules]
+    return tuple(rules)
+
+
+def _default_rules(rules: LogicalRules | None) -> tuple[tuple[str, MeshAxes], ...]:
+    return tuple(standard_logical_axis_rules() if rules is None else rules)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: LogicalRules | None = None) -> Iterator[Mesh]:
+    """Activates `mesh` and the logical axis rules while tracing and running jitted code.
+
+    Inside, flax's `nn.with_logical_constraint` and boxed parameters turn logical axis names into
+    sharding constraints on `mesh`; outside, they are no-ops.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(_default_rules(rules)):
+        yield mesh
+
+
+# --------------------------------------------------------------------------------------------
+# Logical specs -> shardings.
+# --------------------------------------------------------------------------------------------
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that keeps a full copy on every device of `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _is_spec(x: Any) -> bool:
+    return x is None or isinstance(x, PartitionSpec)
+
+
+def logical_to_sharding(logical_spec_tree: PyTree, mesh: Mesh, rules: LogicalRules | None = None) -> PyTree:
+    """Maps a pytree of logical PartitionSpecs (None = replicated) to NamedShardings on `mesh`.
+
+    Example: `logical_to_sharding(PartitionSpec('batch', 'length'), mesh)` ->
+    `NamedSharding(mesh, PartitionSpec('data', None))` under the standard rules.
+    """
+    rules = _default_rules(rules)
+
+    def convert(spec: PartitionSpec | None) -> NamedSharding:
+        if spec is None:
+            return replicated(mesh)
+        return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(spec), rules))
+
+    return jax.tree.map(convert, logical_spec_tree, is_leaf=_is_spec)
+
+
+def _fit_to_shape(mesh_spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide evenly.
+
+    `jax.jit` requires explicit shardings to tile every dimension evenly; replicating such a
+    dimension (e.g. 4 relative-position heads over an 8-way 'model' axis) keeps one configuration
+    runnable on any mesh. Logged, since it costs memory.
+    """
+    if len(mesh_spec) > len(shape):
+        # An array whose rank differs from its logical names (e.g. an optimizer's factored second
+        # moment that inherited its parameter's box) cannot follow them: replicate it.
+        logger.info("%s: logical axes %s do not fit shape %s; replicating.", where, mesh_spec, shape)
+        return PartitionSpec()
+    fitted = []
+    for size, axes in zip(shape, mesh_spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        ways = math.prod(mesh.shape[a] for a in names)
+        if names and size % ways:
+            logger.warning("%s: dimension of size %d is not divisible by mesh axes %s (%d ways); "
+                            "replicating it.", where, size, names, ways)
+            axes = None
+        fitted.append(axes)
+    return PartitionSpec(*fitted)
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def get_param_shardings(abstract_tree: PyTree, mesh: Mesh, rules: LogicalRules | None = None) -> PyTree:
+    """NamedShardings for a (boxed) pytree, e.g. `jax.eval_shape(model.init, ...)` or a train state.
+
+    Leaves boxed with `nn.with_logical_partitioning` follow their logical names through `rules`
+    (a box's own rules win); everything else (step counters, unboxed arrays) is replicated. Each
+    box is replaced by one sharding, so the result matches the unboxed tree and is a valid
+    `jax.jit` in/out_shardings prefix of the boxed tree.
+
+    Args:
+      abstract_tree: Pytree of arrays or `jax.ShapeDtypeStruct`s, possibly with
+        `nn.LogicallyPartitioned` boxes.
+      mesh: The device mesh.
+      rules: Logical axis rules; `standard_logical_axis_rules()` (gin-configured) by default.
+
+    Returns:
+      A pytree of `NamedSharding`s.
+    """
+    rules = _default_rules(rules)
+
+    def leaf_sharding(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        if isinstance(leaf, meta.AxisMetadata):
+            value = leaf.unbox(apply_constraint=False)
+            logical = nn.get_partition_spec(leaf)
+            leaf_rules = getattr(leaf, "rules", None) or rules
+            mesh_spec = nn.logical_to_mesh_axes(tuple(logical), leaf_rules)
+        else:
+            value, mesh_spec = leaf, PartitionSpec()
+        shape = tuple(getattr(value, "shape", ()))
+        return NamedSharding(mesh, _fit_to_shape(mesh_spec, shape, mesh, _path_str(path)))
+
+    return jax.tree_util.tree_map_with_path(
+        leaf_sharding, abstract_tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+
+
+# --------------------------------------------------------------------------------------------
+# Train state.
+# --------------------------------------------------------------------------------------------
+
+
+def _put(value: Any, sharding: NamedSharding) -> jax.Array:
+    """Places one host or device value onto a (possibly multi-host) sharding."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return jax.device_put(value, sharding)  # already global: a reshard
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    # Multi-host: every process holds the same full value; each fills its own devices' slices.
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shard_train_state(state: PyTree, mesh: Mesh, rules: LogicalRules | None = None) -> tuple[PyTree, PyTree]:
+    """Moves an existing (host or single-device) train state onto `mesh`, sharded by its boxes.
+
+    Use for a state that already fits on one host, e.g. one restored from a small checkpoint; to
+    initialise a large model use `create_sharded_state`, which never materialises it in one place.
+
+    Returns:
+      (sharded state with its boxes kept, the sharding pytree from `get_param_shardings`).
+    """
+    shardings = get_param_shardings(state, mesh, rules)
+    is_box = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
+    sharded = jax.tree.map(
+        lambda leaf, s: leaf.replace_boxed(_put(leaf.unbox(apply_constraint=False), s))
+        if is_box(leaf) else _put(leaf, s),
+        state, shardings, is_leaf=is_box)
+    return sharded, shardings
+
+
+def create_sharded_state(init_fn: Callable[..., PyTree], *args: Any, mesh: Mesh,
+                         rules: LogicalRules | None = None) -> tuple[PyTree, PyTree]:
+    """Runs `init_fn(*args)` under `jax.jit` with sharded outputs: each device creates only its part.
+
+    `init_fn` is traced abstractly first (`jax.eval_shape`) to read the boxes' logical names, so a
+    model larger than any one device's memory initialises directly into its shards. With
+    partitionable threefry (jax's default) the values equal an unsharded init with the same key.
+
+    Args:
+      init_fn: Returns a (boxed) pytree, e.g. `lambda rng: model.init(rng, x, y)` or a function that
+        also builds the optimizer state.
+      *args: Arguments of `init_fn` (PRNG keys, example inputs); non-array arguments should be
+        closed over instead.
+      mesh: The device mesh.
+      rules: Logical axis rules; `standard_logical_axis_rules()` by default.
+
+    Returns:
+      (sharded state with its boxes kept, the sharding pytree from `get_param_shardings`).
+    """
+    rules = _default_rules(rules)
+    with mesh_context(mesh, rules):
+        abstract = jax.eval_shape(init_fn, *args)
+        shardings = get_param_shardings(abstract, mesh, rules)
+        state = jax.jit(init_fn, out_shardings=shardings)(*args)
+    return state, shardings
+
+
+# --------------------------------------------------------------------------------------------
+# Batches.
+# --------------------------------------------------------------------------------------------
+
+
+def _batch_mesh_axes(mesh: Mesh, rules: LogicalRules | None) -> tuple[str, ...]:
+    axes = nn.logical_to_mesh_axes(("batch",), _default_rules(rules))[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    unknown = [a for a in axes if a not in mesh.shape]
+    if unknown:
+        raise ValueError(f"Logical axis 'batch' maps to mesh axes {unknown} that mesh "
+                         f"{dict(mesh.shape)} does not have.")
+    return axes
+
+
+def data_shard_info(mesh: Mesh, rules: LogicalRules | None = None) -> tuple[int, int]:
+    """(shard index, number of shards) of the input pipeline on this host.
+
+    Hosts whose devices hold the same rows of a batch (a 'model' axis spanning hosts) must read the
+    same examples; pass the result to the data pipeline (e.g. `seqio.ShardInfo(index, num_shards)`)
+    and feed each host's rows to `shard_batch`.
+    """
+    batch_axes = _batch_mesh_axes(mesh, rules)
+    positions = [mesh.axis_names.index(a) for a in batch_axes]
+    coords_by_process: dict[int, set[int]] = {}
+    for index in np.ndindex(mesh.devices.shape):
+        device = mesh.devices[index]
+        coord = int(np.ravel_multi_index(tuple(index[p] for p in positions),
+                                         tuple(mesh.devices.shape[p] for p in positions))) if positions else 0
+        coords_by_process.setdefault(device.process_index, set()).add(coord)
+    groups = sorted({frozenset(c) for c in coords_by_process.values()}, key=min)
+    for group in groups:
+        if max(group) - min(group) + 1 != len(group) or any(g & group and g != group for g in groups):
+            raise ValueError(f"Mesh {dict(mesh.shape)} gives host(s) a non-contiguous or partly shared set of "
+                             "batch shards; reorder the mesh so each host holds whole, contiguous rows.")
+    mine = frozenset(coords_by_process[jax.process_index()])
+    return groups.index(mine), len(groups)
+
+
+def shard_batch(batch: PyTree, mesh: Mesh, rules: LogicalRules | None = None) -> PyTree:
+    """Turns this host's numpy batch into global `jax.Array`s split by rows along 'batch' ('data').
+
+    Each host passes only its own rows (see `data_shard_info`); on one host that is the whole batch.
+    Trailing dimensions are replicated; scalars are replicated.
+    """
+    batch_axes = _batch_mesh_axes(mesh, rules)
+    _, num_shards = data_shard_info(mesh, rules)
+    ways = math.prod(mesh.shape[a] for a in batch_axes)
+    row_axes = batch_axes[0] if len(batch_axes) == 1 else (batch_axes or None)
+
+    def put(path: tuple[Any, ...], local: Any) -> jax.Array:
+        local = np.asarray(local)
+        if local.ndim == 0:
+            return _put(local, replicated(mesh))
+        global_shape = (local.shape[0] * num_shards,) + local.shape[1:]
+        if global_shape[0] % ways:
+            raise ValueError(f"Batch feature '{_path_str(path)}': global batch size {global_shape[0]} "
+                             f"({local.shape[0]} rows on each of {num_shards} host shard(s)) is not "
+                             f"divisible by the {ways}-way batch mesh axes {batch_axes}.")
+        sharding = NamedSharding(mesh, PartitionSpec(row_axes, *([None] * (local.ndim - 1))))
+        return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+    return jax.tree_util.tree_map_with_path(put, batch)
