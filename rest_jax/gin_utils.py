@@ -1,0 +1,563 @@
+"""Gin parsing and validation for the rest_jax command line, the way T5X users expect it.
+
+The command line (`rest_jax.main`) gathers repeatable `--gin_file`, `--gin.KEY=VALUE` overrides and
+`--gin_search_paths`; this module turns them into a parsed, validated gin config, or a `GinConfigError`
+with a short message that names the offending flag or file line and suggests close matches.  Nothing here
+knows about ReST itself, so tests drive it with throwaway configurables.
+
+Public API:
+  `GinConfigError`                   user error in gin files/flags (the CLI prints it, exits with code 2).
+  `Binding`                          one binding string plus where it came from (for error messages).
+  `binding_from_flag(key, value)`    `--gin.KEY=VALUE` -> `Binding("KEY = VALUE")`, quoting bare paths.
+  `default_search_paths()`           cwd and the repository's `configs/` directory.
+  `resolve_gin_file(name, paths)`    find a gin file (also `gs://`), with close matches when missing.
+  `parse(files, bindings, paths)`    clear gin, then load files and bindings in order.
+  `validate(entry, cli_macros)`      unbound / `%gin.REQUIRED` macros, required entry arguments, unused
+                                     command-line macros; then `gin.finalize()`.
+  `macro_value(name, default)`       value of a bound macro (e.g. MODEL_DIR).
+  `required_macros(sources, paths)`  static scan: macros a set of gin files needs but does not bind.
+  `save_config(model_dir, text)`     write `config.gin` atomically (local or `gs://`, via etils.epath).
+  `initialize_distributed(...)`      gin knob: call `jax.distributed.initialize()` on multi-host slices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+# gin 0.5.0 reaches for `importlib.util` without importing it when a gin file is missing, which turns
+# "file not found" into an AttributeError; importing it here makes gin's own message appear instead.
+import importlib.util  # noqa: F401  pylint: disable=unused-import
+import inspect
+import logging
+import os
+import pathlib
+import re
+import tokenize
+import uuid
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import gin
+from etils import epath
+from gin import config as gin_config
+from gin import config_parser
+
+REPO_CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+PACKAGE_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+DISTRIBUTED_ENV = "REST_JAX_DISTRIBUTED"
+
+# Characters that give a `--gin` value a gin meaning (references, macros, containers, quotes, lists).
+_GIN_SYNTAX_CHARS = set("%@()[]{}'\",=#\\ \t")
+_AMBIGUOUS_WORDS = {"true", "false", "none", "null"}
+
+
+class GinConfigError(ValueError):
+    """A mistake in gin files or gin flags; its message is meant to be shown without a traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+    """A gin binding string and the place it came from, e.g. `--gin.train.num_steps=10`."""
+
+    text: str
+    source: str
+
+    @property
+    def key(self) -> str:
+        return self.text.split("=", 1)[0].strip()
+
+    @property
+    def is_macro(self) -> bool:
+        """Top-level names without a `configurable.` prefix are macros in gin (`MODEL_DIR = ...`)."""
+        return "." not in self.key.split("/")[-1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Flags -> bindings.
+# --------------------------------------------------------------------------------------------------------
+
+
+class _AcceptAllDelegate(config_parser.ParserDelegate):
+    """Parser delegate that accepts any reference or macro, for syntax checks and static scans."""
+
+    def __init__(self):
+        self.macros: list[str] = []
+
+    def configurable_reference(self, scoped_configurable_name, evaluate):
+        return _StaticReference("@" + scoped_configurable_name + ("()" if evaluate else ""))
+
+    def macro(self, macro_name):
+        self.macros.append(macro_name)
+        return _StaticReference("%" + macro_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StaticReference:
+    text: str
+
+
+def is_gin_value(text: str) -> bool:
+    """Whether `text` parses as exactly one gin value (literal, container, @reference or %macro)."""
+    try:
+        parser = config_parser.ConfigParser(text, _AcceptAllDelegate())
+        parser.parse_value()
+        return parser.current_token.type in (tokenize.NEWLINE, tokenize.ENDMARKER)
+    except (SyntaxError, ValueError, tokenize.TokenError):
+        return False
+
+
+def binding_from_flag(key: str, value: str) -> Binding:
+    """Turns `--gin.KEY=VALUE` into a gin binding.
+
+    For convenience an unquoted string is accepted when it cannot mean anything else: the value does not
+    parse as gin, contains no gin syntax characters (`% @ ( ) [ ] { } ' " , = #` or spaces) and is not a
+    near-keyword (true/false/none).  So `--gin.MODEL_DIR=/tmp/run` and `--gin.MODEL_DIR=gs://b/run` work,
+    while `--gin.MODEL_DIR="'/tmp/run'"` (the T5X spelling) works too.
+
+    Raises:
+      GinConfigError: empty key or value, or a value that is neither gin nor an unambiguous string.
+    """
+    source = f"--gin.{key}={value}"
+    key = key.strip()
+    if not key:
+        raise GinConfigError(f"{source}: empty binding key (expected --gin.CONFIGURABLE.PARAM=VALUE "
+                             "or --gin.MACRO=VALUE)")
+    if value.strip() == "":
+        raise GinConfigError(f"{source}: empty value; quote strings, e.g. --gin.{key}=\"'text'\"")
+    if not is_gin_value(value):
+        bare = not (set(value) & _GIN_SYNTAX_CHARS) and value.lower() not in _AMBIGUOUS_WORDS
+        if not bare:
+            note = " (True, False and None are capitalised)" if value.lower() in _AMBIGUOUS_WORDS else ""
+            raise GinConfigError(
+                f"{source}: cannot parse the value {value!r} as gin; strings need quotes, e.g. "
+                f"--gin.{key}=\"'{value}'\"{note}")
+        logging.info("%s: unquoted value taken as the string %r", source, value)
+        value = repr(value)
+    return Binding(f"{key} = {value}", source)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Close matches.
+# --------------------------------------------------------------------------------------------------------
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """Up to `n` candidates that look like `word` (difflib ratio, case-insensitive)."""
+    candidates = sorted(set(candidates))
+    lowered = {c.lower(): c for c in candidates}
+    found = difflib.get_close_matches(word.lower(), list(lowered), n=n, cutoff=cutoff)
+    return [lowered[f] for f in found]
+
+
+def _did_you_mean(matches: Sequence[str]) -> str:
+    return f" Did you mean: {', '.join(matches)}?" if matches else ""
+
+
+def configurable_names(qualified: bool = False) -> list[str]:
+    """Registered configurables: short names (`train`), or complete selectors (`rest_jax.train.train`)."""
+    names = set()
+    for selector, configurable in gin_config._REGISTRY.items():  # pylint: disable=protected-access
+        if not selector.startswith("gin."):
+            names.add(selector if qualified else configurable.name)
+    return sorted(names)
+
+
+def parameter_names(configurable_name: str) -> list[str]:
+    """Parameters gin may bind on `configurable_name` (empty when unknown or `**kwargs`-only)."""
+    configurable = gin_config._REGISTRY.get_match(configurable_name)  # pylint: disable=protected-access
+    if configurable is None:
+        return []
+    fn = configurable.wrapped
+    if inspect.isclass(fn):
+        fn = fn.__init__
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Files.
+# --------------------------------------------------------------------------------------------------------
+
+
+def default_search_paths() -> list[str]:
+    """Where gin files are looked up when no absolute path is given: cwd, then the repo's configs/."""
+    paths = [os.getcwd()]
+    for d in (REPO_CONFIGS_DIR, PACKAGE_CONFIGS_DIR):
+        if d.is_dir() and str(d) not in paths:
+            paths.append(str(d))
+    return paths
+
+
+def _exists(path: str) -> bool:
+    try:
+        return epath.Path(path).is_file()
+    except Exception:  # pylint: disable=broad-except
+        # A gs:// path without credentials or a malformed URL counts as missing, not as a crash.
+        return False
+
+
+def _candidates(name: str, search_paths: Sequence[str]) -> list[str]:
+    names = [name] if name.endswith(".gin") else [name, name + ".gin"]
+    out = []
+    for n in names:
+        if os.path.isabs(n) or "://" in n:
+            out.append(n)
+            continue
+        out.append(os.path.abspath(n))
+        out.extend(os.path.join(p, n) for p in search_paths)
+    return out
+
+
+def list_gin_files(search_paths: Sequence[str], max_depth: int = 4, limit: int = 5000) -> list[str]:
+    """Gin files below the local search paths, as names relative to their search path."""
+    found: list[str] = []
+    for root in search_paths:
+        if "://" in root or not os.path.isdir(root):
+            continue
+        root_depth = root.rstrip(os.sep).count(os.sep)
+        for dirpath, dirnames, filenames in os.walk(root):
+            # Keep the walk cheap when cwd is a big tree (home dirs, checkpoints).
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in ("node_modules",)]
+            if dirpath.count(os.sep) - root_depth >= max_depth:
+                dirnames[:] = []
+            for f in filenames:
+                if f.endswith(".gin"):
+                    found.append(os.path.relpath(os.path.join(dirpath, f), root))
+            if len(found) >= limit:
+                return found
+    return found
+
+
+def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
+    """Returns the first existing path for `name` (as given, or below a search path).
+
+    Raises:
+      GinConfigError: when it exists nowhere; lists the search paths and similarly named gin files.
+    """
+    for candidate in _candidates(name, search_paths):
+        if _exists(candidate):
+            return candidate
+    known = list_gin_files(search_paths)
+    matches = close_matches(name, known, n=3, cutoff=0.6)
+    if not matches:
+        base = os.path.basename(name)
+        matches = [k for k in known if os.path.basename(k) in close_matches(
+            base, [os.path.basename(k) for k in known], n=3, cutoff=0.6)][:3]
+    raise GinConfigError(f"--gin_file={name}: file not found (searched {', '.join(search_paths)})."
+                         + _did_you_mean(matches))
+
+
+def _register_search_paths(search_paths: Sequence[str]) -> None:
+    prefixes = gin_config._LOCATION_PREFIXES  # pylint: disable=protected-access
+    for p in search_paths:
+        if p not in prefixes:
+            gin.add_config_file_search_path(p)
+
+
+def _epath_reader(path: str):
+    return epath.Path(path).open("r")
+
+
+def _is_remote_file(path: str) -> bool:
+    return "://" in path and _exists(path)
+
+
+# Lets gin `include` statements and --gin_file reach gs:// (epath uses tf.io.gfile / gcsfs).
+gin_config.register_file_reader(_epath_reader, _is_remote_file)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parsing with clear errors.
+# --------------------------------------------------------------------------------------------------------
+
+_LOCATION_RE = re.compile(r'In file "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
+def _location(message_lines: Sequence[str]) -> str:
+    """Compresses gin's multi-line location trailer into `file:line: content`."""
+    for i, line in enumerate(message_lines):
+        m = _LOCATION_RE.search(line)
+        if m:
+            content = message_lines[i + 1].strip() if i + 1 < len(message_lines) else ""
+            return f"{m['file']}:{m['line']}: {content}"
+    return ""
+
+
+def _explain(exc: BaseException, source: str) -> GinConfigError:
+    """Turns a gin exception into a short message with close matches."""
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    first = lines[0].strip()
+    where = _location(lines) or source
+    hint = ""
+    if m := re.search(r"No configurable matching reference '@?([^'(]+)", first):
+        name = m[1].split("/")[-1]
+        hint = _did_you_mean(close_matches(name, configurable_names(qualified="." in name)))
+        first = f"unknown configurable reference @{name}"
+    elif m := re.search(r"No configurable matching '([^']+)'", first):
+        name = m[1]
+        hint = _did_you_mean(close_matches(name, configurable_names(qualified="." in name))) or (
+            " Configurables register when their module is imported: check the spelling or add an "
+            "`import` line for the module to a gin file.")
+        first = f"unknown configurable {name!r}"
+    elif m := re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", first):
+        hint = _did_you_mean(close_matches(m[2], parameter_names(m[1])))
+        first = f"{m[1]!r} has no parameter {m[2]!r}"
+    elif isinstance(exc, SyntaxError):
+        first = f"syntax error: {exc.msg}"
+        if exc.filename and exc.lineno:
+            where = f"{exc.filename}:{exc.lineno}: {(exc.text or '').strip()}"
+        hint = " Strings need quotes, e.g. --gin.MODEL_DIR=\"'/tmp/run'\"."
+    elif m := re.search(r"Unable to open file: ([^.]+(?:\.gin)?)", first):
+        first = f"included gin file {m[1]!r} not found"
+    elif isinstance(exc, ImportError):
+        first = f"import in gin config failed: {first}"
+    return GinConfigError(f"{where}: {first}.{hint}" if where else f"{first}.{hint}")
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[Binding],
+          search_paths: Sequence[str] | None = None) -> list[str]:
+    """Clears gin, then parses `gin_files` and `bindings` in order (later ones win), T5X-style.
+
+    Returns:
+      The resolved gin file paths.
+    Raises:
+      GinConfigError: missing file, syntax error, unknown configurable/parameter (with close matches).
+    """
+    search_paths = list(search_paths) if search_paths is not None else default_search_paths()
+    _register_search_paths(search_paths)
+    gin.clear_config()  # also unlocks a finalized config
+    resolved = [resolve_gin_file(f, search_paths) for f in gin_files]
+    for name, path in zip(gin_files, resolved):
+        try:
+            gin.parse_config_file(path)
+        except (ValueError, SyntaxError, IOError, ImportError, TypeError, tokenize.TokenError) as e:
+            raise _explain(e, f"--gin_file={name}") from e
+    for b in bindings:
+        try:
+            gin.parse_config(b.text)
+        except (ValueError, SyntaxError, IOError, ImportError, TypeError, tokenize.TokenError) as e:
+            # gin's own location would say "bindings string line 1"; the flag itself is clearer.
+            raise _explain(e, b.source) from e
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation of a parsed config.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _is_macro(value: Any) -> bool:
+    return isinstance(value, gin_config.ConfigurableReference) and value.configurable.selector == "gin.macro"
+
+
+def _is_required(value: Any) -> bool:
+    return (isinstance(value, gin_config.ConfigurableReference)
+            and value.configurable.selector == "gin.constant" and value.scopes == ["gin.REQUIRED"])
+
+
+def _flatten(value: Any) -> Iterable[Any]:
+    return gin_config._iterate_flattened_values(value)  # pylint: disable=protected-access
+
+
+def _binding_name(scope: str, selector: str, param: str) -> str:
+    if selector == "gin.macro":
+        return f"macro {scope}"
+    short = gin_config._REGISTRY.minimal_selector(selector)  # pylint: disable=protected-access
+    return f"{scope + '/' if scope else ''}{short}.{param}"
+
+
+def macro_references() -> dict[str, list[str]]:
+    """Macro name -> the bindings that use it, over the whole parsed config."""
+    refs: dict[str, list[str]] = {}
+    for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+        for param, value in params.items():
+            for v in _flatten(value):
+                if _is_macro(v):
+                    refs.setdefault("/".join(v.scopes), []).append(_binding_name(scope, selector, param))
+    return refs
+
+
+def bound_macros() -> dict[str, Any]:
+    """Macro name -> bound value (gin references unevaluated)."""
+    return {scope: params["value"]
+            for (scope, selector), params in gin_config._CONFIG.items()  # pylint: disable=protected-access
+            if selector == "gin.macro" and "value" in params}
+
+
+def macro_value(name: str, default: Any = None) -> Any:
+    """The value bound to macro `name` (references to other macros followed), else `default`."""
+    macros = bound_macros()
+    seen = set()
+    while name in macros and name not in seen:
+        seen.add(name)
+        value = macros[name]
+        if _is_macro(value):
+            name = "/".join(value.scopes)
+            continue
+        if _is_required(value):
+            return default
+        return value
+    return default
+
+
+def _entry_required_args(entry: Callable[..., Any]) -> list[str]:
+    """Entry-function arguments with no default (or `gin.REQUIRED`) that gin does not bind."""
+    try:
+        bound = gin.get_bindings(entry)
+    except (ValueError, TypeError):
+        return []  # Not a gin configurable: nothing gin could have bound.
+    fn = inspect.unwrap(entry)
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and (p.default is p.empty or p.default is gin.REQUIRED)
+            and p.name not in bound]
+
+
+def _how_to_set(macro: str) -> str:
+    return f"--gin.{macro}=..." + (" or --model_dir=..." if macro == "MODEL_DIR" else "")
+
+
+def validate(entry: Callable[..., Any] | None = None, cli_bindings: Sequence[Binding] = (),
+             always_used_macros: Iterable[str] = ("MODEL_DIR",)) -> None:
+    """Checks the parsed config before anything runs, then locks it (`gin.finalize`).
+
+    Args:
+      entry: the function about to be called with no arguments; its required arguments must be bound.
+      cli_bindings: the command-line bindings; a macro set there that nothing uses is an error when it
+        looks like a typo of a used macro, a warning otherwise.
+      always_used_macros: macros the caller reads itself (the CLI reads MODEL_DIR), never "unused".
+    Raises:
+      GinConfigError: unbound macro, `%gin.REQUIRED` left in place, unbound entry argument, typo'd macro.
+    """
+    refs = macro_references()
+    bound = bound_macros()
+    problems = []
+    for name, users in refs.items():
+        if name not in bound:
+            problems.append(f"macro {name} is required but not set (used by {', '.join(sorted(set(users)))})."
+                            f" Set it with {_how_to_set(name)}" + _did_you_mean(close_matches(name, bound)))
+    for name, value in bound.items():
+        if _is_required(value):
+            problems.append(f"macro {name} is required (%gin.REQUIRED) but not set. Set it with "
+                            f"{_how_to_set(name)}" + _did_you_mean(close_matches(name, set(bound) - {name})))
+    for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+        if selector == "gin.macro":
+            continue
+        for param, value in params.items():
+            if _is_required(value):
+                key = _binding_name(scope, selector, param)
+                problems.append(f"{key} is required (%gin.REQUIRED) but not set. Set it with --gin.{key}=...")
+    if entry is not None:
+        name = getattr(entry, "__name__", str(entry))
+        for arg in _entry_required_args(entry):
+            problems.append(f"{name}() needs argument {arg!r}, which no gin binding sets. Set it with "
+                            f"--gin.{name}.{arg}=... or in a gin file.")
+    used = set(refs) | set(always_used_macros)
+    for b in cli_bindings:
+        if b.is_macro and b.key not in used:
+            matches = close_matches(b.key, set(refs) | set(bound) - {b.key})
+            if matches:
+                problems.append(f"{b.source}: macro {b.key} is not used by any binding." + _did_you_mean(matches))
+            else:
+                logging.warning("%s: macro %s is not used by any binding", b.source, b.key)
+    if problems:
+        raise GinConfigError("\n".join(problems))
+    try:
+        gin.finalize()
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise _explain(e, "") from e
+
+
+# --------------------------------------------------------------------------------------------------------
+# Static scan of gin files (for --help): which macros they need.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _scan(text: str, filename: str, search_paths: Sequence[str], defined: dict[str, Any],
+          referenced: list[str], depth: int = 0) -> None:
+    delegate = _AcceptAllDelegate()
+    for stmt in config_parser.ConfigParser(text, delegate):
+        if isinstance(stmt, config_parser.BindingStatement) and not stmt.arg_name:
+            name = f"{stmt.scope}/{stmt.selector}" if stmt.scope else stmt.selector
+            defined[name] = stmt.value
+        elif isinstance(stmt, config_parser.IncludeStatement) and depth < 20:
+            try:
+                path = resolve_gin_file(stmt.filename, [os.path.dirname(filename), *search_paths])
+            except GinConfigError:
+                continue
+            _scan(epath.Path(path).read_text(), path, search_paths, defined, referenced, depth + 1)
+    referenced.extend(m for m in delegate.macros if not m.startswith("gin."))
+
+
+def required_macros(sources: Sequence[str], search_paths: Sequence[str] | None = None,
+                    extra_bindings: Sequence[str] = ()) -> list[str]:
+    """Macros that `sources` (gin files, in order, with their includes) and `extra_bindings` reference
+    but never bind, or bind to `%gin.REQUIRED`; in order of first appearance.  Nothing is imported."""
+    search_paths = list(search_paths) if search_paths is not None else default_search_paths()
+    defined: dict[str, Any] = {}
+    referenced: list[str] = []
+    for src in sources:
+        path = resolve_gin_file(src, search_paths)
+        _scan(epath.Path(path).read_text(), path, search_paths, defined, referenced)
+    if extra_bindings:
+        _scan("\n".join(extra_bindings), "<flags>", search_paths, defined, referenced)
+    order = list(dict.fromkeys([*referenced, *defined]))
+    required = _StaticReference("%gin.REQUIRED")
+    return [m for m in order if (m not in defined and m in referenced) or defined.get(m) == required]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Saving the config; multi-host start-up.
+# --------------------------------------------------------------------------------------------------------
+
+
+def save_config(model_dir: str | os.PathLike[str], text: str, filename: str = "config.gin") -> epath.Path:
+    """Writes `text` to `model_dir/filename` (local or gs://): temp name, then rename, so a crash never
+    leaves half a config behind."""
+    directory = epath.Path(model_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / filename
+    tmp = directory / f".{filename}.tmp-{uuid.uuid4().hex}"
+    tmp.write_text(text)
+    tmp.replace(final)
+    return final
+
+
+@gin.configurable
+def initialize_distributed(enabled: bool | None = None, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+    """Starts multi-host JAX (`jax.distributed.initialize`) before any computation.
+
+    On a TPU pod slice every worker runs the same command and JAX discovers its peers from the TPU
+    metadata, so the arguments stay None there; set them for other clusters.
+
+    Args:
+      enabled: True/False forces it; None (default) follows the environment variable
+        REST_JAX_DISTRIBUTED (1/true/yes), which scripts/tpu/launch.sh sets.
+      coordinator_address, num_processes, process_id: passed to `jax.distributed.initialize`.
+    Returns:
+      Whether it initialised.
+    """
+    if enabled is None:
+        enabled = os.environ.get(DISTRIBUTED_ENV, "").strip().lower() in ("1", "true", "yes")
+    if not enabled:
+        return False
+    import jax  # pylint: disable=import-outside-toplevel
+
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def format_bindings(bindings: Mapping[str, Any]) -> list[str]:
+    """`{"train.num_steps": 10}` -> `["train.num_steps = 10"]` (for programmatic callers and tests)."""
+    return [f"{k} = {v!r}" for k, v in bindings.items()]

@@ -1,0 +1,371 @@
+"""Command line for rest_jax, shaped like T5X's: `python -m rest_jax.main SUBCOMMAND [flags]`.
+
+    rest_jax train --gin_file=models/t5_small.gin --model_dir=/tmp/bc --gin.train.num_steps=1000
+    rest_jax rest  --gin_file=experiments/multi30k_rest.gin --gin.MODEL_DIR="'gs://bucket/rest'"
+    rest_jax train --help                 # run config, the macros it still needs, entry docstring
+
+Each subcommand calls one gin-configurable entry function with no arguments; every setting comes from
+gin (the T5X habit).  Order of events: import the entry's module (so its configurables exist), parse
+`configs/runs/<subcommand>.gin` when it exists (unless --no_run_config), then each --gin_file, then the
+bindings (--model_dir, --gin_bindings, --gin.KEY=VALUE, in that order, later wins), validate (unbound or
+%gin.REQUIRED macros, typos, required entry arguments), start multi-host JAX if asked, print the config
+and save it as MODEL_DIR/config.gin, run, and save MODEL_DIR/operative_config.gin (the values actually
+used).  Configuration mistakes exit with status 2 and a short message with close matches; errors inside
+a run are real bugs and keep their traceback.
+
+The config is printed to stderr so that subcommands writing results to stdout (infer, score) can be
+piped; with --dry_run (parse, validate and print, run nothing) it goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import os
+import sys
+import textwrap
+from typing import Any, Callable, Sequence
+
+from rest_jax import gin_utils
+from rest_jax.gin_utils import Binding, GinConfigError
+
+PROG = "rest_jax"
+CONFIG_FILENAME = "config.gin"
+OPERATIVE_CONFIG_FILENAME = "operative_config.gin"
+EXIT_USAGE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+    """One subcommand: `entry` is "module:function", imported only when the subcommand runs."""
+
+    entry: str
+    summary: str
+
+    @property
+    def module(self) -> str:
+        return self.entry.split(":", 1)[0]
+
+    @property
+    def function(self) -> str:
+        return self.entry.split(":", 1)[1]
+
+
+# Section numbers refer to ReST (Gulcehre et al. 2023, arXiv 2308.08998).
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "train": Subcommand("rest_jax.train:train", "Supervised (behaviour cloning) training of the first policy."),
+    "grow": Subcommand("rest_jax.grow:grow", "Grow step (Sec. 2): sample N translations per source and score them."),
+    "improve": Subcommand("rest_jax.improve:improve",
+                          "Improve step (Sec. 2): filter a Grow store by reward threshold and fine-tune."),
+    "rest": Subcommand("rest_jax.rest:run_rest", "Full ReST loop (Algorithm 1): G Grow steps, I Improve steps each."),
+    "eval": Subcommand("rest_jax.evaluate:evaluate", "Evaluate a checkpoint: BLEU, chrF, reward, best-of-N."),
+    "infer": Subcommand("rest_jax.evaluate:infer", "Translate inputs with a checkpoint."),
+    "score": Subcommand("rest_jax.evaluate:score", "Score (source, translation) pairs with a reward model."),
+    "convert": Subcommand("rest_jax.convert:convert", "Convert checkpoints: HF <-> rest_jax, T5X -> rest_jax."),
+    "vocab": Subcommand("rest_jax.data.vocab:train_vocabulary", "Train a SentencePiece vocabulary."),
+}
+
+FLAGS_HELP = """\
+flags:
+  --gin_file=PATH           gin file, repeatable; looked up as given, then under each search path
+                            (e.g. --gin_file=models/t5_small.gin finds configs/models/t5_small.gin).
+  --gin.KEY=VALUE           gin binding override, repeatable, applied after all files:
+                            --gin.train.num_steps=100  --gin.MODEL_DIR="'/tmp/run'".
+                            Unquoted strings are accepted only when unambiguous (no gin syntax
+                            characters, not true/false/none): --gin.MODEL_DIR=gs://bucket/run.
+  --gin_bindings=TEXT       a raw binding line, repeatable (T5X spelling): --gin_bindings="X = 1".
+  --gin_search_paths=A,B    extra directories to search for gin files (before the defaults:
+                            the current directory and the repository's configs/).
+  --model_dir=DIR           shortcut for --gin.MODEL_DIR=DIR (local path or gs://).
+  --no_run_config           do not load configs/runs/<subcommand>.gin automatically.
+  --multihost               call jax.distributed.initialize() (also: REST_JAX_DISTRIBUTED=1 or
+                            --gin.initialize_distributed.enabled=True); needed on TPU pod slices.
+  --dry_run                 parse, validate and print the config; run nothing.
+  -h, --help                this help; `rest_jax SUBCOMMAND --help` for one subcommand.
+exit status: 0 success, 2 configuration or usage error."""
+
+
+class UsageError(GinConfigError):
+    """Bad command-line usage (unknown flag or subcommand)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; keep one error style.
+        raise UsageError(message)
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog=PROG, add_help=False, allow_abbrev=False)
+    parser.add_argument("command", nargs="?")
+    parser.add_argument("--gin_file", action="append", default=[])
+    parser.add_argument("--gin_bindings", action="append", default=[])
+    parser.add_argument("--gin_search_paths", action="append", default=[])
+    parser.add_argument("--model_dir")
+    parser.add_argument("--no_run_config", action="store_true")
+    parser.add_argument("--multihost", action="store_true")
+    parser.add_argument("--dry_run", action="store_true")
+    parser.add_argument("-h", "--help", action="store_true")
+    return parser
+
+
+def _known_flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for a in parser._actions for s in a.option_strings]  # pylint: disable=protected-access
+
+
+def _split_gin_flags(argv: Sequence[str]) -> tuple[list[Binding], list[str]]:
+    """Pulls `--gin.KEY=VALUE` (or `--gin.KEY VALUE`) out of argv; argparse cannot declare them."""
+    bindings, rest = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--gin."):
+            body = arg[len("--gin."):]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                key, value = body, argv[i + 1]
+                i += 1
+            else:
+                raise UsageError(f"{arg}: expected --gin.KEY=VALUE")
+            bindings.append(gin_utils.binding_from_flag(key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return bindings, rest
+
+
+@dataclasses.dataclass
+class Invocation:
+    """What the command line asked for, before gin is touched."""
+
+    command: str | None
+    gin_files: list[str]
+    bindings: list[Binding]
+    search_paths: list[str]
+    use_run_config: bool
+    multihost: bool
+    dry_run: bool
+    help: bool
+
+
+def parse_args(argv: Sequence[str]) -> Invocation:
+    """Parses the command line (not gin); raises UsageError / GinConfigError with close matches."""
+    gin_flags, rest = _split_gin_flags(list(argv))
+    parser = _build_parser()
+    args, unknown = parser.parse_known_args(rest)
+    for extra in unknown:
+        if extra.startswith("-"):
+            name = extra.split("=", 1)[0]
+            matches = gin_utils.close_matches(name, _known_flags(parser) + ["--gin.KEY"], cutoff=0.5)
+            raise UsageError(f"unknown flag {name}." + (f" Did you mean: {', '.join(matches)}?" if matches else "")
+                             + f" See `{PROG} --help`.")
+        raise UsageError(f"unexpected argument {extra!r}; only one subcommand is allowed. See `{PROG} --help`.")
+    if args.command is not None and args.command not in SUBCOMMANDS:
+        matches = gin_utils.close_matches(args.command, SUBCOMMANDS, cutoff=0.5)
+        raise UsageError(f"unknown subcommand {args.command!r}."
+                         + (f" Did you mean: {', '.join(matches)}?" if matches else "")
+                         + f" Choose from: {', '.join(SUBCOMMANDS)}.")
+    bindings: list[Binding] = []
+    if args.model_dir:
+        model_dir = args.model_dir if "://" in args.model_dir else os.path.expanduser(args.model_dir)
+        bindings.append(Binding(f"MODEL_DIR = {model_dir!r}", f"--model_dir={args.model_dir}"))
+        for b in gin_flags:
+            if b.key == "MODEL_DIR":
+                raise UsageError(f"both --model_dir and {b.source} given; use one.")
+    bindings += [Binding(text, f"--gin_bindings={text}") for text in args.gin_bindings]
+    bindings += gin_flags
+    extra_paths = [p for value in args.gin_search_paths for p in value.split(",") if p]
+    search_paths = list(dict.fromkeys([*(os.path.abspath(p) if "://" not in p else p for p in extra_paths),
+                                       *gin_utils.default_search_paths()]))
+    return Invocation(command=args.command, gin_files=list(args.gin_file), bindings=bindings,
+                      search_paths=search_paths, use_run_config=not args.no_run_config,
+                      multihost=args.multihost, dry_run=args.dry_run, help=args.help)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Help.
+# --------------------------------------------------------------------------------------------------------
+
+
+def run_config(command: str, search_paths: Sequence[str]) -> str | None:
+    """The run config `runs/<command>.gin` found on the search paths, or None."""
+    try:
+        return gin_utils.resolve_gin_file(f"runs/{command}.gin", search_paths)
+    except GinConfigError:
+        return None
+
+
+def _display_path(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if not rel.startswith("..") else path
+
+
+def _required_text(files: Sequence[str], search_paths: Sequence[str], bindings: Sequence[Binding] = ()) -> str:
+    try:
+        required = gin_utils.required_macros(files, search_paths, [b.text for b in bindings])
+    except (GinConfigError, SyntaxError, ValueError) as e:
+        return f"(could not scan: {str(e).splitlines()[0]})"
+    return ", ".join(required) if required else "none"
+
+
+def general_help(search_paths: Sequence[str]) -> str:
+    lines = [f"usage: {PROG} SUBCOMMAND [--gin_file=PATH]... [--gin.KEY=VALUE]... [--model_dir=DIR] [flags]",
+             "       (same as: python -m rest_jax.main SUBCOMMAND ...)", "",
+             "ReST (Reinforced Self-Training, Gulcehre et al. 2023) for machine translation; gin-configured",
+             "like T5X.  Each subcommand loads its run config, then your gin files and overrides.", "",
+             "subcommands:"]
+    for name, sub in SUBCOMMANDS.items():
+        lines.append(f"  {name:<8} {sub.summary}")
+        rc = run_config(name, search_paths)
+        if rc:
+            lines.append(f"  {'':<8}   run config: {_display_path(rc)}; "
+                         f"required macros: {_required_text([rc], search_paths)}")
+        else:
+            lines.append(f"  {'':<8}   run config: none (runs/{name}.gin not found); pass --gin_file")
+    lines += ["", FLAGS_HELP]
+    return "\n".join(lines)
+
+
+def subcommand_help(inv: Invocation) -> str:
+    sub = SUBCOMMANDS[inv.command]
+    rc = run_config(inv.command, inv.search_paths) if inv.use_run_config else None
+    files = ([rc] if rc else []) + inv.gin_files
+    lines = [f"usage: {PROG} {inv.command} [--gin_file=PATH]... [--gin.KEY=VALUE]... [flags]", "",
+             sub.summary, f"entry function: {sub.entry} (called with no arguments; configure it with gin)",
+             f"run config: {_display_path(rc) if rc else f'none (runs/{inv.command}.gin not found)'}",
+             f"gin files loaded: {', '.join(_display_path(f) for f in files) or 'none'}",
+             f"macros still required: {_required_text(files, inv.search_paths, inv.bindings) if files else 'none'}",
+             f"search paths: {', '.join(inv.search_paths)}"]
+    try:
+        doc = inspect_doc(sub)
+    except ImportError as e:
+        doc = f"(entry not importable: {e})"
+    if doc:
+        lines += ["", textwrap.indent(doc, "  ")]
+    lines += ["", FLAGS_HELP]
+    return "\n".join(lines)
+
+
+def inspect_doc(sub: Subcommand) -> str:
+    import inspect  # pylint: disable=import-outside-toplevel
+
+    return inspect.getdoc(load_entry(sub)) or ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running.
+# --------------------------------------------------------------------------------------------------------
+
+
+def load_entry(sub: Subcommand) -> Callable[[], Any]:
+    """Imports the entry function; a missing module is reported plainly, other import errors propagate."""
+    try:
+        module = importlib.import_module(sub.module)
+    except ModuleNotFoundError as e:
+        if e.name and sub.module.startswith(e.name):
+            raise ImportError(f"module {sub.module} is not available ({e})") from e
+        raise
+    try:
+        return getattr(module, sub.function)
+    except AttributeError as e:
+        raise ImportError(f"{sub.module} has no function {sub.function!r}") from e
+
+
+def _process_index() -> int:
+    # Only ask JAX when something already imported it: asking initialises the backends.
+    if "jax" not in sys.modules:
+        return 0
+    return sys.modules["jax"].process_index()
+
+
+def configure(inv: Invocation, entry: Callable[..., Any] | None) -> list[str]:
+    """Parses and validates gin for `inv`; returns the gin files loaded (run config first)."""
+    files = list(inv.gin_files)
+    if inv.use_run_config:
+        rc = run_config(inv.command, inv.search_paths)
+        if rc and all(os.path.abspath(f) != rc for f in files):
+            files.insert(0, rc)
+    gin_utils.parse(files, inv.bindings, inv.search_paths)
+    gin_utils.validate(entry, cli_bindings=inv.bindings)
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (configuration errors -> 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        inv = parse_args(argv)
+    except GinConfigError as e:
+        return _fail(e)
+    if inv.help or inv.command is None:
+        if inv.command is None:
+            print(general_help(inv.search_paths), file=sys.stdout if inv.help else sys.stderr)
+            return 0 if inv.help else EXIT_USAGE
+        print(subcommand_help(inv))
+        return 0
+
+    sub = SUBCOMMANDS[inv.command]
+    try:
+        entry = load_entry(sub)
+    except ImportError as e:
+        print(f"{PROG} {inv.command}: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        files = configure(inv, entry)
+    except GinConfigError as e:
+        return _fail(e, inv.command)
+
+    # Before anything touches devices; each host runs this same command (see docs/tpu.md).
+    gin_utils.initialize_distributed(**({"enabled": True} if inv.multihost else {}))
+
+    import gin  # pylint: disable=import-outside-toplevel
+
+    model_dir = gin_utils.macro_value("MODEL_DIR")
+    text = gin.config_str()
+    chief = _process_index() == 0
+    if chief:
+        header = (f"# {PROG} {inv.command}: gin config from {', '.join(_display_path(f) for f in files) or 'flags'}"
+                  f"{'' if not inv.bindings else ' + ' + str(len(inv.bindings)) + ' override(s)'}\n")
+        print(header + text, file=sys.stdout if inv.dry_run else sys.stderr, flush=True)
+    if inv.dry_run:
+        return 0
+    if chief:
+        if model_dir:
+            path = gin_utils.save_config(model_dir, text, CONFIG_FILENAME)
+            logging.info("Saved gin config to %s", path)
+        else:
+            logging.warning("MODEL_DIR is not set; the gin config is not saved.")
+    try:
+        entry()
+    finally:
+        if chief and model_dir:
+            try:
+                gin_utils.save_config(model_dir, gin.operative_config_str(), OPERATIVE_CONFIG_FILENAME)
+            except Exception:  # pylint: disable=broad-except
+                # Never mask the run's own exception with a bookkeeping failure.
+                logging.exception("Could not save %s", OPERATIVE_CONFIG_FILENAME)
+    return 0
+
+
+def _fail(err: GinConfigError, command: str | None = None) -> int:
+    prefix = f"{PROG} {command}" if command else PROG
+    lines = str(err).splitlines() or [type(err).__name__]
+    print(f"{prefix}: error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(f"{prefix}: error: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def console_main() -> None:
+    """Console script `rest_jax` (setup.py entry point)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,235 @@
+"""Tests for the T5X-style command line (rest_jax.main) and its gin helpers (rest_jax.gin_utils).
+
+The real entry functions are written elsewhere, so a fake entry module with throwaway gin configurables
+is injected into the subcommand table.  Expected values are the ones the test passes in by hand.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import gin
+import pytest
+
+from rest_jax import gin_utils
+from rest_jax import main as cli
+
+CALLS = []
+
+
+@gin.configurable(module="clitest")
+def cli_fake_train(model_dir: str = gin.REQUIRED, learning_rate: float = 1e-3, num_steps: int = 10,
+                   data=None):
+    CALLS.append(dict(model_dir=model_dir, learning_rate=learning_rate, num_steps=num_steps, data=data))
+
+
+@gin.configurable(module="clitest")
+def cli_fake_dataset(path: str = "", batch_size: int = 8):
+    return (path, batch_size)
+
+
+@gin.configurable(module="clitest")
+def cli_fake_needs_arg(source_file, beam=1):
+    CALLS.append(dict(source_file=source_file, beam=beam))
+
+
+@pytest.fixture(autouse=True)
+def fake_entries(monkeypatch, tmp_path):
+    module = types.ModuleType("clitest_entries")
+    module.train = cli_fake_train
+    module.infer = cli_fake_needs_arg
+    monkeypatch.setitem(sys.modules, "clitest_entries", module)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "train", cli.Subcommand("clitest_entries:train", "fake train"))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "infer", cli.Subcommand("clitest_entries:infer", "fake infer"))
+    # Keep the real configs/ out of the search path, so only this test's run configs exist.
+    monkeypatch.setattr(gin_utils, "default_search_paths", lambda: [str(tmp_path / "configs")])
+    monkeypatch.delenv(gin_utils.DISTRIBUTED_ENV, raising=False)
+    (tmp_path / "configs" / "runs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    CALLS.clear()
+    yield
+    gin.clear_config()  # also unlocks a finalized config
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_gin_files_overrides_and_model_dir_reach_the_entry(tmp_path, capsys):
+    write(tmp_path / "configs/models/small.gin", """
+        cli_fake_train.learning_rate = 0.5
+        cli_fake_train.data = @cli_fake_dataset()
+        cli_fake_dataset.path = %DATA
+        DATA = 'default.tsv'
+        """)
+    model_dir = tmp_path / "run"
+    code, _, err = run(["train", "--gin_file=models/small.gin", f"--model_dir={model_dir}",
+                        "--gin.cli_fake_train.model_dir=%MODEL_DIR", "--gin.cli_fake_train.num_steps=7",
+                        "--gin.DATA=/data/train.tsv", "--gin.cli_fake_dataset.batch_size", "4"], capsys)
+    assert code == 0, err
+    assert CALLS == [dict(model_dir=str(model_dir), learning_rate=0.5, num_steps=7, data=("/data/train.tsv", 4))]
+    saved = (model_dir / "config.gin").read_text()
+    assert "cli_fake_train.num_steps = 7" in saved and "DATA = '/data/train.tsv'" in saved
+    assert saved.strip() in err  # the printed config is the saved one
+    # The saved config is a complete, re-parseable description of the run.
+    gin.clear_config()  # also unlocks a finalized config
+    gin.parse_config(saved)
+    assert gin.query_parameter("cli_fake_train.num_steps") == 7
+    assert gin.query_parameter("%MODEL_DIR") == str(model_dir)
+    operative = (model_dir / "operative_config.gin").read_text()
+    assert "cli_fake_dataset.batch_size = 4" in operative
+    assert not [p for p in os.listdir(model_dir) if ".tmp" in p]
+
+
+def test_run_config_is_loaded_first_and_later_files_win(tmp_path, capsys):
+    write(tmp_path / "configs/runs/train.gin", """
+        MODEL_DIR = %gin.REQUIRED
+        cli_fake_train.model_dir = %MODEL_DIR
+        cli_fake_train.num_steps = 100
+        """)
+    write(tmp_path / "exp.gin", "cli_fake_train.num_steps = 3\n")
+    code, _, err = run(["train", "--gin_file", "exp.gin", "--gin.MODEL_DIR='/tmp/x'", "--dry_run"], capsys)
+    assert code == 0, err
+    assert CALLS == []  # dry run
+    assert gin.query_parameter("cli_fake_train.num_steps") == 3
+    code, _, err = run(["train", "--gin.MODEL_DIR='/tmp/x'", "--no_run_config", "--dry_run"], capsys)
+    assert code == 2 and "model_dir" in err  # without the run config nothing binds the entry's argument
+
+
+def test_unquoted_strings_only_when_unambiguous():
+    assert gin_utils.binding_from_flag("MODEL_DIR", "gs://bucket/run").text == "MODEL_DIR = 'gs://bucket/run'"
+    assert gin_utils.binding_from_flag("MODEL_DIR", "'/a b'").text == "MODEL_DIR = '/a b'"
+    assert gin_utils.binding_from_flag("x.y", "1e-3").text == "x.y = 1e-3"
+    assert gin_utils.binding_from_flag("x.y", "@foo()").text == "x.y = @foo()"
+    assert gin_utils.binding_from_flag("x.y", "[1, 2]").text == "x.y = [1, 2]"
+    for ambiguous in ["true", "none", "a b", "(1,", "x,y"]:
+        with pytest.raises(gin_utils.GinConfigError, match="quotes"):
+            gin_utils.binding_from_flag("x.y", ambiguous)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--gin.cli_fake_trian.num_steps=3"], ["unknown configurable 'cli_fake_trian'", "cli_fake_train"]),
+    (["train", "--gin.cli_fake_train.num_step=3"], ["no parameter 'num_step'", "num_steps"]),
+    (["train", "--gin.cli_fake_train.data=@cli_fake_datset()"], ["@cli_fake_datset", "cli_fake_dataset"]),
+    (["train", "--gin_fle=x.gin"], ["unknown flag --gin_fle", "--gin_file"]),
+    (["trian"], ["unknown subcommand 'trian'", "train"]),
+    (["train", "--gin_file=models/smal.gin"], ["models/smal.gin", "not found", "models/small.gin"]),
+    (["train", "--gin.cli_fake_train.num_steps=true"], ["--gin.cli_fake_train.num_steps=true", "quotes"]),
+    (["train", "--model_dir=/a", "--gin.MODEL_DIR=/b"], ["both --model_dir and --gin.MODEL_DIR"]),
+])
+def test_mistakes_give_one_clear_error_with_close_matches(tmp_path, capsys, argv, expected):
+    write(tmp_path / "configs/models/small.gin", "cli_fake_train.num_steps = 1\n")
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert "Traceback" not in err and CALLS == []
+    for text in expected:
+        assert text in err
+
+
+def test_error_in_gin_file_names_file_and_line(tmp_path, capsys):
+    path = write(tmp_path / "bad.gin", "cli_fake_train.num_steps = 1\ncli_fake_train.lerning_rate = 2\n")
+    code, _, err = run(["train", f"--gin_file={path}", "--model_dir=/tmp/x"], capsys)
+    assert code == 2
+    assert f"{path}:2" in err and "learning_rate" in err
+
+
+def test_missing_required_macro_and_typo_of_it(tmp_path, capsys):
+    write(tmp_path / "configs/runs/train.gin", """
+        cli_fake_train.model_dir = %MODEL_DIR
+        cli_fake_train.data = %TRAIN_DATA
+        """)
+    code, _, err = run(["train", "--model_dir=/tmp/x"], capsys)
+    assert code == 2 and "macro TRAIN_DATA is required but not set" in err and "cli_fake_train.data" in err
+    code, _, err = run(["train", "--model_dir=/tmp/x", "--gin.TRAIN_DTA=3"], capsys)
+    assert code == 2 and "TRAIN_DTA" in err and "Did you mean: TRAIN_DATA" in err
+    assert CALLS == []
+
+
+def test_required_entry_argument_is_reported(capsys):
+    code, _, err = run(["infer", "--dry_run"], capsys)
+    assert code == 2 and "'source_file'" in err and "--gin.cli_fake_needs_arg.source_file" in err
+    code, _, err = run(["infer", "--gin.cli_fake_needs_arg.source_file=in.txt"], capsys)
+    assert code == 0, err
+    assert CALLS == [dict(source_file="in.txt", beam=1)]
+
+
+def test_help_lists_subcommands_run_configs_and_required_macros(tmp_path, capsys):
+    write(tmp_path / "configs/runs/train.gin", """
+        include 'common.gin'
+        MODEL_DIR = %gin.REQUIRED
+        cli_fake_train.model_dir = %MODEL_DIR
+        cli_fake_train.data = %TRAIN_DATA
+        cli_fake_dataset.batch_size = %BATCH  # bound in common.gin
+        """)
+    write(tmp_path / "configs/runs/common.gin", "BATCH = 8\ncli_fake_dataset.path = %VOCAB\n")
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for name in cli.SUBCOMMANDS:
+        assert f"  {name} " in out
+    train_block = out.split("  train ")[1].split("\n  grow ")[0]
+    assert "runs/train.gin" in train_block
+    assert "required macros: VOCAB, MODEL_DIR, TRAIN_DATA" in train_block
+    assert "--gin_search_paths" in out and "--model_dir" in out
+    code, out, _ = run(["train", "--help", "--gin.TRAIN_DATA='x'"], capsys)
+    assert code == 0 and "macros still required: VOCAB, MODEL_DIR" in out and "fake train" in out
+
+
+def test_required_macros_static_scan_matches_hand_listing(tmp_path):
+    path = write(tmp_path / "a.gin", """
+        A = %gin.REQUIRED
+        B = 1
+        x.y = %B
+        x.z = [%C, {'k': %D}]
+        D = 2
+        E = %F
+        """)
+    assert gin_utils.required_macros([str(path)], [str(tmp_path)]) == ["C", "F", "A"]
+    assert gin_utils.required_macros([str(path)], [str(tmp_path)], ["A = 3", "F = 'f'"]) == ["C"]
+
+
+def test_search_paths_flag(tmp_path, capsys):
+    write(tmp_path / "elsewhere/exp/e.gin", "cli_fake_train.model_dir = 'm'\ncli_fake_train.num_steps = 9\n")
+    code, _, err = run(["train", f"--gin_search_paths={tmp_path}/nothing,{tmp_path}/elsewhere",
+                        "--gin_file=exp/e.gin", "--dry_run"], capsys)
+    assert code == 0, err
+    assert gin.query_parameter("cli_fake_train.num_steps") == 9
+
+
+def test_multihost_initialises_jax_distributed_once(monkeypatch, capsys):
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    base = ["train", "--gin.cli_fake_train.model_dir='m'", "--dry_run"]
+    assert run(base, capsys)[0] == 0 and calls == []
+    assert run(base + ["--multihost"], capsys)[0] == 0 and len(calls) == 1
+    monkeypatch.setenv(gin_utils.DISTRIBUTED_ENV, "1")
+    assert run(base, capsys)[0] == 0 and len(calls) == 2
+    assert run(base + ["--gin.initialize_distributed.enabled=False"], capsys)[0] == 0 and len(calls) == 2
+
+
+def test_save_config_is_atomic_and_creates_dirs(tmp_path):
+    path = gin_utils.save_config(tmp_path / "a" / "b", "X = 1\n")
+    assert path.read_text() == "X = 1\n" and os.listdir(tmp_path / "a" / "b") == ["config.gin"]
+
+
+def test_console_script_help_in_a_fresh_process():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "rest_jax.main", "--help"], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ["train", "grow", "improve", "rest", "eval", "infer", "score", "convert", "vocab"]:
+        assert f"\n  {name} " in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "rest_jax.main", "grwo"], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Did you mean: grow" in proc.stderr and "Traceback" not in proc.stderr
