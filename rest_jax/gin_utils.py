@@ -17,7 +17,6 @@ Public API:
   `macro_value(name, default)`       value of a bound macro (e.g. MODEL_DIR).
   `required_macros(sources, paths)`  static scan: macros a set of gin files needs but does not bind.
   `save_config(model_dir, text)`     write `config.gin` atomically (local or `gs://`, via etils.epath).
-  `initialize_distributed(...)`      gin knob: call `jax.distributed.initialize()` on multi-host slices.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ from gin import config_parser
 
 REPO_CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PACKAGE_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / "configs"
-DISTRIBUTED_ENV = "REST_JAX_DISTRIBUTED"
 
 # Characters that give a `--gin` value a gin meaning (references, macros, containers, quotes, lists).
 _GIN_SYNTAX_CHARS = set("%@()[]{}'\",=#\\ \t")
@@ -514,7 +512,7 @@ def required_macros(sources: Sequence[str], search_paths: Sequence[str] | None =
 
 
 # --------------------------------------------------------------------------------------------------------
-# Saving the config; multi-host start-up.
+# Saving the config.
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -528,34 +526,6 @@ def save_config(model_dir: str | os.PathLike[str], text: str, filename: str = "c
     tmp.write_text(text)
     tmp.replace(final)
     return final
-
-
-@gin.configurable
-def initialize_distributed(enabled: bool | None = None, coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None) -> bool:
-    """Starts multi-host JAX (`jax.distributed.initialize`) before any computation.
-
-    On a TPU pod slice every worker runs the same command and JAX discovers its peers from the TPU
-    metadata, so the arguments stay None there; set them for other clusters.
-
-    Args:
-      enabled: True/False forces it; None (default) follows the environment variable
-        REST_JAX_DISTRIBUTED (1/true/yes), which scripts/tpu/launch.sh sets.
-      coordinator_address, num_processes, process_id: passed to `jax.distributed.initialize`.
-    Returns:
-      Whether it initialised.
-    """
-    if enabled is None:
-        enabled = os.environ.get(DISTRIBUTED_ENV, "").strip().lower() in ("1", "true", "yes")
-    if not enabled:
-        return False
-    import jax  # pylint: disable=import-outside-toplevel
-
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-    logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
-    return True
 
 
 def format_bindings(bindings: Mapping[str, Any]) -> list[str]:

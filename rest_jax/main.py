@@ -35,6 +35,7 @@ PROG = "rest_jax"
 CONFIG_FILENAME = "config.gin"
 OPERATIVE_CONFIG_FILENAME = "operative_config.gin"
 EXIT_USAGE = 2
+DISTRIBUTED_ENV = "REST_JAX_DISTRIBUTED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +81,9 @@ flags:
                             the current directory and the repository's configs/).
   --model_dir=DIR           shortcut for --gin.MODEL_DIR=DIR (local path or gs://).
   --no_run_config           do not load configs/runs/<subcommand>.gin automatically.
-  --multihost               call jax.distributed.initialize() (also: REST_JAX_DISTRIBUTED=1 or
-                            --gin.initialize_distributed.enabled=True); needed on TPU pod slices.
+  --multihost               always call jax.distributed.initialize() (also REST_JAX_DISTRIBUTED=1);
+                            otherwise gin initialize_multihost.mode decides ('auto': when the
+                            environment shows several processes).  Needed on TPU pod slices.
   --dry_run                 parse, validate and print the config; run nothing.
   -h, --help                this help; `rest_jax SUBCOMMAND --help` for one subcommand.
 exit status: 0 success, 2 configuration or usage error."""
@@ -283,6 +285,20 @@ def _process_index() -> int:
     return sys.modules["jax"].process_index()
 
 
+def start_multihost(forced: bool) -> None:
+    """Starts multi-host JAX before anything touches devices; every host runs this same command.
+
+    The one place for it is `rest_jax.partitioning.initialize_multihost` (gin knob `mode`, default
+    'auto': on when the environment shows a multi-process launch).  --multihost or REST_JAX_DISTRIBUTED=1
+    (set by scripts/tpu/launch.sh) force mode='always', for TPU pods whose topology only the metadata
+    server knows.
+    """
+    forced = forced or os.environ.get(DISTRIBUTED_ENV, "").strip().lower() in ("1", "true", "yes")
+    from rest_jax import partitioning  # pylint: disable=import-outside-toplevel
+
+    partitioning.initialize_multihost(**({"mode": "always"} if forced else {}))
+
+
 def configure(inv: Invocation, entry: Callable[..., Any] | None) -> list[str]:
     """Parses and validates gin for `inv`; returns the gin files loaded (run config first)."""
     files = list(inv.gin_files)
@@ -310,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     sub = SUBCOMMANDS[inv.command]
+    # Configurables must be registered before gin parses and locks the config: the entry's module and
+    # partitioning (whose initialize_multihost runs below).
+    importlib.import_module("rest_jax.partitioning")
     try:
         entry = load_entry(sub)
     except ImportError as e:
@@ -320,8 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GinConfigError as e:
         return _fail(e, inv.command)
 
-    # Before anything touches devices; each host runs this same command (see docs/tpu.md).
-    gin_utils.initialize_distributed(**({"enabled": True} if inv.multihost else {}))
+    start_multihost(inv.multihost)
 
     import gin  # pylint: disable=import-outside-toplevel
 

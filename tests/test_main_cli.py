@@ -45,7 +45,7 @@ def fake_entries(monkeypatch, tmp_path):
     monkeypatch.setitem(cli.SUBCOMMANDS, "infer", cli.Subcommand("clitest_entries:infer", "fake infer"))
     # Keep the real configs/ out of the search path, so only this test's run configs exist.
     monkeypatch.setattr(gin_utils, "default_search_paths", lambda: [str(tmp_path / "configs")])
-    monkeypatch.delenv(gin_utils.DISTRIBUTED_ENV, raising=False)
+    monkeypatch.delenv(cli.DISTRIBUTED_ENV, raising=False)
     (tmp_path / "configs" / "runs").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     CALLS.clear()
@@ -210,12 +210,17 @@ def test_multihost_initialises_jax_distributed_once(monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    for name in ["JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
+                 "TPU_PROCESS_ADDRESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"]:
+        monkeypatch.delenv(name, raising=False)
     base = ["train", "--gin.cli_fake_train.model_dir='m'", "--dry_run"]
-    assert run(base, capsys)[0] == 0 and calls == []
+    assert run(base, capsys)[0] == 0 and calls == []  # one process: nothing to start
     assert run(base + ["--multihost"], capsys)[0] == 0 and len(calls) == 1
-    monkeypatch.setenv(gin_utils.DISTRIBUTED_ENV, "1")
+    monkeypatch.setenv(cli.DISTRIBUTED_ENV, "1")  # what scripts/tpu/launch.sh sets
     assert run(base, capsys)[0] == 0 and len(calls) == 2
-    assert run(base + ["--gin.initialize_distributed.enabled=False"], capsys)[0] == 0 and len(calls) == 2
+    monkeypatch.delenv(cli.DISTRIBUTED_ENV)
+    assert run(base + ["--gin.initialize_multihost.mode='always'"], capsys)[0] == 0 and len(calls) == 3
 
 
 def test_save_config_is_atomic_and_creates_dirs(tmp_path):
