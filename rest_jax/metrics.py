@@ -1,0 +1,401 @@
+"""Metric writing, progress bars and an MFU estimate shared by every loop (train, Grow, Improve, eval).
+
+`MetricWriter(model_dir, stage)` writes TensorBoard event files (tensorboardX) under
+`model_dir/<stage>/`, so `tensorboard --logdir MODEL_DIR` shows one run per stage.  Only JAX process 0
+writes; other hosts of a pod slice get a silent writer.  The standard tags are listed in `METRICS`
+(`python -m rest_jax.metrics` prints them as a Markdown table for the README).
+
+`progress(iterable_or_total, desc, unit)` wraps tqdm: a bar with rate and ETA on a terminal; when stderr
+is not a terminal (CI, nohup on a TPU worker) the bar is off and a log line with the same numbers is
+written every `log_every_secs` instead, so logs still show progress without carriage-return noise.
+
+`estimate_flops_per_example` / `estimate_flops_per_token` count the matmul FLOPs of a T5 encoder-decoder
+step; with `peak_flops_per_device` they give model FLOPs utilisation (MFU), as MaxText reports it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import sys
+import time
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import gin
+import numpy as np
+import tqdm
+from etils import epath
+from tensorboardX import SummaryWriter
+from tensorboardX import record_writer
+
+logger = logging.getLogger(__name__)
+
+# Tag -> meaning.  Stages are TensorBoard runs (subdirectories of MODEL_DIR); ReST sections refer to
+# Gulcehre et al. 2023 (arXiv 2308.08998).
+METRICS: dict[str, dict[str, str]] = {
+    "train": {
+        "loss": "mean token cross-entropy (or the Improve loss) per step",
+        "accuracy": "next-token accuracy on non-padding target tokens",
+        "learning_rate": "optimizer learning rate at this step",
+        "grad_norm": "global L2 norm of the gradient",
+        "tokens_per_sec": "target tokens processed per second (all hosts)",
+        "examples_per_sec": "examples processed per second (all hosts)",
+        "step_time_sec": "wall-clock seconds per train step",
+        "mfu": "model FLOPs utilisation: estimate_flops_per_example x examples/s / peak FLOP/s of all devices",
+    },
+    "eval": {
+        "bleu": "corpus BLEU (sacrebleu) of greedy/beam outputs",
+        "chrf": "corpus chrF (sacrebleu)",
+        "reward/mean": "mean reward of the outputs under the run's reward model",
+        "best_of_n/bleu": "BLEU when the highest-reward of N samples is picked per source",
+        "length_ratio": "hypothesis length / reference length (tokens)",
+    },
+    "grow": {
+        "reward": "histogram of the rewards of all N samples per source (ReST Sec. 2, Grow)",
+        "reward/mean": "mean reward of the Grow samples",
+        "reward/q10, q25, q50, q75, q90": "reward quantiles of the Grow samples",
+        "distinct_1, distinct_2": "distinct unigrams/bigrams among the N samples of a source, averaged over sources",
+        "length_ratio": "sample length / reference length",
+        "samples_per_sec": "sampled translations per second",
+        "tokens_per_sec": "sampled tokens per second",
+    },
+    "improve": {
+        "threshold": "reward threshold tau_i of this Improve step (ReST Sec. 2, Improve)",
+        "kept_fraction": "fraction of Grow samples with reward >= tau_i",
+        "num_kept": "number of samples kept for fine-tuning",
+        "loss, learning_rate, grad_norm, tokens_per_sec, step_time_sec, mfu": "as for train",
+    },
+}
+
+
+def metrics_markdown() -> str:
+    """The `METRICS` table as Markdown (for README / docs)."""
+    lines = ["| stage | tag | meaning |", "|---|---|---|"]
+    for stage, tags in METRICS.items():
+        lines += [f"| {stage} | `{tag}` | {meaning} |" for tag, meaning in tags.items()]
+    return "\n".join(lines)
+
+
+def _is_chief() -> bool:
+    # Asking JAX initialises its backends, so only ask when the program already imported it.
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# TensorBoard.
+# --------------------------------------------------------------------------------------------------------
+
+
+class _EpathRecordWriter:
+    """tensorboardX record sink for gs:// through etils.epath (tf.io.gfile), used when the optional
+    google-cloud-storage package that tensorboardX's own GCS writer needs is absent."""
+
+    def __init__(self, path: str):
+        self._file = epath.Path(path).open("wb")
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _EpathWriterFactory:
+    def open(self, path: str) -> _EpathRecordWriter:
+        return _EpathRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+if not record_writer.GCS_ENABLED:
+    record_writer.register_writer_factory("gs", _EpathWriterFactory())
+
+
+@gin.configurable(denylist=["model_dir", "stage"])
+class MetricWriter:
+    """Writes scalars, histograms and texts for one stage to `model_dir/<stage>/` (TensorBoard events).
+
+    Method names follow clu.metric_writers (`write_scalars(step, {...})`), familiar to Flax/T5X users.
+    Use as a context manager or call `close()`; events are flushed every `flush_secs` meanwhile.
+    """
+
+    def __init__(self, model_dir: str | epath.PathLike, stage: str, flush_secs: float = 30.0,
+                 log_scalars: bool = True, enabled: bool | None = None):
+        """Args:
+          model_dir: the run directory (local or gs://).
+          stage: subdirectory and TensorBoard run name: "train", "eval", "grow_0", "improve_0_1", ...
+          flush_secs: seconds between background flushes of the event file.
+          log_scalars: also log each `write_scalars` call as one line (handy in CI and worker logs).
+          enabled: None -> only JAX process 0 writes; True/False force it.
+        """
+        self.stage = stage
+        self.logdir = str(epath.Path(model_dir) / stage)
+        self.log_scalars = log_scalars
+        self.enabled = _is_chief() if enabled is None else enabled
+        self._writer = SummaryWriter(logdir=self.logdir, flush_secs=flush_secs) if self.enabled else None
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """One point per tag at `step`; values may be Python, NumPy or JAX scalars."""
+        if not self.enabled:
+            return
+        values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, global_step=int(step))
+        if self.log_scalars and values:
+            logger.info("[%s] step %d: %s", self.stage, int(step),
+                        ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
+
+    def write_histograms(self, step: int, arrays: Mapping[str, Any], bins: str | int = "tensorflow") -> None:
+        """A histogram per tag of all values in each array (e.g. the rewards of a Grow step)."""
+        if not self.enabled:
+            return
+        for tag, values in arrays.items():
+            flat = np.asarray(values, dtype=np.float64).reshape(-1)
+            flat = flat[np.isfinite(flat)]
+            if flat.size == 0:
+                logger.warning("[%s] histogram %r at step %d has no finite values; skipped", self.stage, tag, step)
+                continue
+            self._writer.add_histogram(tag, flat, global_step=int(step), bins=bins)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Text summaries (e.g. sample translations), shown in TensorBoard's Text tab."""
+        if not self.enabled:
+            return
+        for tag, text in texts.items():
+            self._writer.add_text(tag, text, global_step=int(step))
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self.enabled = False
+
+    def __enter__(self) -> "MetricWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def quantile_metrics(values: Any, prefix: str = "reward",
+                     quantiles: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9)) -> dict[str, float]:
+    """`{prefix/mean, prefix/q10, ...}` of `values` (linear interpolation, as numpy.quantile)."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    if flat.size == 0:
+        return {}
+    out = {f"{prefix}/mean": float(flat.mean())}
+    for q, v in zip(quantiles, np.quantile(flat, quantiles)):
+        out[f"{prefix}/q{round(q * 100):d}"] = float(v)
+    return out
+
+
+def distinct_n(samples: Sequence[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over the whitespace tokens of `samples` (the N samples of one
+    source in Grow): 1.0 when no n-gram repeats, near 1/N when all samples are identical."""
+    grams: collections.Counter[tuple[str, ...]] = collections.Counter()
+    for s in samples:
+        toks = s.split()
+        grams.update(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+    total = sum(grams.values())
+    return len(grams) / total if total else 0.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Progress.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class Progress:
+    """A tqdm bar on a terminal, periodic log lines elsewhere.  Iterate over it, or call `update(n)`."""
+
+    def __init__(self, iterable: Iterable[Any] | None, total: int | None, desc: str, unit: str,
+                 disable: bool | None, log_every_secs: float | None, file: Any, **tqdm_kwargs: Any):
+        self._iterable = iterable
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total = total
+        self.desc = desc
+        self.unit = unit
+        self.n = 0
+        stream = file if file is not None else sys.stderr
+        chief = _is_chief()
+        # Disabled bar: not a terminal, or a non-zero host of a pod (one host reporting is enough).
+        self.disabled = (not _isatty(stream) or not chief) if disable is None else disable
+        self._log_every = log_every_secs if chief else None
+        self._bar = tqdm.tqdm(total=total, desc=desc, unit=unit, disable=self.disabled, file=stream,
+                              dynamic_ncols=True, **tqdm_kwargs)
+        self._start = self._last_log = time.monotonic()
+        self._postfix: dict[str, Any] = {}
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._iterable is None:
+            raise TypeError("progress(total) is not iterable; call update(n) instead")
+        try:
+            for item in self._iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __len__(self) -> int:
+        if self.total is None:
+            raise TypeError("progress bar without a total has no length")
+        return self.total
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._bar.update(n)
+        if self.disabled and self._log_every is not None:
+            now = time.monotonic()
+            if now - self._last_log >= self._log_every:
+                self._last_log = now
+                logger.info("%s", self.status_line())
+
+    def set_postfix(self, **values: Any) -> None:
+        """Extra numbers (loss, reward) shown after the bar and in the log lines."""
+        self._postfix = values
+        self._bar.set_postfix(values, refresh=False)
+
+    def status_line(self, done: bool = False) -> str:
+        elapsed = time.monotonic() - self._start
+        rate = self.n / elapsed if elapsed > 0 else float("nan")
+        parts = [f"{self.desc or 'progress'}: {self.n}"]
+        if self.total:
+            parts[0] += f"/{self.total} {self.unit} ({100.0 * self.n / self.total:.0f}%)"
+        else:
+            parts[0] += f" {self.unit}"
+        parts.append(f"{rate:.3g} {self.unit}/s")
+        parts.append(f"elapsed {tqdm.tqdm.format_interval(elapsed)}")
+        if self.total and not done and rate > 0 and math.isfinite(rate):
+            parts.append(f"ETA {tqdm.tqdm.format_interval(max(self.total - self.n, 0) / rate)}")
+        if self._postfix:
+            parts.append(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in self._postfix.items()))
+        return ", ".join(parts) + (" (done)" if done else "")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._bar.close()
+        if self.disabled and self._log_every is not None:
+            logger.info("%s", self.status_line(done=True))
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@gin.configurable(allowlist=["log_every_secs"])
+def progress(iterable_or_total: Iterable[Any] | int | None = None, desc: str = "", unit: str = "it", *,
+             total: int | None = None, disable: bool | None = None, log_every_secs: float | None = 60.0,
+             file: Any = None, **tqdm_kwargs: Any) -> Progress:
+    """Progress over an iterable (`for x in progress(xs, "grow", "batch")`) or a count
+    (`bar = progress(num_steps, "train", "step"); bar.update()`).
+
+    Args:
+      iterable_or_total: what to iterate, or the total count for manual `update`.
+      desc, unit: label and unit shown with the rate ("step/s") and ETA.
+      total: the total when the iterable has no len().
+      disable: None -> bar only when `file` (default stderr) is a terminal.
+      log_every_secs: with the bar off, log a status line this often (None: never); gin knob.
+      file: stream for the bar (default sys.stderr).
+    """
+    if isinstance(iterable_or_total, int) and not isinstance(iterable_or_total, bool):
+        iterable, total = None, iterable_or_total if total is None else total
+    else:
+        iterable = iterable_or_total
+    return Progress(iterable, total, desc, unit, disable, log_every_secs, file, **tqdm_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# FLOPs and MFU.
+# --------------------------------------------------------------------------------------------------------
+
+
+def estimate_flops_per_example(config: Any, inputs_length: int, targets_length: int,
+                               training: bool = True) -> float:
+    """Matmul FLOPs of one T5 encoder-decoder example (S input tokens, T target tokens).
+
+    Counted per layer, 2 FLOPs per multiply-add, with d=emb_dim, hk=num_heads*head_dim, f=mlp_dim,
+    w=len(mlp_activations) (2 for gated GELU in T5 v1.1) and V=vocab_size:
+      encoder layer:  S*(4*d*hk + (w+1)*d*f)            q,k,v,o projections and MLP
+                      + 2*S*S*hk                         attention scores and weighted sum
+      decoder layer:  T*(4*d*hk + (w+1)*d*f) + 2*T*T*hk  self-attention and MLP (full T*T: TPUs
+                                                         compute the masked half too)
+                      + T*2*d*hk + S*2*d*hk + 2*T*S*hk   cross-attention: q,o on targets, k,v on
+                                                         the encoder output, scores and sum
+      logits:         T*d*V
+    Forward = 2 * (sum of the above); training = 3 * forward (the backward pass costs two forwards).
+    With S = T = 1 this is the familiar 6 * N (N = matmul parameters) plus the attention terms.
+    Embedding lookups, norms and softmax are ignored (a few percent at most).
+    """
+    d, h, k = config.emb_dim, config.num_heads, config.head_dim
+    hk, f, vocab = h * k, config.mlp_dim, config.vocab_size
+    w = len(getattr(config, "mlp_activations", ("relu",)))
+    s, t = inputs_length, targets_length
+    mlp = (w + 1) * d * f
+    enc_layer = s * (4 * d * hk + mlp) + 2 * s * s * hk
+    dec_layer = t * (4 * d * hk + mlp) + 2 * t * t * hk + t * 2 * d * hk + s * 2 * d * hk + 2 * t * s * hk
+    macs = config.num_encoder_layers * enc_layer + config.num_decoder_layers * dec_layer + t * d * vocab
+    return float(2 * macs * (3 if training else 1))
+
+
+def estimate_flops_per_token(config: Any, inputs_length: int, targets_length: int,
+                             training: bool = True) -> float:
+    """`estimate_flops_per_example` divided by the tokens of the example (inputs + targets)."""
+    return estimate_flops_per_example(config, inputs_length, targets_length, training) / (
+        inputs_length + targets_length)
+
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets; matched against jax device_kind.
+PEAK_FLOPS = (
+    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12), ("tpu v5", 459e12), ("tpu v4", 275e12), ("tpu v3", 123e12), ("tpu v2", 45e12),
+    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12),
+)
+
+
+def peak_flops_per_device(device_kind: str | None = None) -> float | None:
+    """Peak bf16 FLOP/s of one device (default: jax.devices()[0]); None when unknown (e.g. CPU)."""
+    if device_kind is None:
+        import jax  # pylint: disable=import-outside-toplevel
+
+        device_kind = jax.devices()[0].device_kind
+    kind = device_kind.lower()
+    for key, flops in PEAK_FLOPS:
+        if key in kind:
+            return flops
+    return None
+
+
+def mfu(flops_per_step: float, step_time_sec: float, num_devices: int,
+        peak_per_device: float | None) -> float | None:
+    """Model FLOPs utilisation of a step: achieved FLOP/s over the peak of all devices."""
+    if not peak_per_device or step_time_sec <= 0 or num_devices <= 0:
+        return None
+    return flops_per_step / step_time_sec / (num_devices * peak_per_device)
+
+
+if __name__ == "__main__":
+    print(metrics_markdown())
