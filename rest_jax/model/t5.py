@@ -274,7 +274,8 @@ class MlpBlock(nn.Module):
             dense_name = "wi" if len(self.activations) == 1 else f"wi_{i}"
             h = _activation(name)(Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name=dense_name)(x))
             hidden = h if hidden is None else hidden * h
-        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        # Decoding steps pass [b, n, 1, e]: only the batch and mlp axes are sharded there.
+        hidden = nn.with_logical_constraint(hidden, ("batch",) + ("length",) * (hidden.ndim - 2) + ("mlp",))
         hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
         return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="wo")(hidden)
 
