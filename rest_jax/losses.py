@@ -1,0 +1,444 @@
+"""Losses for supervised (BC) training and the ReST Improve step, as pure JAX functions.
+
+ReST (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 2 and 5) compares Improve losses on the filtered Grow
+data: BC/NLL (the best, the default), GOLD, BVMPO and offline actor-critic (OAC); ReST-EM's reward-weighted
+NLL (Singh et al. 2023) is a natural extra. Conventions are T5X's: logits [B, T, V] (float32 or wider),
+`decoder_target_tokens` [B, T] int, `decoder_loss_weights` [B, T] float, 0 on padding.
+
+`cross_entropy_loss` returns sums (T5X style) so the caller normalises per target token. The Improve losses
+share one signature,
+
+    loss_fn(batch, outputs, step=0) -> (scalar loss, metrics dict)
+
+and are already normalised, because V-MPO's top-half selection and softmax weights are batch-level and do
+not decompose into per-example sums. They are registered by name (`bc`, `rwbc`, `gold`, `bvmpo`, `oac`,
+plus `value` for value-network training) and every knob is gin-configurable; `improve_loss()` picks one.
+
+Batch keys: `decoder_target_tokens`, `decoder_loss_weights`, optional `example_weights` [B] (multiplied
+into the token weights; 0 drops an example, e.g. the filter mask), `reward` [B] (sequence reward R(x, y) in
+[0, 1], the Grow store's field), `mle_logprobs` [B, T] (GOLD only: log p_MLE of each target token).
+Outputs keys: `logits` (policy), `values` [B, T] (value network), `bc_logits` and `old_logits` [B, T, V]
+(frozen BC policy and trust-region anchor, BVMPO), `vmpo_eta` and `vmpo_alpha` (unconstrained scalars,
+BVMPO; see `init_vmpo_params`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Metrics = dict[str, Array]
+LossFn = Callable[..., tuple[Array, Metrics]]
+
+TARGETS = "decoder_target_tokens"
+WEIGHTS = "decoder_loss_weights"
+EXAMPLE_WEIGHTS = "example_weights"
+REWARD = "reward"
+
+
+# ------------------------------------------------------------------------------------------- primitives
+
+
+def _wide(x: Array) -> Array:
+    """At least float32 (bf16 logits are upcast; float64 stays float64 for reference tests)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _safe_div(num: Array, den: Array) -> Array:
+    return num / jnp.where(den > 0, den, 1.0)
+
+
+def _check_shapes(logits: Array, targets: Array, weights: Array | None = None) -> None:
+    if logits.ndim != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, T, V] and targets [B, T]; got {logits.shape} and {targets.shape}")
+    if weights is not None and weights.shape != targets.shape:
+        raise ValueError(f"weights shape {weights.shape} != targets shape {targets.shape}")
+
+
+def token_log_probs(logits: Array, targets: Array) -> Array:
+    """log π(targets | prefix) per token, [B, T]."""
+    _check_shapes(logits, targets)
+    log_p = jax.nn.log_softmax(_wide(logits), axis=-1)
+    return jnp.take_along_axis(log_p, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def _token_cross_entropy(logits: Array, targets: Array, label_smoothing: float, z_loss: float
+                         ) -> tuple[Array, Array]:
+    """Per-token T5X cross entropy (label smoothing, normalising constant, z-loss), and the z-loss part."""
+    logits = _wide(logits)
+    vocab = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    # Entropy of the smoothed target: subtracting it makes a perfect prediction cost 0 (T5X's convention).
+    normalizing = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20)) \
+        if label_smoothing > 0 else 0.0
+    soft = jax.nn.one_hot(targets, vocab, dtype=logits.dtype) * (confidence - low) + low
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_p = logits - log_z[..., None]
+    z = z_loss * jnp.square(log_z)
+    return -jnp.sum(soft * log_p, axis=-1) + z - normalizing, z
+
+
+def cross_entropy_loss(
+    logits: Array, targets: Array, weights: Array, label_smoothing: float = 0.0, z_loss: float = 0.0
+) -> tuple[Array, Array, Array]:
+    """T5X's weighted cross entropy: returns (total_loss, total_z_loss, num_tokens), all summed.
+
+    Per token: -Σ_v q_v log softmax(logits)_v + z_loss·log(Z)² − H(q), with q the smoothed target
+    (1 − label_smoothing on the target, label_smoothing/(V − 1) elsewhere) and H(q) its entropy, so a
+    perfect prediction of q costs 0. total_loss includes the z-loss; num_tokens = Σ weights. Divide by
+    num_tokens for the per-token loss (supervised BC training and the `bc` Improve loss).
+    """
+    _check_shapes(logits, targets, weights)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    loss, z = _token_cross_entropy(logits, targets, label_smoothing, z_loss)
+    weights = _wide(weights)
+    return jnp.sum(loss * weights), jnp.sum(z * weights), jnp.sum(weights)
+
+
+def monte_carlo_returns(rewards: Array, weights: Array, discount: float = 1.0) -> Array:
+    """Per-token Monte-Carlo return of a terminal sequence reward: G_t = discount^(#valid tokens after t)·R.
+
+    The reward arrives at the last non-padding token, so with discount 1 (the default) every token's
+    return is R (REST.md "BVMPO": the value net predicts this per token). Padding positions get 0.
+    """
+    mask = (weights > 0).astype(_wide(rewards).dtype)
+    after = jnp.flip(jnp.cumsum(jnp.flip(mask, -1), -1), -1) - mask  # Valid tokens strictly after t.
+    return mask * jnp.power(discount, after) * _wide(rewards)[:, None]
+
+
+def kl_divergence(p_logits: Array, q_logits: Array) -> Array:
+    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per token, [B, T]."""
+    log_p = jax.nn.log_softmax(_wide(p_logits), -1)
+    log_q = jax.nn.log_softmax(_wide(q_logits), -1)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+
+
+def _mean_over_tokens(x: Array, weights: Array) -> Array:
+    return _safe_div(jnp.sum(x * weights), jnp.sum(weights))
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+_LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    """Registers an Improve loss `fn(batch, outputs, step=0, **knobs) -> (loss, metrics)` under `name`."""
+
+    def decorator(fn: LossFn) -> LossFn:
+        if name in _LOSSES and _LOSSES[name] is not fn:
+            raise ValueError(f"loss {name!r} is already registered")
+        _LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+def loss_names() -> list[str]:
+    return sorted(_LOSSES)
+
+
+def get_loss(name: str) -> LossFn:
+    """The loss registered as `name`; KeyError with close matches and all names otherwise."""
+    if name not in _LOSSES:
+        close = difflib.get_close_matches(str(name), loss_names(), n=3, cutoff=0.5)
+        hint = f" Did you mean {close}?" if close else ""
+        raise KeyError(f"unknown Improve loss {name!r}.{hint} Known losses: {loss_names()}")
+    return _LOSSES[name]
+
+
+@gin.configurable
+def improve_loss(name: str = "bc") -> LossFn:
+    """The Improve loss picked by gin (`improve_loss.name = 'gold'`); BC is the paper's best (Sec. 5)."""
+    return get_loss(name)
+
+
+def _need(mapping: Mapping[str, Any], key: str, loss: str, where: str, what: str) -> Array:
+    if key not in mapping:
+        raise KeyError(f"loss {loss!r} needs {where}[{key!r}] ({what}); {where} has keys {sorted(mapping)}")
+    return mapping[key]
+
+
+def _targets_and_weights(batch: Mapping[str, Array], loss: str) -> tuple[Array, Array]:
+    targets = _need(batch, TARGETS, loss, "batch", "[B, T] int target ids")
+    weights = _wide(jnp.asarray(_need(batch, WEIGHTS, loss, "batch", "[B, T] float, 0 on padding")))
+    if EXAMPLE_WEIGHTS in batch:
+        weights = weights * _wide(jnp.asarray(batch[EXAMPLE_WEIGHTS]))[:, None]
+    return targets, weights
+
+
+def _reward(batch: Mapping[str, Array], loss: str) -> Array:
+    return _wide(jnp.asarray(_need(batch, REWARD, loss, "batch", "[B] sequence reward R(x, y) in [0, 1]")))
+
+
+# ------------------------------------------------------------------------------------------ Improve losses
+
+
+@register_loss("bc")
+@gin.configurable(denylist=["batch", "outputs", "step"])
+def bc_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
+            label_smoothing: float = 0.0, z_loss: float = 0.0) -> tuple[Array, Metrics]:
+    """Token NLL on the filtered data (ReST Sec. 2 'behaviour cloning'), per target token.
+
+    Dropped examples have zero weight (`decoder_loss_weights` or `example_weights`).
+    """
+    del step
+    targets, weights = _targets_and_weights(batch, "bc")
+    logits = _need(outputs, "logits", "bc", "outputs", "[B, T, V] policy logits")
+    total, total_z, num = cross_entropy_loss(logits, targets, weights, label_smoothing, z_loss)
+    loss = _safe_div(total, num)
+    return loss, {"loss": loss, "z_loss": _safe_div(total_z, num), "num_tokens": num}
+
+
+@register_loss("rwbc")
+@gin.configurable(denylist=["batch", "outputs", "step"])
+def rwbc_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
+              weighting: str = "normalized", beta: float = 1.0, label_smoothing: float = 0.0
+              ) -> tuple[Array, Metrics]:
+    """Reward-weighted NLL: Σ_{b,t} c_b w_bt NLL_bt / Σ w_bt, c_b from the sequence reward r_b.
+
+    weighting: "raw" c = r; "normalized" c = r / mean(r); "exp" c = exp(r/β) / mean(exp(r/β)) (reward-
+    weighted regression). Means run over the batch's examples with any weight, so the loss scale stays
+    that of BC. This is ReST-EM's M-step with a non-binary reward (Singh et al. 2023, Sec. 3).
+    """
+    del step
+    targets, weights = _targets_and_weights(batch, "rwbc")
+    logits = _need(outputs, "logits", "rwbc", "outputs", "[B, T, V] policy logits")
+    _check_shapes(logits, targets, weights)
+    r = _reward(batch, "rwbc")
+    present = (jnp.sum(weights, -1) > 0).astype(r.dtype)
+    if weighting == "raw":
+        c = r
+    elif weighting == "normalized":
+        c = r / jnp.where(jnp.sum(r * present) > 0, _safe_div(jnp.sum(r * present), jnp.sum(present)), 1.0)
+    elif weighting == "exp":
+        if beta <= 0:
+            raise ValueError(f"rwbc_loss.beta must be > 0, got {beta}")
+        shifted = (r - jnp.max(jnp.where(present > 0, r, -jnp.inf))) / beta  # Max-shift for stability.
+        e = jnp.where(present > 0, jnp.exp(shifted), 0.0)
+        c = _safe_div(e, _safe_div(jnp.sum(e), jnp.sum(present)))
+    else:
+        raise ValueError(f"rwbc_loss.weighting must be 'raw', 'normalized' or 'exp', got {weighting!r}")
+    nll, _ = _token_cross_entropy(logits, targets, label_smoothing, 0.0)
+    c = jax.lax.stop_gradient(c)
+    loss = _safe_div(jnp.sum(c[:, None] * weights * nll), jnp.sum(weights))
+    return loss, {"loss": loss, "mean_example_weight": _safe_div(jnp.sum(c * present), jnp.sum(present)),
+                  "num_tokens": jnp.sum(weights)}
+
+
+def truncated_returns(per_token_rewards: Array, mask: Array, horizon: int, discount: float = 1.0) -> Array:
+    """Q̂_t = Σ_{j=0..horizon} discount^j r_{t+j}, rewards past the sequence end counted as 0."""
+    r = per_token_rewards * mask
+    q = jnp.zeros_like(r)
+    for j in range(min(horizon + 1, r.shape[1])):
+        shifted = jnp.pad(r[:, j:], ((0, 0), (0, j)))
+        q = q + (discount ** j) * shifted
+    return q * mask
+
+
+@register_loss("gold")
+@gin.configurable(denylist=["batch", "outputs", "step"])
+def gold_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
+              reward_type: str = "prob", horizon: int = 5, discount: float = 1.0,
+              importance_floor: float = 0.2, reward_floor: float = 0.1, log_prob_baseline: float = -10.0,
+              mle_logprobs_key: str = "mle_logprobs", importance_logits_key: str | None = None
+              ) -> tuple[Array, Metrics]:
+    """GOLD (Pang & He 2021, arXiv 2009.07839, Alg. 1), the off-policy PG that ReST Sec. 5 compares.
+
+    loss = −Σ_{b,t} w_bt · ŵ_bt · Q̂_bt · log π_θ(a_t | s_t) / Σ w_bt, with
+      ŵ_t = clip(stop_grad(π̃(a_t | s_t)), importance_floor, 1): per-token importance weight; π̃ is the
+        policy itself (REST.md) or, when `importance_logits_key` names an outputs entry, a lagged copy as
+        in GOLD's Alg. 1;
+      r_t from the MLE model's log-prob ℓ_t = batch[mle_logprobs_key]:
+        "prob" (GOLD-p): r_t = max(exp ℓ_t, reward_floor);
+        "log_prob" (GOLD-s): r_t = max(ℓ_t − log_prob_baseline, reward_floor);
+      Q̂_t = Σ_{j=0..horizon} discount^j r_{t+j}: the current token plus `horizon` = 5 future ones, as in
+        the authors' code (github.com/yzpang/gold-off-policy-text-gen-iclr21, criterion, suffix of 5);
+        there, positions past the row end count as probability 1; here tokens after EOS add 0.
+    Defaults (GOLD-p, u = 0.2, floor 0.1) are the authors' IWSLT14 De-En script's settings. At Grow 1 the
+    behaviour policy is the MLE (BC) model, so `behaviour_logprobs` of the Grow store can serve as
+    `mle_logprobs`; later Grow steps need the BC model's log-probs.
+    """
+    del step
+    targets, weights = _targets_and_weights(batch, "gold")
+    logits = _need(outputs, "logits", "gold", "outputs", "[B, T, V] policy logits")
+    mle = _wide(jnp.asarray(_need(batch, mle_logprobs_key, "gold", "batch",
+                                  "[B, T] log-probs of the target tokens under the MLE/BC model; at Grow 1 "
+                                  "the store's behaviour_logprobs are exactly that")))
+    _check_shapes(logits, targets, weights)
+    if mle.shape != targets.shape:
+        raise ValueError(f"gold: batch[{mle_logprobs_key!r}] shape {mle.shape} != targets shape {targets.shape}")
+    log_pi = token_log_probs(logits, targets)
+    if importance_logits_key is None:
+        pi_tilde = jnp.exp(log_pi)
+    else:
+        pi_tilde = jnp.exp(token_log_probs(
+            _need(outputs, importance_logits_key, "gold", "outputs", "[B, T, V] lagged policy logits"), targets))
+    iw = jax.lax.stop_gradient(jnp.clip(pi_tilde, importance_floor, 1.0))
+    if reward_type == "prob":
+        r = jnp.exp(mle)
+    elif reward_type == "log_prob":
+        r = mle - log_prob_baseline
+    else:
+        raise ValueError(f"gold_loss.reward_type must be 'prob' or 'log_prob', got {reward_type!r}")
+    mask = (weights > 0).astype(r.dtype)
+    q = jax.lax.stop_gradient(truncated_returns(jnp.maximum(r, reward_floor), mask, horizon, discount))
+    loss = -_mean_over_tokens(iw * q * log_pi, weights)
+    return loss, {"loss": loss, "importance_weight": _mean_over_tokens(iw, weights),
+                  "return": _mean_over_tokens(q, weights), "num_tokens": jnp.sum(weights)}
+
+
+@gin.configurable
+def bc_kl_weight(step: Array | int, start: float = 1.0, end: float = 1e-5, decay_steps: int = 10_000) -> Array:
+    """λ(step) of BVMPO's λ·KL(π_BC ‖ π): geometric from `start` to `end` over `decay_steps`, then `end`.
+
+    REST.md: λ annealed from 1 to 1e-5; the shape (log-linear) is a choice, so each decade takes equal steps.
+    """
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(decay_steps, 1), 0.0, 1.0)
+    return start * jnp.power(end / start, frac)
+
+
+def _inverse_softplus(x: float) -> float:
+    return x + math.log(-math.expm1(-x))
+
+
+def init_vmpo_params(eta: float = 1.0, alpha: float = 1.0) -> dict[str, Array]:
+    """Trainable V-MPO Lagrange multipliers as unconstrained scalars; η = softplus(vmpo_eta) + 1e-8."""
+    return {"vmpo_eta": jnp.asarray(_inverse_softplus(eta), jnp.float32),
+            "vmpo_alpha": jnp.asarray(_inverse_softplus(alpha), jnp.float32)}
+
+
+def _top_fraction_mask(advantages: Array, mask: Array, fraction: float) -> Array:
+    """The ceil(fraction·n) largest advantages among the n valid tokens (ties: earlier flat index first)."""
+    flat = jnp.where(mask > 0, advantages, -jnp.inf).reshape(-1)
+    valid = (mask > 0).reshape(-1)
+    k = jnp.ceil(fraction * jnp.sum(valid)).astype(jnp.int32)
+    order = jnp.argsort(-flat, stable=True)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype))
+    return (valid & (rank < k)).reshape(mask.shape)
+
+
+def value_loss(values: Array, rewards: Array, weights: Array, discount: float = 1.0) -> Array:
+    """MSE of the value net against the per-token Monte-Carlo return, over non-padding tokens.
+
+    Behaviour value estimation (REST.md "BVMPO"): trained on Grow data, V(s_t) ≈ E[G_t] under the policy that
+    generated it. Weighted mean Σ w (V − G)² / Σ w.
+    """
+    returns = monte_carlo_returns(rewards, weights, discount)
+    return _mean_over_tokens(jnp.square(_wide(values) - returns), _wide(weights))
+
+
+@register_loss("value")
+@gin.configurable(denylist=["batch", "outputs", "step"])
+def value_net_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
+                   discount: float = 1.0) -> tuple[Array, Metrics]:
+    """Registry form of `value_loss`, for pre-training the value network on a Grow store."""
+    del step
+    _, weights = _targets_and_weights(batch, "value")
+    values = _need(outputs, "values", "value", "outputs", "[B, T] value-network predictions")
+    loss = value_loss(values, _reward(batch, "value"), weights, discount)
+    return loss, {"loss": loss, "value_mse": loss, "num_tokens": jnp.sum(weights)}
+
+
+def _advantages(batch: Mapping[str, Array], outputs: Mapping[str, Array], weights: Array, loss: str,
+                discount: float) -> tuple[Array, Array]:
+    values = _wide(jnp.asarray(_need(outputs, "values", loss, "outputs", "[B, T] value-network predictions")))
+    if values.shape != weights.shape:
+        raise ValueError(f"{loss}: outputs['values'] shape {values.shape} != weights shape {weights.shape}")
+    returns = monte_carlo_returns(_reward(batch, loss), weights, discount)
+    return jax.lax.stop_gradient(returns - values), values
+
+
+@register_loss("bvmpo")
+@gin.configurable(denylist=["batch", "outputs", "step"])
+def bvmpo_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
+               eps_eta: float = 0.01, eps_alpha: float = 0.01, top_fraction: float = 0.5,
+               discount: float = 1.0, trust_region_key: str = "old_logits", bc_logits_key: str = "bc_logits",
+               value_loss_coef: float = 1.0, min_multiplier: float = 1e-8) -> tuple[Array, Metrics]:
+    """Behaviour V-MPO (V-MPO: Song et al. 2019, arXiv 1909.12238, Sec. 4; ReST Sec. 5 'BVMPO').
+
+    Per valid token t: A_t = G_t − stop_grad(V(s_t)), G_t the Monte-Carlo return (`monte_carlo_returns`).
+    Keep 𝒦 = the top `top_fraction` of advantages over the batch's valid tokens (ceil; ties by position).
+      L_π = −Σ_{t∈𝒦} ψ_t log π_θ(a_t|s_t),  ψ_t = exp(A_t/η̄) / Σ_{𝒦} exp(A/η̄)   (η̄ = stop_grad η)
+      L_η = η ε_η + η log( (1/|𝒦|) Σ_{𝒦} exp(A/η) )
+      L_α = α (ε_α − stop_grad(KL̄)) + stop_grad(α) KL̄,  KL̄ = token mean of KL(π_old ‖ π_θ)
+      L_BC = λ(step) · token mean of KL(π_BC ‖ π_θ),  λ from `bc_kl_weight` (1 → 1e-5)
+      L_V = value_loss_coef · `value_loss` (trains the value net; its gradient reaches only `values`)
+    η = softplus(outputs['vmpo_eta']) + min_multiplier, α likewise from outputs['vmpo_alpha']. π_old is
+    outputs[trust_region_key] (the policy at the start of the Improve step, or set the key to 'bc_logits').
+    The value target is the Monte-Carlo return instead of V-trace: offline on one behaviour policy's data,
+    V-trace with ratios clipped at 1 and λ = 1 reduces to it for the behaviour policy's own values.
+    """
+    targets, weights = _targets_and_weights(batch, "bvmpo")
+    logits = _need(outputs, "logits", "bvmpo", "outputs", "[B, T, V] policy logits")
+    _check_shapes(logits, targets, weights)
+    log_pi = token_log_probs(logits, targets)
+    adv, values = _advantages(batch, outputs, weights, "bvmpo", discount)
+    mask = (weights > 0).astype(adv.dtype)
+    kept = _top_fraction_mask(adv, mask, top_fraction)
+    num_kept = jnp.sum(kept)
+
+    eta = jax.nn.softplus(_wide(jnp.asarray(_need(outputs, "vmpo_eta", "bvmpo", "outputs",
+                                                  "unconstrained temperature; see init_vmpo_params")))) \
+        + min_multiplier
+    alpha = jax.nn.softplus(_wide(jnp.asarray(_need(outputs, "vmpo_alpha", "bvmpo", "outputs",
+                                                    "unconstrained KL multiplier; see init_vmpo_params")))) \
+        + min_multiplier
+
+    # With nothing kept (an all-padding batch) fill with 0, not -inf, so logsumexp and its gradient stay finite.
+    fill = jnp.where(num_kept > 0, -jnp.inf, 0.0)
+
+    def log_mean_exp(scaled: Array) -> Array:
+        lse = jax.nn.logsumexp(jnp.where(kept, scaled, fill))
+        return jnp.where(num_kept > 0, lse - jnp.log(jnp.maximum(num_kept, 1)), 0.0)
+
+    scaled_sg = adv / jax.lax.stop_gradient(eta)
+    psi = jnp.where(kept, jax.nn.softmax(jnp.where(kept, scaled_sg, fill), axis=None), 0.0)
+    policy = -jnp.sum(psi * log_pi)
+    temperature = eta * eps_eta + eta * log_mean_exp(adv / eta)
+
+    old = jax.lax.stop_gradient(_need(outputs, trust_region_key, "bvmpo", "outputs",
+                                      "[B, T, V] trust-region anchor policy logits"))
+    kl_old = _mean_over_tokens(kl_divergence(old, logits), weights)
+    trust = alpha * (eps_alpha - jax.lax.stop_gradient(kl_old)) + jax.lax.stop_gradient(alpha) * kl_old
+
+    bc = jax.lax.stop_gradient(_need(outputs, bc_logits_key, "bvmpo", "outputs", "[B, T, V] BC policy logits"))
+    kl_bc = _mean_over_tokens(kl_divergence(bc, logits), weights)
+    lam = bc_kl_weight(step)
+    v_loss = value_loss(values, _reward(batch, "bvmpo"), weights, discount)
+
+    loss = policy + temperature + trust + lam * kl_bc + value_loss_coef * v_loss
+    return loss, {"loss": loss, "policy_loss": policy, "temperature_loss": temperature, "eta": eta,
+                  "alpha": alpha, "kl_old": kl_old, "kl_bc": kl_bc, "bc_kl_weight": lam, "value_mse": v_loss,
+                  "kept_fraction": _safe_div(num_kept, jnp.sum(mask)),
+                  "advantage": _mean_over_tokens(adv, weights), "num_tokens": jnp.sum(weights)}
+
+
+@register_loss("oac")
+@gin.configurable(denylist=["batch", "outputs", "step"])
+def oac_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
+             discount: float = 1.0, value_loss_coef: float = 1.0) -> tuple[Array, Metrics]:
+    """Offline actor-critic (ReST Sec. 5 'OAC'): policy gradient with A_t = G_t − V_behaviour(s_t), no V-trace.
+
+    loss = −Σ w_t stop_grad(A_t) log π_θ(a_t|s_t) / Σ w_t + value_loss_coef · `value_loss`, V the behaviour
+    value network (pre-trained with the `value` loss on the Grow data; its gradient comes only from L_V).
+    """
+    del step
+    targets, weights = _targets_and_weights(batch, "oac")
+    logits = _need(outputs, "logits", "oac", "outputs", "[B, T, V] policy logits")
+    _check_shapes(logits, targets, weights)
+    adv, values = _advantages(batch, outputs, weights, "oac", discount)
+    policy = -_mean_over_tokens(adv * token_log_probs(logits, targets), weights)
+    v_loss = value_loss(values, _reward(batch, "oac"), weights, discount)
+    loss = policy + value_loss_coef * v_loss
+    return loss, {"loss": loss, "policy_loss": policy, "value_mse": v_loss,
+                  "advantage": _mean_over_tokens(adv, weights), "num_tokens": jnp.sum(weights)}
