@@ -25,7 +25,7 @@ from typing import Any
 import gin
 import numpy as np
 
-DEFAULT_THRESHOLDS = (0.0, 0.7, 0.8, 0.9, 0.95, 0.99)  # Gulcehre et al. 2023, Sec. 4.
+DEFAULT_THRESHOLDS = (0.0, 0.7, 0.8, 0.9, 0.95, 0.99)  # Gulcehre et al. 2023, experiments.
 DEFAULT_PERCENTILES = (0.0, 50.0, 70.0, 80.0, 90.0, 95.0)  # Choice; REST.md: reward saturates past p = 90.
 DEFAULT_GAMMAS = (None, 0.0, 0.25, 0.5, 0.75, 1.0)  # Choice; γ = 0 keeps above-mean, γ = 1 the best.
 DEFAULT_TOP_KS = (None, 16, 8, 4, 2, 1)  # Choice; N is 25-100 in the paper.

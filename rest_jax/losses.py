@@ -1,7 +1,7 @@
 """Losses for supervised (BC) training and the ReST Improve step, as pure JAX functions.
 
-ReST (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 2 and 5) compares Improve losses on the filtered Grow
-data: BC/NLL (the best, the default), GOLD, BVMPO and offline actor-critic (OAC); ReST-EM's reward-weighted
+ReST (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 2 and experiments) compares Improve losses on the
+filtered Grow data: BC/NLL (the best, the default), GOLD, BVMPO and offline actor-critic (OAC); ReST-EM's reward-weighted
 NLL (Singh et al. 2023) is a natural extra. Conventions are T5X's: logits [B, T, V] (float32 or wider),
 `decoder_target_tokens` [B, T] int, `decoder_loss_weights` [B, T] float, 0 on padding.
 
@@ -158,7 +158,7 @@ def get_loss(name: str) -> LossFn:
 
 @gin.configurable
 def improve_loss(name: str = "bc") -> LossFn:
-    """The Improve loss picked by gin (`improve_loss.name = 'gold'`); BC is the paper's best (Sec. 5)."""
+    """The Improve loss picked by gin (`improve_loss.name = 'gold'`); BC is the paper's best in every experiment."""
     return get_loss(name)
 
 
@@ -208,7 +208,7 @@ def rwbc_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Ar
 
     weighting: "raw" c = r; "normalized" c = r / mean(r); "exp" c = exp(r/β) / mean(exp(r/β)) (reward-
     weighted regression). Means run over the batch's examples with any weight, so the loss scale stays
-    that of BC. This is ReST-EM's M-step with a non-binary reward (Singh et al. 2023, Sec. 3).
+    that of BC. This is ReST-EM's M-step with a non-binary reward (Singh et al. 2023, arXiv 2312.06585).
     """
     del step
     targets, weights = _targets_and_weights(batch, "rwbc")
@@ -252,7 +252,7 @@ def gold_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Ar
               importance_floor: float = 0.2, reward_floor: float = 0.1, log_prob_baseline: float = -10.0,
               mle_logprobs_key: str = "mle_logprobs", importance_logits_key: str | None = None
               ) -> tuple[Array, Metrics]:
-    """GOLD (Pang & He 2021, arXiv 2009.07839, Alg. 1), the off-policy PG that ReST Sec. 5 compares.
+    """GOLD (Pang & He 2021, arXiv 2009.07839, Alg. 1), an off-policy PG baseline of ReST's experiments.
 
     loss = −Σ_{b,t} w_bt · ŵ_bt · Q̂_bt · log π_θ(a_t | s_t) / Σ w_bt, with
       ŵ_t = clip(stop_grad(π̃(a_t | s_t)), importance_floor, 1): per-token importance weight; π̃ is the
@@ -364,7 +364,7 @@ def bvmpo_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: A
                eps_eta: float = 0.01, eps_alpha: float = 0.01, top_fraction: float = 0.5,
                discount: float = 1.0, trust_region_key: str = "old_logits", bc_logits_key: str = "bc_logits",
                value_loss_coef: float = 1.0, min_multiplier: float = 1e-8) -> tuple[Array, Metrics]:
-    """Behaviour V-MPO (V-MPO: Song et al. 2019, arXiv 1909.12238, Sec. 4; ReST Sec. 5 'BVMPO').
+    """Behaviour V-MPO (V-MPO: Song et al. 2019, arXiv 1909.12238; ReST's 'BVMPO').
 
     Per valid token t: A_t = G_t − stop_grad(V(s_t)), G_t the Monte-Carlo return (`monte_carlo_returns`).
     Keep 𝒦 = the top `top_fraction` of advantages over the batch's valid tokens (ceil; ties by position).
@@ -427,7 +427,7 @@ def bvmpo_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: A
 @gin.configurable(denylist=["batch", "outputs", "step"])
 def oac_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
              discount: float = 1.0, value_loss_coef: float = 1.0) -> tuple[Array, Metrics]:
-    """Offline actor-critic (ReST Sec. 5 'OAC'): policy gradient with A_t = G_t − V_behaviour(s_t), no V-trace.
+    """Offline actor-critic (ReST's 'OAC'): policy gradient with A_t = G_t − V_behaviour(s_t), no V-trace.
 
     loss = −Σ w_t stop_grad(A_t) log π_θ(a_t|s_t) / Σ w_t + value_loss_coef · `value_loss`, V the behaviour
     value network (pre-trained with the `value` loss on the Grow data; its gradient comes only from L_V).

@@ -1,4 +1,4 @@
-"""Rewards for ReST, registered by name (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 2 and 4).
+"""Rewards for ReST, registered by name (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 2).
 
     reward = rewards.get("chrf")                      # or "bleu", "ter"; gin bindings apply
     scores = rewards.score_pairs(reward, sources, candidates, references, batch_size=1024)

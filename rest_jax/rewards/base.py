@@ -1,6 +1,6 @@
 """Reward interface, registry by name, and the batched scorer Grow uses.
 
-ReST (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 2 and 4) scores every Grow pair (x, y) with a reward model
+ReST (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 2) scores every Grow pair (x, y) with a reward model
 R(x, y) normalised to [0, 1]; Improve filters on those scores. A reward here is any object with
 
     name: str

@@ -1,6 +1,6 @@
 """Sentence-level, reference-based rewards from sacreBLEU: chrF, BLEU, TER, each mapped to [0, 1].
 
-ReST (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 4) uses a learned metric; these are the standard
+ReST (Gulcehre et al. 2023, arXiv 2308.08998) uses a learned metric; these are the standard
 reference-based alternatives REST.md names, scored one sentence at a time with sacreBLEU's metric objects
 (`sentence_score`), which is exactly what `sacrebleu.sentence_chrf/bleu/ter` compute.
 
