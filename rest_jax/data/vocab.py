@@ -237,6 +237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--gin_file", action="append", default=[])
     parser.add_argument("--gin", action="append", default=[], help="gin binding, repeatable")
     args = parser.parse_args(argv)
+    from rest_jax.data import tasks  # noqa: F401  Registers the gin configurables.
+
     gin.parse_config_files_and_bindings(args.gin_file, args.gin)
     kwargs = {}
     if args.vocab_size is not None:
