@@ -236,7 +236,7 @@ def general_help(search_paths: Sequence[str]) -> str:
 def subcommand_help(inv: Invocation) -> str:
     sub = SUBCOMMANDS[inv.command]
     rc = run_config(inv.command, inv.search_paths) if inv.use_run_config else None
-    files = ([rc] if rc else []) + inv.gin_files
+    files = gin_files_for(inv)
     lines = [f"usage: {PROG} {inv.command} [--gin_file=PATH]... [--gin.KEY=VALUE]... [flags]", "",
              sub.summary, f"entry function: {sub.entry} (called with no arguments; configure it with gin)",
              f"run config: {_display_path(rc) if rc else f'none (runs/{inv.command}.gin not found)'}",
@@ -299,13 +299,25 @@ def start_multihost(forced: bool) -> None:
     partitioning.initialize_multihost(**({"mode": "always"} if forced else {}))
 
 
+def gin_files_for(inv: Invocation) -> list[str]:
+    """The run config (unless disabled or listed explicitly), then the --gin_file files in order."""
+    files = list(inv.gin_files)
+    rc = run_config(inv.command, inv.search_paths) if inv.use_run_config else None
+    if rc:
+        listed = set()
+        for f in files:
+            try:
+                listed.add(os.path.realpath(gin_utils.resolve_gin_file(f, inv.search_paths)))
+            except GinConfigError:
+                pass  # reported with close matches when parsing
+        if os.path.realpath(rc) not in listed:
+            files.insert(0, rc)
+    return files
+
+
 def configure(inv: Invocation, entry: Callable[..., Any] | None) -> list[str]:
     """Parses and validates gin for `inv`; returns the gin files loaded (run config first)."""
-    files = list(inv.gin_files)
-    if inv.use_run_config:
-        rc = run_config(inv.command, inv.search_paths)
-        if rc and all(os.path.abspath(f) != rc for f in files):
-            files.insert(0, rc)
+    files = gin_files_for(inv)
     gin_utils.parse(files, inv.bindings, inv.search_paths)
     gin_utils.validate(entry, cli_bindings=inv.bindings)
     return files

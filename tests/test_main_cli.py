@@ -102,6 +102,12 @@ def test_run_config_is_loaded_first_and_later_files_win(tmp_path, capsys):
     assert code == 0, err
     assert CALLS == []  # dry run
     assert gin.query_parameter("cli_fake_train.num_steps") == 3
+    # Listing the run config explicitly (by its search-path name) loads it once, in the given place.
+    code, out, err = run(["train", "--gin_file=exp.gin", "--gin_file=runs/train.gin", "--gin.MODEL_DIR='/tmp/x'",
+                          "--dry_run"], capsys)
+    assert code == 0, err
+    assert gin.query_parameter("cli_fake_train.num_steps") == 100
+    assert out.splitlines()[0].endswith("from exp.gin, runs/train.gin + 1 override(s)")
     code, _, err = run(["train", "--gin.MODEL_DIR='/tmp/x'", "--no_run_config", "--dry_run"], capsys)
     assert code == 2 and "model_dir" in err  # without the run config nothing binds the entry's argument
 
