@@ -315,6 +315,14 @@ def _explain(exc: BaseException, source: str) -> GinConfigError:
     return GinConfigError(f"{where}: {first}.{hint}" if where else f"{first}.{hint}")
 
 
+class _QuietGinResourceReader(logging.Filter):
+    """gin's package-resource reader logs an ERROR for every search path that lacks an included file,
+    even when a later path has it; those lines alarm users and say nothing our own errors do not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.module != "resource_reader"
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[Binding],
           search_paths: Sequence[str] | None = None) -> list[str]:
     """Clears gin, then parses `gin_files` and `bindings` in order (later ones win), T5X-style.
@@ -327,6 +335,15 @@ def parse(gin_files: Sequence[str], bindings: Sequence[Binding],
     search_paths = list(search_paths) if search_paths is not None else default_search_paths()
     _register_search_paths(search_paths)
     gin.clear_config()  # also unlocks a finalized config
+    quiet = _QuietGinResourceReader()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return _parse(gin_files, bindings, search_paths)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def _parse(gin_files: Sequence[str], bindings: Sequence[Binding], search_paths: Sequence[str]) -> list[str]:
     resolved = [resolve_gin_file(f, search_paths) for f in gin_files]
     for name, path in zip(gin_files, resolved):
         try:
