@@ -1,12 +1,13 @@
 """Command line for rest_jax, shaped like T5X's: `python -m rest_jax.main SUBCOMMAND [flags]`.
 
-    rest_jax train --gin_file=models/t5_small.gin --model_dir=/tmp/bc --gin.train.num_steps=1000
-    rest_jax rest  --gin_file=experiments/multi30k_rest.gin --gin.MODEL_DIR="'gs://bucket/rest'"
+    rest_jax train --gin_file=models/t5_1_1_small.gin --model_dir=/tmp/bc --gin.TASK="'multi30k_de_en'"
+    rest_jax rest  --gin_file=models/t5_1_1_small.gin --gin.MODEL_DIR="'gs://bucket/rest'" ...
     rest_jax train --help                 # run config, the macros it still needs, entry docstring
 
 Each subcommand calls one gin-configurable entry function with no arguments; every setting comes from
 gin (the T5X habit).  Order of events: import the entry's module (so its configurables exist), parse
-`configs/runs/<subcommand>.gin` when it exists (unless --no_run_config), then each --gin_file, then the
+the subcommand's run config `configs/runs/<subcommand>.gin` when it exists (train also
+accepts runs/pretrain.gin, eval runs/evaluate.gin; --no_run_config skips it), then each --gin_file, then the
 bindings (--model_dir, --gin_bindings, --gin.KEY=VALUE, in that order, later wins), validate (unbound or
 %gin.REQUIRED macros, typos, required entry arguments), start multi-host JAX if asked, print the config
 and save it as MODEL_DIR/config.gin, run, and save MODEL_DIR/operative_config.gin (the values actually
@@ -44,6 +45,9 @@ class Subcommand:
 
     entry: str
     summary: str
+    # Run configs to load first, relative to the search paths; the first that exists is used.
+    # Empty: `runs/<subcommand>.gin`.
+    run_configs: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -56,12 +60,14 @@ class Subcommand:
 
 # Section numbers refer to ReST (Gulcehre et al. 2023, arXiv 2308.08998).
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "train": Subcommand("rest_jax.train:train", "Supervised (behaviour cloning) training of the first policy."),
+    "train": Subcommand("rest_jax.train:train", "Supervised (behaviour cloning) training of the first policy.",
+                        ("runs/train.gin", "runs/pretrain.gin")),
     "grow": Subcommand("rest_jax.grow:grow", "Grow step (Sec. 2): sample N translations per source and score them."),
     "improve": Subcommand("rest_jax.improve:improve",
                           "Improve step (Sec. 2): filter a Grow store by reward threshold and fine-tune."),
     "rest": Subcommand("rest_jax.rest:run_rest", "Full ReST loop (Algorithm 1): G Grow steps, I Improve steps each."),
-    "eval": Subcommand("rest_jax.evaluate:evaluate", "Evaluate a checkpoint: BLEU, chrF, reward, best-of-N."),
+    "eval": Subcommand("rest_jax.evaluate:evaluate", "Evaluate a checkpoint: BLEU, chrF, reward, best-of-N.",
+                       ("runs/eval.gin", "runs/evaluate.gin")),
     "infer": Subcommand("rest_jax.evaluate:infer", "Translate inputs with a checkpoint."),
     "score": Subcommand("rest_jax.evaluate:score", "Score (source, translation) pairs with a reward model."),
     "convert": Subcommand("rest_jax.convert:convert", "Convert checkpoints: HF <-> rest_jax, T5X -> rest_jax."),
@@ -71,7 +77,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 FLAGS_HELP = """\
 flags:
   --gin_file=PATH           gin file, repeatable; looked up as given, then under each search path
-                            (e.g. --gin_file=models/t5_small.gin finds configs/models/t5_small.gin).
+                            (--gin_file=models/tiny.gin finds configs/models/tiny.gin).
   --gin.KEY=VALUE           gin binding override, repeatable, applied after all files:
                             --gin.train.num_steps=100  --gin.MODEL_DIR="'/tmp/run'".
                             Unquoted strings are accepted only when unambiguous (no gin syntax
@@ -191,12 +197,18 @@ def parse_args(argv: Sequence[str]) -> Invocation:
 # --------------------------------------------------------------------------------------------------------
 
 
+def run_config_names(command: str) -> tuple[str, ...]:
+    return SUBCOMMANDS[command].run_configs or (f"runs/{command}.gin",)
+
+
 def run_config(command: str, search_paths: Sequence[str]) -> str | None:
-    """The run config `runs/<command>.gin` found on the search paths, or None."""
-    try:
-        return gin_utils.resolve_gin_file(f"runs/{command}.gin", search_paths)
-    except GinConfigError:
-        return None
+    """The subcommand's run config (e.g. `runs/<command>.gin`) found on the search paths, or None."""
+    for name in run_config_names(command):
+        try:
+            return gin_utils.resolve_gin_file(name, search_paths)
+        except GinConfigError:
+            continue
+    return None
 
 
 def _display_path(path: str) -> str:
@@ -228,7 +240,8 @@ def general_help(search_paths: Sequence[str]) -> str:
             lines.append(f"  {'':<8}   run config: {_display_path(rc)}; "
                          f"required macros: {_required_text([rc], search_paths)}")
         else:
-            lines.append(f"  {'':<8}   run config: none (runs/{name}.gin not found); pass --gin_file")
+            lines.append(f"  {'':<8}   run config: none ({' or '.join(run_config_names(name))} not found); "
+                         "pass --gin_file")
     lines += ["", FLAGS_HELP]
     return "\n".join(lines)
 
@@ -237,9 +250,10 @@ def subcommand_help(inv: Invocation) -> str:
     sub = SUBCOMMANDS[inv.command]
     rc = run_config(inv.command, inv.search_paths) if inv.use_run_config else None
     files = gin_files_for(inv)
+    missing = " or ".join(run_config_names(inv.command))
     lines = [f"usage: {PROG} {inv.command} [--gin_file=PATH]... [--gin.KEY=VALUE]... [flags]", "",
              sub.summary, f"entry function: {sub.entry} (called with no arguments; configure it with gin)",
-             f"run config: {_display_path(rc) if rc else f'none (runs/{inv.command}.gin not found)'}",
+             f"run config: {_display_path(rc) if rc else f'none ({missing} not found)'}",
              f"gin files loaded: {', '.join(_display_path(f) for f in files) or 'none'}",
              f"macros still required: {_required_text(files, inv.search_paths, inv.bindings) if files else 'none'}",
              f"search paths: {', '.join(inv.search_paths)}"]
