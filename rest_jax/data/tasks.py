@@ -43,6 +43,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from rest_jax.data import demo_corpus
 from rest_jax.data import text_files
 from rest_jax.data import vocab as vocab_lib
 
@@ -266,7 +267,8 @@ class TfdsTranslationSource(seqio.DataSource):
 
         def to_example(ex):
             # tfds_id is "<name>-<split>.<format>-<file:05d>-of-<n:05d>__<index in file>".
-            file_part, index = tf.unstack(tf.strings.split(ex["tfds_id"], "__", maxsplit=1))
+            parts = tf.strings.split(ex["tfds_id"], "__", maxsplit=1)
+            file_part, index = parts[0], parts[-1]
             file_no = tf.strings.regex_replace(file_part, r"^.*-(\d+)-of-\d+$", r"\1")
             source_id = tf.gather(offsets, tf.strings.to_number(file_no, tf.int64))
             return {
@@ -400,8 +402,6 @@ def demo_source(data_dir: Optional[str] = None, generate_if_missing: bool = True
         $REST_JAX_DEMO_DIR or ~/.cache/rest_jax/demo_corpus.
       generate_if_missing: write the corpus there first if absent.
     """
-    from rest_jax.data import demo_corpus
-
     data_dir = data_dir or os.environ.get("REST_JAX_DEMO_DIR") or os.path.expanduser(
         "~/.cache/rest_jax/demo_corpus"
     )
