@@ -1,0 +1,217 @@
+"""The ReST loop (Gulcehre et al. 2023, Alg. 1): BC, then G × (Grow, I × Improve), with a report.
+
+Run directory layout (each stage finished when its `stage.json` exists; a rerun skips finished stages):
+
+    <model_dir>/vocab/                     SentencePiece model trained on the task (unless given)
+    <model_dir>/bc/                        BC policy ("BC G=0 I=0"): checkpoints/, TensorBoard, stage.json
+    <model_dir>/grow_1/store/              Grow store D_1 (TFRecord shards + metadata.json)
+    <model_dir>/grow_1/improve_0/          "ReST G=1 I=0" (threshold 0: the whole D_1)
+    <model_dir>/grow_1/improve_2/          "ReST G=1 I=2" (τ_2), warm-started from improve_1
+    <model_dir>/report.json, report.md     the paper's table on the held-out split
+    <model_dir>/plots/*.png                reward distribution per Grow, validation reward per Improve step,
+                                           reward of best-of-N against N
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import gin
+import jax
+import numpy as np
+
+# Every module with gin configurables a ReST config may bind must be imported before gin parses it.
+from rest_jax import checkpoints  # noqa: F401  pylint: disable=unused-import
+from rest_jax import evaluate
+from rest_jax import filters as filters_lib
+from rest_jax import grow as grow_lib
+from rest_jax import improve as improve_lib
+from rest_jax import report
+from rest_jax import rewards as rewards_lib
+from rest_jax import train as train_lib
+from rest_jax.data import demo_corpus  # noqa: F401  pylint: disable=unused-import
+from rest_jax.data import tasks  # noqa: F401  pylint: disable=unused-import
+from rest_jax.data import vocab as vocab_lib
+
+
+def _vocabulary(model_dir: str, task: str, vocab_path: str | None, vocab_size: int) -> str:
+    if vocab_path is None:
+        vocab_path = vocab_lib.ensure_vocabulary(task, os.path.join(model_dir, "vocab"), vocab_size=vocab_size)
+    with gin.unlock_config():
+        gin.bind_parameter("get_task.vocabulary", vocab_path)
+    return vocab_path
+
+
+def _policy_from(checkpoint_dir: str, vocab_path: str) -> evaluate.Policy:
+    return evaluate.load_policy(checkpoint=checkpoint_dir, vocabulary=vocab_path)
+
+
+def _scores(policy: evaluate.Policy, reward: Any, split_data: dict[str, tuple[list[str], list[str]]],
+            stage_dir: str, lengths: dict[str, int]) -> dict[str, Any]:
+    """Reward, BLEU and chrF of greedy translations on each split; translations saved in the stage dir."""
+    out = {}
+    for split, (srcs, refs) in split_data.items():
+        res = evaluate.evaluate_policy(policy, srcs, refs, reward=reward, method="greedy",
+                                       output_prefix=os.path.join(stage_dir, f"{split}.greedy"),
+                                       max_input_length=lengths["inputs"], max_decode_length=lengths["targets"])
+        out[split] = {k: res[k] for k in ("reward", "bleu", "chrf", "bleu_signature", "chrf_signature")}
+    return out
+
+
+@gin.configurable
+def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_path: str | None = None,
+             vocab_size: int = 32000, reward_name: str = "chrf", num_grow_steps: int = 1,
+             num_improve_steps: int = 3, include_unfiltered_step: bool = True, grow_split: str = "train",
+             max_grow_sources: int | None = None, validation_split: str = "validation",
+             num_validation_sources: int | None = 500, test_split: str | None = "test",
+             num_test_sources: int | None = None, feature_lengths: dict[str, int] | None = None,
+             restart_from_base: bool = False, include_references: bool = True,
+             max_per_source: int | None = None, best_of_n_ns: Sequence[int] = (1, 2, 4, 8, 16),
+             seed: int = 0) -> dict[str, Any]:
+    """ReST: BC → Grow → Improve ×I → Grow ...; prints and writes the paper's table (the `rest` command).
+
+    Args:
+      model_dir: Run directory (local or gs://).
+      task: Task name (`rest_jax.data.tasks`).
+      vocab_path: An existing SentencePiece model; default: train one on the task (`vocab_size`).
+      vocab_size: Size of the trained vocabulary (32k in the paper).
+      reward_name: Registered reward R(x, y) (`rest_jax.rewards`): 'chrf', 'bleu', 'ter', 'metricx', ...
+      num_grow_steps: G.
+      num_improve_steps: I, Improve steps with rising thresholds τ_1 < ... < τ_I after each Grow.
+      include_unfiltered_step: Also run "I=0" (NLL on the whole D_g, threshold 0) first, as in the paper.
+      grow_split: Split whose sources are sampled in Grow.
+      max_grow_sources: Use only the first this many sources for Grow (None: all).
+      validation_split, num_validation_sources: Split (and its first K sources) for the validation
+        reward that picks the best Improve checkpoint.
+      test_split, num_test_sources: Held-out split for the report table (None: report validation).
+      feature_lengths: {'inputs', 'targets'} token limits for BC, Grow and Improve.
+      restart_from_base: ReST-EM (Singh et al. 2023): every Improve starts from the BC policy.
+      include_references: Train on the references of D as well (ReST: yes; ReST-EM: no).
+      max_per_source: Cap kept samples per source (ReST-EM: 10).
+      best_of_n_ns: N values of the best-of-N curve for the BC and final policies (() to skip).
+      seed: Seeds BC, Grow sampling and Improve data order.
+
+    Returns:
+      The report (also in `<model_dir>/report.json`).
+    """
+    lengths = dict(feature_lengths or {"inputs": 128, "targets": 128})
+    vocab_path = _vocabulary(model_dir, task, vocab_path, vocab_size)
+    reward = rewards_lib.get(reward_name)
+    val = evaluate.read_split(task, validation_split, num_validation_sources)
+    eval_splits = {validation_split: val}
+    if test_split:
+        eval_splits[test_split] = evaluate.read_split(task, test_split, num_test_sources)
+    report_split = test_split or validation_split
+
+    # -- BC G=0 I=0 -------------------------------------------------------------------------------------
+    bc_dir = os.path.join(model_dir, "bc")
+    bc = report.stage_result(bc_dir)
+    if bc is None:
+        logging.info("ReST: behaviour cloning in %s", bc_dir)
+        train_lib.train(model_dir=bc_dir, task=task, feature_lengths=lengths, seed=seed)
+        policy = _policy_from(os.path.join(bc_dir, "checkpoints"), vocab_path)
+        bc = report.finish_stage(bc_dir, {"name": "BC G=0 I=0", "checkpoint": os.path.join(bc_dir, "checkpoints"),
+                                          "scores": _scores(policy, reward, eval_splits, bc_dir, lengths)})
+    rows = [bc]
+    base_checkpoint = bc["checkpoint"]
+    latest_checkpoint = base_checkpoint
+    curves: dict[str, list] = {}
+    grow_rewards: dict[str, np.ndarray] = {}
+    thresholds: dict[str, float] = {}
+
+    improve_indices = list(range(0 if include_unfiltered_step else 1, num_improve_steps + 1))
+    for g in range(1, num_grow_steps + 1):
+        grow_dir = os.path.join(model_dir, f"grow_{g}")
+        store_dir = os.path.join(grow_dir, "store")
+        grown = report.stage_result(grow_dir)
+        if grown is None:
+            policy = _policy_from(latest_checkpoint, vocab_path)
+            sources, references = evaluate.read_split(task, grow_split, max_grow_sources)
+            meta = grow_lib.grow_dataset(policy, sources, references, store_dir, g, reward=reward,
+                                         max_input_length=lengths["inputs"],
+                                         max_decode_length=lengths["targets"], seed=seed,
+                                         include_references=include_references, checkpoint=latest_checkpoint,
+                                         vocab_path=vocab_path)
+            grown = report.finish_stage(grow_dir, {"name": f"Grow {g}", "store": store_dir,
+                                                   "policy": latest_checkpoint,
+                                                   "reward_stats": meta.get("reward_stats"),
+                                                   "timing": meta.get("timing")})
+        data = improve_lib.load_grow_data([store_dir])
+        grow_rewards[f"Grow {g}"] = data["reward"][~data["is_reference"].astype(bool)]
+        if len(improve_indices) > (1 if include_unfiltered_step else 0):
+            filters_lib.check_first_threshold(filters_lib.threshold_for_step(1), grow_rewards[f"Grow {g}"])
+
+        for i in improve_indices:
+            stage_dir = os.path.join(grow_dir, f"improve_{i}")
+            done = report.stage_result(stage_dir)
+            if done is None:
+                start = base_checkpoint if restart_from_base else latest_checkpoint
+                policy = _policy_from(start, vocab_path)
+                params, result = improve_lib.improve_step(
+                    policy, data, stage_dir, i, val, reward=reward, feature_lengths=lengths, seed=seed + 1000 * g + i,
+                    include_references=include_references, max_per_source=max_per_source)
+                best = evaluate.Policy(policy.model, params, policy.vocab)
+                result.update(name=f"ReST G={g} I={i}", start=start,
+                              threshold=_threshold(i), scores=_scores(best, reward, eval_splits, stage_dir, lengths))
+                done = report.finish_stage(stage_dir, result)
+            rows.append(done)
+            curves[done["name"]] = [tuple(p) for p in done.get("curve", [])]
+            if done.get("threshold") is not None:
+                thresholds[f"G={g} I={i}"] = done["threshold"]
+            latest_checkpoint = done["checkpoint"]
+
+    table_rows = []
+    for r in rows:
+        s = r["scores"][report_split]
+        table_rows.append({"name": r["name"], "reward": s["reward"], "bleu": s["bleu"], "chrf": s["chrf"],
+                           "kept_fraction": r.get("kept_fraction"), "threshold": r.get("threshold")})
+    out = {"task": task, "reward": reward_name, "split": report_split, "rows": table_rows, "stages": rows}
+
+    plots = os.path.join(model_dir, "plots")
+    if grow_rewards:
+        report.plot_reward_distributions(grow_rewards, thresholds, os.path.join(plots, "grow_rewards.png"))
+    if curves:
+        report.plot_validation_curves(curves, os.path.join(plots, "validation_reward.png"))
+    if best_of_n_ns:
+        bon_path = os.path.join(model_dir, "best_of_n.json")
+        bon = report.read_json(bon_path) if os.path.exists(bon_path) else None
+        if bon is None:
+            bon = []
+            srcs, refs = eval_splits[report_split]
+            for name, ckpt in {"BC": base_checkpoint, "ReST (final)": latest_checkpoint}.items():
+                if name != "BC" and ckpt == base_checkpoint:
+                    continue
+                policy = _policy_from(ckpt, vocab_path)
+                for row in evaluate.best_of_n(policy, srcs, refs, reward, ns=best_of_n_ns, seed=seed,
+                                              max_input_length=lengths["inputs"],
+                                              max_decode_length=lengths["targets"]):
+                    bon.append(dict(row, policy=name))
+            report.write_json(bon_path, bon)
+        report.plot_best_of_n(bon, os.path.join(plots, "best_of_n.png"))
+        out["best_of_n"] = bon
+
+    md = [f"# ReST on {task} ({reward_name} reward, {report_split} split)\n", report.markdown_table(table_rows,
+                                                                                                report_split)]
+    if best_of_n_ns:
+        md.append("\nBest-of-N (reward of the reward-best of N samples, temperature 0.8):\n")
+        md.append("| policy | N | reward | BLEU |\n| --- | ---: | ---: | ---: |\n")
+        md.extend(f"| {r['policy']} | {r['n']} | {100 * r['reward']:.1f} | {r['bleu']:.1f} |\n" for r in out["best_of_n"])
+    report.write_json(os.path.join(model_dir, "report.json"), out)
+    report.atomic_write_text(os.path.join(model_dir, "report.md"), "".join(md))
+    print("".join(md))
+    return out
+
+
+def _threshold(i: int) -> float | None:
+    method = gin.query_parameter("apply_filters.method") if _bound("apply_filters.method") else "threshold"
+    return float(filters_lib.threshold_for_step(i)) if method == "threshold" else None
+
+
+def _bound(key: str) -> bool:
+    try:
+        gin.query_parameter(key)
+        return True
+    except ValueError:
+        return False
