@@ -530,8 +530,8 @@ def _read_orbax(path: epath.Path, target_only: bool) -> dict[str, Any]:
         tree = {"target": tree["target"]}
     # Restore as host numpy arrays, whatever mesh the checkpoint was written from.
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    item = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), tree)
-    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=target_only)
+    # The metadata tree serves as the restore structure, so nothing is allocated twice.
+    args = ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=target_only)
     return checkpointer.restore(os.fspath(path), args=args)
 
 
