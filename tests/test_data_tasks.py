@@ -279,3 +279,84 @@ def test_demo_task_reads_generated_folder(tmp_path, vocab_path):
         assert first["inputs_pretokenized"].decode() == _lines(tmp_path / "demo" / "test.src")[0]
     finally:
         gin.clear_config()
+
+
+def _load_prepare_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "prepare_iwslt14.py"
+    spec = importlib.util.spec_from_file_location("prepare_iwslt14", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_iwslt_archive(path):
+    """A miniature de-en.tgz with the real archive's member names and markup."""
+    import io
+    import tarfile
+
+    de = ["<url>http://www.ted.com/talks/x</url>", "<talkid>1</talkid>", "<keywords>k</keywords>",
+          "<title>Ein Titel</title>"]
+    en = ["<url>http://www.ted.com/talks/x</url>", "<talkid>1</talkid>", "<keywords>k</keywords>",
+          "<title>A Title</title>"]
+    for i in range(60):
+        de.append(f"Das ist Satz Nummer {i}.")
+        en.append(f"This is sentence number {i}.")
+    de.append("Kurz.")  # Ratio 2 / 7 tokens: removed by the 1.5 ratio filter.
+    en.append("This one is far too long.")
+    de.append(" ".join(["wort"] * 180))  # Over 175 tokens: removed.
+    en.append(" ".join(["word"] * 180))
+    members = {"de-en/train.tags.de-en.de": "\n".join(de) + "\n",
+               "de-en/train.tags.de-en.en": "\n".join(en) + "\n"}
+    names = ["IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010",
+             "IWSLT14.TED.tst2011", "IWSLT14.TED.tst2012"]
+    for k, name in enumerate(names):
+        for lang, word in (("de", "Test"), ("en", "Test’s")):
+            members[f"de-en/{name}.de-en.{lang}.xml"] = (
+                "<mteval>\n<doc docid=\"1\">\n"
+                f"<seg id=\"1\"> {word} {k} A </seg>\n<seg id=\"2\">{word} {k} B</seg>\n</doc>\n"
+            )
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in members.items():
+            data = text.encode("utf-8")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_prepare_iwslt14_follows_fairseq_recipe_and_feeds_the_task(tmp_path, vocab_path):
+    prep = _load_prepare_script()
+    archive = str(tmp_path / "de-en.tgz")
+    _fake_iwslt_archive(archive)
+    out = tmp_path / "iwslt14"
+    assert prep.main([f"--output={out}", f"--archive={archive}"]) == 0
+    kept = [(f"das ist satz nummer {i}.", f"this is sentence number {i}.") for i in range(60)]
+    kept.insert(0, ("ein titel", "a title"))  # Title tags are stripped, the text kept.
+    valid = [p for i, p in enumerate(kept, start=1) if i % 23 == 0]
+    train = [p for i, p in enumerate(kept, start=1) if i % 23 != 0]
+    assert _lines(out / "valid.de") == [d for d, _ in valid]
+    assert _lines(out / "train.en") == [e for _, e in train]
+    assert _lines(out / "test.en")[:4] == ["test's 0 a", "test's 0 b", "test's 1 a", "test's 1 b"]
+    assert len(_lines(out / "test.de")) == 10
+    gin.bind_parameter("iwslt14_source.data_dir", str(out))
+    try:
+        task = tasks.get_task("iwslt14_de_en", vocabulary=vocab_path)
+        ex = list(task.get_dataset(split="validation", shuffle=False).as_numpy_iterator())
+        assert [(e["inputs_pretokenized"].decode(), e["targets_pretokenized"].decode()) for e in ex] == valid
+    finally:
+        gin.clear_config()
+    # A wrong checksum is refused.
+    assert prep.main([f"--output={out}", f"--archive={archive}", "--sha256=" + "0" * 64]) == 2
+
+
+def test_prepare_iwslt14_offline_fails_fast_with_instructions(tmp_path, capsys):
+    prep = _load_prepare_script()
+    start = time.time()
+    rc = prep.main([f"--output={tmp_path}", "--url=http://127.0.0.1:9/de-en.tgz", "--timeout=3"])
+    assert rc == 2 and time.time() - start < 10
+    err = capsys.readouterr().err
+    assert "Could not download" in err and "--archive=" in err
+    assert str(tmp_path / "orig" / "de-en.tgz") in err
+    assert not (tmp_path / "orig" / "de-en.tgz.part").exists()

@@ -37,7 +37,7 @@ import json
 import os
 import random
 import re
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import gin
 
