@@ -11,8 +11,8 @@ Formats:
     msgpack of {'version', 'optimizer': {'target', 'state'}} whose big arrays are TensorStore zarr specs
     pointing at sibling directories) or the Orbax layout (`checkpoint_<step>/state/`, a
     `PyTreeCheckpointHandler` item holding {'target', 'state'}).
-  * 'rest_jax': a folder with `config.json` (T5Config fields) and `params/` (an Orbax PyTree of the
-    parameters).
+  * 'rest_jax': a `rest_jax.checkpoints` directory, `<dir>/<step>/state/` holding {'params': ...} with
+    the T5Config in `<step>/metadata`; `checkpoints.load_params` and `evaluate.load_policy` read it.
 
 Every loader returns `(T5Config, params)` with params a plain nested dict of float32 jax arrays with the
 structure of `nn.unbox(Transformer(config).init(...)['params'])`, checked against the model so that a
@@ -122,9 +122,14 @@ def _atomic_dir(path: epath.Path) -> tuple[epath.Path, Callable[[], None]]:
     tmp = epath.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=os.fspath(path.parent)))
 
     def commit() -> None:
+        old = None
         if path.exists():
-            shutil.rmtree(os.fspath(path))
+            # Move the previous output aside first, so that some complete version exists at every moment.
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.rename(os.fspath(path), os.fspath(old))
         os.rename(os.fspath(tmp), os.fspath(path))
+        if old is not None:
+            shutil.rmtree(os.fspath(old))
 
     return tmp, commit
 
@@ -459,6 +464,7 @@ def _read_tensorstore(spec: Mapping[str, Any], ckpt_dir: epath.Path, name: str) 
     import tensorstore as ts  # pylint: disable=g-import-not-at-top
 
     spec = json.loads(json.dumps(spec))  # deep copy of plain JSON
+    full_metadata = dict(spec.get("metadata", {}))
     # Chunking and compression are read from the array's own .zarray, as T5X does.
     for key in ("chunks", "compressor"):
         spec.get("metadata", {}).pop(key, None)
@@ -479,7 +485,13 @@ def _read_tensorstore(spec: Mapping[str, Any], ckpt_dir: epath.Path, name: str) 
     try:
         array = ts.open(spec, open=True, read=True).result().read().result()
     except Exception as e:  # tensorstore raises ValueError / RuntimeError subclasses
-        raise ValueError(f"{ckpt_dir}: cannot read {name} from {full}: {e}") from e
+        # Copies made without dot-files lose .zarray; the msgpack spec has the full metadata. Only when chunk
+        # files exist: tensorstore would otherwise return the fill value for a missing array.
+        folder = epath.Path(full)
+        if not ({"chunks", "shape"} <= set(full_metadata) and folder.is_dir() and any(folder.iterdir())):
+            raise ValueError(f"{ckpt_dir}: cannot read {name} from {full}: {e}") from e
+        spec["metadata"] = full_metadata
+        array = ts.open(spec, open=True, read=True, assume_metadata=True).result().read().result()
     array = np.asarray(array)
     if array.dtype == np.uint16:  # version-2 checkpoints stored bfloat16 as raw uint16
         array = array.view(jnp.bfloat16)
@@ -609,46 +621,67 @@ def load_t5x_checkpoint(path: str | os.PathLike, step: int | None = None,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# rest_jax folder (config.json + Orbax params)
+# rest_jax checkpoints (rest_jax.checkpoints layout)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_rest_jax(config: T5Config, params: Mapping[str, Any], path: str | os.PathLike) -> epath.Path:
-    """Writes `config.json` (T5Config fields) and `params/` (Orbax PyTree) to `path`, atomically."""
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def _config_fields(config: T5Config) -> dict[str, Any]:
+    fields = dataclasses.asdict(config)
+    fields["mlp_activations"] = list(fields["mlp_activations"])
+    return fields
+
+
+def save_rest_jax(config: T5Config, params: Mapping[str, Any], path: str | os.PathLike, step: int = 0,
+                  source: str | None = None) -> epath.Path:
+    """Writes a rest_jax checkpoint: `<path>/<step>/state/` = {'params': ...} and its metadata.
+
+    The layout is `rest_jax.checkpoints`', so `checkpoints.load_params(path)` (and `evaluate.load_policy`,
+    Grow and Improve through it) read the converted model; `metadata['model_config']` records the T5Config.
+    Orbax writes to a temporary directory and renames it when complete.
+    """
+    from rest_jax import checkpoints  # pylint: disable=g-import-not-at-top  (heavy; not needed for HF/T5X)
 
     check_params(config, params, "rest_jax parameters")
     out = epath.Path(path)
-    tmp, commit = _atomic_dir(out)
-    fields = dataclasses.asdict(config)
-    fields["mlp_activations"] = list(fields["mlp_activations"])
-    (tmp / "config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
-    host = jax.tree_util.tree_map(np.asarray, dict(params))
-    ocp.PyTreeCheckpointer().save(os.fspath(tmp / "params"), host)
-    commit()
+    manager = checkpoints.CheckpointManager(out, keep=None)
+    try:
+        if step in manager.all_steps():
+            raise FileExistsError(f"{out} already holds a checkpoint for step {step}; choose another "
+                                  "output_path (or step).")
+        host = jax.tree_util.tree_map(np.asarray, dict(params))
+        meta = {"model_config": _config_fields(config), "converted_from": source}
+        manager.save(step, {"params": host}, metadata=meta, force=True)
+    finally:
+        manager.close()
     return out
 
 
-def load_rest_jax(path: str | os.PathLike) -> tuple[T5Config, Params]:
-    """Reads a folder written by `save_rest_jax`."""
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def load_rest_jax(path: str | os.PathLike, step: int | None = None) -> tuple[T5Config, Params]:
+    """Reads the parameters and model config of a rest_jax checkpoint dir (latest step) or step dir.
+
+    The config comes from the checkpoint's `metadata['model_config']` (written by training and by
+    `save_rest_jax`); without it, from the parameter shapes (`config_from_params`).
+    """
+    from rest_jax import checkpoints  # pylint: disable=g-import-not-at-top
 
     folder = epath.Path(path)
-    config_path = folder / "config.json"
-    if not config_path.exists() or not (folder / "params").exists():
-        raise FileNotFoundError(f"{folder}: not a rest_jax model folder (needs config.json and params/).")
-    fields = json.loads(config_path.read_text())
-    known = {f.name for f in dataclasses.fields(T5Config)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"{config_path}: unknown T5Config field(s) {unknown}.")
-    config = T5Config(**fields)
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(os.fspath(folder / "params")).item_metadata.tree
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    params = checkpointer.restore(os.fspath(folder / "params"),
-                                  args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    check_params(config, params, os.fspath(folder / "params"))
+    if not folder.exists():
+        raise FileNotFoundError(f"rest_jax checkpoint {folder} does not exist.")
+    params = checkpoints.load_params(folder, step=step)
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), params)
+    step_dir = folder if (folder / "state").exists() else folder / str(
+        step if step is not None else checkpoints.CheckpointManager(folder, cleanup_tmp=False).latest_step())
+    meta_path = step_dir / "metadata" / "metadata"
+    fields = json.loads(meta_path.read_text()).get("model_config") if meta_path.exists() else None
+    if fields:
+        known = {f.name for f in dataclasses.fields(T5Config)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"{meta_path}: unknown T5Config field(s) {unknown} in model_config.")
+        config = T5Config(**fields)
+    else:
+        config = config_from_params(params)
+    check_params(config, params, f"rest_jax checkpoint {step_dir}")
     return config, _to_jax(params)
 
 
@@ -659,9 +692,9 @@ def load_rest_jax(path: str | os.PathLike) -> tuple[T5Config, Params]:
 _LOADERS: dict[str, Callable[..., tuple[T5Config, Params]]] = {
     "hf": lambda path, step, config: load_hf_checkpoint(path),
     "t5x": load_t5x_checkpoint,
-    "rest_jax": lambda path, step, config: load_rest_jax(path),
+    "rest_jax": lambda path, step, config: load_rest_jax(path, step),
 }
-_SAVERS: dict[str, Callable[[T5Config, Params, str], epath.Path]] = {
+_SAVERS: dict[str, Callable[..., epath.Path]] = {
     "hf": save_hf_checkpoint,
     "rest_jax": save_rest_jax,
 }
@@ -677,8 +710,9 @@ def convert(source_format: str = "hf", source_path: str | None = None, target_fo
       source_format: 'hf', 't5x' or 'rest_jax'.
       source_path: the HF folder, T5X model/step dir or file, or rest_jax folder to read.
       target_format: 'rest_jax' or 'hf'.
-      output_path: the folder to write (replaced atomically if it exists).
-      step: for a T5X model dir, the step to read (default: latest).
+      output_path: the folder to write: for 'hf' replaced atomically if it exists; for 'rest_jax' a
+        checkpoint dir that gets step 0 (an error if it already has one).
+      step: for T5X and rest_jax sources, the step to read (default: latest).
       config: for T5X sources, the model config (`convert.config = @T5Config()`); default: inferred from
         the parameter shapes plus `T5Config.*` gin bindings.
 
@@ -694,7 +728,10 @@ def convert(source_format: str = "hf", source_path: str | None = None, target_fo
     if not output_path:
         raise ValueError("convert.output_path is required (e.g. --gin.convert.output_path=\"'/path'\").")
     model_config, params = _LOADERS[source_format](source_path, step, config)
-    out = _SAVERS[target_format](model_config, params, output_path)
+    if target_format == "rest_jax":
+        out = save_rest_jax(model_config, params, output_path, source=f"{source_format}:{source_path}")
+    else:
+        out = _SAVERS[target_format](model_config, params, output_path)
     n_params = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params))
     print(f"convert: {source_format} {source_path} -> {target_format} {out} ({n_params:,} parameters)")
     return out

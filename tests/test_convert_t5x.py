@@ -138,6 +138,9 @@ def test_legacy_msgpack_tensorstore(tmp_path):
     assert spec["kvstore"]["path"] == "target.encoder.layers_0.attention.query.kernel/"
     assert (tmp_path / "checkpoint_1000" / "target.encoder.layers_0.attention.query.kernel" / ".zarray").exists()
 
+    # Copies made without dot-files lose .zarray; the spec in the msgpack still describes the array.
+    (tmp_path / "checkpoint_1000" / "target.decoder.layers_2.mlp.wi_1.kernel" / ".zarray").unlink()
+
     config, imported = convert.load_t5x_checkpoint(tmp_path)
     assert config == CONFIG
     _assert_params_equal(imported, params)
@@ -243,5 +246,12 @@ def test_gin_convert_t5x_to_rest_jax(tmp_path):
         gin.clear_config()
     config, imported = convert.load_rest_jax(tmp_path / "out")
     assert config == CONFIG.replace(relative_attention_max_distance=64)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["relative_attention_max_distance"] == 64
     _assert_params_equal(imported, params)
+    # The team's checkpoint reader (used by training, Grow and evaluation) reads the converted model.
+    from rest_jax import checkpoints
+    _assert_params_equal(jax.tree_util.tree_map(jnp.asarray, checkpoints.load_params(tmp_path / "out")), params)
+    meta = json.loads((tmp_path / "out" / "0" / "metadata" / "metadata").read_text())
+    assert meta["model_config"]["relative_attention_max_distance"] == 64
+    assert meta["converted_from"] == f"t5x:{tmp_path / 't5x'}"
+    with pytest.raises(FileExistsError, match="already holds a checkpoint for step 0"):
+        convert.convert(source_format="t5x", source_path=str(tmp_path / "t5x"), output_path=str(tmp_path / "out"))
