@@ -360,3 +360,36 @@ def test_prepare_iwslt14_offline_fails_fast_with_instructions(tmp_path, capsys):
     assert "Could not download" in err and "--archive=" in err
     assert str(tmp_path / "orig" / "de-en.tgz") in err
     assert not (tmp_path / "orig" / "de-en.tgz.part").exists()
+
+
+@pytest.mark.parametrize("name", ["multi30k_de_en", "iwslt14_de_en", "wmt14_de_en", "wmt19_zh_en",
+                                  "parallel_text", "demo_synthetic"])
+def test_task_gin_files_bind_existing_knobs(name, multi30k_dir, tmp_path):
+    import pathlib
+
+    config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tasks" / f"{name}.gin"
+    bindings = {
+        "multi30k_de_en": [f"MULTI30K_DIR = '{multi30k_dir}'"],
+        "iwslt14_de_en": [f"IWSLT14_DIR = '{tmp_path}'"],
+        "wmt14_de_en": [f"TFDS_DATA_DIR = '{tmp_path}'"],
+        "wmt19_zh_en": [f"TFDS_DATA_DIR = '{tmp_path}'"],
+        "parallel_text": [f"TRAIN_FILES = '{tmp_path}/t.tsv'", f"VALIDATION_FILES = '{tmp_path}/v.tsv'"],
+        "demo_synthetic": [f"DEMO_DIR = '{tmp_path}/demo'"],
+    }[name]
+    try:
+        gin.parse_config_files_and_bindings([str(config)], bindings)
+        task_name = gin.query_parameter("%TASK")
+        assert task_name == name
+        source = tasks.get_source(task_name)
+        assert "train" in source.splits and "validation" in source.splits
+        if name == "multi30k_de_en":
+            assert source.num_input_examples("validation") == 1014
+        if name == "parallel_text":
+            assert source._split_files["validation"] == f"{tmp_path}/v.tsv"
+        elif name.startswith("wmt"):
+            assert source._data_dir == str(tmp_path)
+        else:
+            folder = str(multi30k_dir) if name == "multi30k_de_en" else str(tmp_path)
+            assert all(p.startswith(folder) for pair in source._split_files.values() for p in pair)
+    finally:
+        gin.clear_config()

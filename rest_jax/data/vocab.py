@@ -174,8 +174,15 @@ def task_training_text(task_name: str, split: str = "train") -> Iterable[str]:
         yield ex["targets"].decode("utf-8")
 
 
-def train_task_vocabulary(task_name: str, output_dir: str, split: str = "train", **kwargs) -> str:
-    """Trains a joint vocabulary on `task_name`'s `split`; returns the model path."""
+@gin.configurable
+def train_task_vocabulary(
+    task_name: str = gin.REQUIRED, output_dir: str = gin.REQUIRED, split: str = "train", **kwargs
+) -> str:
+    """Trains a joint vocabulary on `task_name`'s `split`; returns the model path.
+
+    Gin-callable as a whole (`train_task_vocabulary.task_name = %TASK`,
+    `.output_dir = ...`); the size and other knobs are `train_vocabulary`'s.
+    """
     return train_vocabulary(
         task_training_text(task_name, split),
         output_dir,
