@@ -35,8 +35,15 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import safetensors
+import safetensors.numpy
+import tensorstore as ts
 from etils import epath
+from flax import serialization
 
+# Imported here, not lazily: it registers gin configurables, which must happen before gin locks its config.
+from rest_jax import checkpoints
 from rest_jax.model.t5 import T5Config, Transformer
 
 Params = dict[str, Any]
@@ -373,10 +380,8 @@ def _read_hf_weights(folder: epath.Path) -> tuple[dict[str, Any], str]:
     for name in files:
         path = folder / name
         if name.endswith(".safetensors"):
-            from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-
             # The flax framework reads bfloat16, which safetensors' numpy framework cannot.
-            with safe_open(os.fspath(path), framework="flax") as f:
+            with safetensors.safe_open(os.fspath(path), framework="flax") as f:
                 for key in f.keys():
                     state[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
         else:
@@ -413,13 +418,11 @@ def load_hf_checkpoint(path: str | os.PathLike) -> tuple[T5Config, Params]:
 
 def save_hf_checkpoint(config: T5Config, params: Mapping[str, Any], path: str | os.PathLike) -> epath.Path:
     """Writes config.json + model.safetensors loadable by `T5ForConditionalGeneration.from_pretrained`."""
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
     state = params_to_hf(config, params)
     out = epath.Path(path)
     tmp, commit = _atomic_dir(out)
     (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2, sort_keys=True) + "\n")
-    save_file(state, os.fspath(tmp / "model.safetensors"), metadata={"format": "pt"})
+    safetensors.numpy.save_file(state, os.fspath(tmp / "model.safetensors"), metadata={"format": "pt"})
     commit()
     return out
 
@@ -461,8 +464,6 @@ def _is_ts_spec(value: Any) -> bool:
 
 def _read_tensorstore(spec: Mapping[str, Any], ckpt_dir: epath.Path, name: str) -> np.ndarray:
     """Reads one zarr array a legacy T5X msgpack refers to, its path relative to the checkpoint dir."""
-    import tensorstore as ts  # pylint: disable=g-import-not-at-top
-
     spec = json.loads(json.dumps(spec))  # deep copy of plain JSON
     full_metadata = dict(spec.get("metadata", {}))
     # Chunking and compression are read from the array's own .zarray, as T5X does.
@@ -511,8 +512,6 @@ def _resolve_legacy(tree: Any, ckpt_dir: epath.Path, name: str = "") -> Any:
 
 
 def _read_legacy(path: epath.Path) -> dict[str, Any]:
-    from flax import serialization  # pylint: disable=g-import-not-at-top
-
     try:
         contents = serialization.msgpack_restore(path.read_bytes())
     except Exception as e:  # msgpack raises several unrelated exception types
@@ -529,8 +528,6 @@ def _read_legacy(path: epath.Path) -> dict[str, Any]:
 
 
 def _read_orbax(path: epath.Path, target_only: bool) -> dict[str, Any]:
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         tree = checkpointer.metadata(os.fspath(path)).item_metadata.tree
@@ -639,8 +636,6 @@ def save_rest_jax(config: T5Config, params: Mapping[str, Any], path: str | os.Pa
     Grow and Improve through it) read the converted model; `metadata['model_config']` records the T5Config.
     Orbax writes to a temporary directory and renames it when complete.
     """
-    from rest_jax import checkpoints  # pylint: disable=g-import-not-at-top  (heavy; not needed for HF/T5X)
-
     check_params(config, params, "rest_jax parameters")
     out = epath.Path(path)
     manager = checkpoints.CheckpointManager(out, keep=None)
@@ -662,8 +657,6 @@ def load_rest_jax(path: str | os.PathLike, step: int | None = None) -> tuple[T5C
     The config comes from the checkpoint's `metadata['model_config']` (written by training and by
     `save_rest_jax`); without it, from the parameter shapes (`config_from_params`).
     """
-    from rest_jax import checkpoints  # pylint: disable=g-import-not-at-top
-
     folder = epath.Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"rest_jax checkpoint {folder} does not exist.")
