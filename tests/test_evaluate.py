@@ -1,0 +1,60 @@
+"""Evaluation: corpus metrics against sacreBLEU, tokenisation limits, best-of-N selection by hand."""
+
+import numpy as np
+import sacrebleu
+
+from rest_jax import evaluate
+from rest_jax import rewards
+
+
+class _CharVocab:
+    """A stand-in vocabulary: one id per character (ids from 3), enough to test trimming and EOS."""
+
+    def encode(self, text):
+        return [ord(c) - 94 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i + 94) for i in ids)
+
+
+def test_corpus_scores_equal_sacrebleu():
+    hyps = ["the cat sat on the mat", "a dog runs", "hello world"]
+    refs = ["the cat sat on a mat", "the dog runs fast", "hello there world"]
+    got = evaluate.corpus_scores(hyps, refs)
+    assert abs(got["bleu"] - sacrebleu.corpus_bleu(hyps, [refs]).score) < 1e-9
+    assert abs(got["chrf"] - sacrebleu.corpus_chrf(hyps, [refs]).score) < 1e-9
+    assert got["bleu_signature"].startswith("nrefs:1|case:mixed")
+    assert "chrF" in got["chrf_signature"] or "nc:6" in got["chrf_signature"]
+
+
+def test_tokenize_trims_keeping_eos_and_detokenize_stops_at_eos():
+    vocab = _CharVocab()
+    ids, trimmed = evaluate.tokenize(vocab, ["abc", "abcdefgh"], max_length=5)
+    assert trimmed == 1
+    assert ids[0] == [3, 4, 5, 1]
+    assert ids[1] == [3, 4, 5, 6, 1]
+    assert evaluate.detokenize(vocab, [3, 4, 1, 5, 0, 0]) == "ab"
+    assert evaluate.detokenize(vocab, [3, 4, 5]) == "abc"
+
+
+def test_best_of_n_picks_reward_argmax_among_first_n(monkeypatch):
+    sources = ["s0", "s1"]
+    references = ["good answer", "fine reply"]
+    candidates = [["bad", "good answ", "good answer", "xx"], ["fine", "zzz", "fine rep", "fine reply"]]
+
+    def fake_generate(policy, srcs, *, method, num_samples, **kwargs):
+        assert method == "sample" and num_samples == 4
+        return evaluate.Generations([list(c) for c in candidates], [], [])
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    reward = rewards.get("chrf")
+    table = evaluate.best_of_n(None, sources, references, reward, ns=(1, 2, 4))
+    for row in table:
+        n = row["n"]
+        expected = []
+        for cands, ref in zip(candidates, references):
+            scores = [sacrebleu.sentence_chrf(c, [ref]).score / 100 for c in cands[:n]]
+            expected.append(max(scores))
+        assert abs(row["reward"] - float(np.mean(expected))) < 1e-6
+    assert table[-1]["reward"] == 1.0  # both exact references are among the 4
+    assert [r["n"] for r in table] == [1, 2, 4]
