@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "etils==1.15.0",
     "tensorstore==0.1.86",
     "safetensors==0.8.0",
+    # TFDS imports it when preparing WMT under Python 3.11 without declaring it.
+    "importlib_resources",
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
     "matplotlib==3.11.2",

@@ -71,7 +71,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "infer": Subcommand("rest_jax.evaluate:infer", "Translate inputs with a checkpoint."),
     "score": Subcommand("rest_jax.evaluate:score", "Score (source, translation) pairs with a reward model."),
     "convert": Subcommand("rest_jax.convert:convert", "Convert checkpoints: HF <-> rest_jax, T5X -> rest_jax."),
-    "vocab": Subcommand("rest_jax.data.vocab:train_vocabulary", "Train a SentencePiece vocabulary."),
+    "vocab": Subcommand("rest_jax.data.vocab:train_task_vocabulary", "Train a SentencePiece vocabulary."),
 }
 
 FLAGS_HELP = """\
