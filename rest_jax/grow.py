@@ -9,6 +9,7 @@ with the same command keeps the finished shards and redoes the rest with identic
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -79,6 +80,10 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
                                        sources_per_shard=sources_per_shard, include_references=include_references)
     pending = writer.pending_shards(host_id, num_hosts)
     timing = {"sample": 0.0, "score": 0.0, "write": 0.0}
+    sample_rewards: list[np.ndarray] = []
+    distinct = {1: [], 2: []}
+    length_ratios: list[float] = []
+    sampled_tokens = 0
     total_sources = sum(len(writer.shard_source_ids(s)) for s in pending)
     logging.info("Grow %d: %d of %d shards to write (%d sources x %d samples) in %s.", grow_index, len(pending),
                  writer.num_shards, total_sources, num_samples, store_dir)
@@ -111,6 +116,13 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
             flat_ref += ref
         scores = rewards_lib.score_pairs(reward, flat_src, cand, flat_ref if reward.needs_reference else None)
         t2 = time.perf_counter()
+        sample_rewards.append(scores[:len(ids) * num_samples])
+        for i, cands in enumerate(gens.texts):
+            for n_gram in distinct:
+                distinct[n_gram].append(metrics_lib.distinct_n(cands, n_gram))
+            ref_len = max(len(ref[i].split()), 1)
+            length_ratios.extend(len(c.split()) / ref_len for c in cands)
+        sampled_tokens += sum(len(t) for toks in gens.tokens for t in toks)
 
         columns: dict[str, list[Any]] = {k: [] for k in (
             "source_id", "sample_id", "is_reference", "grow_index", "reward", "source_text", "candidate_text",
@@ -157,6 +169,16 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
     else:
         meta = {}
     meta = dict(meta)
+    if sample_rewards:
+        rewards_all = np.concatenate(sample_rewards)
+        scalars = metrics_lib.quantile_metrics(rewards_all, "reward")
+        scalars.update({"distinct_1": float(np.mean(distinct[1])), "distinct_2": float(np.mean(distinct[2])),
+                        "length_ratio": float(np.mean(length_ratios)),
+                        "samples_per_sec": total_sources * num_samples / elapsed,
+                        "tokens_per_sec": sampled_tokens / elapsed})
+        with metrics_lib.MetricWriter(os.path.dirname(store_dir.rstrip("/")), "grow") as writer:
+            writer.write_scalars(grow_index, scalars)
+            writer.write_histograms(grow_index, {"reward": rewards_all})
     meta["timing"] = dict(timing, total=elapsed, sources=total_sources,
                           sources_per_s=total_sources / elapsed if elapsed > 0 else None,
                           samples_per_s=total_sources * num_samples / elapsed if elapsed > 0 else None)
@@ -174,8 +196,6 @@ def grow(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str = "
 
     Writes the store to `<model_dir>/grow_<grow_index>/store`.
     """
-    import os  # pylint: disable=import-outside-toplevel
-
     policy = evaluate.load_policy()
     sources, references = evaluate.read_split(task, split, max_sources)
     store_dir = os.path.join(model_dir, f"grow_{grow_index}", "store")

@@ -185,7 +185,9 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
     best_step, curve, since_best = 0, [(0, best_reward)], 0
     step = 0
     with metrics_lib.MetricWriter(out_dir, "improve") as writer:
-        writer.write_scalars(0, {"validation_reward": best_reward, "kept_fraction": fres.kept_fraction})
+        writer.write_scalars(0, {"validation_reward": best_reward, "kept_fraction": fres.kept_fraction,
+                                 "num_kept": fres.num_kept,
+                                 "filter_value": float("nan") if fres.value is None else float(fres.value)})
         while step < num_steps and since_best < patience:
             target = min(step + eval_period, num_steps)
             state, summary = train_lib.train_loop(state, batches, train_step, target, shard_fn=shard_fn,
@@ -209,5 +211,6 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
     result = {"improve_index": improve_index, "best_step": best_step, "validation_reward": best_reward,
               "curve": curve, "kept_fraction": fres.kept_fraction, "num_kept": fres.num_kept,
               "sources_without_data": fres.num_sources_without_data, "loss": loss_name,
+              "threshold": float(fres.value) if filter_method == "threshold" and fres.value is not None else None,
               "filter": fres.summary(), "checkpoint": os.path.join(out_dir, "checkpoints")}
     return best_params, result

@@ -32,8 +32,10 @@ from rest_jax import report
 from rest_jax import rewards as rewards_lib
 from rest_jax import train as train_lib
 from rest_jax.data import demo_corpus  # noqa: F401  pylint: disable=unused-import
+from rest_jax.data import grow_store as store_lib
 from rest_jax.data import tasks  # noqa: F401  pylint: disable=unused-import
 from rest_jax.data import vocab as vocab_lib
+from rest_jax.model import t5
 
 
 def _vocabulary(model_dir: str, task: str, vocab_path: str | None, vocab_size: int) -> str:
@@ -126,7 +128,9 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         grow_dir = os.path.join(model_dir, f"grow_{g}")
         store_dir = os.path.join(grow_dir, "store")
         grown = report.stage_result(grow_dir)
-        if grown is None:
+        # A finished Grow whose store was damaged since (e.g. a truncated metadata.json) is redone: the
+        # writer keeps intact shards, rewrites the metadata, and names any shard that must be deleted.
+        if grown is None or not store_lib.GrowStore.is_complete(store_dir):
             policy = _policy_from(latest_checkpoint, vocab_path)
             sources, references = evaluate.read_split(task, grow_split, max_grow_sources)
             meta = grow_lib.grow_dataset(policy, sources, references, store_dir, g, reward=reward,
@@ -138,6 +142,8 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                                                    "policy": latest_checkpoint,
                                                    "reward_stats": meta.get("reward_stats"),
                                                    "timing": meta.get("timing")})
+        # A store kept from an earlier run must have been sampled with this run's vocabulary and model.
+        store_lib.GrowStore(store_dir).check_compatible(vocab=vocab_path, model_config=t5.build_model().config)
         data = improve_lib.load_grow_data([store_dir])
         grow_rewards[f"Grow {g}"] = data["reward"][~data["is_reference"].astype(bool)]
         if len(improve_indices) > (1 if include_unfiltered_step else 0):
@@ -153,8 +159,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                     policy, data, stage_dir, i, val, reward=reward, feature_lengths=lengths, seed=seed + 1000 * g + i,
                     include_references=include_references, max_per_source=max_per_source)
                 best = evaluate.Policy(policy.model, params, policy.vocab)
-                result.update(name=f"ReST G={g} I={i}", start=start,
-                              threshold=_threshold(i), scores=_scores(best, reward, eval_splits, stage_dir, lengths))
+                result.update(name=f"ReST G={g} I={i}", start=start, scores=_scores(best, reward, eval_splits, stage_dir, lengths))
                 done = report.finish_stage(stage_dir, result)
             rows.append(done)
             curves[done["name"]] = [tuple(p) for p in done.get("curve", [])]
@@ -202,16 +207,3 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
     report.atomic_write_text(os.path.join(model_dir, "report.md"), "".join(md))
     print("".join(md))
     return out
-
-
-def _threshold(i: int) -> float | None:
-    method = gin.query_parameter("apply_filters.method") if _bound("apply_filters.method") else "threshold"
-    return float(filters_lib.threshold_for_step(i)) if method == "threshold" else None
-
-
-def _bound(key: str) -> bool:
-    try:
-        gin.query_parameter(key)
-        return True
-    except ValueError:
-        return False
