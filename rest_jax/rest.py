@@ -71,7 +71,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
              num_test_sources: int | None = None, feature_lengths: dict[str, int] | None = None,
              restart_from_base: bool = False, include_references: bool = True,
              max_per_source: int | None = None, best_of_n_ns: Sequence[int] = (1, 2, 4, 8, 16),
-             seed: int = 0) -> dict[str, Any]:
+             eval_max_length: int = 128, seed: int = 0) -> dict[str, Any]:
     """ReST: BC → Grow → Improve ×I → Grow ...; prints and writes the paper's table (the `rest` command).
 
     Args:
@@ -93,12 +93,15 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
       include_references: Train on the references of D as well (ReST: yes; ReST-EM: no).
       max_per_source: Cap kept samples per source (ReST-EM: 10).
       best_of_n_ns: N values of the best-of-N curve for the BC and final policies (() to skip).
+      eval_max_length: Source and output token limit when scoring the report's splits (training may trim
+        harder: `feature_lengths`), so long held-out sentences are translated whole.
       seed: Seeds BC, Grow sampling and Improve data order.
 
     Returns:
       The report (also in `<model_dir>/report.json`).
     """
     lengths = dict(feature_lengths or {"inputs": 128, "targets": 128})
+    eval_lengths = {k: max(v, eval_max_length) for k, v in lengths.items()}
     vocab_path = _vocabulary(model_dir, task, vocab_path, vocab_size)
     reward = rewards_lib.get(reward_name)
     val = evaluate.read_split(task, validation_split, num_validation_sources)
@@ -115,7 +118,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         train_lib.train(model_dir=bc_dir, task=task, feature_lengths=lengths, seed=seed)
         policy = _policy_from(os.path.join(bc_dir, "checkpoints"), vocab_path)
         bc = report.finish_stage(bc_dir, {"name": "BC G=0 I=0", "checkpoint": os.path.join(bc_dir, "checkpoints"),
-                                          "scores": _scores(policy, reward, eval_splits, bc_dir, lengths)})
+                                          "scores": _scores(policy, reward, eval_splits, bc_dir, eval_lengths)})
     rows = [bc]
     base_checkpoint = bc["checkpoint"]
     latest_checkpoint = base_checkpoint
@@ -159,7 +162,8 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                     policy, data, stage_dir, i, val, reward=reward, feature_lengths=lengths, seed=seed + 1000 * g + i,
                     include_references=include_references, max_per_source=max_per_source)
                 best = evaluate.Policy(policy.model, params, policy.vocab)
-                result.update(name=f"ReST G={g} I={i}", start=start, scores=_scores(best, reward, eval_splits, stage_dir, lengths))
+                result.update(name=f"ReST G={g} I={i}", start=start,
+                              scores=_scores(best, reward, eval_splits, stage_dir, eval_lengths))
                 done = report.finish_stage(stage_dir, result)
             rows.append(done)
             curves[done["name"]] = [tuple(p) for p in done.get("curve", [])]
@@ -190,8 +194,8 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                     continue
                 policy = _policy_from(ckpt, vocab_path)
                 for row in evaluate.best_of_n(policy, srcs, refs, reward, ns=best_of_n_ns, seed=seed,
-                                              max_input_length=lengths["inputs"],
-                                              max_decode_length=lengths["targets"]):
+                                              max_input_length=eval_lengths["inputs"],
+                                              max_decode_length=eval_lengths["targets"]):
                     bon.append(dict(row, policy=name))
             report.write_json(bon_path, bon)
         report.plot_best_of_n(bon, os.path.join(plots, "best_of_n.png"))
