@@ -7,6 +7,9 @@ resumed at 40) must rank fresh held-out pairs with Spearman > 0.5 (scipy's spear
 the untrained model does not.
 """
 
+import pathlib
+
+import gin
 import numpy as np
 import pytest
 import sacrebleu
@@ -132,3 +135,20 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         learned.train_learned_reward(output_dir=str(tmp_path / "o"), vocabulary="v.model")
     assert learned.format_input("S", "C") == "source: S candidate: C"
     assert learned.format_input("S", "C", "R") == "source: S candidate: C reference: R"
+
+
+def test_reward_gin_files_bind_real_knobs():
+    configs = pathlib.Path(__file__).resolve().parents[1] / "configs" / "rewards"
+    cases = {"metricx.gin": ["METRICX_CHECKPOINT = '/m'"], "learned.gin": ["REWARD_MODEL_DIR = '/r'"],
+             "train_learned_qe.gin": ["REWARD_MODEL_DIR = '/r'", "VOCABULARY = '/v'", "GROW_STORE = '/g'"]}
+    try:
+        for name, bindings in cases.items():
+            gin.clear_config()
+            gin.parse_config_files_and_bindings([str(configs / name)], bindings)  # unknown knobs raise here
+            if not name.startswith("train"):
+                assert gin.query_parameter("REWARD/macro.value") == name[:-len(".gin")]
+        assert gin.query_parameter("train_learned_reward.use_reference") is False
+        with gin.config_scope("reward"):
+            assert T5Config().num_encoder_layers == 6
+    finally:
+        gin.clear_config()
