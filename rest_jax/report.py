@@ -22,8 +22,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    tmp.rename(path)
+    try:
+        tmp.write_text(text)
+        tmp.rename(path)
+    except BaseException:
+        # The old file (if any) is untouched; do not leave a half-written temporary behind (e.g. disk full).
+        if tmp.exists():
+            tmp.unlink()
+        raise
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -37,7 +43,14 @@ def _jsonable(x: Any) -> Any:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(epath.Path(path).read_text())
+    """Parses a JSON file; an unparsable one (copied partly or damaged: our writes are atomic) names itself."""
+    text = epath.Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is truncated or damaged. Delete it and "
+                         "rerun the same command to redo what wrote it (finished BC checkpoints and Grow "
+                         "shards are reused).") from e
 
 
 def stage_result(stage_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -114,6 +115,21 @@ class GrowStoreMismatchError(GrowStoreError):
 
 class GrowRecordError(GrowStoreError, ValueError):
     """A record handed to the writer is malformed (missing field, NaN reward, wrong source...)."""
+
+
+class GrowStoreDiskFullError(GrowStoreError, OSError):
+    """The disk filled up while a shard was written; the partial shard is removed, finished ones are kept."""
+
+
+# errno values (and TF's texts for them) that mean the disk, quota or file-size limit is full.
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def _is_out_of_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _SPACE_ERRNOS:
+        return True
+    return any(text in str(exc) for text in _SPACE_TEXTS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -565,7 +581,14 @@ class GrowStoreWriter:
         tf.io.gfile.makedirs(self.directory)
         layout_path = _join(self.directory, LAYOUT_FILE)
         if tf.io.gfile.exists(layout_path):
-            self._check_same_layout(_read_json(layout_path), layout_path)
+            try:
+                existing = _read_json(layout_path)
+            except GrowStoreCorruptError as e:
+                # Rerunning alone would hit this again; the shards are re-checked against a fresh layout.
+                raise GrowStoreCorruptError(
+                    f"{layout_path} is damaged ({e.__cause__}); delete it and rerun Grow: finished shards are "
+                    "kept and checked again against the new layout.") from e
+            self._check_same_layout(existing, layout_path)
         else:
             _write_json_atomic(layout_path, self.layout.to_json())
         foreign = _foreign_shards(self.directory, self.num_shards)
@@ -659,9 +682,21 @@ class GrowStoreWriter:
             _fsync_local(tmp)
             tf.io.gfile.rename(tmp, final, overwrite=True)
             committed = True
+        except Exception as e:  # noqa: BLE001 - only out-of-space is translated
+            if _is_out_of_space(e):
+                done = [i for i in range(self.num_shards) if i != shard and self.shard_is_complete(i)]
+                raise GrowStoreDiskFullError(
+                    errno.ENOSPC,
+                    f"Out of disk space while writing Grow store shard {final} ({e}). The partial shard is "
+                    f"removed; the {len(done)} finished shard(s) of {self.num_shards} in {self.directory} are "
+                    "intact. Free space, then rerun the same Grow command to resume.") from e
+            raise
         finally:
             if not committed:
-                writer.close()
+                try:
+                    writer.close()
+                except Exception:  # noqa: BLE001 - already failing; a second error (full disk) must not mask it
+                    pass
                 if tf.io.gfile.exists(tmp):
                     tf.io.gfile.remove(tmp)
         return count

@@ -224,7 +224,13 @@ def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabul
             "or give the path of an existing T5/mT5 .model file."
         )
     vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
-    tok = vocab.tokenizer
+    try:
+        tok = vocab.tokenizer
+    except Exception as e:  # noqa: BLE001 - protobuf/sentencepiece raise various types
+        raise ValueError(
+            f"{path} is not a SentencePiece model (truncated, or another kind of file): "
+            f"{type(e).__name__}: {e}"
+        ) from e
     ids = (tok.pad_id(), tok.eos_id(), tok.unk_id())
     if ids != (PAD_ID, EOS_ID, UNK_ID):
         raise ValueError(
