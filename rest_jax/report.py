@@ -24,7 +24,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         tmp.write_text(text)
-        tmp.rename(path)
+        tmp.replace(path)  # rename() refuses to overwrite; a rerun rewrites its outputs
     except BaseException:
         # The old file (if any) is untouched; do not leave a half-written temporary behind (e.g. disk full).
         if tmp.exists():
@@ -157,4 +157,4 @@ def _save(fig: Any, path: str | os.PathLike) -> None:
     with tmp.open("wb") as f:
         fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
-    tmp.rename(path)
+    tmp.replace(path)

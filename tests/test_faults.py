@@ -187,7 +187,8 @@ def _rest_args(demo, model_dir):
             "--gin.run_rest.num_test_sources=8", "--gin.run_rest.best_of_n_ns=()",
             "--gin.run_rest.num_improve_steps=1", "--gin.grow_dataset.num_samples=2",
             "--gin.grow_dataset.sources_per_shard=8", "--gin.grow_dataset.batch_size=8",
-            "--gin.improve_step.num_steps=4", "--gin.improve_step.eval_period=2", *_model_flags()]
+            "--gin.improve_step.num_steps=4", "--gin.improve_step.eval_period=2", "--gin.run_rest.eval_max_length=24",
+            *_model_flags()]
 
 
 def _improve_results(model_dir):
@@ -254,6 +255,12 @@ def test_stage_markers_and_reports_are_atomic(tmp_path, monkeypatch):
     assert report.stage_result(stage) is None
     report.finish_stage(stage, {"name": "Grow 1", "store": "s"})
     assert report.stage_result(stage) == {"name": "Grow 1", "store": "s"}
+    # A stage redone after a kill (outputs written, marker not yet) rewrites its files in place.
+    report.atomic_write_text(stage / "validation.greedy.txt", "a\n")
+    report.atomic_write_text(stage / "validation.greedy.txt", "b\n")
+    report.finish_stage(stage, {"name": "Grow 1", "store": "t"})
+    assert (stage / "validation.greedy.txt").read_text() == "b\n"
+    assert report.stage_result(stage) == {"name": "Grow 1", "store": "t"}
 
     # A truncated marker (copied partly; our own writes cannot leave one) is an error naming the file.
     (stage / "stage.json").write_text('{"name": "Gro')
@@ -278,6 +285,21 @@ def test_stage_markers_and_reports_are_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert report.read_json(path) == {"rows": [1, 2]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grow_1", "report.json"]
+
+
+def test_truncated_checkpoint_metadata_is_named_not_trusted(tmp_path):
+    manager = checkpoints.CheckpointManager(tmp_path, period=1)
+    for step in (1, 2):
+        manager.save(step, {"w": jnp.full(3, float(step))}, metadata={"data_step": step})
+    manager.close()
+    meta = tmp_path / "2" / "metadata" / "metadata"
+    meta.write_text(meta.read_text()[:5])
+    manager = checkpoints.CheckpointManager(tmp_path, period=1)
+    with pytest.raises(ValueError, match=rf"Checkpoint metadata {meta} is unreadable"):
+        manager.restore({"w": jnp.zeros(3)})  # the data position would be unknown: no silent restore
+    restored, info = manager.restore({"w": jnp.zeros(3)}, step=1)
+    assert info["data_step"] == 1 and np.array_equal(restored["w"], np.ones(3))
+    manager.close()
 
 
 def _records(ids, num_samples=2, seed=0):
