@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rest_jax import losses, partitioning
+from rest_jax import losses, optim, partitioning, train
 from rest_jax.model import heads
 from rest_jax.model.t5 import T5Config, Transformer
 
@@ -184,3 +184,27 @@ def test_scorer_on_mesh_matches_unsharded_apply():
     del broken["regression_head"]
     with pytest.raises(ValueError, match="missing regression_head/kernel"):
         heads.RegressionScorer(model, broken, mesh)
+
+
+def test_value_pretraining_with_the_shared_train_step_fits_returns():
+    net = heads.ValueNetwork(CONFIG)
+    mesh = partitioning.create_mesh((4, 2))
+    opt = optim.create_optimizer("adamw", schedule=optim.learning_rate_schedule("constant", 3e-3, warmup_steps=0))
+    state, shardings = train.init_train_state(net, opt, jax.random.key(0), mesh)
+    step = train.make_train_step(opt, heads.make_value_loss_fn(net), mesh=mesh, state_shardings=shardings)
+    enc = np.concatenate([ENC, ENC[:1]])
+    dec = np.concatenate([DEC, DEC[:1]])
+    weights = (dec > 0).astype(np.float32)
+    weights[:, 0] = 1.0
+    batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": dec,
+             "decoder_loss_weights": weights, "reward": np.array([0.9, 0.1, 0.5, 0.9], np.float32)}
+    batch = partitioning.shard_batch(batch, mesh)
+    mses = []
+    for _ in range(25):
+        state, metrics = step(state, batch)
+        mses.append(float(metrics["value_mse"]))
+    # Undiscounted return = the sequence reward at every token (float64 reference of the final fit).
+    values = np.asarray(net.apply({"params": jax.device_get(state.params)}, enc, dec), np.float64)
+    target = np.array([0.9, 0.1, 0.5, 0.9])[:, None] * np.ones_like(values)
+    mse = float(np.sum(weights * (values - target) ** 2) / weights.sum())
+    assert mses[0] > 0.05 and mse < 0.25 * mses[0], (mses[0], mse)

@@ -177,6 +177,28 @@ def build_regression_model(config: T5Config | None = None, pooling: str = "mean"
                            head_bias=head_bias)
 
 
+def make_value_loss_fn(value_model: ValueNetwork, loss: Any = None) -> Any:
+    """`(params, batch, rng) -> (loss, aux)` for `rest_jax.train.make_train_step`: value-network training.
+
+    Behaviour value estimation (ReST Sec. 5, BVMPO/OAC): regress V(s_t) on the Monte-Carlo return of the
+    sequence reward over Grow data. `batch` holds T5X's features plus `reward` [B] (the Grow store's field);
+    `loss` is a `rest_jax.losses` loss taking `outputs['values']`, by default the registered 'value' loss.
+    """
+    from rest_jax import losses  # pylint: disable=import-outside-toplevel
+
+    loss = loss if loss is not None else losses.get_loss("value")
+
+    def loss_fn(params: PyTree, batch: Mapping[str, Array], rng: Array | None):
+        values = value_model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                                   enable_dropout=rng is not None, rngs=None if rng is None else {"dropout": rng})
+        value, metrics = loss(batch, {"values": values})
+        metrics = dict(metrics)
+        metrics.pop("loss", None)
+        return value, metrics
+
+    return loss_fn
+
+
 def init_params(model: nn.Module, rng: Array, batch_size: int = 1, input_length: int = 8,
                 target_length: int = 8) -> PyTree:
     """Boxed (logically partitioned) parameters of a `ValueNetwork` or `RegressionModel`."""
