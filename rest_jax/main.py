@@ -72,6 +72,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "score": Subcommand("rest_jax.evaluate:score", "Score (source, translation) pairs with a reward model."),
     "convert": Subcommand("rest_jax.convert:convert", "Convert checkpoints: HF <-> rest_jax, T5X -> rest_jax."),
     "vocab": Subcommand("rest_jax.data.vocab:train_task_vocabulary", "Train a SentencePiece vocabulary."),
+    "reward-model": Subcommand("rest_jax.rewards.learned:train_learned_reward",
+                               "Train a learned (e.g. reference-free) reward model."),
 }
 
 FLAGS_HELP = """\
