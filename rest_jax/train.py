@@ -290,16 +290,15 @@ def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable
       OutOfMemoryError: a step did not fit in device memory.
     """
     start = int(jax.device_get(state.step))
-    summary: dict[str, Any] = {"eval": {}, "steps_run": 0, "skipped_updates": int(jax.device_get(state.skipped_updates))}
+    summary: dict[str, Any] = {"eval": {}, "steps_run": 0,
+                               "skipped_updates": int(jax.device_get(state.skipped_updates))}
     if start >= num_steps:
         logging.info("%s: already at step %d >= num_steps=%d; nothing to do.", stage, start, num_steps)
         return state, summary
     meta = dict(checkpoint_metadata or {})
     peak = metrics_lib.peak_flops_per_device() if flops_per_step else None
     bar = metrics_lib.progress(num_steps - start, desc=stage, unit="step", disable=None if show_progress else True)
-    window: dict[str, list[float]] = {}
-    window_tokens, window_examples, window_time, window_steps = 0.0, 0, 0.0, 0
-    total_tokens, total_time = 0.0, 0.0
+    window, total = _Window(), _Window()
 
     def save(step: int, force: bool) -> None:
         if checkpoint_manager is not None:
@@ -335,7 +334,9 @@ def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable
                         "(create_mesh.mesh_shape, e.g. (-1, 2)).") from e
                 raise
             dt = time.perf_counter() - t0
-            if int(metrics["nonfinite"]):
+            nonfinite = bool(metrics.pop("nonfinite"))
+            summary["skipped_updates"] = int(metrics.pop("skipped_updates"))
+            if nonfinite:
                 where = (f"non-finite loss {float(metrics['loss'])} / grad norm {float(metrics['grad_norm'])} "
                          f"at step {step}")
                 if not skip_nonfinite_updates:
@@ -345,59 +346,68 @@ def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable
                         "that step and the learning rate, or set gin train_loop.skip_nonfinite_updates=True "
                         "to skip such updates.")
                 logging.warning("%s: %s; update skipped (%d skipped so far).", stage, where,
-                                int(metrics["skipped_updates"]))
+                                summary["skipped_updates"])
             done = step + 1
             summary["steps_run"] += 1
-            summary["skipped_updates"] = int(metrics["skipped_updates"])
             bar.update(1)
-            if int(metrics["nonfinite"]):
-                continue  # its numbers would poison the averages; checkpoints/evals wait for a good step
-            tokens = float(metrics.get("num_tokens", 0.0))
-            examples = jax.process_count() * int(np.shape(host_batch.get("decoder_target_tokens", np.zeros((0,))))[0]) \
-                if isinstance(host_batch, Mapping) else 0
-            if summary["steps_run"] > 1 or num_steps - start == 1:  # the first step compiles
-                window_steps += 1
-                window_tokens += tokens
-                window_examples += examples
-                window_time += dt
-                total_tokens += tokens
-                total_time += dt
-            for k, v in metrics.items():
-                if k not in ("nonfinite", "skipped_updates"):
-                    window.setdefault(k, []).append(float(v))
-            if done % max(log_period, 1) == 0 or done == num_steps:
-                scalars = {k: float(np.mean(v)) for k, v in window.items()}
-                scalars["skipped_updates"] = float(metrics["skipped_updates"])
-                if window_time > 0:
-                    scalars["tokens_per_sec"] = window_tokens / window_time
-                    scalars["examples_per_sec"] = window_examples / window_time
-                    scalars["step_time_sec"] = window_time / window_steps
-                    if flops_per_step and peak:
-                        value = metrics_lib.mfu(flops_per_step, scalars["step_time_sec"], jax.device_count(), peak)
-                        if value is not None:
-                            scalars["mfu"] = value
-                summary.update(scalars)
-                summary["skipped_updates"] = int(metrics["skipped_updates"])  # a count, not a float
+            if not nonfinite:  # a skipped step's numbers would poison the averages
+                rows = np.shape(host_batch["decoder_target_tokens"])[0] if "decoder_target_tokens" in host_batch else 0
+                timed = summary["steps_run"] > 1 or num_steps - start == 1  # the first step compiles
+                for w in (window, total):
+                    w.add(metrics, rows * jax.process_count(), dt, timed)
+            if (done % max(log_period, 1) == 0 or done == num_steps) and window.values:
+                scalars = window.scalars()
+                scalars["skipped_updates"] = float(summary["skipped_updates"])
+                if flops_per_step and peak and "step_time_sec" in scalars:
+                    value = metrics_lib.mfu(flops_per_step, scalars["step_time_sec"], jax.device_count(), peak)
+                    if value is not None:
+                        scalars["mfu"] = value
+                summary.update({k: v for k, v in scalars.items() if k != "skipped_updates"})
                 if metric_writer is not None:
                     metric_writer.write_scalars(done, scalars)
                 bar.set_postfix(loss=scalars.get("loss", float("nan")),
                                 tok_s=round(scalars.get("tokens_per_sec", 0.0)))
-                window, window_tokens, window_examples, window_time, window_steps = {}, 0.0, 0, 0.0, 0
+                window = _Window()
             if eval_fn is not None and eval_period and done % eval_period == 0 and done != num_steps:
                 evaluate(done)
-            if checkpoint_manager is not None and checkpoint_manager.should_save(done) and done != num_steps:
+            if checkpoint_manager is not None and checkpoint_manager.should_save(done):
                 save(done, force=False)
         final = int(jax.device_get(state.step))
         if eval_fn is not None:
             evaluate(final)
         if final_checkpoint and final > start:
-            save(final, force=True)
+            save(final, force=True)  # a no-op when the period already saved it
     finally:
         bar.close()
         if metric_writer is not None and hasattr(metric_writer, "flush"):
             metric_writer.flush()
-    summary["tokens_per_sec"] = total_tokens / total_time if total_time > 0 else float("nan")
+    summary["tokens_per_sec"] = total.scalars().get("tokens_per_sec", float("nan"))
     return state, summary
+
+
+class _Window:
+    """Averages of step metrics and throughput over some steps (untimed steps count only for metrics)."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = {}
+        self.tokens = self.examples = self.time = 0.0
+        self.steps = 0
+
+    def add(self, metrics: Mapping[str, Any], examples: int, dt: float, timed: bool) -> None:
+        for k, v in metrics.items():
+            self.values.setdefault(k, []).append(float(v))
+        if timed:
+            self.steps += 1
+            self.tokens += float(metrics.get("num_tokens", 0.0))
+            self.examples += examples
+            self.time += dt
+
+    def scalars(self) -> dict[str, float]:
+        out = {k: float(np.mean(v)) for k, v in self.values.items()}
+        if self.time > 0:
+            out.update(tokens_per_sec=self.tokens / self.time, examples_per_sec=self.examples / self.time,
+                       step_time_sec=self.time / self.steps)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------

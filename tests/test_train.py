@@ -344,3 +344,16 @@ def test_gin_train_entry_trains_evaluates_and_checkpoints(multi30k_dir, multi30k
     meta = manager.metadata()
     assert meta["data_step"] == 3 and meta["task"] == "multi30k_de_en" and meta["model_config"]["vocab_size"] == 256
     assert list((tmp_path / "train").glob("events.out.tfevents.*")) and list((tmp_path / "eval").glob("events.*"))
+
+
+def test_out_of_memory_names_the_knobs():
+    def oom_step(state, batch):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 bytes.")
+
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params={}, opt_state=(),
+                             skipped_updates=jnp.zeros((), jnp.int32))
+    with pytest.raises(train.OutOfMemoryError, match=r"step 0 does not fit.*train\.batch_size.*feature_lengths"):
+        train.train_loop(state, copy_batches(), oom_step, 2, show_progress=False)
+    with pytest.raises(RuntimeError, match="other"):  # anything else propagates unchanged
+        train.train_loop(state, copy_batches(), lambda s, b: (_ for _ in ()).throw(RuntimeError("other")), 2,
+                         show_progress=False)

@@ -1,0 +1,278 @@
+"""Train-step throughput and peak memory: rest_jax vs Hugging Face transformers T5 (PyTorch, CPU).
+
+Same configuration, batch and optimizer on both sides: a T5 v1.1 encoder-decoder (gated GELU, untied
+logits, no dropout) from a rest_jax model gin file, AdamW (lr 1e-4, weight decay 0.01 on every parameter,
+eps 1e-8), plain token cross entropy (no label smoothing, no z-loss), one fixed batch of B x S source and
+B x T target tokens (all real tokens), forward + backward + update, the loss fetched to the host every
+step (as the training loop does). Data loading is not timed.
+
+    python benchmarks/train_benchmark.py                      # tiny and IWSLT shapes, 64 x 32 x 32
+    python benchmarks/train_benchmark.py --shapes tiny --steps 50
+
+Each measurement runs in its own subprocess so that peak memory is that framework's alone: "peak RSS" is
+the process's high-water mark during the timed steps; "train MB" is that minus the resident size after
+imports (the high-water mark is reset there through /proc/self/clear_refs). Achieved GFLOP/s counts the
+matmul FLOPs of `rest_jax.metrics.estimate_flops_per_example` (the same count for both frameworks) and is
+shown as a fraction of this machine's float32 matmul peak, measured in the same run (best of jax and
+torch on a 2048^3 matmul). The machine is shared: the script prints the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = {"tiny": "configs/models/tiny.gin", "iwslt": "configs/models/rest_iwslt.gin"}
+LR, WEIGHT_DECAY, EPS = 1e-4, 0.01, 1e-8
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def _model_config(shape: str):
+    import gin
+
+    from rest_jax.model import t5
+
+    gin.clear_config()
+    gin.add_config_file_search_path(os.path.join(REPO, "configs"))
+    gin.parse_config_files_and_bindings([os.path.join(REPO, SHAPES[shape])], [], skip_unknown=True)
+    return t5.T5Config()
+
+
+def _batch(vocab: int, batch: int, src: int, tgt: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    enc = rng.integers(3, vocab, size=(batch, src)).astype(np.int32)
+    enc[:, -1] = 1
+    targets = rng.integers(3, vocab, size=(batch, tgt)).astype(np.int32)
+    targets[:, -1] = 1
+    dec_in = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+    return enc, dec_in, targets
+
+
+def worker_jax(shape: str, batch: int, src: int, tgt: int, warmup: int, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from rest_jax import metrics, optim, partitioning, train
+    from rest_jax.model import t5
+
+    os.chdir(REPO)
+    config = _model_config(shape)
+    enc, dec_in, targets = _batch(config.vocab_size, batch, src, tgt)
+    _reset_peak_rss()
+    base = _rss_mb("VmRSS")
+    mesh = partitioning.create_mesh((1, 1), devices=jax.devices()[:1])
+    rules = partitioning.standard_logical_axis_rules()
+    model = t5.Transformer(config)
+    opt = optim.create_optimizer(
+        lambda learning_rate: optim.adamw(learning_rate, eps=EPS, weight_decay=WEIGHT_DECAY, decay_matrices_only=False),
+        schedule=optim.learning_rate_schedule("constant", LR, 0))
+    state, shardings = train.init_train_state(model, opt, jax.random.key(0), mesh, rules)
+    step = train.make_train_step(opt, train.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0), mesh=mesh,
+                                 rules=rules, state_shardings=shardings)
+    host = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": targets,
+            "decoder_loss_weights": np.ones(targets.shape, np.float32)}
+    device_batch = partitioning.shard_batch(host, mesh, rules)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        state, m = step(state, device_batch)
+        jax.device_get(m["loss"])
+    compile_s = time.perf_counter() - t0
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, device_batch)
+        losses.append(float(jax.device_get(m["loss"])))
+    elapsed = time.perf_counter() - t0
+    return _result("rest_jax (jax.jit, XLA CPU)", config, batch, src, tgt, steps, elapsed, base, losses,
+                   compile_s=compile_s, flops=metrics.estimate_flops_per_example(config, src, tgt) * batch)
+
+
+def worker_torch(shape: str, batch: int, src: int, tgt: int, warmup: int, steps: int) -> dict:
+    import torch
+    import transformers
+
+    from rest_jax import metrics
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    config = _model_config(shape)
+    enc, dec_in, targets = _batch(config.vocab_size, batch, src, tgt)
+    assert tuple(config.mlp_activations) == ("gelu", "linear") and not config.logits_via_embedding
+    _reset_peak_rss()
+    base = _rss_mb("VmRSS")
+    hf_config = transformers.T5Config(
+        vocab_size=config.vocab_size, d_model=config.emb_dim, d_kv=config.head_dim, d_ff=config.mlp_dim,
+        num_layers=config.num_encoder_layers, num_decoder_layers=config.num_decoder_layers,
+        num_heads=config.num_heads, relative_attention_num_buckets=config.relative_attention_num_buckets,
+        relative_attention_max_distance=config.relative_attention_max_distance, dropout_rate=0.0,
+        layer_norm_epsilon=config.layer_norm_epsilon, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = transformers.T5ForConditionalGeneration(hf_config)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)
+    enc_t, dec_t, tgt_t = (torch.from_numpy(x).long() for x in (enc, dec_in, targets))
+    mask = enc_t > 0
+
+    def one_step() -> float:
+        out = model(input_ids=enc_t, attention_mask=mask, decoder_input_ids=dec_t, labels=tgt_t)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss.item())
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        one_step()
+    warm_s = time.perf_counter() - t0
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        losses.append(one_step())
+    elapsed = time.perf_counter() - t0
+    return _result(f"HF transformers {transformers.__version__} (PyTorch {torch.__version__} eager)", config,
+                   batch, src, tgt, steps, elapsed, base, losses, compile_s=warm_s,
+                   flops=metrics.estimate_flops_per_example(config, src, tgt) * batch)
+
+
+def _result(name, config, batch, src, tgt, steps, elapsed, base_mb, losses, compile_s, flops) -> dict:
+    peak = _rss_mb("VmHWM")
+    return {"framework": name, "step_s": elapsed / steps, "tokens_per_s": batch * tgt * steps / elapsed,
+            "gflops_per_s": flops * steps / elapsed / 1e9, "peak_rss_mb": peak, "train_mb": peak - base_mb,
+            "warmup_s": compile_s, "first_loss": losses[0], "last_loss": losses[-1],
+            "vocab": config.vocab_size}
+
+
+def worker_peak(size: int = 2048, reps: int = 5) -> dict:
+    """Best float32 matmul GFLOP/s of jax and torch on this machine (all cores)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    flops = 2.0 * size ** 3
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    best_jax = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best_jax = max(best_jax, flops / (time.perf_counter() - t0))
+    ta = torch.randn(size, size)
+    torch.mm(ta, ta)
+    best_torch = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(ta, ta)
+        best_torch = max(best_torch, flops / (time.perf_counter() - t0))
+    return {"jax_gflops": best_jax / 1e9, "torch_gflops": best_torch / 1e9,
+            "peak_gflops": max(best_jax, best_torch) / 1e9}
+
+
+def _run_worker(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("XLA_FLAGS", None)  # one CPU device, all cores (no simulated devices)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], env=env,
+                          capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"worker {args} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="tiny,iwslt")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--src", type=int, default=32)
+    parser.add_argument("--tgt", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (default: 30 tiny, 6 iwslt)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker is not None:
+        kind, *rest = args.worker
+        if kind == "peak":
+            result = worker_peak()
+        else:
+            shape, batch, src, tgt, warmup, steps = rest[0], *map(int, rest[1:])
+            result = (worker_jax if kind == "jax" else worker_torch)(shape, batch, src, tgt, warmup, steps)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    command = "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:])
+    load_before = os.getloadavg()
+    print(f"command: {command}\nmachine: {_machine()}\nload average before: "
+          f"{' '.join(f'{x:.2f}' for x in load_before)}", flush=True)
+    peak = _run_worker(["peak"])
+    print(f"float32 matmul peak (2048^3): jax {peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f} "
+          f"-> peak {peak['peak_gflops']:.1f} GFLOP/s", flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        steps = args.steps or (30 if shape == "tiny" else 6)
+        spec = [shape, str(args.batch), str(args.src), str(args.tgt), str(args.warmup), str(steps)]
+        jax_r, torch_r = _run_worker(["jax", *spec]), _run_worker(["torch", *spec])
+        for r in (jax_r, torch_r):
+            r.update(shape=shape, steps=steps, fraction_of_peak=r["gflops_per_s"] / peak["peak_gflops"])
+        jax_r["speedup"] = jax_r["tokens_per_s"] / torch_r["tokens_per_s"]
+        rows += [jax_r, torch_r]
+        print(f"  {shape}: done", flush=True)
+    load_after = os.getloadavg()
+    header = (f"\nbatch {args.batch} x {args.src} source x {args.tgt} target tokens, AdamW, float32\n"
+              "| shape | framework | target tokens/s | step ms | GFLOP/s | of peak | peak RSS MB | train MB | vs HF |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(header)
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else "1.00x"
+        print(f"| {r['shape']} | {r['framework']} | {r['tokens_per_s']:.0f} | {1000 * r['step_s']:.1f} | "
+              f"{r['gflops_per_s']:.1f} | {100 * r['fraction_of_peak']:.1f}% | {r['peak_rss_mb']:.0f} | "
+              f"{r['train_mb']:.0f} | {speed} |")
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in load_after)} "
+          "(1, 5, 15 min; the machine is shared, so absolute figures move with it)")
+    for r in rows:
+        print(f"  {r['shape']} {r['framework'].split(' (')[0]}: loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, "
+              f"warm-up {r['warmup_s']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "machine": _machine(), "load_before": load_before,
+                       "load_after": load_after, "peak": peak, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
