@@ -206,7 +206,9 @@ def _sample_jit(params: PyTree, encoder_input_tokens: Array, rng: Array, tempera
         logits, cache = _decode_step(model, params, last, index, cache, cross_kv, encoder_mask)
         key = jax.random.fold_in(rng, index)
         token = _select(key, logits, temperature, top_k, top_p if use_top_p else None, greedy)
-        token_log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=1)[:, 0]
+        # Gather then normalise: never materialises a [rows, V] log-softmax.
+        token_log_prob = (jnp.take_along_axis(logits, token[:, None], axis=1)[:, 0]
+                          - jax.nn.logsumexp(logits, axis=-1))
         token = jnp.where(done, PAD_ID, token)
         token_log_prob = jnp.where(done, 0.0, token_log_prob)
         lengths = lengths + (~done).astype(jnp.int32)
