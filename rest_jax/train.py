@@ -479,7 +479,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
           eval_period: int = 1000, checkpoint_period: int = 1000, keep_checkpoints: int | None = 3,
           seed: int = 0, optimizer: optim.Optimizer | None = None, mesh: Mesh | None = None,
           loss_fn: LossFn | None = None, eval_callbacks: Sequence[Callable[..., Mapping[str, float]]] = (),
-          shuffle: bool = True, pack: bool = False) -> TrainState:
+          shuffle: bool = True, pack: bool = False, init_checkpoint: str | None = None) -> TrainState:
     """Supervised (behaviour cloning) training from gin: the `rest_jax train` subcommand.
 
     Resumes from the latest complete checkpoint in `model_dir/checkpoints` when there is one, with
@@ -505,6 +505,9 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
         from `rest_jax.evaluate` configured in gin.
       shuffle: Shuffle the training data (a new permutation per epoch, from `seed`).
       pack: Pack several examples per row (needs a model that reads segment ids; T5 here does not).
+      init_checkpoint: Fine-tuning: start from the parameters of this checkpoint (a directory of steps
+        or one step) with a fresh optimizer and step 0, unless `model_dir` already has a checkpoint of
+        its own to resume from.
 
     Returns:
       The final train state.
@@ -531,6 +534,11 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
             logging.warning("The checkpoint was trained on task %r, this run uses %r.", restored_meta["task"], task)
     else:
         state, _ = init_train_state(model, optimizer, init_key, mesh, rules)
+        if init_checkpoint:
+            # Adafactor/AdamW moments start at zero whatever the parameters, so only params change.
+            params = ckpt_lib.load_params(init_checkpoint, target=abstract.params, shardings=shardings.params)
+            state = state.replace(params=params)
+            logging.info("Initialised parameters from %s.", init_checkpoint)
     start = int(jax.device_get(state.step))
 
     shard_index, num_shards = partitioning.data_shard_info(mesh, rules)

@@ -336,9 +336,16 @@ def test_gin_train_entry_trains_evaluates_and_checkpoints(multi30k_dir, multi30k
 
         gin.bind_parameter("train.eval_callbacks", [bleu_like])
         state = train.train()
+        # Fine-tuning start: parameters from that checkpoint, fresh optimizer at step 0 (0 steps to run).
+        gin.bind_parameter("train.init_checkpoint", str(tmp_path / "checkpoints"))
+        gin.bind_parameter("train.model_dir", str(tmp_path / "finetune"))
+        gin.bind_parameter("train.num_steps", 0)
+        init = train.train()
     finally:
         gin.clear_config()
     assert int(state.step) == 3 and calls == [3]
+    assert int(init.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(init.params))
     manager = checkpoints.CheckpointManager(tmp_path / "checkpoints")
     assert manager.all_steps() == [3]
     meta = manager.metadata()
