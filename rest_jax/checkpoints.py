@@ -252,15 +252,17 @@ class CheckpointManager:
             logging.info("Saved checkpoint %s.", self.step_dir(step))
         return bool(saved)
 
-    def _disk_full(self, step: int, exc: BaseException) -> CheckpointDiskFullError:
-        for tmp in self.directory.glob(f"{step}{_TMP_MARKER}*"):
+    def _disk_full(self, step: int | None, exc: BaseException) -> CheckpointDiskFullError:
+        pattern = f"{'*' if step is None else step}{_TMP_MARKER}*"
+        for tmp in self.directory.glob(pattern):
             shutil.rmtree(os.fspath(tmp), ignore_errors=True)  # give the space back
         intact = self.all_steps()
         kept = (f"previous checkpoints are intact: steps {intact} in {self.directory}" if intact
                 else f"no earlier checkpoint exists in {self.directory}")
         return CheckpointDiskFullError(
             errno.ENOSPC,
-            f"Out of disk space while saving checkpoint step {step} to {self.directory} ({exc}). "
+            f"Out of disk space while saving checkpoint {'' if step is None else f'step {step} '}to "
+            f"{self.directory} ({exc}). "
             f"The partial step was removed; {kept}. Free space, or keep fewer checkpoints "
             "(gin: CheckpointManager.keep), then rerun the same command to resume.")
 
@@ -269,7 +271,7 @@ class CheckpointManager:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
             if _is_out_of_space(e):
-                raise self._disk_full(-1, e) from e
+                raise self._disk_full(None, e) from e
             raise
 
     def close(self) -> None:
