@@ -29,8 +29,11 @@ import sys
 import textwrap
 from typing import Any, Callable, Sequence
 
-from rest_jax import gin_utils
-from rest_jax.gin_utils import Binding, GinConfigError
+# TensorFlow (used by SeqIO for data only) logs device probing at start-up; keep the console for the run.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from rest_jax import gin_utils  # noqa: E402
+from rest_jax.gin_utils import Binding, GinConfigError  # noqa: E402
 
 PROG = "rest_jax"
 CONFIG_FILENAME = "config.gin"
