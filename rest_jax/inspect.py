@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect as stdlib_inspect  # this module is rest_jax.inspect; absolute imports reach the stdlib
 import os
 import re
 import subprocess
 import sys
 from typing import Any, Mapping, Sequence
 
+import gin
 import numpy as np
 from etils import epath
 
+from rest_jax import gin_utils
 from rest_jax import report
 
 CONFIG_FILES = ("config.gin", "operative_config.gin")
@@ -114,11 +117,12 @@ class Stage:
 
     @property
     def validation_reward(self) -> float | None:
-        """The reward the stage's kept policy scored on the validation split (None if not recorded)."""
+        """The kept policy's reward on the validation split, as scored for the report (the same token
+        limits for every stage); else the Improve step's own best validation reward (None if neither)."""
         result = self.result or {}
-        if result.get("validation_reward") is not None:
-            return float(result["validation_reward"])
         score = (result.get("scores") or {}).get("validation", {}).get("reward")
+        if score is None:
+            score = result.get("validation_reward")
         return None if score is None else float(score)
 
 
@@ -236,7 +240,6 @@ def load_run_config(run_dir: str | os.PathLike, bindings: Sequence[str] = ()) ->
       The path of the parsed config file.
     """
     # Importing the ReST loop registers every configurable its config may bind.
-    from rest_jax import gin_utils  # pylint: disable=import-outside-toplevel
     from rest_jax import rest  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 
     global _LOADED_RUN
@@ -246,8 +249,6 @@ def load_run_config(run_dir: str | os.PathLike, bindings: Sequence[str] = ()) ->
     gin_utils.parse([path], extra, search_paths=[os.fspath(run_dir)])
     vocab = _vocabulary_or_none(run_dir)
     if vocab is not None:
-        import gin  # pylint: disable=import-outside-toplevel
-
         gin.bind_parameter("get_task.vocabulary", vocab)
     _LOADED_RUN = _run_key(run_dir)
     return path
@@ -276,8 +277,6 @@ def vocabulary_path(run_dir: str | os.PathLike) -> str:
     found = _vocabulary_or_none(run_dir)
     if found is not None:
         return found
-    import gin  # pylint: disable=import-outside-toplevel
-
     try:
         bound = gin.query_parameter("run_rest.vocab_path")
     except ValueError:
@@ -290,10 +289,28 @@ def vocabulary_path(run_dir: str | os.PathLike) -> str:
 
 def feature_lengths() -> dict[str, int]:
     """Token limits of the loaded run config (INPUT_LENGTH / TARGET_LENGTH macros; 128 when unset)."""
-    from rest_jax import gin_utils  # pylint: disable=import-outside-toplevel
-
     return {"inputs": int(gin_utils.macro_value("INPUT_LENGTH", 128)),
             "targets": int(gin_utils.macro_value("TARGET_LENGTH", 128))}
+
+
+def translation_lengths() -> dict[str, int]:
+    """Token limits of the translations `run_rest` saved and scored for the report: the training limits,
+    raised to `run_rest.eval_max_length` (so long held-out sentences are translated whole)."""
+    eval_max = _run_rest_setting("eval_max_length", 0)
+    return {k: max(v, int(eval_max or 0)) for k, v in feature_lengths().items()}
+
+
+def _run_rest_setting(name: str, fallback: Any) -> Any:
+    """`run_rest.<name>` as bound in the loaded config, else run_rest's default, else `fallback`."""
+    try:
+        value = gin.query_parameter(f"run_rest.{name}")
+    except ValueError:
+        from rest_jax import rest  # pylint: disable=import-outside-toplevel
+
+        param = stdlib_inspect.signature(rest.run_rest).parameters.get(name)
+        return fallback if param is None or param.default is param.empty else param.default
+    scopes = getattr(value, "scopes", None)  # a %MACRO reference
+    return gin_utils.macro_value("/".join(scopes), fallback) if scopes else value
 
 
 def load_stage_policy(run_dir: str | os.PathLike, stage: str = FINAL, step: int | None = None,
@@ -319,10 +336,11 @@ def load_stage_policy(run_dir: str | os.PathLike, stage: str = FINAL, step: int 
 
 
 def translate(policy: Any, sources: Sequence[str], method: str = "greedy", **generate_kwargs: Any) -> list[str]:
-    """First translation of each source (greedy by default), with the run's token limits."""
+    """First translation of each source (greedy by default), with the token limits of the run's saved
+    translations (`translation_lengths`); pass max_input_length / max_decode_length to change them."""
     from rest_jax import evaluate  # pylint: disable=import-outside-toplevel
 
-    lengths = feature_lengths()
+    lengths = translation_lengths()
     generate_kwargs.setdefault("max_input_length", lengths["inputs"])
     generate_kwargs.setdefault("max_decode_length", lengths["targets"])
     return evaluate.generate(policy, list(sources), method=method, **generate_kwargs).first()
@@ -429,10 +447,6 @@ def run_task(run_dir: str | os.PathLike) -> str:
     path = epath.Path(run_dir) / "report.json"
     if path.exists() and report.read_json(path).get("task"):
         return str(report.read_json(path)["task"])
-    import gin  # pylint: disable=import-outside-toplevel
-
-    from rest_jax import gin_utils  # pylint: disable=import-outside-toplevel
-
     ensure_run_config(run_dir)
     task = gin.query_parameter("run_rest.task")
     if not isinstance(task, str):  # a macro reference such as %TASK

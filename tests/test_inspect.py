@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+import gin
 import pytest
 import sacrebleu
 
@@ -24,6 +25,14 @@ G1_REWARDS = {  # (source_id, sample_id) -> reward
 G2_REWARDS = {(0, -1): 1.0, (0, 0): 0.7, (0, 1): 0.6}
 VALIDATION = [("ein hund", "a dog"), ("eine katze schläft", "a cat sleeps"), ("das haus", "the house")]
 
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    """load_run_config parses a run's gin config globally; leave no trace for other test files."""
+    yield
+    gin.clear_config()
+    ri._LOADED_RUN = None  # pylint: disable=protected-access
 
 def _stage(path, result):
     path.mkdir(parents=True, exist_ok=True)
@@ -66,6 +75,7 @@ def run_dir(tmp_path_factory):
                                            "curve": [[0, 0.25], [5, 0.3], [10, 0.28]]})
     _checkpoint(root / "grow_1" / "improve_0", 5)
     _stage(root / "grow_1" / "improve_1", {"name": "ReST G=1 I=1", "threshold": 0.5, "validation_reward": 0.35,
+                                           "scores": {"validation": {"reward": 0.36}},  # the report's: wins
                                            "curve": [[0, 0.3], [4, 0.35]]})
     _checkpoint(root / "grow_1" / "improve_1", 4)
     (root / "grow_1" / "improve_2" / "checkpoints").mkdir(parents=True)  # still running: no stage.json
@@ -112,7 +122,7 @@ def test_checkpoint_listing_skips_incomplete_steps(run_dir):
     rows = ri.list_checkpoints(run_dir)
     assert [(r["stage"], r["step"]) for r in rows] == [
         ("bc", 20), ("bc", 40), ("grow_1/improve_0", 5), ("grow_1/improve_1", 4), ("grow_2/improve_10", 3)]
-    assert [r["validation_reward"] for r in rows] == [0.25, 0.25, 0.3, 0.35, None]
+    assert [r["validation_reward"] for r in rows] == [0.25, 0.25, 0.3, 0.36, None]
     assert os.path.samefile(rows[1]["path"], run_dir / "bc" / "checkpoints" / "40")
 
 
@@ -207,3 +217,23 @@ def test_format_table():
     text = ri.format_table([{"a": 1, "b": "x" * 10}, {"a": 0.5}], max_width=6)
     assert text.splitlines() == ["a      | b     ", "-------+-------", "1      | xxxxx…", "0.5000 |       "]
     assert ri.format_table([]) == "(no rows)"
+
+
+def test_task_and_data_from_the_saved_gin_config(tmp_path):
+    """Without report.json the task comes from config.gin, here through a macro, as runs/rest.gin binds it."""
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("".join(f"{s}\t{t}\n" for s, t in VALIDATION))
+    (tmp_path / "config.gin").write_text(
+        "import rest_jax.data.tasks\n"
+        "TASK = 'parallel_text'\n"
+        "run_rest.task = %TASK\n"
+        f"parallel_text_source.files = {{'validation': '{tsv}'}}\n"
+        "INPUT_LENGTH = 24\n")
+    assert ri.load_run_config(tmp_path, bindings=["TARGET_LENGTH = 40"]) == str(tmp_path / "config.gin")
+    assert ri.feature_lengths() == {"inputs": 24, "targets": 40}
+    assert ri.translation_lengths() == {"inputs": 128, "targets": 128}  # run_rest's eval_max_length default
+    ri.load_run_config(tmp_path, bindings=["TARGET_LENGTH = 40", "run_rest.eval_max_length = 32"])
+    assert ri.translation_lengths() == {"inputs": 32, "targets": 40}
+    assert ri.run_task(tmp_path) == "parallel_text"
+    assert ri.split_data(tmp_path, "validation", limit=2) == ([s for s, _ in VALIDATION[:2]],
+                                                             [t for _, t in VALIDATION[:2]])

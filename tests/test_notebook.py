@@ -13,19 +13,28 @@ import pathlib
 import re
 import sys
 
+import gin
+# Test dependencies (setup.py's test extra); imported plainly so that a missing one fails CI, not skips.
+import nbclient
+import nbformat
 import pytest
 
 from rest_jax import inspect as ri
 from rest_jax.data import grow_store
-
-nbclient = pytest.importorskip("nbclient")
-nbformat = pytest.importorskip("nbformat")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "inspect_checkpoint.ipynb"
 KERNEL_NAME = "rest-jax-test-python"
 NUM_GROW_SOURCES, NUM_SAMPLES, NUM_VALIDATION = 48, 2, 16  # as in TINY_RUN_OVERRIDES
 
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    """load_run_config parses a run's gin config globally; leave no trace for other test files."""
+    yield
+    gin.clear_config()
+    ri._LOADED_RUN = None  # pylint: disable=protected-access
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
@@ -68,6 +77,10 @@ def test_notebook_executes_end_to_end(tiny_run, kernel_name):
         assert re.search(rf"^{re.escape(stage)}\s+\|", text, re.M), stage
     for name in ("BC G=0 I=0 @ step 20", "BC G=0 I=0 @ step 40", "ReST G=1 I=1 @ step"):
         assert name in text
+    # The notebook's BC translations (latest BC checkpoint, loaded by stage name in the kernel) are the ones
+    # run_rest saved when it evaluated that checkpoint.
+    shown = re.findall(r"^BC G=0 I=0 @ step 40\s*: (.*)$", text, re.M)
+    assert shown == ri.saved_outputs(tiny_run, "bc", "validation")[:3]
     assert f"Grow 1: {NUM_GROW_SOURCES * NUM_SAMPLES} samples" in text
     assert "Just above τ (kept):" in text and "Just below τ (dropped):" in text
     assert "mean reward over these 6" in text
