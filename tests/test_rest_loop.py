@@ -15,21 +15,13 @@ import time
 import numpy as np
 import pytest
 
+from rest_jax import inspect
 from rest_jax.data import grow_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-SMALL = [
-    "--gin.TASK='demo_synthetic'",
-    "--gin.INPUT_LENGTH=32", "--gin.TARGET_LENGTH=32",
-    "--gin.train.num_steps=40", "--gin.train.checkpoint_period=20",
-    "--gin.run_rest.max_grow_sources=48", "--gin.run_rest.num_validation_sources=16",
-    "--gin.run_rest.num_test_sources=16", "--gin.run_rest.best_of_n_ns=(1, 2)",
-    "--gin.run_rest.num_improve_steps=1",
-    "--gin.grow_dataset.num_samples=2", "--gin.grow_dataset.sources_per_shard=8",
-    "--gin.grow_dataset.batch_size=16", "--gin.BATCH_SIZE=16",
-    "--gin.improve_step.num_steps=6", "--gin.improve_step.eval_period=3",
-]
+# The small demo setting shared with the notebook: BC 40 steps, Grow 48 sources x N=2, I=0 and I=1.
+SMALL = list(inspect.TINY_RUN_OVERRIDES)
 
 
 def _command(model_dir, demo_dir):
