@@ -5,18 +5,43 @@ warm-starts from the previous policy with the learning rate decayed by `lr_decay
 chosen loss (`rest_jax.losses`, BC by default), measures the validation reward every `eval_period` steps,
 keeps the parameters with the best validation reward and stops when it has not improved for `patience`
 evaluations.
+
+The RL losses the paper compares (ReST Sec. 5; REST.md "Losses the paper compares") need more than the policy:
+
+    loss    value network V(s_t)                          frozen BC policy   trust-region anchor   (η, α)
+    oac     pre-trained (BVE), then frozen: V_behaviour    -                  -                     -
+    bvmpo   pre-trained (BVE), then trained jointly       bc_logits          old_logits            trained
+
+*Value network.* A separate `heads.ValueNetwork` of the policy's shape, its trunk copied from the policy that
+starts the Improve step (`heads.transplant_trunk`), pre-trained for `value_pretrain_steps` with the shared train
+step on the Grow data (behaviour value estimation: per-token Monte-Carlo return of the sequence reward, the
+`value` loss). OAC's advantage is "return − V_behaviour(s_t)": V stays the behaviour policy's value, so it is
+frozen during Improve (training it on the *filtered* data would make it the value of the filtered set, not of
+the behaviour policy). BVMPO is V-MPO, whose value function is trained alongside the policy (V-trace; on one
+behaviour policy's data that is the Monte-Carlo regression of `losses.bvmpo_loss`'s value term), so it is
+trained jointly with weight `bvmpo_loss.value_loss_coef`. `improve_step.value_training` overrides either.
+
+*Parameters.* Trainable parameters are the policy's T5X tree for BC-like losses and
+`{'policy': ..., 'value': ..., 'vmpo': {'vmpo_eta', 'vmpo_alpha'}}` (the parts a loss trains) for the RL ones.
+Frozen networks (the BC policy, the anchor, a frozen value net) are placed on the mesh once and reach the
+jitted step through the batch (`FROZEN_KEY`), so they take no optimizer state and are never updated. The
+saved best checkpoint holds only the policy's parameters, so evaluation and Grow load it unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from rest_jax import checkpoints as ckpt_lib
 from rest_jax import evaluate
@@ -25,10 +50,20 @@ from rest_jax import losses
 from rest_jax import metrics as metrics_lib
 from rest_jax import optim
 from rest_jax import partitioning
+from rest_jax import report
+from rest_jax import rewards as rewards_lib
 from rest_jax import train as train_lib
 from rest_jax.data import grow_store as store_lib
+from rest_jax.model import heads
 
 Batch = dict[str, np.ndarray]
+PyTree = Any
+
+# Batch entries added by the Improve step: the update count (BVMPO's λ annealing reads it) and the frozen
+# networks' parameters (already on the mesh; the losses never look at this key).
+STEP_KEY = "step"
+FROZEN_KEY = "frozen_params"
+VALUE_TRAINING = ("frozen", "joint")
 
 _COLUMNS = ("source_id", "sample_id", "is_reference", "reward", "source_text", "candidate_text",
             "source_tokens", "candidate_tokens", "behaviour_logprobs")
@@ -106,13 +141,108 @@ def batch_stream(data: Mapping[str, np.ndarray], batch_size: int, feature_length
         k += 1
 
 
-def make_improve_loss_fn(model: Any, loss: Callable[..., Any]) -> Callable[..., Any]:
-    """`(params, batch, rng) -> (loss, aux)` for `train.make_train_step`, around an Improve loss."""
+def numbered(batches: Iterator[Batch], start_step: int = 0) -> Iterator[Batch]:
+    """`batches` with the update count `STEP_KEY` added (batch k is consumed by update k)."""
+    for k, batch in enumerate(batches, start_step):
+        yield {**batch, STEP_KEY: np.asarray(k, np.int32)}
 
-    def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None):
-        logits = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                             enable_dropout=rng is not None, rngs=None if rng is None else {"dropout": rng})
-        value, metrics = loss(batch, {"logits": logits})
+
+# ----------------------------------------------------------------------------------------------------
+# What each loss needs besides the policy logits.
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossNeeds:
+    """Inputs an Improve loss reads besides `outputs['logits']` (see `rest_jax.losses`' module docstring).
+
+    Attributes:
+      value: `outputs['values']` [B, T] from the value network.
+      bc: `outputs['bc_logits']` [B, T, V] from the frozen BC policy.
+      anchor: `outputs['old_logits']` [B, T, V] from the trust-region anchor (policy at the start of the step).
+      vmpo: `outputs['vmpo_eta']`, `outputs['vmpo_alpha']`: trainable V-MPO multipliers.
+      value_training: 'frozen' or 'joint', the default way of treating the value net during Improve.
+    """
+
+    value: bool = False
+    bc: bool = False
+    anchor: bool = False
+    vmpo: bool = False
+    value_training: str = "frozen"
+
+
+# ReST Sec. 5: OAC uses the behaviour value V_behaviour; BVMPO learns V with V-MPO (see the module docstring).
+_LOSS_NEEDS = {
+    "oac": LossNeeds(value=True, value_training="frozen"),
+    "bvmpo": LossNeeds(value=True, bc=True, anchor=True, vmpo=True, value_training="joint"),
+}
+
+
+def loss_needs(loss_name: str) -> LossNeeds:
+    """What `loss_name` needs; BC-like losses ('bc', 'rwbc', 'gold') need only the policy."""
+    return _LOSS_NEEDS.get(loss_name, LossNeeds())
+
+
+def _resolve_value_training(value_training: str | None, needs: LossNeeds, loss_name: str) -> str:
+    mode = needs.value_training if value_training is None else value_training
+    if mode not in VALUE_TRAINING:
+        raise ValueError(f"improve_step.value_training={value_training!r}; expected one of {VALUE_TRAINING} or None "
+                         f"(the default of loss {loss_name!r}).")
+    return mode
+
+
+def make_improve_loss_fn(model: Any, loss: Callable[..., Any], value_model: Any = None, *,
+                         needs: LossNeeds | None = None, value_training: str = "frozen",
+                         anchor_is_bc: bool = False) -> Callable[..., Any]:
+    """`(params, batch, rng) -> (loss, aux)` for `train.make_train_step`, around an Improve loss.
+
+    With the default `needs` (BC-like losses) `params` is the policy's tree and the loss sees
+    `{'logits'}`. Otherwise `params` is `{'policy', ['value'], ['vmpo']}` and the loss also gets what `needs`
+    names: `values` from `value_model` (with `params['value']` when `value_training` is 'joint', else with
+    the frozen `batch[FROZEN_KEY]['value']` under stop_gradient), `bc_logits` / `old_logits` from the frozen
+    policies `batch[FROZEN_KEY]['bc']` / `['anchor']` (no dropout, no gradient; `anchor_is_bc` reuses the BC
+    logits when the two are the same network), and the V-MPO multipliers `params['vmpo']`. The update count
+    `batch[STEP_KEY]` (0 when absent) is passed as the loss's `step` (BVMPO's λ annealing).
+    """
+    needs = needs if needs is not None else LossNeeds()
+    composite = needs.value or needs.vmpo
+    if needs.value and value_model is None:
+        raise ValueError("make_improve_loss_fn: the loss needs a value network; pass value_model.")
+    if value_training not in VALUE_TRAINING:
+        raise ValueError(f"value_training={value_training!r}; expected one of {VALUE_TRAINING}.")
+
+    def loss_fn(params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array | None):
+        enc, dec = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+        frozen = batch.get(FROZEN_KEY, {})
+
+        def need_frozen(name: str) -> PyTree:
+            if name not in frozen:
+                raise KeyError(f"Improve loss needs the frozen {name!r} parameters in batch[{FROZEN_KEY!r}] "
+                               f"(has {sorted(frozen)}).")
+            return frozen[name]
+
+        def frozen_apply(net: Any, p: PyTree) -> jax.Array:
+            return jax.lax.stop_gradient(net.apply({"params": p}, enc, dec, enable_dropout=False))
+
+        policy_params = params["policy"] if composite else params
+        logits = model.apply({"params": policy_params}, enc, dec, enable_dropout=rng is not None,
+                             rngs=None if rng is None else {"dropout": rng})
+        outputs = {"logits": logits}
+        if needs.value:
+            if value_training == "joint":
+                # Its own dropout stream: the value net must not reuse the policy's masks.
+                outputs["values"] = value_model.apply(
+                    {"params": params["value"]}, enc, dec, enable_dropout=rng is not None,
+                    rngs=None if rng is None else {"dropout": jax.random.fold_in(rng, 1)})
+            else:
+                outputs["values"] = frozen_apply(value_model, need_frozen("value"))
+        if needs.bc or (needs.anchor and anchor_is_bc):
+            outputs["bc_logits"] = frozen_apply(model, need_frozen("bc"))
+        if needs.anchor:
+            outputs["old_logits"] = outputs["bc_logits"] if anchor_is_bc else frozen_apply(model, need_frozen("anchor"))
+        if needs.vmpo:
+            outputs.update(params["vmpo"])
+        value, metrics = loss(batch, outputs, step=batch.get(STEP_KEY, 0))
         weights = batch["decoder_loss_weights"]
         metrics = dict(metrics)
         metrics.setdefault("num_tokens", jnp.sum(weights))
@@ -124,24 +254,206 @@ def make_improve_loss_fn(model: Any, loss: Callable[..., Any]) -> Callable[..., 
     return loss_fn
 
 
-@gin.configurable(denylist=["policy", "data", "out_dir", "improve_index", "validation"])
+# ----------------------------------------------------------------------------------------------------
+# Placement on the mesh.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _create_state(boxed_abstract: PyTree, params: PyTree, optimizer: optim.Optimizer, mesh: Any,
+                  rules: Any) -> tuple[train_lib.TrainState, PyTree]:
+    """A train state of `params` (already placed), its optimizer state sharded by the parameters' logical axes.
+
+    The state is built by a jit, so its buffers are new: donating them in the train step leaves `params`
+    (and any frozen network sharing their buffers) intact.
+    """
+    create = lambda p: train_lib.TrainState.create(p, optimizer)  # noqa: E731
+    with partitioning.mesh_context(mesh, rules):
+        boxed_state = jax.eval_shape(create, boxed_abstract)
+        shardings = partitioning.get_param_shardings(boxed_state, mesh, rules)
+        state = jax.jit(create, out_shardings=shardings)(params)
+    return state, shardings
+
+
+def _abstract(model: Any, mesh: Any, rules: Any) -> PyTree:
+    with partitioning.mesh_context(mesh, rules):
+        return heads.abstract_params(model)
+
+
+def _place(model: Any, params: PyTree, mesh: Any, rules: Any, what: str) -> PyTree:
+    """Plain `params` of `model` on the mesh, sharded by its logical axes (checked against the model)."""
+    return heads.shard_params(model, params, mesh, rules, what)[0]
+
+
+def _load_policy_params(model: Any, checkpoint: str, mesh: Any, rules: Any) -> PyTree:
+    target = nn.unbox(_abstract(model, mesh, rules))
+    return ckpt_lib.load_params(checkpoint, target=target)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Value network: behaviour value estimation on the Grow data.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _value_batches(data: Mapping[str, np.ndarray], rows: np.ndarray, batch_size: int,
+                   feature_lengths: Mapping[str, int]) -> Iterator[Batch]:
+    """Batches of exactly `rows`; the last one is filled up with zero-weight copies."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        real = len(chunk)
+        chunk = np.concatenate([chunk, np.full(batch_size - real, chunk[0])])
+        batch = make_batch(data, chunk, feature_lengths)
+        batch["decoder_loss_weights"][real:] = 0.0
+        yield batch
+
+
+def _value_mse_fn(value_model: Any, feature_lengths: Mapping[str, int], batch_size: int, mesh: Any,
+                  rules: Any) -> Callable[[PyTree, Mapping[str, np.ndarray], np.ndarray], float]:
+    """`(params, data, rows) -> MSE` with one jitted program (reused across calls of the same shapes)."""
+    value_loss = losses.get_loss("value")
+
+    @jax.jit
+    def sums(p: PyTree, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        values = value_model.apply({"params": p}, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+        mse, metrics = value_loss(batch, {"values": values})
+        return mse * metrics["num_tokens"], metrics["num_tokens"]
+
+    def mse(params: PyTree, data: Mapping[str, np.ndarray], rows: np.ndarray) -> float:
+        total = count = 0.0
+        with partitioning.mesh_context(mesh, rules):
+            for batch in _value_batches(data, rows, batch_size, feature_lengths):
+                s, n = jax.device_get(sums(params, partitioning.shard_batch(batch, mesh, rules)))
+                total, count = total + float(s), count + float(n)
+        return total / max(count, 1.0)
+
+    return mse
+
+
+def value_mse(value_model: Any, params: PyTree, data: Mapping[str, np.ndarray], feature_lengths: Mapping[str, int],
+              batch_size: int, rows: np.ndarray | None = None, mesh: Any = None, rules: Any = None) -> float:
+    """Token-weighted mean of (V(s_t) − G_t)² over `rows` of `data` (all rows by default), G_t the MC return.
+
+    Uses the registered `value` loss (so its gin `discount`), summed over batches.
+    """
+    mesh = mesh if mesh is not None else partitioning.create_mesh()
+    rules = rules if rules is not None else partitioning.standard_logical_axis_rules()
+    rows = np.arange(len(data["reward"])) if rows is None else np.asarray(rows)
+    return _value_mse_fn(value_model, feature_lengths, batch_size, mesh, rules)(params, data, rows)
+
+
+@gin.configurable(denylist=["value_model", "params", "data", "num_steps", "feature_lengths", "batch_size", "seed",
+                            "mesh", "rules", "out_dir"])
+def pretrain_value_network(value_model: Any, params: PyTree, data: Mapping[str, np.ndarray], num_steps: int,
+                           feature_lengths: Mapping[str, int], batch_size: int, seed: int = 0, mesh: Any = None,
+                           rules: Any = None, out_dir: str | None = None, *, optimizer: optim.Optimizer | None = None,
+                           eval_rows: int = 1024, log_period: int = 50) -> tuple[PyTree, dict[str, Any]]:
+    """Behaviour value estimation (ReST Sec. 5, BVMPO/OAC): fit V(s_t) to the per-token MC return on Grow data.
+
+    Trains `value_model` from `params` for `num_steps` with the shared train step and loop
+    (`heads.make_value_loss_fn`, the registered `value` loss) on shuffled batches of `data`.
+
+    Args:
+      value_model: A `heads.ValueNetwork`.
+      params: Its starting parameters (usually the policy's trunk + a fresh head: `heads.transplant_trunk`).
+      data: Grow columns (`load_grow_data`), the rows to fit.
+      num_steps: Train steps (0: return `params` placed on the mesh, measured only).
+      feature_lengths, batch_size: Batch shape (rows: a multiple of the mesh's data-parallel size); the
+        Improve step passes its own.
+      seed: Data order, dropout, and the rows measured.
+      mesh, rules: Device mesh and logical axis rules (defaults: gin).
+      out_dir: TensorBoard scalars go to `out_dir/value_pretrain` when given.
+      optimizer: Default `optim.create_optimizer()` (gin-configured, not decayed like the Improve policy's).
+      eval_rows: Rows (a fixed random subset) over which the MSE is reported before and after.
+      log_period: Steps between logged scalars.
+
+    Returns:
+      (trained parameters on the mesh, summary with `steps`, `rows`, `initial_mse`, `final_mse`).
+    """
+    mesh = mesh if mesh is not None else partitioning.create_mesh()
+    rules = rules if rules is not None else partitioning.standard_logical_axis_rules()
+    optimizer = optimizer if optimizer is not None else optim.create_optimizer()
+    n = len(data["reward"])
+    if n == 0:
+        raise ValueError("pretrain_value_network: no Grow rows to train the value network on.")
+    placed = _place(value_model, params, mesh, rules, "value-network parameters")
+    state, shardings = _create_state(_abstract(value_model, mesh, rules), placed, optimizer, mesh, rules)
+    measured = np.sort(np.random.default_rng([seed, 0x76]).permutation(n)[:eval_rows])
+    mse_fn = _value_mse_fn(value_model, feature_lengths, batch_size, mesh, rules)
+    mse = lambda p: mse_fn(p, data, measured)  # noqa: E731
+    initial = mse(state.params)
+    summary: dict[str, Any] = {"steps": int(num_steps), "rows": int(n), "initial_mse": initial}
+    if num_steps > 0:
+        step_fn = train_lib.make_train_step(optimizer, heads.make_value_loss_fn(value_model), mesh=mesh, rules=rules,
+                                            state_shardings=shardings, dropout_seed=seed)
+        shard_fn = lambda b: partitioning.shard_batch(b, mesh, rules)  # noqa: E731
+        batches = batch_stream(data, batch_size, feature_lengths, seed)
+        writer = metrics_lib.MetricWriter(out_dir, "value_pretrain") if out_dir else None
+        try:
+            state, loop = train_lib.train_loop(state, batches, step_fn, num_steps, shard_fn=shard_fn,
+                                               metric_writer=writer, final_checkpoint=False, stage="value_pretrain",
+                                               log_period=log_period)
+        finally:
+            if writer is not None:
+                writer.close()
+        summary["train_value_mse"] = loop.get("value_mse")
+    summary["final_mse"] = mse(state.params)
+    logging.info("Value pre-training: MSE to the Monte-Carlo returns %.5f -> %.5f after %d steps on %d rows.",
+                 initial, summary["final_mse"], num_steps, n)
+    return state.params, summary
+
+
+def _value_network(policy_params: PyTree, value_model: Any, data: Mapping[str, np.ndarray], out_dir: str, *,
+                   num_steps: int, feature_lengths: Mapping[str, int], batch_size: int, seed: int, mesh: Any,
+                   rules: Any) -> tuple[PyTree, dict[str, Any]]:
+    """The pre-trained value net of this Improve step: from `out_dir/value` if a run already made it."""
+    value_dir = os.path.join(out_dir, "value")
+    ckpt_dir, summary_path = os.path.join(value_dir, "checkpoints"), os.path.join(value_dir, "pretrain.json")
+    abstract = _abstract(value_model, mesh, rules)
+    if epath.Path(summary_path).exists():
+        summary = report.read_json(summary_path)
+        if summary.get("steps") == num_steps:
+            logging.info("Improve: reusing the pre-trained value network in %s.", ckpt_dir)
+            params = ckpt_lib.load_params(ckpt_dir, target=nn.unbox(abstract))
+            return _place(value_model, params, mesh, rules, f"value network {ckpt_dir}"), dict(summary, reused=True)
+    # Initialised directly in its shards, then the policy's trunk copied in (ReST Sec. 5: value from the policy).
+    enc = dec = jnp.ones((1, 2), jnp.int32)
+    fresh, _ = partitioning.create_sharded_state(lambda k: value_model.init(k, enc, dec)["params"],
+                                                 jax.random.key(seed), mesh=mesh, rules=rules)
+    start = heads.transplant_trunk(policy_params, nn.unbox(fresh))
+    params, summary = pretrain_value_network(value_model, start, data, num_steps, feature_lengths, batch_size, seed,
+                                             mesh, rules, out_dir)
+    manager = ckpt_lib.CheckpointManager(ckpt_dir, keep=1, period=1)
+    manager.save(max(num_steps, 1), {"params": params}, force=True, metadata={"value_pretrain": summary})
+    manager.close()
+    report.write_json(summary_path, summary)  # written last: its presence says the checkpoint is whole
+    return params, summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Improve step.
+# ----------------------------------------------------------------------------------------------------
+
+
+@gin.configurable(denylist=["policy", "data", "out_dir", "improve_index", "validation", "bc_policy"])
 def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_dir: str, improve_index: int,
                  validation: tuple[Sequence[str], Sequence[str]], *, reward: Any,
                  loss_name: str = "bc", filter_method: str = "threshold", include_references: bool = True,
                  max_per_source: int | None = None, lr_decay: float = 0.5, num_steps: int = 1000,
                  batch_size: int = 64, feature_lengths: Mapping[str, int] | None = None, eval_period: int = 100,
                  patience: int = 3, validation_method: str = "greedy", seed: int = 0,
-                 mesh: Any = None) -> tuple[Any, dict[str, Any]]:
-    """One Improve step on Grow data; returns (best params, result).
+                 mesh: Any = None, bc_policy: PyTree | str | None = None, value_pretrain_steps: int = 500,
+                 value_pretrain_data: str = "grow", value_training: str | None = None,
+                 vmpo_init_eta: float = 1.0, vmpo_init_alpha: float = 1.0) -> tuple[Any, dict[str, Any]]:
+    """One Improve step on Grow data; returns (best policy params, result).
 
     Args:
       policy: The previous policy (warm start; ReST Sec. 3 fine-tunes "from the previous policy").
       data: Grow store columns (`load_grow_data`).
-      out_dir: Stage directory; the best checkpoint goes to `out_dir/checkpoints`, TensorBoard to `out_dir`.
+      out_dir: Stage directory; the best checkpoint goes to `out_dir/checkpoints`, TensorBoard to `out_dir`,
+        a pre-trained value network (RL losses) to `out_dir/value`.
       improve_index: i; picks τ_i (or p_i, γ_i, k_i) from the filter's gin schedule; i = 0 keeps all.
       validation: (sources, references) on which the validation reward is measured.
       reward: The reward model used for validation (and the one the Grow data was scored with).
-      loss_name: Improve loss ('bc' default; 'rwbc', 'gold', ...; see `rest_jax.losses`).
+      loss_name: Improve loss ('bc' default; 'rwbc', 'gold', 'oac', 'bvmpo'; see `rest_jax.losses`).
       filter_method: 'threshold' (paper), 'percentile', 'gamma', 'top_k' or 'none'.
       include_references: Train on the references of D too (ReST: yes; ReST-EM: no).
       max_per_source: Keep at most this many samples per source (ReST-EM: 10).
@@ -152,8 +464,17 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
       eval_period: Steps between validation-reward measurements (K).
       patience: Stop after this many evaluations without a better validation reward.
       validation_method: 'greedy' or 'sample' decoding for the validation reward.
-      seed: Data order and dropout.
+      seed: Data order, dropout and the value head's initialisation.
       mesh: Device mesh (default: gin `create_mesh`).
+      bc_policy: The frozen BC policy of BVMPO's λ·KL(π_BC ‖ π) (the start checkpoint of the Grow sequence):
+        its parameters or a checkpoint path; None when `policy` is it (G=1, I=0 or ReST-EM), in which case it
+        is also the trust-region anchor and evaluated once.
+      value_pretrain_steps: Value-network pre-training steps before the step (RL losses; 0: none).
+      value_pretrain_data: 'grow': every Grow row this step may use (references per `include_references`),
+        unfiltered, i.e. the behaviour policy's data (BVE); 'filtered': only the rows the filter keeps.
+      value_training: 'frozen' or 'joint' during Improve; None: the loss's default (OAC frozen V_behaviour,
+        BVMPO joint, see the module docstring).
+      vmpo_init_eta, vmpo_init_alpha: BVMPO's initial temperature η and KL multiplier α.
     """
     feature_lengths = dict(feature_lengths or {"inputs": 128, "targets": 128})
     kept, fres = filter_grow_data(data, improve_index, include_references=include_references,
@@ -161,16 +482,66 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
     logging.info("Improve %d: filter kept %d of %d examples (%.3f); %d sources left without data.",
                  improve_index, fres.num_kept, fres.num_examples, fres.kept_fraction,
                  fres.num_sources_without_data)
+    if value_pretrain_data not in ("grow", "filtered"):
+        raise ValueError(f"improve_step.value_pretrain_data={value_pretrain_data!r}; expected 'grow' or 'filtered'.")
+    loss = losses.get_loss(loss_name)
+    needs = loss_needs(loss_name)
+    value_mode = _resolve_value_training(value_training, needs, loss_name)
+    composite = needs.value or needs.vmpo
     mesh = mesh if mesh is not None else partitioning.create_mesh()
     rules = partitioning.standard_logical_axis_rules()
     optimizer = optim.create_optimizer(lr_scale=lr_decay ** improve_index)
     model = policy.model
-    state = train_lib.TrainState.create(policy.params, optimizer)
-    state, shardings = partitioning.shard_train_state(state, mesh, rules)
-    train_step = train_lib.make_train_step(optimizer, make_improve_loss_fn(model, losses.get_loss(loss_name)),
-                                           mesh=mesh, rules=rules, state_shardings=shardings, dropout_seed=seed)
-    batches = batch_stream(kept, batch_size, feature_lengths, seed)
-    shard_fn = lambda b: partitioning.shard_batch(b, mesh, rules)  # noqa: E731
+    policy_params = _place(model, policy.params, mesh, rules, "the Improve start policy")
+    trainable: dict[str, Any] = {"policy": policy_params}
+    boxed: dict[str, Any] = {"policy": _abstract(model, mesh, rules)}
+    frozen: dict[str, Any] = {}
+    value_model, value_summary, anchor_is_bc = None, None, False
+    if needs.value:
+        value_model = heads.build_value_network(config=model.config)
+        if value_pretrain_data == "grow":
+            keep = np.ones(len(data["reward"]), bool) if include_references else \
+                ~np.asarray(data["is_reference"]).astype(bool)
+            value_rows = {k: v[keep] for k, v in data.items()}
+        else:
+            value_rows = kept
+        value_params, value_summary = _value_network(
+            policy_params, value_model, value_rows, out_dir, num_steps=value_pretrain_steps,
+            feature_lengths=feature_lengths, batch_size=batch_size, seed=seed, mesh=mesh, rules=rules)
+        if value_mode == "joint":
+            trainable["value"], boxed["value"] = value_params, _abstract(value_model, mesh, rules)
+        else:
+            frozen["value"] = value_params
+    if needs.bc or needs.anchor:
+        if bc_policy is None:
+            frozen["bc"], anchor_is_bc = policy_params, True
+        else:
+            bc_params = _load_policy_params(model, bc_policy, mesh, rules) if isinstance(bc_policy, str) else bc_policy
+            what = f"the BC policy {bc_policy}" if isinstance(bc_policy, str) else "the BC policy"
+            frozen["bc"] = _place(model, bc_params, mesh, rules, what)
+            if needs.anchor:
+                frozen["anchor"] = policy_params
+    if needs.vmpo:
+        vmpo = losses.init_vmpo_params(vmpo_init_eta, vmpo_init_alpha)
+        trainable["vmpo"] = partitioning.shard_train_state(vmpo, mesh, rules)[0]
+        boxed["vmpo"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), vmpo)
+    if not composite:
+        trainable, boxed = trainable["policy"], boxed["policy"]
+    policy_of = (lambda p: p["policy"]) if composite else (lambda p: p)  # noqa: E731
+
+    state, shardings = _create_state(boxed, trainable, optimizer, mesh, rules)
+    loss_fn = make_improve_loss_fn(model, loss, value_model, needs=needs, value_training=value_mode,
+                                   anchor_is_bc=anchor_is_bc)
+    train_step = train_lib.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
+                                           dropout_seed=seed)
+    batches = numbered(batch_stream(kept, batch_size, feature_lengths, seed))
+
+    def shard_fn(b: Batch) -> dict[str, Any]:
+        out = partitioning.shard_batch(b, mesh, rules)
+        if frozen:
+            out[FROZEN_KEY] = frozen
+        return out
+
     val_sources, val_refs = validation
 
     def validation_reward(params: Any) -> float:
@@ -181,9 +552,11 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
         return evaluate.mean_reward(reward, val_sources, hyps, val_refs)
 
     best_params = jax.device_get(policy.params)
-    best_reward = validation_reward(policy.params)
+    # The placed copy: the same layout as the trained parameters, so decoding compiles once.
+    best_reward = validation_reward(policy_params)
     best_step, curve, since_best = 0, [(0, best_reward)], 0
     step = 0
+    last_loss = float("nan")
     with metrics_lib.MetricWriter(out_dir, "improve") as writer:
         writer.write_scalars(0, {"validation_reward": best_reward, "kept_fraction": fres.kept_fraction,
                                  "num_kept": fres.num_kept,
@@ -194,23 +567,69 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
                                                   metric_writer=writer, final_checkpoint=False,
                                                   stage=f"improve_{improve_index}", log_period=eval_period)
             step = int(jax.device_get(state.step))
-            value = validation_reward(state.params)
+            last_loss = summary.get("loss", float("nan"))
+            value = validation_reward(policy_of(state.params))
             curve.append((step, value))
             writer.write_scalars(step, {"validation_reward": value})
             logging.info("Improve %d: step %d validation reward %.4f (best %.4f at %d), loss %.4f", improve_index,
-                         step, value, best_reward, best_step, summary.get("loss", float("nan")))
+                         step, value, best_reward, best_step, last_loss)
             if value > best_reward:
                 best_reward, best_step, since_best = value, step, 0
-                best_params = jax.device_get(state.params)
+                best_params = jax.device_get(policy_of(state.params))
             else:
                 since_best += 1
+    # Only the policy is saved: evaluation and Grow load it as any T5X-named policy checkpoint.
     manager = ckpt_lib.CheckpointManager(os.path.join(out_dir, "checkpoints"), keep=1, period=1)
     manager.save(max(best_step, 1), train_lib.TrainState.create(best_params, optimizer), force=True,
-                 metadata={"improve_index": improve_index, "validation_reward": best_reward})
+                 metadata={"improve_index": improve_index, "validation_reward": best_reward, "loss": loss_name})
     manager.close()
     result = {"improve_index": improve_index, "best_step": best_step, "validation_reward": best_reward,
               "curve": curve, "kept_fraction": fres.kept_fraction, "num_kept": fres.num_kept,
               "sources_without_data": fres.num_sources_without_data, "loss": loss_name,
+              "last_train_loss": last_loss,
               "threshold": float(fres.value) if filter_method == "threshold" and fres.value is not None else None,
               "filter": fres.summary(), "checkpoint": os.path.join(out_dir, "checkpoints")}
+    if needs.value:
+        result.update(value_pretrain=value_summary, value_training=value_mode)
     return best_params, result
+
+
+@gin.configurable
+def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin.REQUIRED,
+            task: str = gin.REQUIRED, improve_index: int = 1, validation_split: str = "validation",
+            num_validation_sources: int | None = 500, reward_name: str = "chrf", bc_checkpoint: str | None = None,
+            feature_lengths: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, Any]:
+    """The `rest_jax improve` subcommand: one Improve step from the gin `load_policy` checkpoint.
+
+    Filters the Grow store(s), fine-tunes with `improve_step` (gin: loss, filter, steps, ...), writes the best
+    policy to `<model_dir>/checkpoints` and the result to `<model_dir>/improve.json`, and prints it as JSON.
+
+    Args:
+      model_dir: Output directory of this Improve step.
+      grow_store: A Grow store directory, or several (pooled).
+      task: Task whose `validation_split` gives the validation reward.
+      improve_index: i: which threshold τ_i of the filter schedule (0 keeps all).
+      validation_split, num_validation_sources: Validation split and its first K sources (None: all).
+      reward_name: Registered reward for validation (should be the one the store was scored with).
+      bc_checkpoint: The BC policy for BVMPO's KL term (start of the Grow sequence); None: the loaded policy.
+      feature_lengths: Override of `improve_step.feature_lengths`.
+      seed: Data order and dropout.
+
+    Returns:
+      The result dict.
+    """
+    policy = evaluate.load_policy()
+    stores = [grow_store] if isinstance(grow_store, str) else list(grow_store)
+    for store in stores:
+        store_lib.GrowStore(store).check_compatible(vocab=gin.query_parameter("load_policy.vocabulary"),
+                                                     model_config=policy.config)
+    data = load_grow_data(stores)
+    validation = evaluate.read_split(task, validation_split, num_validation_sources)
+    extra = {"feature_lengths": dict(feature_lengths)} if feature_lengths else {}
+    _, result = improve_step(policy, data, model_dir, improve_index, validation, reward=rewards_lib.get(reward_name),
+                             seed=seed, bc_policy=bc_checkpoint, **extra)
+    result.update(start=gin.query_parameter("load_policy.checkpoint"), grow_store=stores, task=task,
+                  validation_split=validation_split, reward=reward_name)
+    report.write_json(os.path.join(model_dir, "improve.json"), result)
+    print(json.dumps(result, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
+    return result

@@ -160,7 +160,8 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                 policy = _policy_from(start, vocab_path)
                 params, result = improve_lib.improve_step(
                     policy, data, stage_dir, i, val, reward=reward, feature_lengths=lengths, seed=seed + 1000 * g + i,
-                    include_references=include_references, max_per_source=max_per_source)
+                    include_references=include_references, max_per_source=max_per_source,
+                    bc_policy=None if start == base_checkpoint else base_checkpoint)  # BVMPO's frozen π_BC
                 best = evaluate.Policy(policy.model, params, policy.vocab)
                 result.update(name=f"ReST G={g} I={i}", start=start,
                               scores=_scores(best, reward, eval_splits, stage_dir, eval_lengths))

@@ -1,0 +1,292 @@
+"""Improve with the RL losses of ReST Sec. 5 (OAC, BVMPO): value pre-training, loss inputs, the step, the CLI.
+
+References: the value MSE and the per-sequence fit are recomputed in float64 NumPy from an independent
+`ValueNetwork.apply` against the hand-known Monte-Carlo returns (undiscounted: the sequence reward at every
+target token); the frozen networks' outputs are compared with independent forward passes of the frozen
+parameters; λ(step) with its closed form 10^(-5·step/decay_steps); gradients of frozen inputs must be zero.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rest_jax import checkpoints, evaluate, improve, losses, optim, partitioning, rewards, train
+from rest_jax.model import heads
+from rest_jax.model.t5 import T5Config, Transformer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = T5Config(vocab_size=32, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
+                  num_decoder_layers=1)
+LENGTHS = {"inputs": 8, "targets": 8}
+
+
+class _CharVocab:
+    """Letters a..z as ids 3..28 (ids the tiny policy may also emit above 28 decode to nothing)."""
+
+    def encode(self, text):
+        return [ord(c) - ord("a") + 3 for c in text if "a" <= c <= "z"]
+
+    def decode(self, ids):
+        return "".join(chr(int(i) - 3 + ord("a")) for i in ids if 3 <= int(i) < 29)
+
+
+def _columns(rows):
+    out = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows]
+        if isinstance(vals[0], np.ndarray):
+            arr = np.empty(len(vals), object)
+            arr[:] = vals
+            out[k] = arr
+        else:
+            out[k] = np.array(vals, dtype=object if isinstance(vals[0], str) else None)
+    return out
+
+
+def _grow_data(rewards_by_row, seed=0):
+    """Grow columns as `improve.load_grow_data` returns them, one row per reward."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, r in enumerate(rewards_by_row):
+        length = int(rng.integers(2, 6))
+        rows.append(dict(
+            source_id=i // 2, sample_id=i % 2, is_reference=False, reward=float(r), source_text=f"src {i}",
+            candidate_text=f"cand {i}", source_tokens=np.array(list(rng.integers(3, 29, size=4)) + [1], np.int64),
+            candidate_tokens=np.array(list(rng.integers(3, 29, size=length)) + [1], np.int64),
+            behaviour_logprobs=-rng.uniform(size=length + 1).astype(np.float32)))
+    return _columns(rows)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    # One device: the tiny model compiles several times faster than on conftest's 8 simulated ones.
+    return partitioning.create_mesh(devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def policy_params():
+    return nn.unbox(heads.init_params(Transformer(CONFIG), jax.random.key(0)))
+
+
+def _value_start(policy_params, seed=1):
+    value_model = heads.ValueNetwork(CONFIG)
+    fresh = nn.unbox(heads.init_params(value_model, jax.random.key(seed)))
+    return value_model, heads.transplant_trunk(policy_params, fresh)
+
+
+def _reference_fit(value_model, params, data):
+    """float64: token MSE to the returns and each row's mean value, from an independent forward pass."""
+    batch = improve.make_batch(data, np.arange(len(data["reward"])), LENGTHS)
+    values = np.asarray(value_model.apply({"params": jax.device_get(params)}, batch["encoder_input_tokens"],
+                                          batch["decoder_input_tokens"]), np.float64)
+    w = batch["decoder_loss_weights"].astype(np.float64)
+    returns = data["reward"].astype(np.float64)[:, None] * np.ones_like(values)  # undiscounted MC return
+    mse = float(np.sum(w * (values - returns) ** 2) / np.sum(w))
+    return mse, np.sum(w * values, 1) / np.sum(w, 1)
+
+
+def test_value_pretraining_fits_the_sequence_rewards(mesh, policy_params):
+    data = _grow_data([0.9, 0.2])
+    value_model, start = _value_start(policy_params)
+    opt = optim.create_optimizer("adamw", schedule=optim.learning_rate_schedule("constant", 3e-3, warmup_steps=0))
+    params, summary = improve.pretrain_value_network(value_model, start, data, 40, LENGTHS, 8, seed=0, mesh=mesh,
+                                                     optimizer=opt, log_period=10)
+    initial_ref, _ = _reference_fit(value_model, start, data)
+    final_ref, per_row = _reference_fit(value_model, params, data)
+    assert summary["initial_mse"] == pytest.approx(initial_ref, rel=1e-4)
+    assert summary["final_mse"] == pytest.approx(final_ref, rel=1e-4)
+    assert initial_ref > 0.05 and final_ref < 0.1 * initial_ref, (initial_ref, final_ref)
+    np.testing.assert_allclose(per_row, [0.9, 0.2], atol=0.1)
+
+
+def _rl_batch(data, step):
+    batch = improve.make_batch(data, np.arange(len(data["reward"])), LENGTHS)
+    return {**{k: jnp.asarray(v) for k, v in batch.items()}, improve.STEP_KEY: jnp.asarray(step, jnp.int32)}
+
+
+def test_loss_inputs_have_the_shapes_and_values_the_losses_expect(policy_params):
+    data = _grow_data([0.9, 0.2, 0.5, 0.7])
+    model = Transformer(CONFIG)
+    value_model, value_params = _value_start(policy_params)
+    bc_params = nn.unbox(heads.init_params(model, jax.random.key(5)))
+    anchor_params = jax.tree.map(lambda x: x * 1.01, policy_params)
+    batch = _rl_batch(data, 5000)
+    b, t = batch["decoder_target_tokens"].shape
+    enc, dec = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+
+    def spy(batch_, outputs, step=0):
+        """The real BVMPO loss; what it was given comes back through the aux metrics as out/<key>."""
+        value, metrics = losses.get_loss("bvmpo")(batch_, outputs, step=step)
+        return value, {**metrics, **{f"out/{k}": v for k, v in outputs.items()}, "out/step": step}
+
+    needs = improve.loss_needs("bvmpo")
+    assert needs.value and needs.bc and needs.anchor and needs.vmpo and needs.value_training == "joint"
+    loss_fn = improve.make_improve_loss_fn(model, spy, value_model, needs=needs, value_training="joint")
+    params = {"policy": policy_params, "value": value_params, "vmpo": losses.init_vmpo_params(1.0, 1.0)}
+    frozen = {"bc": bc_params, "anchor": anchor_params}
+
+    @jax.jit
+    def run(p, fr):
+        objective = lambda p_, fr_: loss_fn(p_, {**batch, improve.FROZEN_KEY: fr_}, None)  # noqa: E731
+        (loss, metrics), grads = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(p, fr)
+        return loss, metrics, grads
+
+    loss, metrics, grads = run(params, frozen)
+    outputs = {k[len("out/"):]: v for k, v in metrics.items() if k.startswith("out/")}
+    assert np.isfinite(float(loss))
+    assert outputs["logits"].shape == (b, t, CONFIG.vocab_size)
+    for key in ("bc_logits", "old_logits"):
+        assert outputs[key].shape == (b, t, CONFIG.vocab_size)
+    assert outputs["values"].shape == (b, t) and np.shape(outputs["vmpo_eta"]) == () == np.shape(outputs["vmpo_alpha"])
+    np.testing.assert_allclose(outputs["values"], value_model.apply({"params": value_params}, enc, dec), atol=1e-6)
+    np.testing.assert_allclose(outputs["bc_logits"], model.apply({"params": bc_params}, enc, dec), atol=1e-5)
+    np.testing.assert_allclose(outputs["old_logits"], model.apply({"params": anchor_params}, enc, dec), atol=1e-5)
+    assert not np.allclose(outputs["bc_logits"], outputs["old_logits"], atol=1e-3)
+    # λ(5000) of λ·KL(π_BC ‖ π): geometric 1 -> 1e-5 over 10k steps, i.e. 10^-2.5 halfway.
+    assert int(outputs["step"]) == 5000
+    assert float(metrics["bc_kl_weight"]) == pytest.approx(10 ** -2.5, rel=1e-5)
+    norm = lambda tree: float(optax_norm(tree))  # noqa: E731
+    assert norm(grads[0]["value"]) > 0 and norm(grads[0]["policy"]) > 0  # joint: value trained by L_V
+    assert abs(float(grads[0]["vmpo"]["vmpo_eta"])) > 0
+    assert norm(grads[1]) == 0.0  # the BC policy and the anchor are frozen
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_oac_value_network_is_frozen_and_anchor_reuses_bc(policy_params):
+    data = _grow_data([0.9, 0.2, 0.5, 0.7])
+    model = Transformer(CONFIG)
+    value_model, value_params = _value_start(policy_params)
+    batch = _rl_batch(data, 0)
+    needs = improve.loss_needs("oac")
+    assert needs.value and not (needs.bc or needs.anchor or needs.vmpo) and needs.value_training == "frozen"
+    loss_fn = improve.make_improve_loss_fn(model, losses.get_loss("oac"), value_model, needs=needs)
+    enc, dec = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    values = np.asarray(value_model.apply({"params": value_params}, enc, dec), np.float64)
+    log_pi = np.asarray(jax.nn.log_softmax(model.apply({"params": policy_params}, enc, dec)), np.float64)
+    tgt = np.asarray(batch["decoder_target_tokens"])
+    w = np.asarray(batch["decoder_loss_weights"], np.float64)
+    lp = np.take_along_axis(log_pi, tgt[..., None], -1)[..., 0]
+    returns = data["reward"].astype(np.float64)[:, None] * w
+    # Hand OAC: −Σ w (G − V) log π / Σ w + Σ w (V − G)² / Σ w, V the frozen behaviour value.
+    expected = -np.sum(w * (returns - values) * lp) / w.sum() + np.sum(w * (values - returns) ** 2) / w.sum()
+
+    def objective(p, frozen_value):
+        return loss_fn(p, {**batch, improve.FROZEN_KEY: {"value": frozen_value}}, None)[0]
+
+    loss, (g_policy, g_value) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))(
+        {"policy": policy_params}, value_params)
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+    assert float(optax_norm(g_policy)) > 0 and float(optax_norm(g_value)) == 0.0
+
+    # BVMPO at G=1, I=0: the BC policy is the policy being improved, so old_logits are the BC logits.
+    seen = {}
+    spy = lambda b_, o, step=0: (seen.update(o), losses.get_loss("bvmpo")(b_, o, step=step))[1]  # noqa: E731
+    fn = improve.make_improve_loss_fn(model, spy, value_model, needs=improve.loss_needs("bvmpo"),
+                                      value_training="frozen", anchor_is_bc=True)
+    jax.eval_shape(fn, {"policy": policy_params, "vmpo": losses.init_vmpo_params()},
+                   {**batch, improve.FROZEN_KEY: {"bc": policy_params, "value": value_params}}, None)
+    assert seen["old_logits"] is seen["bc_logits"]  # one forward pass of the BC policy, not two
+    with pytest.raises(ValueError, match="value_training"):
+        improve.make_improve_loss_fn(model, spy, value_model, needs=needs, value_training="sometimes")
+
+
+@pytest.fixture
+def adamw():
+    """AdamW for the Improve step (gin): it compiles in about half Adafactor's time on a shared CPU."""
+    gin.clear_config()
+    gin.bind_parameter("create_optimizer.optimizer", "adamw")
+    yield
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("loss_name", ["oac", "bvmpo"])
+def test_improve_step_with_rl_loss_saves_a_plain_policy(tmp_path, mesh, policy_params, adamw, loss_name):
+    rng = np.random.default_rng(3)
+    data = _grow_data(rng.uniform(size=16), seed=3)
+    data["is_reference"][::4] = True
+    policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    bc = nn.unbox(heads.init_params(policy.model, jax.random.key(9))) if loss_name == "bvmpo" else None
+    params, result = improve.improve_step(
+        policy, data, str(tmp_path), 0, (["abc", "de"], ["abc", "de"]), reward=rewards.get("chrf"),
+        loss_name=loss_name, num_steps=2, eval_period=2, batch_size=8, feature_lengths=LENGTHS, mesh=mesh,
+        bc_policy=bc, value_pretrain_steps=0, filter_method="none")
+    assert result["loss"] == loss_name and math.isfinite(result["last_train_loss"])
+    assert result["value_training"] == {"oac": "frozen", "bvmpo": "joint"}[loss_name]
+    # No pre-training steps here (tested above, and by the CLI test): one compile less on a shared CPU.
+    assert result["value_pretrain"]["steps"] == 0
+    assert math.isfinite(result["value_pretrain"]["final_mse"])
+    assert [s for s, _ in result["curve"]] == [0, 2]
+    # The checkpoint is the policy alone, with T5X names: it loads into the plain policy tree.
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), policy_params)
+    loaded = checkpoints.load_params(result["checkpoint"], target=target)
+    assert set(loaded) == set(policy_params) == {"token_embedder", "encoder", "decoder"}
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (tmp_path / "value" / "pretrain.json").exists()
+
+
+@pytest.mark.slow
+def test_improve_subcommand_end_to_end(tmp_path):
+    """`python -m rest_jax.main improve` from a policy checkpoint and a Grow store (real SentencePiece vocab)."""
+    from rest_jax.data import grow_store, vocab  # pylint: disable=import-outside-toplevel
+
+    words = ["a dog runs", "the cat sleeps", "a bird sings", "the man walks", "a child plays", "the sun shines"]
+    vocab_path = vocab.train_vocabulary(words * 20, str(tmp_path / "vocab"), vocab_size=30)
+    spm = vocab.load_vocabulary(vocab_path)
+    model = Transformer(CONFIG)
+    params = nn.unbox(heads.init_params(model, jax.random.key(0)))
+    manager = checkpoints.CheckpointManager(str(tmp_path / "bc" / "checkpoints"), keep=1, period=1)
+    manager.save(1, train.TrainState.create(params, optim.create_optimizer("adamw")), force=True)
+    manager.close()
+    writer = grow_store.GrowStoreWriter(str(tmp_path / "store"), grow_index=1, source_ids=4, num_samples=2,
+                                        sources_per_shard=4)
+    records = []
+    for s in range(4):
+        source = words[s][::-1]  # not a copy of any candidate (the validity filter drops copies)
+        for j in (-1, 0, 1):
+            cand = words[s] if j < 0 else words[(s + 1 + j) % len(words)]
+            ids = list(spm.encode(cand)) + [1]
+            records.append({"source_id": s, "sample_id": j, "is_reference": j < 0, "source_text": source,
+                            "candidate_text": cand, "reference_text": words[s],
+                            "source_tokens": list(spm.encode(source)) + [1], "candidate_tokens": ids,
+                            "reward": 1.0 if j < 0 else 0.25 + 0.5 * (j == 0), "behaviour_logprobs": [-1.0] * len(ids)})
+    writer.write_shard(0, records)
+    writer.write_metadata()
+    (tmp_path / "val.tsv").write_text("".join(f"{w}\t{w}\n" for w in words[:2]))
+    fields = {"vocab_size": 32, "emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32,
+              "num_encoder_layers": 1, "num_decoder_layers": 1}
+    out = tmp_path / "improve"
+    args = [sys.executable, "-m", "rest_jax.main", "improve", "--gin_file=models/tiny.gin",
+            *[f"--gin.T5Config.{k}={v}" for k, v in fields.items()],
+            f"--gin.improve.model_dir='{out}'", f"--gin.improve.grow_store='{tmp_path / 'store'}'",
+            "--gin.improve.task='parallel_text'", "--gin.improve.improve_index=0",
+            f"--gin.parallel_text_source.files={{'validation': '{tmp_path / 'val.tsv'}'}}",
+            f"--gin.load_policy.checkpoint='{tmp_path / 'bc' / 'checkpoints'}'",
+            f"--gin.load_policy.vocabulary='{vocab_path}'",
+            "--gin.improve.feature_lengths={'inputs': 8, 'targets': 8}",
+            "--gin.improve_step.loss_name='oac'", "--gin.improve_step.num_steps=2",
+            "--gin.improve_step.eval_period=2", "--gin.improve_step.batch_size=8",
+            "--gin.improve_step.value_pretrain_steps=2"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    # One CPU device: conftest's 8 simulated ones would only slow the subprocess down.
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert printed["loss"] == "oac" and printed["num_kept"] == 8 + 4  # 4 references too
+    assert json.loads((out / "improve.json").read_text())["best_step"] == printed["best_step"]
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    assert set(checkpoints.load_params(printed["checkpoint"], target=target)) == set(params)
