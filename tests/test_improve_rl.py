@@ -218,7 +218,12 @@ def test_improve_step_with_rl_loss_saves_a_plain_policy(tmp_path, mesh, policy_p
     data = _grow_data(rng.uniform(size=16), seed=3)
     data["is_reference"][::4] = True
     policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
-    bc = nn.unbox(heads.init_params(policy.model, jax.random.key(9))) if loss_name == "bvmpo" else None
+    bc = None  # OAC needs no BC policy
+    if loss_name == "bvmpo":  # a BC policy other than the start policy, loaded from its checkpoint path
+        manager = checkpoints.CheckpointManager(str(tmp_path / "bc"), keep=1, period=1)
+        manager.save(1, {"params": nn.unbox(heads.init_params(policy.model, jax.random.key(9)))}, force=True)
+        manager.close()
+        bc = str(tmp_path / "bc")
     params, result = improve.improve_step(
         policy, data, str(tmp_path), 0, (["abc", "de"], ["abc", "de"]), reward=rewards.get("chrf"),
         loss_name=loss_name, num_steps=2, eval_period=2, batch_size=8, feature_lengths=LENGTHS, mesh=mesh,
