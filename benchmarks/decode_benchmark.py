@@ -102,6 +102,16 @@ def matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def torch_matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> float:
+    """The same measurement for PyTorch's CPU sgemm, which HF's generate runs on."""
+    import torch  # pylint: disable=g-import-not-at-top
+
+    a = torch.randn(n, n)
+    torch.mm(a, a)
+    best = min(timed(lambda: torch.mm(a, a), repeats)[0])
+    return 2 * n**3 / best / 1e9
+
+
 def decode_flops(c: T5Config, batch: int, samples: int, src_len: int, new_tokens: int) -> float:
     """Useful FLOPs of encoding `batch` sources once and sampling `samples` x `new_tokens` tokens each."""
     d, inner, ff, acts = c.emb_dim, c.num_heads * c.head_dim, c.mlp_dim, len(c.mlp_activations)
@@ -244,7 +254,8 @@ def main(argv=None) -> None:
           f"python {platform.python_version()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"{load()} at start")
     peak = matmul_peak_gflops()
-    print(f"float32 matmul peak (jitted 4096x4096 jnp.dot, best of 5): {peak:.1f} GFLOP/s")
+    print(f"float32 matmul peak (jitted 4096x4096 jnp.dot, best of 5): {peak:.1f} GFLOP/s; "
+          f"PyTorch torch.mm on the same: {torch_matmul_peak_gflops():.1f} GFLOP/s")
     b, n, s, steps = args.sources, args.num_samples, args.source_len, args.new_tokens
     print(f"work: {b} sources x N={n} samples, {s} source tokens, {steps} new tokens "
           f"(= {b * n * steps} generated tokens per call), temperature 1, no top-k/top-p, float32; "

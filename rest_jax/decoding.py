@@ -148,6 +148,17 @@ def _sample_categorical(key: Array, logits: Array) -> Array:
     return (block_index * block + within).astype(jnp.int32)
 
 
+def _argmax(logits: Array) -> Array:
+    """First index of the row maximum, by two plain reductions.
+
+    XLA:CPU lowers `jnp.argmax` to a variadic (value, index) reduce that does not vectorise: measured 65 ms
+    per step on [256, 32000] logits, half a decode step of the IWSLT model; max + min-of-iota is ~20x faster.
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.where(logits == top, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1])
+    return jnp.min(index, axis=-1).astype(jnp.int32)
+
+
 def _top_p_mask_sorted(sorted_logits: Array, top_p: Array) -> Array:
     """Keeps the smallest prefix of descending logits whose probability mass reaches `top_p`."""
     probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -156,13 +167,14 @@ def _top_p_mask_sorted(sorted_logits: Array, top_p: Array) -> Array:
 
 
 def _select(key: Array, logits: Array, temperature: Array, top_k: int, top_p: Array | None,
-            greedy: bool) -> Array:
+            greedy: bool | None) -> Array:
     """Next token per row from untempered logits [rows, V].
 
-    Order as in HF and T5X: temperature, then top-k, then top-p on the tempered distribution.
+    Order as in HF and T5X: temperature, then top-k, then top-p on the tempered distribution. `greedy` is
+    True/False when the temperature is known at trace time (0 / > 0), None when it is traced.
     """
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return _argmax(logits)
     scaled = logits / jnp.maximum(temperature, 1e-6).astype(logits.dtype)
     if top_k > 0:
         # lax.top_k returns values sorted descending, so top-p needs no further sort.
@@ -178,8 +190,9 @@ def _select(key: Array, logits: Array, temperature: Array, top_k: int, top_p: Ar
         token = _sample_categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf))
     else:
         token = _sample_categorical(key, scaled)
-    # A traced temperature of 0 still means greedy.
-    return jnp.where(temperature > 0, token, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    if greedy is None:  # a traced temperature of 0 still means greedy
+        token = jnp.where(temperature > 0, token, _argmax(logits))
+    return token
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,7 +203,7 @@ def _select(key: Array, logits: Array, temperature: Array, top_k: int, top_p: Ar
                                              "greedy", "eos_id", "ignore_eos"))
 def _sample_jit(params: PyTree, encoder_input_tokens: Array, rng: Array, temperature: Array, top_p: Array, *,
                 config: T5Config, num_samples: int, max_decode_len: int, top_k: int, use_top_p: bool,
-                greedy: bool, eos_id: int, ignore_eos: bool) -> DecodeOutput:
+                greedy: bool | None, eos_id: int, ignore_eos: bool) -> DecodeOutput:
     model = Transformer(config)
     batch = encoder_input_tokens.shape[0]
     rows = batch * num_samples
@@ -270,7 +283,7 @@ def sample(params: PyTree, model_or_config: Transformer | T5Config, encoder_inpu
     return _sample_jit(nn.unbox(params), encoder_input_tokens, rng, jnp.asarray(temperature, jnp.float32),
                        jnp.asarray(top_p, jnp.float32), config=config, num_samples=int(num_samples),
                        max_decode_len=int(max_decode_len), top_k=int(top_k), use_top_p=bool(top_p < 1.0),
-                       greedy=bool(is_static and temperature == 0), eos_id=int(eos_id),
+                       greedy=bool(temperature == 0) if is_static else None, eos_id=int(eos_id),
                        ignore_eos=bool(ignore_eos))
 
 
