@@ -144,11 +144,11 @@ SMALL_VOCAB = T5Config(vocab_size=16, emb_dim=32, num_heads=2, num_encoder_layer
 
 
 @functools.lru_cache(maxsize=None)
-def _first_token_counts(temperature: float, top_k: int, top_p: float, num: int = 20000):
+def _first_token_counts(temperature: float, top_k: int, top_p: float, candidates: int = 64, num: int = 20000):
     params = _params(SMALL_VOCAB)
     source = jnp.array([[5, 9, 3, 7, 0]], jnp.int32)
     out = decoding.sample(params, SMALL_VOCAB, source, jax.random.PRNGKey(3), num_samples=num, max_decode_len=1,
-                          temperature=temperature, top_k=top_k, top_p=top_p)
+                          temperature=temperature, top_k=top_k, top_p=top_p, top_p_candidates=candidates)
     logits = _forward(SMALL_VOCAB)(params, source, jnp.zeros((1, 1), jnp.int32))
     counts = np.bincount(np.asarray(out.tokens[0, :, 0]), minlength=SMALL_VOCAB.vocab_size)
     return counts, np.asarray(logits[0, 0], np.float64)
@@ -183,10 +183,11 @@ def test_first_token_distribution_matches_tempered_softmax(temperature):
         assert _chi_square_pvalue(counts, _reference(logits, 1.0)) < 1e-6
 
 
-@pytest.mark.parametrize("top_k,top_p", [(4, 1.0), (0, 0.7), (3, 0.6)])
-def test_first_token_distribution_with_top_k_top_p(top_k, top_p):
+# candidates=2: the nucleus is larger than the 2 most likely tokens, so top-p takes the bisection path.
+@pytest.mark.parametrize("top_k,top_p,candidates", [(4, 1.0, 64), (0, 0.7, 64), (0, 0.7, 2), (3, 0.6, 64)])
+def test_first_token_distribution_with_top_k_top_p(top_k, top_p, candidates):
     temperature = 1.3
-    counts, logits = _first_token_counts(temperature, top_k, top_p)
+    counts, logits = _first_token_counts(temperature, top_k, top_p, candidates)
     assert _chi_square_pvalue(counts, _reference(logits, temperature, top_k, top_p)) > 1e-3
     # Off-by-one sets, or truncation applied before the temperature, are detected.
     if top_k and top_p == 1.0:
@@ -196,12 +197,13 @@ def test_first_token_distribution_with_top_k_top_p(top_k, top_p):
     assert _chi_square_pvalue(counts, _reference(logits, temperature)) < 1e-6
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.5, 3, 1.0), (0.8, 0, 0.5), (2.0, 5, 0.6)])
-def test_top_k_top_p_never_emit_excluded_tokens(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,candidates",
+                         [(1.5, 3, 1.0, 64), (0.8, 0, 0.5, 64), (0.8, 0, 0.5, 2), (2.0, 5, 0.6, 64)])
+def test_top_k_top_p_never_emit_excluded_tokens(temperature, top_k, top_p, candidates):
     params, sources = _params(TINY), _sources()
     length = L
     out = decoding.sample(params, TINY, sources, jax.random.PRNGKey(7), num_samples=40, max_decode_len=length,
-                          temperature=temperature, top_k=top_k, top_p=top_p)
+                          temperature=temperature, top_k=top_k, top_p=top_p, top_p_candidates=candidates)
     batch = decoding.samples_to_batch(sources, out)
     log_probs = _teacher_forced_log_probs(TINY, params, batch["encoder_input_tokens"],
                                           batch["decoder_target_tokens"])
@@ -329,12 +331,52 @@ def test_beam_search_finds_exhaustive_best(alpha):
         assert int(out.lengths[:, 0].max()) > 1  # the length penalty mattered somewhere
 
 
+def _reference_beam_search(params, source, beam_size, alpha, length):
+    """Beam search in float64 NumPy on teacher-forced log-probs (T5X semantics: 2k candidates per step, a
+    hypothesis ends at EOS or at max length, the best `beam_size` finished ones are kept)."""
+    live, finished = [((), 0.0)], []
+    for t in range(length):
+        prefixes = np.zeros((len(live), length), np.int32)
+        for r, (seq, _) in enumerate(live):
+            prefixes[r, :t] = seq
+        log_probs = _teacher_forced_log_probs(TINY, params, jnp.repeat(source[None], len(live), 0), prefixes)
+        candidates = [(seq + (tok,), lp + log_probs[r, t, tok]) for r, (seq, lp) in enumerate(live)
+                      for tok in range(TINY.vocab_size)]
+        candidates = sorted(candidates, key=lambda c: -c[1])[:2 * beam_size]
+        ended = [c for c in candidates if c[0][-1] == 1 or t == length - 1]
+        finished += [(seq, lp, lp / ((5.0 + len(seq)) / 6.0) ** alpha) for seq, lp in ended]
+        finished = sorted(finished, key=lambda f: -f[2])[:beam_size]
+        live = [c for c in candidates if c[0][-1] != 1][:beam_size]
+    return finished
+
+
+def test_small_beam_matches_reference_beam_search():
+    # EOS bias that depends on the previous token (via its embedding's dimension 0), so that ending early
+    # and continuing compete and k vs 2k candidates per step matters.
+    params = jax.tree_util.tree_map(lambda x: x, _params(TINY))
+    offsets = np.random.default_rng(0).uniform(0.0, 20.0, TINY.vocab_size)
+    params["token_embedder"]["embedding"] = params["token_embedder"]["embedding"].at[:, 0].add(offsets)
+    kernel = params["decoder"]["logits_dense"]["kernel"]
+    params["decoder"]["logits_dense"]["kernel"] = 3.0 * kernel.at[0, :].set(0.0).at[0, 1].set(0.3)
+    sources = _sources()
+    beam_size, alpha = 3, 0.6
+    out = decoding.beam_search(params, TINY, sources, beam_size=beam_size, alpha=alpha, max_decode_len=L)
+    lengths = np.asarray(out.lengths)
+    assert len(set(lengths.ravel().tolist())) > 2, lengths  # EOS competes with continuing
+    for i in range(B):
+        expected = _reference_beam_search(params, np.asarray(sources[i]), beam_size, alpha, L)
+        for j, (seq, lp, score) in enumerate(expected):
+            np.testing.assert_array_equal(np.asarray(out.tokens[i, j, :len(seq)]), seq)
+            assert int(out.lengths[i, j]) == len(seq)
+            np.testing.assert_allclose(float(out.scores[i, j]), score, rtol=1e-4, atol=1e-4)
+
+
 def test_small_beam_prefers_better_than_greedy_and_matches_reported_scores():
     params, sources = _params(TINY), _sources()
     length, alpha = L, 0.6
-    beams = decoding.beam_search(params, TINY, sources, beam_size=4, alpha=alpha, max_decode_len=length)
+    beams = decoding.beam_search(params, TINY, sources, beam_size=3, alpha=alpha, max_decode_len=length)
     tokens, lengths = np.asarray(beams.tokens).reshape(-1, length), np.asarray(beams.lengths).ravel()
-    src = jnp.repeat(sources, 4, axis=0)  # beams are grouped by source
+    src = jnp.repeat(sources, 3, axis=0)  # beams are grouped by source
     log_probs = _teacher_forced_log_probs(TINY, params, src, tokens)
     token_lp = np.take_along_axis(log_probs, tokens[..., None], -1)[..., 0]
     seq_lp = (token_lp * (np.arange(length) < lengths[:, None])).sum(-1)
