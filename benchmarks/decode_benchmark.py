@@ -82,14 +82,20 @@ class PeakRSS:
         self.delta = self._peak - self._base
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], int]:
-    """Wall times of `repeats` calls and the largest peak-RSS growth among them."""
+def timed(fn: Callable[[], Any], repeats: int, cpu: list[float] | None = None) -> tuple[list[float], int]:
+    """Wall times of `repeats` calls and the largest peak-RSS growth among them.
+
+    When `cpu` is given, the process CPU time (all threads) of each call is appended to it: on a shared
+    machine it moves less with other jobs' load than wall time does.
+    """
     times, peak = [], 0
     for _ in range(repeats):
         with PeakRSS() as mem:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times.append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.append(time.process_time() - start_cpu)
         peak = max(peak, mem.delta)
     return times, peak
 
@@ -199,8 +205,9 @@ def run_ours(params, config, sources, samples, new_tokens, repeats):
     first = time.perf_counter() - start
     assert out.tokens.shape == (len(sources), samples, new_tokens)
     assert int(out.lengths.min()) == new_tokens
-    times, mem = timed(call, repeats)
-    return first, times, mem
+    cpu = []
+    times, mem = timed(call, repeats, cpu)
+    return first, times, mem, min(cpu)
 
 
 def run_hf(model, sources, samples, new_tokens, repeats):
@@ -221,8 +228,9 @@ def run_hf(model, sources, samples, new_tokens, repeats):
         model.generate(input_ids=src[:1], **dict(kwargs, attention_mask=kwargs["attention_mask"][:1],
                                                    min_new_tokens=2, max_new_tokens=2))
     first = time.perf_counter() - start
-    times, mem = timed(call, repeats)
-    return first, times, mem
+    cpu = []
+    times, mem = timed(call, repeats, cpu)
+    return first, times, mem, min(cpu)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,10 +281,10 @@ def main(argv=None) -> None:
               f"d_model {config.emb_dim}, ffn {config.mlp_dim}, {config.num_heads} heads x {config.head_dim}, "
               f"vocab {config.vocab_size}; {flops / 1e9:.1f} GFLOP per call", flush=True)
 
-        first, times, mem = run_ours(params, config, sources, n, steps, args.repeats)
+        first, times, mem, cpu = run_ours(params, config, sources, n, steps, args.repeats)
         best = min(times)
         ours = dict(shape=shape, impl="rest_jax", first=first, best=best, median=statistics.median(times), mem=mem,
-                    tps=b * n * steps / best, gflops=flops / best / 1e9)
+                    tps=b * n * steps / best, gflops=flops / best / 1e9, cpu=cpu)
         rows.append(ours)
         print(f"  rest_jax: first call {first:.2f} s, best {best:.3f} s, {ours['tps']:.0f} tok/s ({load()})",
               flush=True)
@@ -284,41 +292,44 @@ def main(argv=None) -> None:
             model = hf_model(config, params)
             print(f"  same weights: max |logit diff| HF vs rest_jax = "
                   f"{check_same_weights(config, params, model, sources):.2e}", flush=True)
-            first, times, mem = run_hf(model, sources, n, steps, hf_repeats)
+            first, times, mem, cpu = run_hf(model, sources, n, steps, hf_repeats)
             best = min(times)
             hf = dict(shape=shape, impl="HF generate", first=first, best=best, median=statistics.median(times),
-                      mem=mem, tps=b * n * steps / best, gflops=flops / best / 1e9)
+                      mem=mem, tps=b * n * steps / best, gflops=flops / best / 1e9, cpu=cpu)
             rows.append(hf)
             print(f"  HF: warm-up {first:.2f} s, best {best:.3f} s, {hf['tps']:.0f} tok/s ({load()})", flush=True)
 
         for samples in [int(x) for x in args.sweep.split(",") if x]:
-            first, times, _ = run_ours(params, config, sources, samples, steps, args.repeats)
-            row = dict(shape=shape, n=samples, ours=min(times) / (b * samples), compile=first)
+            first, times, _, cpu = run_ours(params, config, sources, samples, steps, args.repeats)
+            row = dict(shape=shape, n=samples, ours=min(times) / (b * samples), cpu=cpu / (b * samples),
+                       compile=first)
             if args.sweep_hf and not args.no_hf:
-                _, times, _ = run_hf(model, sources, samples, steps, hf_repeats)
+                _, times, _, _ = run_hf(model, sources, samples, steps, hf_repeats)
                 row["hf"] = min(times) / (b * samples)
             sweep_rows.append(row)
-            print(f"  N={samples}: {row['ours'] * 1e3:.2f} ms per sample", flush=True)
+            print(f"  N={samples}: {row['ours'] * 1e3:.2f} ms per sample ({row['cpu'] * 1e3:.2f} CPU ms)", flush=True)
         print()
 
     print(f"## Throughput ({b} sources x N={n}, {s} source tokens, {steps} new tokens)\n")
-    print("| shape | implementation | tokens/s | best s/call | median s/call | first call s | peak RSS delta MiB "
-          "| GFLOP/s | % of matmul peak | speed-up vs HF |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| shape | implementation | tokens/s | best s/call | median s/call | CPU s/call | first call s "
+          "| peak RSS delta MiB | GFLOP/s | % of matmul peak | speed-up vs HF (wall / CPU) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         hf = next((r for r in rows if r["shape"] == row["shape"] and r["impl"] == "HF generate"), None)
-        ratio = f"{row['tps'] / hf['tps']:.2f}x" if hf else "-"
+        ratio = f"{row['tps'] / hf['tps']:.2f}x / {hf['cpu'] / row['cpu']:.2f}x" if hf else "-"
         print(f"| {row['shape']} | {row['impl']} | {row['tps']:.0f} | {row['best']:.3f} | {row['median']:.3f} | "
-              f"{row['first']:.2f} | {row['mem'] / 2**20:.0f} | {row['gflops']:.1f} | "
+              f"{row['cpu']:.3f} | {row['first']:.2f} | {row['mem'] / 2**20:.0f} | {row['gflops']:.1f} | "
               f"{100 * row['gflops'] / peak:.1f} | {ratio} |")
     if sweep_rows:
         print(f"\n## Cost per sample vs N ({b} sources, {steps} new tokens; encode once per source)\n")
         has_hf = any("hf" in r for r in sweep_rows)
-        print("| shape | N | rest_jax ms/sample | rest_jax first call s |" + (" HF ms/sample |" if has_hf else ""))
-        print("|---|---:|---:|---:|" + ("---:|" if has_hf else ""))
+        print("| shape | N | rest_jax ms/sample | rest_jax CPU ms/sample | first call s |"
+              + (" HF ms/sample |" if has_hf else ""))
+        print("|---|---:|---:|---:|---:|" + ("---:|" if has_hf else ""))
         for r in sweep_rows:
             extra = f" {r['hf'] * 1e3:.2f} |" if "hf" in r else (" - |" if has_hf else "")
-            print(f"| {r['shape']} | {r['n']} | {r['ours'] * 1e3:.2f} | {r['compile']:.2f} |" + extra)
+            print(f"| {r['shape']} | {r['n']} | {r['ours'] * 1e3:.2f} | {r['cpu'] * 1e3:.2f} | {r['compile']:.2f} |"
+                  + extra)
     print(f"\n{load()} at end; matmul peak {peak:.1f} GFLOP/s")
 
 
