@@ -151,7 +151,10 @@ def make_loss_fn(model: nn.Module, label_smoothing: float = 0.0, z_loss: float =
         targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
         total, total_z, num_tokens = losses.cross_entropy_loss(logits, targets, weights, label_smoothing, z_loss)
         denom = jnp.maximum(num_tokens, 1.0)
-        correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+        # "Target logit is the largest" rather than argmax: the same except for exact ties, and XLA CPU
+        # lowers argmax over a 32k vocabulary to a slow (value, index) reduction (~5% of a step).
+        target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        correct = jnp.sum((target_logits >= jnp.max(logits, axis=-1)) * weights)
         return total / denom, {"z_loss": total_z / denom, "accuracy": correct / denom, "num_tokens": num_tokens}
 
     return loss_fn

@@ -122,6 +122,9 @@ def test_sharded_jitted_step_equals_plain_reference_update():
         np_loss = _np_loss(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], ls, zl)
         state, metrics = step(state, shard(batch))
         np.testing.assert_allclose(float(metrics["loss"]), np_loss, rtol=1e-5)
+        hits = (np.argmax(np.asarray(logits), -1) == batch["decoder_target_tokens"]) * batch["decoder_loss_weights"]
+        np.testing.assert_allclose(float(metrics["accuracy"]), hits.sum() / batch["decoder_loss_weights"].sum(),
+                                   rtol=1e-6)
         np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.global_norm(grads)), rtol=1e-4)
         np.testing.assert_allclose(float(metrics["learning_rate"]), 1e-2 * min(1.0, i / 2), rtol=1e-6)
         assert clip < 1.0 or i > 0  # the clip is active at least on the first step
