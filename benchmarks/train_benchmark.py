@@ -15,7 +15,8 @@ imports (the high-water mark is reset there through /proc/self/clear_refs). Achi
 matmul FLOPs of `rest_jax.metrics.estimate_flops_per_example` (the same count for both frameworks) at the median step time and is
 shown as a fraction of this machine's float32 matmul peak, measured in the same run (best of jax and
 torch on a 2048^3 matmul). The machine is shared: the script alternates the frameworks (--repeats), shows the best run of each and all
-runs' figures, and prints the load average before and after.
+runs' figures, and prints the load average before and after. The last columns use process CPU time
+per step (all threads), which other jobs' load disturbs less: throughput per CPU-second used.
 """
 
 from __future__ import annotations
@@ -101,13 +102,14 @@ def worker_jax(shape: str, batch: int, src: int, tgt: int, warmup: int, steps: i
         state, m = step(state, device_batch)
         jax.device_get(m["loss"])
     compile_s = time.perf_counter() - t0
-    losses, times = [], []
+    losses, times, cpu = [], [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, m = step(state, device_batch)
         losses.append(float(jax.device_get(m["loss"])))
         times.append(time.perf_counter() - t0)
-    return _result("rest_jax (jax.jit, XLA CPU)", config, batch, src, tgt, times, base, losses,
+        cpu.append(time.process_time() - c0)
+    return _result("rest_jax (jax.jit, XLA CPU)", config, batch, src, tgt, times, cpu, base, losses,
                    compile_s=compile_s, flops=metrics.estimate_flops_per_example(config, src, tgt) * batch)
 
 
@@ -148,17 +150,18 @@ def worker_torch(shape: str, batch: int, src: int, tgt: int, warmup: int, steps:
     for _ in range(warmup):
         one_step()
     warm_s = time.perf_counter() - t0
-    losses, times = [], []
+    losses, times, cpu = [], [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(one_step())
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     return _result(f"HF transformers {transformers.__version__} (PyTorch {torch.__version__} eager)", config,
-                   batch, src, tgt, times, base, losses, compile_s=warm_s,
+                   batch, src, tgt, times, cpu, base, losses, compile_s=warm_s,
                    flops=metrics.estimate_flops_per_example(config, src, tgt) * batch)
 
 
-def _result(name, config, batch, src, tgt, times, base_mb, losses, compile_s, flops) -> dict:
+def _result(name, config, batch, src, tgt, times, cpu, base_mb, losses, compile_s, flops) -> dict:
     import numpy as np
 
     peak = _rss_mb("VmHWM")
@@ -167,6 +170,7 @@ def _result(name, config, batch, src, tgt, times, base_mb, losses, compile_s, fl
     step_s = float(np.median(times))
     return {"framework": name, "step_s": step_s, "min_step_s": float(np.min(times)),
             "mean_step_s": float(np.mean(times)), "tokens_per_s": batch * tgt / step_s,
+            "cpu_step_s": float(np.median(cpu)), "tokens_per_cpu_s": batch * tgt / float(np.median(cpu)),
             "gflops_per_s": flops / step_s / 1e9, "peak_rss_mb": peak, "train_mb": peak - base_mb,
             "warmup_s": compile_s, "first_loss": losses[0], "last_loss": losses[-1],
             "vocab": config.vocab_size}
@@ -277,18 +281,21 @@ def main() -> None:
         for r in (jax_r, torch_r):
             r.update(shape=shape, steps=steps, fraction_of_peak=r["gflops_per_s"] / peak["peak_gflops"])
         jax_r["speedup"] = jax_r["tokens_per_s"] / torch_r["tokens_per_s"]
+        jax_r["cpu_speedup"] = jax_r["tokens_per_cpu_s"] / torch_r["tokens_per_cpu_s"]
         rows += [jax_r, torch_r]
         print(f"  {shape}: done", flush=True)
     load_after = os.getloadavg()
     header = (f"\nbatch {args.batch} x {args.src} source x {args.tgt} target tokens, AdamW, float32\n"
               "| shape | framework | target tokens/s | step ms (median / min) | GFLOP/s | of peak | peak RSS MB | "
-              "train MB | vs HF |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+              "train MB | vs HF | CPU s/step | tokens per CPU-s vs HF |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(header)
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "1.00x"
         print(f"| {r['shape']} | {r['framework']} | {r['tokens_per_s']:.0f} | {1000 * r['step_s']:.1f} / {1000 * r['min_step_s']:.1f} | "
               f"{r['gflops_per_s']:.1f} | {100 * r['fraction_of_peak']:.1f}% | {r['peak_rss_mb']:.0f} | "
-              f"{r['train_mb']:.0f} | {speed} |")
+              f"{r['train_mb']:.0f} | {speed} | {r['cpu_step_s']:.3f} | "
+              f"{r.get('cpu_speedup', 1.0):.2f}x |")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in load_after)} "
           "(1, 5, 15 min; the machine is shared, so absolute figures move with it)")
     for r in rows:
