@@ -231,8 +231,7 @@ def _select(key: Array, logits: Array, temperature: Array, top_k: int, top_p: Ar
                                              "top_p_candidates", "greedy", "eos_id", "ignore_eos"))
 def _sample_jit(params: PyTree, encoder_input_tokens: Array, rng: Array, temperature: Array, top_p: Array, *,
                 config: T5Config, num_samples: int, max_decode_len: int, top_k: int, use_top_p: bool,
-                top_p_candidates: int,
-                greedy: bool | None, eos_id: int, ignore_eos: bool) -> DecodeOutput:
+                top_p_candidates: int, greedy: bool | None, eos_id: int, ignore_eos: bool) -> DecodeOutput:
     model = Transformer(config)
     batch = encoder_input_tokens.shape[0]
     rows = batch * num_samples
@@ -311,14 +310,15 @@ def sample(params: PyTree, model_or_config: Transformer | T5Config, encoder_inpu
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
     if top_p_candidates < 1:
         raise ValueError(f"top_p_candidates must be >= 1, got {top_p_candidates}.")
-    is_static = isinstance(temperature, (int, float))
+    # Python and NumPy scalars are known at trace time (one program each); jax arrays may be traced.
+    is_static = not isinstance(temperature, jax.Array)
     if is_static and temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}.")
     return _sample_jit(nn.unbox(params), encoder_input_tokens, rng, jnp.asarray(temperature, jnp.float32),
                        jnp.asarray(top_p, jnp.float32), config=config, num_samples=int(num_samples),
                        max_decode_len=int(max_decode_len), top_k=int(top_k), use_top_p=bool(top_p < 1.0),
                        top_p_candidates=int(top_p_candidates),
-                       greedy=bool(temperature == 0) if is_static else None, eos_id=int(eos_id),
+                       greedy=bool(float(temperature) == 0.0) if is_static else None, eos_id=int(eos_id),
                        ignore_eos=bool(ignore_eos))
 
 
