@@ -60,6 +60,12 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No complete checkpoint where one was asked for."""
 
 
+def _absolute(path: str | os.PathLike) -> epath.Path:
+    """Orbax refuses relative paths; a run directory given relative to the working directory is fine."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def _path_str(path: tuple[Any, ...]) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
@@ -181,7 +187,7 @@ class CheckpointManager:
             raise ValueError(f"CheckpointManager.period={period} must be >= 1.")
         if keep is not None and keep < 1:
             raise ValueError(f"CheckpointManager.keep={keep} must be >= 1 or None (keep all).")
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(directory)
         self.period = int(period)
         if cleanup_tmp and jax.process_index() == 0 and self.directory.exists():
             # Orbax's own clean-up misses some names (e.g. '<step>.orbax-checkpoint-tmp-<time>').
@@ -355,7 +361,7 @@ def load_params(path: str | os.PathLike, target: PyTree | None = None, step: int
     Returns:
       The parameter pytree (nested dicts with T5X names).
     """
-    step_dir = _find_step_dir(epath.Path(path), step)
+    step_dir = _find_step_dir(_absolute(path), step)
     if target is None:
         stored = _stored_tree(step_dir / _STATE)
         if "params" not in stored:
