@@ -105,12 +105,6 @@ def _prefill(model: Transformer, params: PyTree, encoder_input_tokens: Array) ->
     return cross_kv, encoder_input_tokens > 0
 
 
-def _empty_cache(config: T5Config, rows: int, max_length: int) -> dict[str, Array]:
-    shape = (config.num_decoder_layers, rows, max_length, config.num_heads, config.head_dim)
-    zeros = jnp.zeros(shape, config.activation_dtype)
-    return {"k": zeros, "v": zeros}
-
-
 def _decode_step(model: Transformer, params: PyTree, tokens: Array, index: Array, cache: dict,
                  cross_kv: dict, encoder_mask: Array) -> tuple[Array, dict]:
     return model.apply({"params": params}, tokens, index, cache, cross_kv, encoder_mask,
@@ -266,7 +260,7 @@ def _sample_jit(params: PyTree, encoder_input_tokens: Array, rng: Array, tempera
         jnp.zeros((rows, length), jnp.float32),
         jnp.zeros((rows,), bool),
         jnp.zeros((rows,), jnp.int32),
-        _empty_cache(config, rows, length),
+        model.init_cache(rows, length),
     )
     _, _, tokens, log_probs, _, lengths, _ = jax.lax.while_loop(cond, body, state)
     shape = (batch, num_samples)
@@ -388,7 +382,7 @@ def _beam_search_jit(params: PyTree, encoder_input_tokens: Array, alpha: Array, 
         live_tokens = jnp.take_along_axis(cand_tokens, pick[:, :, None], axis=1)
         origin = jnp.take_along_axis(cand_beam, pick, axis=1)  # [b, k] parent beam of each new live beam
 
-        def reorder(c):
+        def reorder(c):  # decoder rows are axis 1 of every cache array (`Transformer.init_cache`)
             c = c.reshape((c.shape[0], batch, k) + c.shape[2:])
             c = jnp.take_along_axis(c, origin.reshape((1, batch, k) + (1,) * (c.ndim - 3)), axis=2)
             return c.reshape((c.shape[0], batch * k) + c.shape[3:])
@@ -403,7 +397,7 @@ def _beam_search_jit(params: PyTree, encoder_input_tokens: Array, alpha: Array, 
         jnp.array(0, jnp.int32),
         live_log_probs.astype(jnp.float32),
         jnp.zeros((batch, k, length), jnp.int32),
-        _empty_cache(config, batch * k, length),
+        model.init_cache(batch * k, length),
         jnp.full((batch, k), -jnp.inf, jnp.float32),
         jnp.full((batch, k), -jnp.inf, jnp.float32),
         jnp.zeros((batch, k, length), jnp.int32),

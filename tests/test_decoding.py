@@ -428,7 +428,7 @@ def test_sources_encoded_once_and_cross_kv_shared(search):
     loop_inputs = _while_operand_shapes(jaxpr)
     # The loop carries per-source cross K/V and a per-row self-attention cache.
     assert (layers, b, s, h, d) in loop_inputs
-    assert (layers, b * n, length, h, d) in loop_inputs
+    assert Transformer(config).init_cache(b * n, length)["k"].shape in loop_inputs
     # Nothing anywhere holds per-row copies of a source: no encoder activations or K/V for b * n rows.
     shapes = set(_all_shapes(jaxpr))
     for per_row in [(b * n, s), (b * n, s, e), (b * n, s, h, d), (layers, b * n, s, h, d), (b, n, s, h, d)]:
