@@ -192,15 +192,18 @@ class RelativePositionBiases(nn.Module):
 
 
 def _dot_product_attention(query: Array, key: Array, value: Array, bias: Array, dropout_rng: Array | None,
-                           dropout_rate: float, float32_logits: bool) -> Array:
+                           dropout_rate: float, float32_logits: bool, heads_major: bool = False) -> Array:
     """Attention of query [b, q, h, d] (or [b, n, q, h, d] for shared keys) over key/value [b, k, h, d].
 
-    No 1/sqrt(d) scaling: T5 folds it into the query initialisation.
+    `heads_major` keys/values are [b, h, k, d] (the decoding cache layout, which XLA:CPU reads without a
+    transpose per step). No 1/sqrt(d) scaling: T5 folds it into the query initialisation.
     """
     shared = query.ndim == 5
     if float32_logits:
         query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-    if shared:
+    if heads_major:
+        logits = jnp.einsum("bqhd,bhkd->bhqk", query, key)
+    elif shared:
         logits = jnp.einsum("bnqhd,bkhd->bnhqk", query, key)
     else:
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
@@ -209,6 +212,8 @@ def _dot_product_attention(query: Array, key: Array, value: Array, bias: Array, 
     if dropout_rng is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = weights * keep.astype(weights.dtype) / (1.0 - dropout_rate)
+    if heads_major:
+        return jnp.einsum("bhqk,bhkd->bqhd", weights, value)
     if shared:
         return jnp.einsum("bnhqk,bkhd->bnqhd", weights, value)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
@@ -247,11 +252,13 @@ class MultiHeadAttention(nn.Module):
         """Keys and values [b, k, heads, head_dim] of `inputs_kv` (cacheable)."""
         return self._split(self.key(inputs_kv)), self._split(self.value(inputs_kv))
 
-    def attend(self, inputs_q: Array, key: Array, value: Array, bias: Array, deterministic: bool) -> Array:
+    def attend(self, inputs_q: Array, key: Array, value: Array, bias: Array, deterministic: bool,
+               heads_major: bool = False) -> Array:
         """Attends `inputs_q` [b, q, e] (or [b, n, q, e] sharing keys across n) to given keys/values."""
         query = self._split(self.query(inputs_q))
         rng = None if deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
-        x = _dot_product_attention(query, key, value, bias, rng, self.dropout_rate, self.float32_logits)
+        x = _dot_product_attention(query, key, value, bias, rng, self.dropout_rate, self.float32_logits,
+                                   heads_major)
         return self.out(x.reshape(x.shape[:-2] + (self.num_heads * self.head_dim,)))
 
     def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool = True) -> Array:
@@ -343,17 +350,27 @@ class DecoderLayer(nn.Module):
     def cross_kv(self, encoded: Array) -> tuple[Array, Array]:
         return self.encoder_decoder_attention.project_kv(encoded)
 
-    def step(self, x: Array, self_k: Array, self_v: Array, index: Array, self_bias: Array,
-             cross_k: Array, cross_v: Array, cross_bias: Array) -> tuple[Array, Array, Array]:
-        """One decoding step. x: [b, n, 1, e]; self_k/v: [b*n, T, h, d] cache; cross_k/v: [b, s, h, d]."""
+    def step(self, x: Array, cache: Cache, layer: int, index: Array, self_bias: Array, cross_k: Array,
+             cross_v: Array, cross_bias: Array) -> tuple[Array, dict[str, Array]]:
+        """One decoding step. x: [b, n, 1, e]; cache k/v: [layers, b*n, h, T, d]; cross_k/v: [b, s, h, d].
+
+        The new key/value is written into the whole-stack cache in place (one dynamic_update_slice), so no
+        step copies a layer's cache.
+        """
         b, n = x.shape[:2]
         y = self.pre_self_attention_layer_norm(x).reshape((b * n, 1, x.shape[-1]))
-        k, v = self.self_attention.project_kv(y)
-        self_k = jax.lax.dynamic_update_slice_in_dim(self_k, k.astype(self_k.dtype), index, axis=1)
-        self_v = jax.lax.dynamic_update_slice_in_dim(self_v, v.astype(self_v.dtype), index, axis=1)
-        y = self.self_attention.attend(y, self_k, self_v, self_bias, deterministic=True)
+        k, v = self.self_attention.project_kv(y)  # [b*n, 1, h, d]
+        start = (layer, 0, 0, index, 0)
+        cache = {
+            "k": jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 1, 3)[None].astype(cache["k"].dtype),
+                                              start),
+            "v": jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3)[None].astype(cache["v"].dtype),
+                                              start),
+        }
+        y = self.self_attention.attend(y, cache["k"][layer], cache["v"][layer], self_bias, deterministic=True,
+                                       heads_major=True)
         x = x + y.reshape(x.shape)
-        return self._cross_and_mlp(x, cross_k, cross_v, cross_bias, True), self_k, self_v
+        return self._cross_and_mlp(x, cross_k, cross_v, cross_bias, True), cache
 
 
 def _padding_bias(key_mask: Array, dtype: Any) -> Array:
@@ -413,9 +430,9 @@ class Transformer(nn.Module):
         return self.decoder.cross_kv(encoded)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
-        """Empty self-attention cache {'k', 'v'}: [layers, batch, max_length, heads, head_dim]."""
+        """Empty self-attention cache {'k', 'v'}: [layers, batch, heads, max_length, head_dim]."""
         c = self.config
-        shape = (c.num_decoder_layers, batch_size, max_length, c.num_heads, c.head_dim)
+        shape = (c.num_decoder_layers, batch_size, c.num_heads, max_length, c.head_dim)
         zeros = jnp.zeros(shape, c.activation_dtype)
         return {"k": zeros, "v": zeros}
 
@@ -486,20 +503,16 @@ class _Stack(nn.Module):
 
     def step(self, x: Array, index: Array, cache: Cache, cross_kv: Cache,
              encoder_mask: Array) -> tuple[Array, dict[str, Array]]:
-        max_length = cache["k"].shape[2]
+        max_length = cache["k"].shape[3]
         key_positions = jnp.arange(max_length)
         query_position = jnp.reshape(index, (1,)).astype(jnp.int32)
         future = jnp.where(key_positions[None, :] <= query_position[:, None], 0.0, _MASK_VALUE)[None, None]
         self_bias = self.relpos_bias(query_position, key_positions, bidirectional=False) + future.astype(x.dtype)
         # Shared cross attention: query [b, n, 1, h, d] against keys [b, s, h, d].
         cross_bias = _padding_bias(encoder_mask, x.dtype)[:, None]
-        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer.step(x, cache["k"][i], cache["v"][i], index, self_bias,
-                                 cross_kv["k"][i], cross_kv["v"][i], cross_bias)
-            new_k.append(k)
-            new_v.append(v)
-        return self.decoder_norm(x), {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+            x, cache = layer.step(x, cache, i, index, self_bias, cross_kv["k"][i], cross_kv["v"][i], cross_bias)
+        return self.decoder_norm(x), dict(cache)
 
 
 @gin.configurable
