@@ -378,6 +378,12 @@ def _padding_bias(key_mask: Array, dtype: Any) -> Array:
     return jnp.where(key_mask, 0.0, _MASK_VALUE).astype(dtype)[:, None, None, :]
 
 
+def _segment_bias(query_segments: Array, key_segments: Array, dtype: Any) -> Array:
+    """[b, q], [b, k] segment ids -> additive bias [b, 1, q, k] masking attention across packed examples."""
+    same = query_segments[:, :, None] == key_segments[:, None, :]
+    return jnp.where(same, 0.0, _MASK_VALUE).astype(dtype)[:, None]
+
+
 class Transformer(nn.Module):
     """T5 encoder-decoder (Raffel et al. 2020) with T5X's parameter tree.
 
@@ -395,22 +401,38 @@ class Transformer(nn.Module):
 
     # -- full-sequence passes ------------------------------------------------------------------------------
 
-    def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
-        """Encoder output [b, s, emb_dim] (activation dtype)."""
+    def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False,
+               encoder_segment_ids: Array | None = None) -> Array:
+        """Encoder output [b, s, emb_dim] (activation dtype).
+
+        `encoder_segment_ids` [b, s] (packed rows, T5X's feature): tokens attend only within their segment.
+        """
         x = self.token_embedder(encoder_input_tokens.astype(jnp.int32))
-        return self.encoder.encode(x, encoder_input_tokens > 0, not enable_dropout)
+        return self.encoder.encode(x, encoder_input_tokens > 0, not enable_dropout, encoder_segment_ids)
 
     def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-               enable_dropout: bool = False) -> Array:
-        """Teacher-forced decoder logits [b, t, vocab] in float32."""
+               enable_dropout: bool = False, encoder_segment_ids: Array | None = None,
+               decoder_segment_ids: Array | None = None) -> Array:
+        """Teacher-forced decoder logits [b, t, vocab] in float32 (segment ids as in `__call__`)."""
         y = self.token_embedder(decoder_input_tokens.astype(jnp.int32))
-        y = self.decoder.decode(y, encoded, encoder_input_tokens > 0, not enable_dropout)
+        y = self.decoder.decode(y, encoded, encoder_input_tokens > 0, not enable_dropout,
+                                encoder_segment_ids, decoder_segment_ids)
         return self._logits(y)
 
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
-                 enable_dropout: bool = False) -> Array:
-        encoded = self.encode(encoder_input_tokens, enable_dropout)
-        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout)
+                 enable_dropout: bool = False, encoder_segment_ids: Array | None = None,
+                 decoder_segment_ids: Array | None = None) -> Array:
+        """Teacher-forced logits [b, t, vocab].
+
+        With packing (several examples per row, as seqio's packing feature converter makes them) pass both
+        segment ids: attention then stays inside each example. Relative positions need no per-segment
+        positions: a segment is contiguous, so key - query offsets within it are those of the unpacked example.
+        """
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError("Packed batches need both encoder_segment_ids and decoder_segment_ids.")
+        encoded = self.encode(encoder_input_tokens, enable_dropout, encoder_segment_ids)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout,
+                           encoder_segment_ids, decoder_segment_ids)
 
     def _logits(self, y: Array) -> Array:
         if self.config.logits_via_embedding:
@@ -478,20 +500,26 @@ class _Stack(nn.Module):
             self.layers = [EncoderLayer(c, name=f"layers_{i}") for i in range(c.num_encoder_layers)]
             self.encoder_norm = LayerNorm(c.layer_norm_epsilon, dt)
 
-    def encode(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    def encode(self, x: Array, mask: Array, deterministic: bool, segment_ids: Array | None = None) -> Array:
         positions = jnp.arange(x.shape[1])
         bias = self.relpos_bias(positions, positions, bidirectional=True) + _padding_bias(mask, x.dtype)
+        if segment_ids is not None:
+            bias = bias + _segment_bias(segment_ids, segment_ids, x.dtype)
         x = _constrain(self.dropout(x, deterministic=deterministic))
         for layer in self.layers:
             x = layer(x, bias, deterministic)
         return self.dropout(self.encoder_norm(x), deterministic=deterministic)
 
-    def decode(self, y: Array, encoded: Array, encoder_mask: Array, deterministic: bool) -> Array:
+    def decode(self, y: Array, encoded: Array, encoder_mask: Array, deterministic: bool,
+               encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None) -> Array:
         t = y.shape[1]
         positions = jnp.arange(t)
         causal = jnp.where(positions[None, :] <= positions[:, None], 0.0, _MASK_VALUE)[None, None]
         self_bias = self.relpos_bias(positions, positions, bidirectional=False) + causal.astype(y.dtype)
         cross_bias = _padding_bias(encoder_mask, y.dtype)
+        if decoder_segment_ids is not None:
+            self_bias = self_bias + _segment_bias(decoder_segment_ids, decoder_segment_ids, y.dtype)
+            cross_bias = cross_bias + _segment_bias(decoder_segment_ids, encoder_segment_ids, y.dtype)
         y = _constrain(self.dropout(y, deterministic=deterministic))
         for layer in self.layers:
             y = layer(y, encoded, self_bias, cross_bias, deterministic)
