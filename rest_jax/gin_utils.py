@@ -16,7 +16,8 @@ Public API:
                                      command-line macros; then `gin.finalize()`.
   `macro_value(name, default)`       value of a bound macro (e.g. MODEL_DIR).
   `required_macros(sources, paths)`  static scan: macros a set of gin files needs but does not bind.
-  `save_config(model_dir, text)`     write `config.gin` atomically (local or `gs://`, via etils.epath).
+  `save_config(model_dir, text)`     write `config.gin` atomically (local or `gs://`, via etils.epath),
+                                     keeping a different earlier one as `config.<k>.gin`.
 """
 
 from __future__ import annotations
@@ -535,10 +536,20 @@ def required_macros(sources: Sequence[str], search_paths: Sequence[str] | None =
 
 def save_config(model_dir: str | os.PathLike[str], text: str, filename: str = "config.gin") -> epath.Path:
     """Writes `text` to `model_dir/filename` (local or gs://): temp name, then rename, so a crash never
-    leaves half a config behind."""
+    leaves half a config behind.
+
+    A different config already there (an earlier run of the same directory, e.g. before a rerun with other
+    overrides that then failed) is kept as `<stem>.<k>.gin`, k = 1, 2, ... in the order they were replaced.
+    """
     directory = epath.Path(model_dir)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / filename
+    if final.exists() and final.read_text() != text:
+        stem, suffix = os.path.splitext(filename)
+        k = 1
+        while (directory / f"{stem}.{k}{suffix}").exists():
+            k += 1
+        final.rename(directory / f"{stem}.{k}{suffix}")
     tmp = directory / f".{filename}.tmp-{uuid.uuid4().hex}"
     tmp.write_text(text)
     tmp.replace(final)

@@ -390,7 +390,7 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: Mapping[str, 
         try:
             state, loop = train_lib.train_loop(state, batches, step_fn, num_steps, shard_fn=shard_fn,
                                                metric_writer=writer, final_checkpoint=False, stage="value_pretrain",
-                                               log_period=log_period)
+                                               log_period=log_period, config_scope="improve_step")
         finally:
             if writer is not None:
                 writer.close()
@@ -543,6 +543,8 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
         return out
 
     val_sources, val_refs = validation
+    restart_hint = (f"none in {out_dir} (an Improve stage saves its best policy only when it ends); the stage's "
+                    "starting policy is intact and rerunning the same command restarts this stage from it")
 
     def validation_reward(params: Any) -> float:
         val_policy = evaluate.Policy(model, params, policy.vocab)
@@ -565,7 +567,8 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
             target = min(step + eval_period, num_steps)
             state, summary = train_lib.train_loop(state, batches, train_step, target, shard_fn=shard_fn,
                                                   metric_writer=writer, final_checkpoint=False,
-                                                  stage=f"improve_{improve_index}", log_period=eval_period)
+                                                  stage=f"improve_{improve_index}", log_period=eval_period,
+                                                  config_scope="improve_step", restart_hint=restart_hint)
             step = int(jax.device_get(state.step))
             last_loss = summary.get("loss", float("nan"))
             value = validation_reward(policy_of(state.params))

@@ -42,6 +42,7 @@ from rest_jax import partitioning
 # Imported for their gin configurables too: `rest_jax train` parses gin after importing this module.
 from rest_jax.data import pipeline
 from rest_jax.data import tasks
+from rest_jax.data import vocab as vocab_lib
 from rest_jax.model import t5
 
 PyTree = Any
@@ -242,16 +243,16 @@ def _is_oom(exc: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def _describe_last_checkpoint(manager: ckpt_lib.CheckpointManager | None) -> str:
+def _describe_last_checkpoint(manager: ckpt_lib.CheckpointManager | None, restart_hint: str | None) -> str:
     if manager is None:
-        return "no checkpoint manager, nothing was saved"
+        return restart_hint or "none (this loop saves no checkpoints)"
     last = manager.latest_step()
     return f"{manager.step_dir(last)} (step {last})" if last is not None else f"none yet in {manager.directory}"
 
 
 @gin.configurable(denylist=["state", "batches", "train_step", "num_steps", "eval_fn", "checkpoint_manager",
                             "metric_writer", "eval_metric_writer", "shard_fn", "checkpoint_metadata",
-                            "flops_per_step"])
+                            "flops_per_step", "config_scope", "restart_hint"])
 def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable, num_steps: int, *,
                eval_fn: EvalFn | None = None, eval_period: int = 0,
                checkpoint_manager: ckpt_lib.CheckpointManager | None = None,
@@ -259,7 +260,8 @@ def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable
                shard_fn: Callable[[Batch], Batch] | None = None, log_period: int = 50,
                skip_nonfinite_updates: bool = False, checkpoint_metadata: Mapping[str, Any] | None = None,
                flops_per_step: float | None = None, final_checkpoint: bool = True, stage: str = "train",
-               show_progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
+               show_progress: bool = True, config_scope: str = "train",
+               restart_hint: str | None = None) -> tuple[TrainState, dict[str, Any]]:
     """Runs `train_step` from `state.step` to `num_steps` over `batches`.
 
     `batches` must already start at batch `state.step` of the data order (e.g.
@@ -284,6 +286,10 @@ def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable
       final_checkpoint: Save at the end even off-period.
       stage: Label of the progress bar and logs ('train', 'improve_1_2', 'reward_model').
       show_progress: Show a bar (terminal) or periodic log lines.
+      config_scope: The gin function whose `batch_size` and `feature_lengths` set this loop's batches
+        ('train', 'improve_step', ...): error messages name those knobs.
+      restart_hint: What a rerun restarts from when there is no `checkpoint_manager` (e.g. the starting
+        policy of an Improve stage), said in the non-finite-loss error.
 
     Returns:
       (final state, summary): summary holds the last logged scalars, `eval` (last eval results),
@@ -334,8 +340,8 @@ def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable
                 if _is_oom(e):
                     raise OutOfMemoryError(
                         f"{stage}: step {step} does not fit in device memory ({str(e).splitlines()[0]}). "
-                        "Lower the batch size (gin: train.batch_size) or the feature lengths "
-                        "(train.feature_lengths), or shard the model over more devices "
+                        f"Lower the batch size (gin: {config_scope}.batch_size) or the feature lengths "
+                        f"({config_scope}.feature_lengths), or shard the model over more devices "
                         "(create_mesh.mesh_shape, e.g. (-1, 2)).") from e
                 raise
             dt = time.perf_counter() - t0
@@ -347,7 +353,7 @@ def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable
                 if not skip_nonfinite_updates:
                     raise NonFiniteLossError(
                         f"{stage}: {where}; training stopped and the update was not applied. Last good "
-                        f"checkpoint: {_describe_last_checkpoint(checkpoint_manager)}. Check the data at "
+                        f"checkpoint: {_describe_last_checkpoint(checkpoint_manager, restart_hint)}. Check the data at "
                         "that step and the learning rate, or set gin train_loop.skip_nonfinite_updates=True "
                         "to skip such updates.")
                 logging.warning("%s: %s; update skipped (%d skipped so far).", stage, where,
@@ -467,14 +473,38 @@ def make_eval_loss_fn(loss_fn: LossFn, batches_fn: Callable[[], Iterator[Batch]]
     return eval_fn
 
 
+def _vocabulary_record(task: Any) -> dict[str, Any] | None:
+    """{'path', 'sha256', 'size'} of the task's target SentencePiece vocabulary (None for other vocabularies)."""
+    try:
+        vocabulary = task.output_features["targets"].vocabulary
+        path = vocabulary.sentencepiece_model_file
+    except (AttributeError, KeyError):
+        return None
+    return {"path": str(path), "sha256": vocab_lib.vocab_fingerprint(path), "size": int(vocabulary.vocab_size)}
+
+
 def _check_vocabulary(task: Any, config: Any) -> None:
     try:
-        vocab_size = task.output_features["targets"].vocabulary.vocab_size
+        vocabulary = task.output_features["targets"].vocabulary
+        vocab_size = vocabulary.vocab_size
     except (AttributeError, KeyError):
         return
     if vocab_size > config.vocab_size:
-        raise ValueError(f"The task's vocabulary has {vocab_size} ids but the model has vocab_size="
-                         f"{config.vocab_size}; set T5Config.vocab_size (VOCAB_SIZE) to at least {vocab_size}.")
+        where = getattr(vocabulary, "sentencepiece_model_file", None)
+        raise ValueError(f"The task's vocabulary{f' {where}' if where else ''} has {vocab_size} ids but the model "
+                         f"has vocab_size={config.vocab_size}; set T5Config.vocab_size (VOCAB_SIZE) to at least "
+                         f"{vocab_size}.")
+
+
+def _check_same_vocabulary(recorded: Mapping[str, Any] | None, current: Mapping[str, Any] | None,
+                           checkpoint: str) -> None:
+    """Token ids mean nothing under another vocabulary, even one of the same size: refuse to resume."""
+    if not recorded or not current or recorded.get("sha256") == current["sha256"]:
+        return
+    raise ValueError(f"{checkpoint} was trained with the vocabulary {recorded.get('path')} (sha256 "
+                     f"{str(recorded.get('sha256'))[:12]}...), but this run's task uses {current['path']} (sha256 "
+                     f"{current['sha256'][:12]}...). Point get_task.vocabulary at the checkpoint's vocabulary, or "
+                     "use a new MODEL_DIR to train from scratch.")
 
 
 @gin.configurable
@@ -524,6 +554,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     optimizer = optimizer if optimizer is not None else optim.create_optimizer()
     seqio_task = tasks.as_task(task)
     _check_vocabulary(seqio_task, model.config)
+    vocabulary = _vocabulary_record(seqio_task)
     lengths = {"inputs": int(feature_lengths["inputs"]), "targets": int(feature_lengths["targets"])}
 
     init_key = jax.random.key(seed)
@@ -532,6 +563,8 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
                                          period=checkpoint_period)
     if manager.latest_step() is not None:
         state, restored_meta = manager.restore(abstract, shardings=shardings)
+        _check_same_vocabulary(restored_meta.get("vocabulary"), vocabulary,
+                               str(manager.step_dir(manager.latest_step())))
         logging.info("Resuming from %s (step %d).", manager.step_dir(manager.latest_step()), int(state.step))
         if restored_meta.get("task") not in (None, task):
             logging.warning("The checkpoint was trained on task %r, this run uses %r.", restored_meta["task"], task)
@@ -572,7 +605,8 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     config = model.config
     flops = metrics_lib.estimate_flops_per_example(config, lengths["inputs"], lengths["targets"]) * batch_size
     meta = {"task": task, "train_split": train_split, "seed": seed, "batch_size": batch_size,
-            "feature_lengths": lengths, "model_config": _jsonable(dataclasses.asdict(config))}
+            "feature_lengths": lengths, "model_config": _jsonable(dataclasses.asdict(config)),
+            "vocabulary": vocabulary}
     with metrics_lib.MetricWriter(model_dir, "train") as writer, metrics_lib.MetricWriter(model_dir, "eval") as ev:
         state, summary = train_loop(state, batches, train_step, num_steps, eval_fn=eval_fn, eval_period=eval_period,
                                     checkpoint_manager=manager, metric_writer=writer, eval_metric_writer=ev,

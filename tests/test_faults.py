@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -415,8 +416,11 @@ def test_disk_full_while_writing_a_shard_keeps_finished_shards(tmp_path, monkeyp
         assert pathlib.Path(writer.shard_path(i)).read_bytes() == pathlib.Path(clean.shard_path(i)).read_bytes()
 
 
-def test_out_of_device_memory_names_the_step_and_the_batch_knob(tmp_path):
-    """A real XLA RESOURCE_EXHAUSTED (an activation far too large for memory) inside the train step."""
+@pytest.mark.parametrize("scope", ["train", "improve_step"])
+def test_out_of_device_memory_names_the_step_and_the_batch_knob(tmp_path, scope):
+    """A real XLA RESOURCE_EXHAUSTED (an activation far too large for memory) inside the train step.
+
+    Improve's loop passes config_scope='improve_step': the message names that stage's knobs."""
     optimizer = optax.sgd(0.1)
 
     def loss_fn(params, batch, rng):
@@ -430,10 +434,12 @@ def test_out_of_device_memory_names_the_step_and_the_batch_knob(tmp_path):
     batches = iter([{"x": np.ones((4, 3), np.float32)}] * 3)
     with pytest.raises(train.OutOfMemoryError) as info:
         train.train_loop(state, batches, train.make_train_step(optimizer, loss_fn), 3, checkpoint_manager=manager,
-                         show_progress=False)
+                         show_progress=False, config_scope=scope)
     msg = str(info.value)
     assert "step 0 does not fit in device memory" in msg and "RESOURCE_EXHAUSTED" in msg
-    assert "train.batch_size" in msg and "train.feature_lengths" in msg
+    assert f"{scope}.batch_size" in msg and f"{scope}.feature_lengths" in msg
+    other = "train" if scope != "train" else "improve_step"
+    assert f"{other}.batch_size" not in msg
     assert manager.all_steps() == [0]
     manager.close()
 
@@ -501,8 +507,33 @@ def test_vocabulary_files_that_do_not_match(demo, tmp_path, clean_gin):
         gin.parse_config([f"demo_source.data_dir = '{demo['corpus']}'", "demo_source.generate_if_missing = False",
                           f"get_task.vocabulary = '{demo['vocab']}'"])
     _bind_model(vocab_size=64)
-    with pytest.raises(ValueError, match=rf"vocabulary has {VOCAB_SIZE} ids but the model has vocab_size=64.*"
-                                         rf"T5Config.vocab_size"):
+    with pytest.raises(ValueError, match=rf"vocabulary {re.escape(demo['vocab'])} has {VOCAB_SIZE} ids but the "
+                                         rf"model has vocab_size=64.*T5Config.vocab_size"):
         train.train(model_dir=str(tmp_path / "run"), task="demo_synthetic", feature_lengths={"inputs": 8,
                                                                                              "targets": 8})
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_resuming_with_another_vocabulary_of_the_same_size_is_refused(demo, tmp_path, clean_gin):
+    """Same size, other pieces: the ids would silently mean other words. The checkpoint's fingerprint stops it."""
+    lines = list(text_files.read_lines(str(demo["corpus"] / "train.tgt")))  # target side only: other pieces
+    same_size = vocab.train_vocabulary(lines, str(tmp_path / "same_size"), vocab_size=VOCAB_SIZE)
+    assert vocab.vocab_fingerprint(same_size) != vocab.vocab_fingerprint(demo["vocab"])
+
+    def run(vocabulary, steps):
+        gin.clear_config()
+        with gin.unlock_config():
+            gin.parse_config([f"demo_source.data_dir = '{demo['corpus']}'", "demo_source.generate_if_missing = False",
+                              f"get_task.vocabulary = '{vocabulary}'"])
+        _bind_model()
+        return train.train(model_dir=str(tmp_path / "run"), task="demo_synthetic", eval_split=None, batch_size=8,
+                           num_steps=steps, checkpoint_period=1, feature_lengths={"inputs": 8, "targets": 8})
+
+    run(demo["vocab"], 1)
+    with pytest.raises(ValueError) as info:
+        run(same_size, 2)
+    msg = str(info.value)
+    assert demo["vocab"] in msg and same_size in msg and "get_task.vocabulary" in msg
+    run(demo["vocab"], 2)  # the right vocabulary resumes
+    assert (tmp_path / "run" / "checkpoints" / "2").exists()
+

@@ -295,3 +295,18 @@ def test_improve_subcommand_end_to_end(tmp_path):
     assert json.loads((out / "improve.json").read_text())["best_step"] == printed["best_step"]
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
     assert set(checkpoints.load_params(printed["checkpoint"], target=target)) == set(params)
+
+
+def test_nonfinite_loss_in_improve_names_the_restart_point(tmp_path, mesh, policy_params, adamw):
+    """A learning rate far too large overflows the parameters: the error says a rerun restarts the stage."""
+    gin.bind_parameter("learning_rate_schedule.name", "constant")
+    gin.bind_parameter("learning_rate_schedule.base_learning_rate", 1e30)
+    data = _grow_data(np.linspace(0.1, 0.9, 8), seed=4)
+    policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    with pytest.raises(train.NonFiniteLossError) as info:
+        improve.improve_step(policy, data, str(tmp_path), 1, (["abc"], ["abc"]), reward=rewards.get("chrf"),
+                             num_steps=4, eval_period=4, batch_size=4, feature_lengths=LENGTHS, mesh=mesh,
+                             filter_method="none")
+    msg = str(info.value)
+    assert "improve_1: non-finite loss" in msg
+    assert "restarts this stage from it" in msg and str(tmp_path) in msg

@@ -234,6 +234,18 @@ def test_save_config_is_atomic_and_creates_dirs(tmp_path):
     assert path.read_text() == "X = 1\n" and os.listdir(tmp_path / "a" / "b") == ["config.gin"]
 
 
+def test_save_config_keeps_a_different_earlier_config(tmp_path):
+    tmp_path = tmp_path / "run"
+    gin_utils.save_config(tmp_path, "X = 1\n")
+    gin_utils.save_config(tmp_path, "X = 1\n")  # the same config again: nothing to keep
+    assert sorted(os.listdir(tmp_path)) == ["config.gin"]
+    gin_utils.save_config(tmp_path, "X = 2\n")
+    gin_utils.save_config(tmp_path, "X = 3\n")
+    assert sorted(os.listdir(tmp_path)) == ["config.1.gin", "config.2.gin", "config.gin"]
+    texts = [(tmp_path / f).read_text() for f in ("config.1.gin", "config.2.gin", "config.gin")]
+    assert texts == ["X = 1\n", "X = 2\n", "X = 3\n"]
+
+
 def test_console_script_help_in_a_fresh_process():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "rest_jax.main", "--help"], cwd=repo, capture_output=True,

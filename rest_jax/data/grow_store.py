@@ -60,6 +60,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from rest_jax.data.vocab import vocab_fingerprint
+
 REFERENCE_SAMPLE_ID = -1
 METADATA_FILE = "metadata.json"
 LAYOUT_FILE = "layout.json"
@@ -134,15 +136,6 @@ def _is_out_of_space(exc: BaseException) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------
 # Fingerprints.
-
-
-def vocab_fingerprint(vocab: str | os.PathLike | seqio.Vocabulary) -> str:
-    """sha256 of the vocabulary file (a path, or a SentencePieceVocabulary's model file)."""
-    path = getattr(vocab, "sentencepiece_model_file", vocab)
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"Cannot fingerprint vocabulary {vocab!r}: give the SentencePiece model file path.")
-    with tf.io.gfile.GFile(os.fspath(path), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

@@ -15,6 +15,7 @@ Command line:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -262,6 +263,15 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     vocab = load_vocabulary(path)
     print(f"Wrote {path} ({vocab.vocab_size} pieces).")
     return path
+
+
+def vocab_fingerprint(vocab: str | os.PathLike | seqio.Vocabulary) -> str:
+    """sha256 of the vocabulary file (a path, or a SentencePieceVocabulary's model file)."""
+    path = getattr(vocab, "sentencepiece_model_file", vocab)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Cannot fingerprint vocabulary {vocab!r}: give the SentencePiece model file path.")
+    with tf.io.gfile.GFile(os.fspath(path), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 if __name__ == "__main__":
