@@ -64,6 +64,7 @@ PyTree = Any
 STEP_KEY = "step"
 FROZEN_KEY = "frozen_params"
 VALUE_TRAINING = ("frozen", "joint")
+OPTIMIZER_SCOPE = "improve"  # gin scope of the Improve optimizer and schedule (`improve/learning_rate_schedule.*`)
 
 _COLUMNS = ("source_id", "sample_id", "is_reference", "reward", "source_text", "candidate_text",
             "source_tokens", "candidate_tokens", "behaviour_logprobs")
@@ -457,8 +458,9 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
       filter_method: 'threshold' (paper), 'percentile', 'gamma', 'top_k' or 'none'.
       include_references: Train on the references of D too (ReST: yes; ReST-EM: no).
       max_per_source: Keep at most this many samples per source (ReST-EM: 10).
-      lr_decay: The learning rate is `lr_decay ** improve_index` times the base (gin `create_optimizer`);
-        the paper lowers it at every Improve step.
+      lr_decay: The learning rate is `lr_decay ** improve_index` times the base (gin `create_optimizer` and
+        `learning_rate_schedule`, under the gin scope 'improve/' when bound there, else BC's); the paper
+        lowers it at every Improve step.
       num_steps: Most train steps.
       batch_size, feature_lengths: Batch shape.
       eval_period: Steps between validation-reward measurements (K).
@@ -490,7 +492,10 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
     composite = needs.value or needs.vmpo
     mesh = mesh if mesh is not None else partitioning.create_mesh()
     rules = partitioning.standard_logical_axis_rules()
-    optimizer = optim.create_optimizer(lr_scale=lr_decay ** improve_index)
+    # Scoped like T5X's fine-tuning configs: `improve/learning_rate_schedule.*` overrides the BC schedule for
+    # Improve only (e.g. a constant rate near BC's last one); unscoped bindings still apply otherwise.
+    with gin.config_scope(OPTIMIZER_SCOPE):
+        optimizer = optim.create_optimizer(lr_scale=lr_decay ** improve_index)
     model = policy.model
     policy_params = _place(model, policy.params, mesh, rules, "the Improve start policy")
     trainable: dict[str, Any] = {"policy": policy_params}

@@ -310,3 +310,27 @@ def test_nonfinite_loss_in_improve_names_the_restart_point(tmp_path, mesh, polic
     msg = str(info.value)
     assert "improve_1: non-finite loss" in msg
     assert "restarts this stage from it" in msg and str(tmp_path) in msg
+
+
+def test_improve_learning_rate_scope_overrides_bc_schedule(tmp_path, mesh, policy_params, adamw, monkeypatch):
+    """`improve/learning_rate_schedule.*` sets Improve's rate; the BC binding stays for BC; lr_decay^i applies."""
+    gin.bind_parameter("learning_rate_schedule.name", "constant")
+    gin.bind_parameter("learning_rate_schedule.base_learning_rate", 0.01)
+    gin.bind_parameter("learning_rate_schedule.warmup_steps", 0)
+    gin.bind_parameter("improve/learning_rate_schedule.base_learning_rate", 0.002)
+    seen = []
+    real = optim.create_optimizer
+
+    def spy(**kwargs):
+        opt = real(**kwargs)
+        seen.append(float(opt.schedule(0)))
+        return opt
+
+    monkeypatch.setattr(improve.optim, "create_optimizer", spy)
+    data = _grow_data(np.linspace(0.1, 0.9, 8), seed=5)
+    policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    improve.improve_step(policy, data, str(tmp_path), 2, (["abc"], ["abc"]), reward=rewards.get("chrf"),
+                         num_steps=1, eval_period=1, batch_size=8, feature_lengths=LENGTHS, mesh=mesh,
+                         filter_method="none", lr_decay=0.5)
+    assert seen == [pytest.approx(0.002 * 0.5 ** 2)]
+    assert float(optim.learning_rate_schedule()(0)) == pytest.approx(0.01)  # outside the scope: BC's
