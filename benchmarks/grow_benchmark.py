@@ -36,7 +36,7 @@ def main() -> None:
     gin.add_config_file_search_path(root)
     gin.parse_config_file(os.path.join(root, "models", f"{args.shape}.gin"))
     tmp = tempfile.mkdtemp()
-    pairs = demo_corpus.generate_pairs({"train": 3000}, seed=0)["train"]
+    pairs = demo_corpus.generate_pairs({"train": 3000, "validation": 0, "test": 0}, seed=0)["train"]
     vocab_path = vocab_lib.train_vocabulary([s for p in pairs for s in p], tmp, vocab_size=2000)
     vocab = vocab_lib.load_vocabulary(vocab_path)
     model = t5.build_model()
