@@ -137,3 +137,27 @@ def test_process_pool_matches_in_process(monkeypatch):
     finally:
         reward.close()
     np.testing.assert_allclose(got, rewards.get("chrf").score(SOURCES * 2, CANDIDATES * 2, REFERENCES * 2))
+
+
+def test_model_rewards_load_after_the_command_line_locks_gin(tmp_path):
+    """`rest_jax ...` finalizes gin before the entry runs; a reward module imported on first `get` (and the Grow
+    store module the learned reward reads) must still register its configurables. A fresh process, so that no
+    other test has imported them yet."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, gin\n"
+        "from rest_jax import rewards\n"
+        "gin.finalize()\n"
+        "for name in ('learned', 'metricx'):\n"
+        "    assert f'rest_jax.rewards.{name}' not in sys.modules\n"
+        "    try:\n"
+        "        rewards.get(name)\n"
+        "    except (FileNotFoundError, ValueError, TypeError) as e:  # imported; no model given\n"
+        "        print(name, 'needs a model:', type(e).__name__)\n"
+        "assert 'rest_jax.data.grow_store' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "learned needs a model" in proc.stdout and "metricx needs a model" in proc.stdout

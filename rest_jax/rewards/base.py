@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import gin
 import numpy as np
 
 # Names whose implementation lives in a module of this package that is imported on first use.
@@ -116,7 +117,10 @@ def get(name: str, **kwargs: Any) -> Any:
     if name not in _REGISTRY and name in _LAZY_MODULES:
         module = _LAZY_MODULES[name]
         try:
-            importlib.import_module(module)
+            # The command line locks gin before the entry point runs; the module's configurables must still
+            # register (they get no bindings: the config was parsed before they existed).
+            with gin.unlock_config():
+                importlib.import_module(module)
         except ModuleNotFoundError as e:
             if e.name != module:  # A dependency of the module is missing: that is the real error.
                 raise

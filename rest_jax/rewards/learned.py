@@ -50,6 +50,9 @@ from etils import epath
 from rest_jax import checkpoints as ckpt_lib
 from rest_jax import optim, partitioning
 from rest_jax import train as train_lib
+# Imported here, not on first use: gin locks its registry when the command line starts the entry point.
+from rest_jax.data import grow_store as store_lib
+from rest_jax.data import tasks
 from rest_jax.model import heads
 from rest_jax.model.t5 import T5Config
 from rest_jax.rewards import base as rewards_base
@@ -147,9 +150,8 @@ def examples_from_grow_store(store_dir: str, include_references: bool = True, re
       max_examples: Keep a random subset of this size (seeded).
       seed: Seed of that subset.
     """
-    from rest_jax.data import grow_store  # pylint: disable=import-outside-toplevel
 
-    store = grow_store.GrowStore(store_dir)
+    store = store_lib.GrowStore(store_dir)
     cols = store.as_numpy(("source_text", "candidate_text", "reference_text", "reward", "is_reference"))
     keep = np.ones(len(cols["reward"]), bool) if include_references else ~cols["is_reference"].astype(bool)
     index = np.flatnonzero(keep)
@@ -472,7 +474,6 @@ def train_reward_model(examples: RewardExamples, vocabulary: str, output_dir: st
 
 
 def _parallel_pairs(task: str, split: str) -> tuple[list[str], list[str]]:
-    from rest_jax.data import tasks  # pylint: disable=import-outside-toplevel
 
     source = tasks.get_source(task)
     if hasattr(source, "pairs"):
