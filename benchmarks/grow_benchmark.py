@@ -37,9 +37,10 @@ def main() -> None:
     gin.parse_config_file(os.path.join(root, "models", f"{args.shape}.gin"))
     tmp = tempfile.mkdtemp()
     pairs = demo_corpus.generate_pairs({"train": 3000, "validation": 0, "test": 0}, seed=0)["train"]
-    vocab_path = vocab_lib.train_vocabulary([s for p in pairs for s in p], tmp, vocab_size=1000)
-    vocab = vocab_lib.load_vocabulary(vocab_path)
     model = t5.build_model()
+    vocab_path = vocab_lib.train_vocabulary([s for p in pairs for s in p], tmp,
+                                            vocab_size=min(1000, model.config.vocab_size))
+    vocab = vocab_lib.load_vocabulary(vocab_path)
     params = jax.device_get(__import__("flax").linen.unbox(t5.init_params(model, jax.random.PRNGKey(0))))
     policy = evaluate.Policy(model, params, vocab)
     sources = [p[0] for p in pairs[:args.sources]]

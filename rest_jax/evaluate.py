@@ -36,6 +36,15 @@ class Policy:
     params: Any
     vocab: Any
 
+    def __post_init__(self):
+        # Ids past the embedding table give NaN embeddings, and NaN log-probs far downstream (in Grow).
+        size = getattr(self.vocab, "vocab_size", None)
+        if size is not None and size > self.model.config.vocab_size:
+            where = getattr(self.vocab, "sentencepiece_model_file", None)
+            raise ValueError(f"The vocabulary{f' {where}' if where else ''} has {size} ids but the model has "
+                             f"vocab_size={self.model.config.vocab_size}; use the policy's own vocabulary or set "
+                             "T5Config.vocab_size (VOCAB_SIZE) to match the checkpoint.")
+
     @property
     def config(self) -> t5.T5Config:
         return self.model.config

@@ -58,3 +58,21 @@ def test_best_of_n_picks_reward_argmax_among_first_n(monkeypatch):
         assert abs(row["reward"] - float(np.mean(expected))) < 1e-6
     assert table[-1]["reward"] == 1.0  # both exact references are among the 4
     assert [r["n"] for r in table] == [1, 2, 4]
+
+
+def test_policy_with_a_vocabulary_larger_than_the_model_is_refused():
+    """Ids past the embedding table would give NaN embeddings and NaN log-probs deep inside Grow."""
+    import pytest
+
+    from rest_jax.model import t5
+
+    class Sized(_CharVocab):
+        vocab_size = 600
+        sentencepiece_model_file = "/runs/x/vocab/sentencepiece.model"
+
+    model = t5.Transformer(t5.T5Config(vocab_size=512))
+    with pytest.raises(ValueError, match=r"vocabulary /runs/x/vocab/sentencepiece.model has 600 ids but the model "
+                                         r"has vocab_size=512"):
+        evaluate.Policy(model, None, Sized())
+    Sized.vocab_size = 512
+    assert evaluate.Policy(model, None, Sized()).vocab.vocab_size == 512
