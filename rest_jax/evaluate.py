@@ -23,6 +23,7 @@ from rest_jax import decoding
 from rest_jax import metrics as metrics_lib
 from rest_jax import report
 from rest_jax import rewards as rewards_lib
+from rest_jax.data import vocab as vocab_lib
 from rest_jax.model import t5
 
 EOS_ID = 1
@@ -37,13 +38,9 @@ class Policy:
     vocab: Any
 
     def __post_init__(self):
-        # Ids past the embedding table give NaN embeddings, and NaN log-probs far downstream (in Grow).
-        size = getattr(self.vocab, "vocab_size", None)
-        if size is not None and size > self.model.config.vocab_size:
-            where = getattr(self.vocab, "sentencepiece_model_file", None)
-            raise ValueError(f"The vocabulary{f' {where}' if where else ''} has {size} ids but the model has "
-                             f"vocab_size={self.model.config.vocab_size}; use the policy's own vocabulary or set "
-                             "T5Config.vocab_size (VOCAB_SIZE) to match the checkpoint.")
+        vocab_lib.check_fits_model(self.vocab, self.model.config.vocab_size, "The vocabulary",
+                                   "use the policy's own vocabulary or set T5Config.vocab_size (VOCAB_SIZE) to "
+                                   "match the checkpoint.")
 
     @property
     def config(self) -> t5.T5Config:
@@ -54,7 +51,6 @@ class Policy:
 def load_policy(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, step: int | None = None) -> Policy:
     """Loads the parameters of `checkpoint` (a run's `checkpoints/` dir or one step) for the gin model."""
     from rest_jax import checkpoints  # pylint: disable=import-outside-toplevel
-    from rest_jax.data import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
 
     model = t5.build_model()
     abstract = jax.eval_shape(lambda: jax.tree.map(lambda x: x, t5.init_params(model, jax.random.PRNGKey(0))))

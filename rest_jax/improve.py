@@ -64,6 +64,7 @@ PyTree = Any
 STEP_KEY = "step"
 FROZEN_KEY = "frozen_params"
 VALUE_TRAINING = ("frozen", "joint")
+MEMORY_KNOBS = ("improve_step.batch_size", "improve_step.feature_lengths")  # named by out-of-memory errors
 OPTIMIZER_SCOPE = "improve"  # gin scope of the Improve optimizer and schedule (`improve/learning_rate_schedule.*`)
 
 _COLUMNS = ("source_id", "sample_id", "is_reference", "reward", "source_text", "candidate_text",
@@ -391,7 +392,7 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: Mapping[str, 
         try:
             state, loop = train_lib.train_loop(state, batches, step_fn, num_steps, shard_fn=shard_fn,
                                                metric_writer=writer, final_checkpoint=False, stage="value_pretrain",
-                                               log_period=log_period, config_scope="improve_step")
+                                               log_period=log_period, memory_knobs=MEMORY_KNOBS)
         finally:
             if writer is not None:
                 writer.close()
@@ -573,7 +574,7 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
             state, summary = train_lib.train_loop(state, batches, train_step, target, shard_fn=shard_fn,
                                                   metric_writer=writer, final_checkpoint=False,
                                                   stage=f"improve_{improve_index}", log_period=eval_period,
-                                                  config_scope="improve_step", restart_hint=restart_hint)
+                                                  memory_knobs=MEMORY_KNOBS, restart_hint=restart_hint)
             step = int(jax.device_get(state.step))
             last_loss = summary.get("loss", float("nan"))
             value = validation_reward(policy_of(state.params))

@@ -420,7 +420,7 @@ def test_disk_full_while_writing_a_shard_keeps_finished_shards(tmp_path, monkeyp
 def test_out_of_device_memory_names_the_step_and_the_batch_knob(tmp_path, scope):
     """A real XLA RESOURCE_EXHAUSTED (an activation far too large for memory) inside the train step.
 
-    Improve's loop passes config_scope='improve_step': the message names that stage's knobs."""
+    Improve's loop passes improve_step's knobs: the message names that stage's knobs."""
     optimizer = optax.sgd(0.1)
 
     def loss_fn(params, batch, rng):
@@ -434,7 +434,8 @@ def test_out_of_device_memory_names_the_step_and_the_batch_knob(tmp_path, scope)
     batches = iter([{"x": np.ones((4, 3), np.float32)}] * 3)
     with pytest.raises(train.OutOfMemoryError) as info:
         train.train_loop(state, batches, train.make_train_step(optimizer, loss_fn), 3, checkpoint_manager=manager,
-                         show_progress=False, config_scope=scope)
+                         show_progress=False,
+                         memory_knobs=(f"{scope}.batch_size", f"{scope}.feature_lengths"))
     msg = str(info.value)
     assert "step 0 does not fit in device memory" in msg and "RESOURCE_EXHAUSTED" in msg
     assert f"{scope}.batch_size" in msg and f"{scope}.feature_lengths" in msg

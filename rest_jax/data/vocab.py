@@ -265,6 +265,20 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     return path
 
 
+def check_fits_model(vocabulary: seqio.Vocabulary, model_vocab_size: int, what: str, advice: str) -> None:
+    """Raises ValueError when `vocabulary` has more ids than the model's embedding table.
+
+    Ids past the table give NaN embeddings, which surface far downstream (NaN log-probs inside Grow).
+    Vocabularies without a `vocab_size` (test stand-ins) are not checked.
+    """
+    size = getattr(vocabulary, "vocab_size", None)
+    if size is None or size <= model_vocab_size:
+        return
+    where = getattr(vocabulary, "sentencepiece_model_file", None)
+    raise ValueError(f"{what}{f' {where}' if where else ''} has {size} ids but the model has "
+                     f"vocab_size={model_vocab_size}; {advice}")
+
+
 def vocab_fingerprint(vocab: str | os.PathLike | seqio.Vocabulary) -> str:
     """sha256 of the vocabulary file (a path, or a SentencePieceVocabulary's model file)."""
     path = getattr(vocab, "sentencepiece_model_file", vocab)

@@ -414,6 +414,8 @@ class Transformer(nn.Module):
                enable_dropout: bool = False, encoder_segment_ids: Array | None = None,
                decoder_segment_ids: Array | None = None) -> Array:
         """Teacher-forced decoder logits [b, t, vocab] in float32 (segment ids as in `__call__`)."""
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError("Packed batches need both encoder_segment_ids and decoder_segment_ids.")
         y = self.token_embedder(decoder_input_tokens.astype(jnp.int32))
         y = self.decoder.decode(y, encoded, encoder_input_tokens > 0, not enable_dropout,
                                 encoder_segment_ids, decoder_segment_ids)
@@ -428,8 +430,6 @@ class Transformer(nn.Module):
         segment ids: attention then stays inside each example. Relative positions need no per-segment
         positions: a segment is contiguous, so key - query offsets within it are those of the unpacked example.
         """
-        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
-            raise ValueError("Packed batches need both encoder_segment_ids and decoder_segment_ids.")
         encoded = self.encode(encoder_input_tokens, enable_dropout, encoder_segment_ids)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout,
                            encoder_segment_ids, decoder_segment_ids)

@@ -150,7 +150,6 @@ def examples_from_grow_store(store_dir: str, include_references: bool = True, re
       max_examples: Keep a random subset of this size (seeded).
       seed: Seed of that subset.
     """
-
     store = store_lib.GrowStore(store_dir)
     cols = store.as_numpy(("source_text", "candidate_text", "reference_text", "reward", "is_reference"))
     keep = np.ones(len(cols["reward"]), bool) if include_references else ~cols["is_reference"].astype(bool)
@@ -462,7 +461,8 @@ def train_reward_model(examples: RewardExamples, vocabulary: str, output_dir: st
         state, batches, step_fn, num_steps, eval_fn=eval_fn if len(eval_idx) else None, eval_period=eval_period,
         checkpoint_manager=manager, shard_fn=lambda b: partitioning.shard_batch(b, mesh, rules),
         checkpoint_metadata={"model_config": description["model_config"], "reward_model": True},
-        log_period=log_period, stage="reward_model", show_progress=show_progress)
+        log_period=log_period, stage="reward_model", show_progress=show_progress,
+        memory_knobs=("train_learned_reward.batch_size", "train_learned_reward.max_input_length"))
     manager.close()
     result = {"step": int(jax.device_get(state.step)), "heldout": summary.get("eval", {}),
               "heldout_initial": initial,
@@ -474,7 +474,6 @@ def train_reward_model(examples: RewardExamples, vocabulary: str, output_dir: st
 
 
 def _parallel_pairs(task: str, split: str) -> tuple[list[str], list[str]]:
-
     source = tasks.get_source(task)
     if hasattr(source, "pairs"):
         src, tgt = source.pairs(split)
