@@ -211,12 +211,17 @@ def make_train_step(optimizer: optim.Optimizer | optax.GradientTransformation, l
         rng = jax.random.fold_in(base_key, state.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
         grad_norm = optax.global_norm(grads)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                               opt_state=keep(new_opt_state, state.opt_state),
+
+        def apply_update(params, opt_state):
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt_state
+
+        # A conditional rather than a select between old and new state: the donated buffers are then
+        # updated in place, where a select makes XLA copy the whole optimizer state every step.
+        new_params, new_opt_state = jax.lax.cond(finite, apply_update, lambda p, o: (p, o),
+                                                 state.params, state.opt_state)
+        new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state,
                                skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
         metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32),
