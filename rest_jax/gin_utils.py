@@ -268,6 +268,31 @@ def _is_remote_file(path: str) -> bool:
 gin_config.register_file_reader(_epath_reader, _is_remote_file)
 
 
+def _guard_package_resource_reader() -> None:
+    """Makes gin's package-resource reader answer "not here" instead of raising.
+
+    For `include 'runs/rest.gin'` gin asks, under each search path in turn starting with the working
+    directory, whether `runs` is an importable package holding rest.gin. A `runs/` folder in the working
+    directory (the README's first command writes `runs/demo`) is a namespace package without a file, and
+    gin's check then raises TypeError, which ended the search before `configs/` was tried.
+    """
+    readers = gin_config._FILE_READERS  # pylint: disable=protected-access
+    for i, (reader, exists) in enumerate(readers):
+        if getattr(exists, "__name__", "") != "system_path_file_exists":
+            continue
+
+        def safe_exists(path: str, _exists: Callable[[str], bool] = exists) -> bool:
+            try:
+                return _exists(path)
+            except TypeError:
+                return False
+
+        readers[i] = (reader, safe_exists)
+
+
+_guard_package_resource_reader()
+
+
 # --------------------------------------------------------------------------------------------------------
 # Parsing with clear errors.
 # --------------------------------------------------------------------------------------------------------

@@ -275,3 +275,16 @@ def test_every_experiment_config_parses_in_a_dry_run(name):
     proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "run_rest.model_dir = %MODEL_DIR" in proc.stdout and "MODEL_DIR = '/tmp/unused'" in proc.stdout
+
+
+def test_includes_resolve_with_runs_and_models_folders_in_the_working_directory(tmp_path):
+    # The README's first command writes runs/demo into the repository; gin then took `include
+    # 'runs/rest.gin'` for the namespace package `runs` and failed before searching configs/.
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "rest_jax.main", "rest", "--gin_file=experiments/demo.gin",
+                           "--gin.MODEL_DIR='runs/demo'", "--dry_run"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "T5Config.emb_dim = 64" in proc.stdout  # from models/tiny.gin, two includes deep
