@@ -218,6 +218,17 @@ def test_cross_entropy_value_and_gradient_vs_numpy(data, ls, zl):
         np.testing.assert_allclose(np.asarray(grad), fd, rtol=1e-6, atol=1e-8)
 
 
+def test_cross_entropy_z_loss_output_gradient_vs_numpy(data):
+    # The cross entropy has a hand-written backward pass; its z-loss output has a cotangent path of its own.
+    with jax.enable_x64(True):
+        f = lambda x: losses.cross_entropy_loss(x, jnp.asarray(data["targets"]), jnp.asarray(WEIGHTS), 0.1, 1e-2)  # noqa: E731
+        grad = jax.jit(jax.grad(lambda x: f(x)[0] + 3.0 * f(x)[1]))(jnp.asarray(data["logits"]))
+        fd = central_difference(
+            lambda x: (lambda r: r[0] + 3.0 * r[1])(np_cross_entropy(x, data["targets"], WEIGHTS, 0.1, 1e-2)),
+            data["logits"])
+        np.testing.assert_allclose(np.asarray(grad), fd, rtol=1e-6, atol=1e-8)
+
+
 def test_bc_loss_is_per_token_cross_entropy_and_drops_zero_weight_examples(data):
     with jax.enable_x64(True):
         example_weights = np.array([1.0, 0.0])
