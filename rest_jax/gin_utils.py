@@ -40,6 +40,7 @@ import gin
 from etils import epath
 from gin import config as gin_config
 from gin import config_parser
+from gin import resource_reader as gin_resource_reader
 
 REPO_CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PACKAGE_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / "configs"
@@ -278,7 +279,7 @@ def _guard_package_resource_reader() -> None:
     """
     readers = gin_config._FILE_READERS  # pylint: disable=protected-access
     for i, (reader, exists) in enumerate(readers):
-        if getattr(exists, "__name__", "") != "system_path_file_exists":
+        if exists is not gin_resource_reader.system_path_file_exists:
             continue
 
         def safe_exists(path: str, _exists: Callable[[str], bool] = exists) -> bool:

@@ -107,8 +107,6 @@ def _matmul(x: Array, kernel: Array) -> Array:
     contracting over (batch, length) instead makes XLA:CPU write the output gradient transposed through
     a slow strided copy before the dot (measured: 2x on the logits projection's backward pass).
     """
-    if x.ndim == 2:
-        return jnp.dot(x, kernel)
     return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
