@@ -47,9 +47,13 @@ class Policy:
         return self.model.config
 
 
-@gin.configurable
-def load_policy(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, step: int | None = None) -> Policy:
-    """Loads the parameters of `checkpoint` (a run's `checkpoints/` dir or one step) for the gin model."""
+def load_policy(checkpoint: str, vocabulary: str, step: int | None = None) -> Policy:
+    """Loads the parameters of `checkpoint` (a run's `checkpoints/` dir or one step) for the gin model.
+
+    Not a gin configurable: the subcommands take `checkpoint` and `vocabulary` as their own knobs (e.g.
+    `evaluate.checkpoint = %CHECKPOINT` in configs/runs/eval.gin) and pass them here, so that one binding,
+    not two, says which checkpoint runs.
+    """
     from rest_jax import checkpoints  # pylint: disable=import-outside-toplevel
 
     model = t5.build_model()
@@ -223,15 +227,24 @@ def best_of_n(policy: Policy, sources: Sequence[str], references: Sequence[str],
 
 
 @gin.configurable
-def evaluate(output_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str = "validation",
-             method: str = "greedy", reward_name: str | None = "chrf", limit: int | None = None,
-             best_of_n_ns: Sequence[int] = ()) -> dict[str, Any]:
-    """The `rest_jax eval` subcommand: scores of the gin-configured `load_policy` checkpoint on a split.
+def evaluate(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
+             task: str = gin.REQUIRED, split: str = "validation", method: str = "greedy",
+             reward_name: str | None = "chrf", limit: int | None = None, best_of_n_ns: Sequence[int] = (),
+             step: int | None = None) -> dict[str, Any]:
+    """The `rest_jax eval` subcommand: scores of a checkpoint on a split.
 
     Writes `<output_dir>/<split>.<method>.txt` (one translation per line) and `.json` (BLEU, chrF,
     signatures, mean reward), plus a best-of-N table and plot when `best_of_n_ns` is set.
+
+    Args:
+      checkpoint, vocabulary, step: The policy (`load_policy`; step None: the latest).
+      output_dir: Where the translations and scores go.
+      task, split, limit: The data: a task's split, its first `limit` sentences (None: all).
+      method: 'greedy' or 'beam' (`generate.*` sets beam size, length penalty and token limits).
+      reward_name: Registered reward to average over the translations (None: BLEU and chrF only).
+      best_of_n_ns: N values of a best-of-N table (ReST Sec. 5); empty: none.
     """
-    policy = load_policy()
+    policy = load_policy(checkpoint, vocabulary, step)
     sources, references = read_split(task, split, limit)
     reward = rewards_lib.get(reward_name) if reward_name else None
     out = epath.Path(output_dir)
@@ -251,11 +264,18 @@ def evaluate(output_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: st
 
 
 @gin.configurable
-def infer(input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED, method: str = "greedy") -> None:
-    """The `rest_jax infer` subcommand: translates each line of `input_file` into `output_file`."""
+def infer(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, input_file: str = gin.REQUIRED,
+          output_file: str = gin.REQUIRED, method: str = "greedy", step: int | None = None) -> None:
+    """The `rest_jax infer` subcommand: translates each line of `input_file` into `output_file`.
+
+    Args:
+      checkpoint, vocabulary, step: The policy (`load_policy`; step None: the latest).
+      input_file, output_file: One source sentence per line in; one translation per line out.
+      method: 'greedy' or 'beam'.
+    """
     from rest_jax.data import text_files  # pylint: disable=import-outside-toplevel
 
-    policy = load_policy()
+    policy = load_policy(checkpoint, vocabulary, step)
     sources = list(text_files.read_lines(input_file))
     hyps = generate(policy, sources, method=method, progress_desc="translate").first()
     report.atomic_write_text(output_file, "".join(h + "\n" for h in hyps))

@@ -190,15 +190,22 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
 
 
 @gin.configurable
-def grow(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str = "train",
-         grow_index: int = 1, max_sources: int | None = None) -> dict[str, Any]:
-    """The `rest_jax grow` subcommand: Grow from the gin-configured `load_policy` checkpoint.
+def grow(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, checkpoint: str = gin.REQUIRED,
+         vocabulary: str = gin.REQUIRED, split: str = "train", grow_index: int = 1,
+         max_sources: int | None = None) -> dict[str, Any]:
+    """The `rest_jax grow` subcommand: one Grow step from a checkpoint.
 
-    Writes the store to `<model_dir>/grow_<grow_index>/store`.
+    Writes the store to `<model_dir>/grow_<grow_index>/store`; sampling and the reward are `grow_dataset`'s
+    knobs.
+
+    Args:
+      model_dir: The run directory the store goes under.
+      task, split, max_sources: The sources x: a task's split, its first `max_sources` (None: all).
+      checkpoint, vocabulary: The policy that samples (its latest step).
+      grow_index: g, the Grow step's number (the store's folder and its records).
     """
-    policy = evaluate.load_policy()
+    policy = evaluate.load_policy(checkpoint, vocabulary)
     sources, references = evaluate.read_split(task, split, max_sources)
     store_dir = os.path.join(model_dir, f"grow_{grow_index}", "store")
-    return grow_dataset(policy, sources, references, store_dir, grow_index,
-                        checkpoint=gin.query_parameter("load_policy.checkpoint"),
-                        vocab_path=gin.query_parameter("load_policy.vocabulary"))
+    return grow_dataset(policy, sources, references, store_dir, grow_index, checkpoint=checkpoint,
+                        vocab_path=vocabulary)

@@ -605,10 +605,11 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
 
 @gin.configurable
 def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin.REQUIRED,
-            task: str = gin.REQUIRED, improve_index: int = 1, validation_split: str = "validation",
+            task: str = gin.REQUIRED, checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED,
+            improve_index: int = 1, validation_split: str = "validation",
             num_validation_sources: int | None = 500, reward_name: str = "chrf", bc_checkpoint: str | None = None,
             feature_lengths: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, Any]:
-    """The `rest_jax improve` subcommand: one Improve step from the gin `load_policy` checkpoint.
+    """The `rest_jax improve` subcommand: one Improve step from a checkpoint.
 
     Filters the Grow store(s), fine-tunes with `improve_step` (gin: loss, filter, steps, ...), writes the best
     policy to `<model_dir>/checkpoints` and the result to `<model_dir>/improve.json`, and prints it as JSON.
@@ -617,6 +618,7 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
       model_dir: Output directory of this Improve step.
       grow_store: A Grow store directory, or several (pooled).
       task: Task whose `validation_split` gives the validation reward.
+      checkpoint, vocabulary: The policy to start from (its latest step) and its vocabulary.
       improve_index: i: which threshold τ_i of the filter schedule (0 keeps all).
       validation_split, num_validation_sources: Validation split and its first K sources (None: all).
       reward_name: Registered reward for validation (should be the one the store was scored with).
@@ -627,17 +629,16 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
     Returns:
       The result dict.
     """
-    policy = evaluate.load_policy()
+    policy = evaluate.load_policy(checkpoint, vocabulary)
     stores = [grow_store] if isinstance(grow_store, str) else list(grow_store)
     for store in stores:
-        store_lib.GrowStore(store).check_compatible(vocab=gin.query_parameter("load_policy.vocabulary"),
-                                                     model_config=policy.config)
+        store_lib.GrowStore(store).check_compatible(vocab=vocabulary, model_config=policy.config)
     data = load_grow_data(stores)
     validation = evaluate.read_split(task, validation_split, num_validation_sources)
     extra = {"feature_lengths": dict(feature_lengths)} if feature_lengths else {}
     _, result = improve_step(policy, data, model_dir, improve_index, validation, reward=rewards_lib.get(reward_name),
                              seed=seed, bc_policy=bc_checkpoint, **extra)
-    result.update(start=gin.query_parameter("load_policy.checkpoint"), grow_store=stores, task=task,
+    result.update(start=checkpoint, grow_store=stores, task=task,
                   validation_split=validation_split, reward=reward_name)
     report.write_json(os.path.join(model_dir, "improve.json"), result)
     print(json.dumps(result, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))

@@ -297,6 +297,26 @@ def load_entry(sub: Subcommand) -> Callable[[], Any]:
         raise ImportError(f"{sub.module} has no function {sub.function!r}") from e
 
 
+# Every module that registers gin configurables. All are imported before gin parses anything, whatever the
+# subcommand: what a gin file may bind, and whether a stage may import a module after gin is locked, must
+# not depend on which modules a subcommand happens to import first (gin refuses to register a configurable
+# once the config is finalised). tests/test_main_cli.py checks that the list is complete.
+CONFIGURABLE_MODULES = (
+    "rest_jax.checkpoints", "rest_jax.convert", "rest_jax.decoding", "rest_jax.evaluate", "rest_jax.filters",
+    "rest_jax.grow", "rest_jax.improve", "rest_jax.losses", "rest_jax.metrics", "rest_jax.optim",
+    "rest_jax.partitioning", "rest_jax.rest", "rest_jax.train",
+    "rest_jax.data.demo_corpus", "rest_jax.data.grow_store", "rest_jax.data.pipeline", "rest_jax.data.tasks",
+    "rest_jax.data.vocab", "rest_jax.model.heads", "rest_jax.model.t5",
+    "rest_jax.rewards.learned", "rest_jax.rewards.metricx", "rest_jax.rewards.sacrebleu_rewards",
+)
+
+
+def register_configurables() -> None:
+    """Imports every module in `CONFIGURABLE_MODULES` (call before gin parses; cheap when already done)."""
+    for name in CONFIGURABLE_MODULES:
+        importlib.import_module(name)
+
+
 def _process_index() -> int:
     # Only ask JAX when something already imported it: asking initialises the backends.
     if "jax" not in sys.modules:
@@ -357,9 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     sub = SUBCOMMANDS[inv.command]
-    # Configurables must be registered before gin parses and locks the config: the entry's module and
-    # partitioning (whose initialize_multihost runs below).
-    importlib.import_module("rest_jax.partitioning")
+    register_configurables()
     try:
         entry = load_entry(sub)
     except ImportError as e:

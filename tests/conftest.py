@@ -17,5 +17,8 @@ MULTI30K_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "
 @pytest.fixture(scope="session")
 def multi30k_dir() -> pathlib.Path:
     if not (MULTI30K_DIR / "train.de").exists():
+        # In CI the data must be there: a skip would hide that the real-data tests stopped running.
+        if os.environ.get("CI"):
+            pytest.fail(f"Multi30k not found at {MULTI30K_DIR} (CI is set: real-data tests may not skip)")
         pytest.skip(f"Multi30k not found at {MULTI30K_DIR}")
     return MULTI30K_DIR

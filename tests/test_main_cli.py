@@ -288,3 +288,44 @@ def test_includes_resolve_with_runs_and_models_folders_in_the_working_directory(
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "T5Config.emb_dim = 64" in proc.stdout  # from models/tiny.gin, two includes deep
+
+
+def _modules_registering_configurables() -> set[str]:
+    """rest_jax modules whose source registers a gin configurable, found by reading the code (ast)."""
+    import ast  # pylint: disable=import-outside-toplevel
+    import pathlib  # pylint: disable=import-outside-toplevel
+
+    root = pathlib.Path(cli.__file__).resolve().parent
+    found = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            target = node.func if isinstance(node, ast.Call) else node
+            if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                    and target.value.id == "gin"
+                    and target.attr in ("configurable", "external_configurable", "register")):
+                rel = path.relative_to(root.parent).with_suffix("")
+                found.add(".".join(rel.parts))
+    return found
+
+
+def test_every_module_with_configurables_is_imported_before_gin_parses():
+    """What a gin file may bind cannot depend on which modules a subcommand imports first (issue 11)."""
+    found = _modules_registering_configurables()
+    assert "rest_jax.evaluate" in found and "rest_jax.data.tasks" in found  # the scan sees decorators
+    assert found - {"rest_jax.main"} == set(cli.CONFIGURABLE_MODULES)
+
+
+def test_subcommand_importing_late_modules_runs_after_gin_is_locked(tmp_path):
+    """`score` imports the text readers inside its entry, after gin is finalised: it must still run."""
+    (tmp_path / "src.txt").write_text("a b c\nd e\n")
+    (tmp_path / "hyp.txt").write_text("a b c\n\n")  # an empty translation is a valid system output
+    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-m", "rest_jax.main", "score", f"--gin.SOURCES_FILE='{tmp_path}/src.txt'",
+                           f"--gin.HYPOTHESES_FILE='{tmp_path}/hyp.txt'", f"--gin.REFERENCES_FILE='{tmp_path}/src.txt'",
+                           f"--gin.OUTPUT_FILE='{tmp_path}/out.txt'"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import sacrebleu  # pylint: disable=import-outside-toplevel
+
+    expected = [sacrebleu.sentence_chrf(h, [r]).score / 100 for h, r in [("a b c", "a b c"), ("", "d e")]]
+    assert [float(x) for x in (tmp_path / "out.txt").read_text().split()] == pytest.approx(expected, abs=1e-6)

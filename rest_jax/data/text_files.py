@@ -46,8 +46,8 @@ def _open_lines(path: str) -> Iterator[bytes]:
         yield from f
 
 
-def _decode(raw: bytes, path: str, line_no: int) -> str:
-    """Decodes one raw line to text without its line terminator."""
+def _decode(raw: bytes, path: str, line_no: int, allow_empty: bool = False) -> str:
+    """Decodes one raw line to text without its line terminator; empty lines are errors unless allowed."""
     if raw.endswith(b"\n"):
         raw = raw[:-1]
     if raw.endswith(b"\r"):
@@ -63,7 +63,7 @@ def _decode(raw: bytes, path: str, line_no: int) -> str:
         ) from None
     if line_no == 1 and text.startswith(_BOM):
         text = text[1:]
-    if not text.strip():
+    if not text.strip() and not allow_empty:
         raise ParallelDataError(
             f"{path}:{line_no}: empty line. Every line must hold one sentence; an empty line "
             "would pair sentences with the wrong translations.",
@@ -73,10 +73,15 @@ def _decode(raw: bytes, path: str, line_no: int) -> str:
     return text
 
 
-def read_lines(path: str) -> Iterator[str]:
-    """Yields the validated lines of one text file (one sentence a line)."""
+def read_lines(path: str, allow_empty: bool = False) -> Iterator[str]:
+    """Yields the validated lines of one text file (one sentence a line).
+
+    Args:
+      path: The file.
+      allow_empty: Accept empty lines (a system's translation may be empty; a source or reference may not).
+    """
     for line_no, raw in enumerate(_open_lines(path), start=1):
-        yield _decode(raw, path, line_no)
+        yield _decode(raw, path, line_no, allow_empty)
 
 
 def iter_parallel_files(source_path: str, target_path: str) -> Iterator[Pair]:
