@@ -141,14 +141,16 @@ def test_reward_gin_files_bind_real_knobs():
     configs = pathlib.Path(__file__).resolve().parents[1] / "configs" / "rewards"
     cases = {"metricx.gin": ["METRICX_CHECKPOINT = '/m'"], "learned.gin": ["REWARD_MODEL_DIR = '/r'"],
              "train_learned_qe.gin": ["REWARD_MODEL_DIR = '/r'", "VOCABULARY = '/v'", "GROW_STORE = '/g'"]}
+    model = configs.parent / "models" / "rest_iwslt.gin"
     try:
         for name, bindings in cases.items():
             gin.clear_config()
-            gin.parse_config_files_and_bindings([str(configs / name)], bindings)  # unknown knobs raise here
+            files = [str(configs / name)] + ([str(model)] if name.startswith("train") else [])
+            gin.parse_config_files_and_bindings(files, bindings)  # unknown knobs raise here
             if not name.startswith("train"):
                 assert gin.query_parameter("REWARD/macro.value") == name[:-len(".gin")]
         assert gin.query_parameter("train_learned_reward.use_reference") is False
-        with gin.config_scope("reward"):
-            assert T5Config().num_encoder_layers == 6
+        with gin.config_scope("reward"):  # the model gin's encoder (rest_iwslt: 6 x 512), one decoder layer
+            assert (T5Config().num_encoder_layers, T5Config().emb_dim, T5Config().num_decoder_layers) == (6, 512, 1)
     finally:
         gin.clear_config()

@@ -13,7 +13,9 @@
 #                       jax.distributed.initialize(), which a pod slice needs).
 #   Model dir, data and vocab should be gs:// paths that every worker can read (see docs/tpu.md).
 # Example: scripts/tpu/launch.sh --name rest-v4 --zone us-central2-b --run-name bc -- \
-#            train --gin_file=runs/train.gin --model_dir=gs://my-bucket/rest/bc
+#            train --gin_file=tasks/multi30k_de_en.gin --gin_file=models/t5_1_1_small.gin \
+#            --model_dir=gs://my-bucket/rest/bc --gin.MULTI30K_DIR="'gs://my-bucket/data/multi30k'" \
+#            --gin.get_task.vocabulary="'gs://my-bucket/vocab/spm.model'"
 
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=common.sh

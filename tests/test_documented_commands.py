@@ -1,0 +1,534 @@
+"""Every command the documentation tells a user to type runs as written (issue 11: docs as tests).
+
+Commands are collected from the shell blocks of README.md and docs/*.md, the usage lines in the comments of
+configs/**/*.gin, and the examples that `scripts/tpu/*.sh --help` prints. Each must match one rule in
+`RULES`, which says how it is checked:
+
+  run       through bash, exactly as written, in a temporary working directory (the README's `runs/...`
+            paths land there), with only size-reducing overrides appended; then the output it promises is
+            checked, against a reference where there is one (sacreBLEU for scores, the original parameters
+            for a conversion round trip);
+  dry_run   the gin config is parsed and validated (`--dry_run`): runs on a TPU pod, GCS or data we lack;
+  tpu       `scripts/tpu` with DRY_RUN=1 and a recording fake `gcloud` (prints the gcloud commands, runs
+            none); the rest_jax command given to launch.sh is dry-run here too;
+  help      the program's `--help` (it would download data);
+  ci        `.ci/run` calls exactly this command;
+  not_run   with the reason.
+
+A command without a rule fails `test_every_documented_command_has_one_rule`, so new documentation is tested
+from the day it is written; `pytest tests/test_documented_commands.py -rP` prints the whole list. Commands that
+build on others (everything after the README's first command uses `runs/demo`) run their prerequisites first,
+once per session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from rest_jax import inspect as run_inspect
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MULTI30K_DIR = REPO.parent / "shared" / "data" / "multi30k"
+TIMEOUT_S = 1200
+_PROGRAMS = ("rest_jax ", "python ", "python3 ", "pip ", "scripts/", "tfds ", "huggingface-cli ", "tensorboard ",
+             "jupyter ", "export ", "REST_JAX_RUN_DIR=", "gcloud ")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Finding the commands.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DocCommand:
+    """A command as the documentation writes it (`text` is what bash gets) and where it is written."""
+
+    where: str
+    text: str
+
+    @property
+    def line(self) -> str:
+        """The command on one line, continuation backslashes removed (what rules match)."""
+        return re.sub(r"\s*\\\n\s*", " ", self.text).strip()
+
+
+def _split_shell(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Splits shell lines into commands as bash would: a trailing backslash or an open quote continues."""
+    commands, buf, start = [], [], None
+    for number, line in lines:
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        start = number if start is None else start
+        buf.append(line.strip() if not buf else line)
+        text = "\n".join(buf).rstrip()
+        if text.endswith("\\"):
+            continue
+        try:
+            shlex.split(text, comments=True)
+        except ValueError:  # an open quote: the command goes on, as in bash
+            continue
+        commands.append((start, text))
+        buf, start = [], None
+    assert not buf, f"unterminated shell command at line {start}"
+    return commands
+
+
+def markdown_commands(path: pathlib.Path) -> list[DocCommand]:
+    """Commands in the ```bash / ```sh / ```shell blocks of a Markdown file."""
+    lines = path.read_text().splitlines()
+    found, i = [], 0
+    while i < len(lines):
+        fence = re.match(r"^\s*```(\w*)\s*$", lines[i])
+        if not fence:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(lines) and not re.match(r"^\s*```\s*$", lines[j]):
+            j += 1
+        if fence.group(1) in ("bash", "sh", "shell", "console"):
+            body = [(n + 1, lines[n]) for n in range(i + 1, j)]
+            found += [DocCommand(f"{path.relative_to(REPO)}:{n}", text) for n, text in _split_shell(body)]
+        i = j + 1
+    return found
+
+
+def gin_comment_commands(path: pathlib.Path) -> list[DocCommand]:
+    """Commands in the comments of a gin file: `#   rest_jax ...` lines and their continuations."""
+    found, buf, start = [], [], None
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        body = raw.lstrip()[1:].strip() if raw.lstrip().startswith("#") else None
+        if buf:
+            buf.append(body or "")
+            if not (body or "").endswith("\\"):
+                found.append(DocCommand(f"{path.relative_to(REPO)}:{start}", "\n".join(buf)))
+                buf = []
+            continue
+        if body and body.startswith(_PROGRAMS):
+            if body.endswith("\\"):
+                buf, start = [body], number
+            else:
+                found.append(DocCommand(f"{path.relative_to(REPO)}:{number}", body))
+    return found
+
+
+def script_help_commands(path: pathlib.Path) -> list[DocCommand]:
+    """The `Example:` commands that a scripts/tpu script's --help prints."""
+    proc = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=60, check=True)
+    lines = proc.stdout.splitlines()
+    found = []
+    for k, line in enumerate(lines):
+        if line.startswith("Example: "):
+            buf = [line[len("Example: "):]]
+            while buf[-1].endswith("\\"):
+                k += 1
+                buf.append(lines[k].strip())
+            found.append(DocCommand(f"{path.relative_to(REPO)} --help", "\n".join(buf)))
+    return found
+
+
+def documented_commands() -> list[DocCommand]:
+    """Every documented command, each text once (the first place it is written), in reading order."""
+    found = markdown_commands(REPO / "README.md")
+    for md in sorted((REPO / "docs").glob("*.md")):
+        found += markdown_commands(md)
+    for gin_file in sorted((REPO / "configs").rglob("*.gin")):
+        found += gin_comment_commands(gin_file)
+    for script in sorted((REPO / "scripts" / "tpu").glob("*.sh")):
+        if script.name != "common.sh":
+            found += script_help_commands(script)
+    unique = {}
+    for command in found:
+        unique.setdefault(command.line, command)
+    return list(unique.values())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rules.
+# --------------------------------------------------------------------------------------------------------
+
+SMALL_REST = list(run_inspect.TINY_RUN_OVERRIDES)
+SMALL = {  # Size-reducing overrides by subcommand: tiny steps, few sources.
+    "rest": SMALL_REST,
+    "train": ["--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=2", "--gin.CHECKPOINT_PERIOD=2", "--gin.BATCH_SIZE=8"],
+    "eval": ["--gin.evaluate.limit=16"],
+    "grow": ["--gin.grow.max_sources=16", "--gin.grow_dataset.num_samples=2", "--gin.grow_dataset.batch_size=16"],
+    "improve": ["--gin.improve_step.num_steps=4", "--gin.improve_step.eval_period=2",
+                "--gin.improve_step.batch_size=16", "--gin.improve.num_validation_sources=16"],
+}
+README_MAIN = r"python -m rest_jax\.main rest --gin_file=experiments/demo\.gin --gin\.MODEL_DIR=\"'runs/demo'\"$"
+DEMO_CORPUS = r"^python -m rest_jax\.data\.demo_corpus --output=demo_data$"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one documented command is checked (see the module docstring)."""
+
+    kind: str
+    reason: str = ""
+    extra: tuple[str, ...] = ()  # appended overrides (size-reducing, or paths pointed at what exists here)
+    after: tuple[str, ...] = ()  # patterns of commands that must have run first
+    check: Callable[[pathlib.Path, subprocess.CompletedProcess], None] | None = None
+    slow: bool = False
+    cwd_repo: bool = False  # run in the repository (the command names repository files by relative path)
+    substitute: tuple[tuple[str, str], ...] = ()  # placeholders: (written, replacement; {work} = work dir)
+
+
+def _lines(path: pathlib.Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _demo_split(work: pathlib.Path, split: str, side: str) -> list[str]:
+    """A split of the generated demo corpus (`Runner` points REST_JAX_DEMO_DIR beside the work dir)."""
+    return _lines(work.parent / "demo_corpus" / f"{split}.{side}")
+
+
+def check_demo_run(work, proc):
+    report = json.loads((work / "runs/demo/report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["BC G=0 I=0", "ReST G=1 I=0", "ReST G=1 I=1"]
+    assert (work / "runs/demo/report.md").exists() and (work / "runs/demo/config.gin").exists()
+    assert (work / "runs/demo/plots/grow_rewards.png").exists()
+
+
+def check_finetune(work, proc):
+    # TRAIN_STEPS=4 steps on top of the BC checkpoint, saved as step 4 (the step count starts at 0).
+    assert (work / "runs/demo_ft/checkpoints/4").is_dir()
+
+
+def check_eval(work, proc):
+    import sacrebleu  # pylint: disable=import-outside-toplevel
+
+    result = json.loads((work / "runs/demo/eval/validation.greedy.json").read_text())
+    hyps = _lines(work / "runs/demo/eval/validation.greedy.txt")
+    refs = _demo_split(work, "validation", "tgt")[:len(hyps)]
+    assert len(hyps) == 16 == result["num_sentences"]
+    assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert result["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+
+
+def check_grow(work, proc):
+    from rest_jax.data import grow_store  # pylint: disable=import-outside-toplevel
+
+    store = work / "runs/steps/grow_1/store"
+    meta = json.loads((store / "metadata.json").read_text())
+    # The store records the policy that grew it (it used to fail here: the macro, not the path, was read).
+    assert meta["vocab"]["path"] == "runs/demo/vocab/sentencepiece.model"
+    assert meta["checkpoint"] == "runs/demo/bc/checkpoints"
+    data = grow_store.GrowStore(str(store)).as_numpy(["source_id", "is_reference"])
+    assert len(data["source_id"]) == 16 * (2 + 1)  # N = 2 samples and the reference per source
+
+
+def check_improve(work, proc):
+    result = json.loads((work / "runs/steps/improve_1/improve.json").read_text())
+    assert result["start"] == "runs/demo/bc/checkpoints"
+    assert result["grow_store"] == ["runs/steps/grow_1/store"]
+    assert (work / "runs/steps/improve_1/checkpoints").is_dir()
+
+
+def check_demo_corpus(work, proc):
+    assert len(_lines(work / "demo_data/test.src")) == len(_lines(work / "demo_data/test.tgt")) == 500
+
+
+def check_infer(work, proc):
+    assert len(_lines(work / "runs/demo/test.bc.txt")) == 500
+
+
+def check_score(work, proc):
+    import sacrebleu  # pylint: disable=import-outside-toplevel
+
+    hyps = (work / "runs/demo/test.bc.txt").read_text().split("\n")[:-1]
+    refs = _lines(work / "demo_data/test.tgt")
+    expected = [sacrebleu.sentence_chrf(h, [r]).score / 100 for h, r in zip(hyps, refs)]
+    scores = [float(x) for x in _lines(work / "runs/demo/test.bc.chrf.txt")]
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    assert f"mean chrf reward: {np.mean(expected):.4f} over 500 sentences" in proc.stdout
+
+
+def check_hf_export(work, proc):
+    config = json.loads((work / "runs/demo/bc_hf/config.json").read_text())
+    assert config["d_model"] == 64 and config["vocab_size"] == 512
+    assert (work / "runs/demo/bc_hf/model.safetensors").exists()
+
+
+def check_hf_round_trip(work, proc):
+    from rest_jax import convert  # pylint: disable=import-outside-toplevel
+
+    config_a, original = convert.load_rest_jax(work / "runs/demo/bc/checkpoints")
+    config_b, round_trip = convert.load_rest_jax(work / "runs/demo/bc_from_hf")
+    assert config_a == config_b
+    flat_a, flat_b = convert._flatten(original), convert._flatten(round_trip)  # pylint: disable=protected-access
+    assert flat_a.keys() == flat_b.keys()
+    for name in flat_a:
+        np.testing.assert_array_equal(np.asarray(flat_a[name]), np.asarray(flat_b[name]), err_msg=name)
+
+
+def check_vocab(work, proc):
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+
+    model = sentencepiece.SentencePieceProcessor(model_file=str(work / "runs/vocab_demo/sentencepiece.model"))
+    assert model.get_piece_size() == 512 and model.eos_id() == 1
+
+
+def check_reward_model(work, proc):
+    from rest_jax import rewards  # pylint: disable=import-outside-toplevel
+
+    reward = rewards.get("learned", model_dir=str(work / "runs/demo/qe"))
+    scores = rewards.score_pairs(reward, ["a b c", "d e"], ["a b c", "x"], None)
+    assert np.all((scores >= 0) & (scores <= 1)) and len(scores) == 2
+
+
+def check_rest_tiny(work, proc):
+    assert json.loads((work / "runs/rest_tiny/report.json").read_text())["rows"]
+
+
+def check_rest_em(work, proc):
+    names = [r["name"] for r in json.loads((work / "runs/demo_em/report.json").read_text())["rows"]]
+    assert names[0] == "BC G=0 I=0" and len(names) >= 2
+
+
+def check_multi30k(work, proc):
+    report = json.loads((work / "runs/m30k/report.json").read_text())
+    assert report["rows"][0]["name"] == "BC G=0 I=0"
+
+
+def check_notebook(work, proc):
+    import nbformat  # pylint: disable=import-outside-toplevel
+
+    notebook = nbformat.read("/tmp/inspected.ipynb", as_version=4)
+    assert f"{work}/runs/demo" in "".join(str(c.get("outputs")) for c in notebook.cells)
+
+
+def _small_multi30k() -> tuple[str, ...]:
+    small = [o for o in SMALL_REST if not o.startswith("--gin.TASK=")]
+    return (*small, f"--gin.MULTI30K_DIR='{MULTI30K_DIR}'", "--gin.VOCAB_SIZE=1000", "--gin.run_rest.num_grow_steps=1")
+
+
+# Ordered: the first pattern that matches a command's one-line form decides.
+RULES: list[tuple[str, Rule]] = [
+    # README command 1: the install part is what .ci/run does on a fresh machine; the run part runs here.
+    (r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install -e \. && (python -m rest_jax\.main rest .*)$",
+     Rule("run", "install as .ci/run does; the run follows", extra=tuple(SMALL_REST), check=check_demo_run)),
+    (r"^pip install -e \"\.\[test\]\" && (python -m pytest -q -m \"not slow\")$", Rule("ci")),
+    (r"^python -m rest_jax\.main rest --gin_file=experiments/multi30k_de_en\.gin ",
+     Rule("run", "real data (../shared), tiny sizes", extra=_small_multi30k(), check=check_multi30k, slow=True)),
+    (r"^rest_jax train --gin_file=runs/finetune\.gin ",
+     Rule("run", extra=tuple(SMALL["train"]), after=(README_MAIN,), check=check_finetune)),
+    (r"^rest_jax train --gin_file=models/tiny\.gin --gin\.MODEL_DIR=\"'runs/demo_bc'\"",
+     Rule("run", extra=tuple(SMALL["train"]), after=(README_MAIN,))),
+    (r"^python -m rest_jax\.main eval --gin_file=runs/eval\.gin ",
+     Rule("run", extra=tuple(SMALL["eval"]), after=(README_MAIN,), check=check_eval)),
+    (r"^rest_jax eval --gin_file=runs/eval\.gin ",
+     Rule("run", extra=tuple(SMALL["eval"]), after=(README_MAIN,), check=check_eval)),
+    (r"^rest_jax grow ", Rule("run", extra=tuple(SMALL["grow"]), after=(README_MAIN,), check=check_grow)),
+    (r"^rest_jax improve ",
+     Rule("run", extra=tuple(SMALL["improve"]), after=(README_MAIN, r"^rest_jax grow "), check=check_improve)),
+    (DEMO_CORPUS, Rule("run", check=check_demo_corpus)),
+    (r"^rest_jax infer ", Rule("run", after=(README_MAIN, DEMO_CORPUS), check=check_infer)),
+    (r"^rest_jax score ", Rule("run", after=(r"^rest_jax infer ",), check=check_score)),
+    (r"^rest_jax convert .*--gin\.TARGET_FORMAT=\"'hf'\"",
+     Rule("run", after=(README_MAIN,), check=check_hf_export)),
+    (r"^rest_jax convert .*--gin\.SOURCE_FORMAT=\"'hf'\"",
+     Rule("run", after=(r"^rest_jax convert .*--gin\.TARGET_FORMAT=\"'hf'\"",), check=check_hf_round_trip)),
+    (r"^rest_jax vocab ", Rule("run", check=check_vocab)),
+    (r"^rest_jax reward-model --gin_file=rewards/train_learned_qe\.gin ",
+     Rule("run", extra=("--gin.train_learned_reward.num_steps=4", "--gin.train_learned_reward.eval_period=2",
+                        "--gin.train_learned_reward.checkpoint_period=2", "--gin.train_learned_reward.batch_size=8"),
+          after=(README_MAIN,), check=check_reward_model)),
+    (r"^python -m rest_jax\.main rest --gin_file=models/tiny\.gin --gin_file=runs/rest\.gin ",
+     Rule("run", extra=tuple(SMALL_REST), check=check_rest_tiny, slow=True)),
+    (r"^python -m rest_jax\.main rest --gin_file=experiments/demo\.gin --gin_file=runs/rest_em\.gin ",
+     Rule("run", extra=(*SMALL_REST, "--gin.NUM_ITERATIONS=1"), check=check_rest_em, slow=True)),
+    (r"^python -m rest_jax\.main rest --gin_file=experiments/(iwslt14_de_en|wmt_zh_en)\.gin ",
+     Rule("dry_run", "the paper's tasks: a TPU pod, GCS paths and downloaded data")),
+    (r"^python scripts/prepare_iwslt14\.py --output=DIR$", Rule("help", "downloads IWSLT14")),
+    (r"^tfds build ", Rule("not_run", "downloads WMT from the internet (gigabytes)")),
+    (r"^huggingface-cli download ", Rule("not_run", "downloads MetricX weights from the Hugging Face hub")),
+    (r"^pip install -e \"\.\[test\]\" jupyterlab", Rule("not_run", "installs packages; .ci/run installs the test extra")),
+    (r"^REST_JAX_RUN_DIR=/path/to/run jupyter lab ",
+     Rule("not_run", "starts a browser server; the next command executes the same notebook headless")),
+    (r"^REST_JAX_RUN_DIR=/path/to/run python -c ",
+     Rule("run", after=(README_MAIN,), check=check_notebook, slow=True, cwd_repo=True,
+          substitute=(("/path/to/run", "{work}/runs/demo"),))),
+    (r"^export TPU_PROJECT=", Rule("not_run", "sets the environment of the scripts/tpu commands after it")),
+    (r"^scripts/tpu/", Rule("tpu", "creates and uses Cloud TPU VMs: dry run with a fake gcloud")),
+    (r"^tensorboard --logdir gs://",
+     Rule("not_run", "a viewer of event files in GCS (needs gcloud credentials; `pip install tensorboard`)")),
+]
+
+
+def rule_for(command: DocCommand) -> tuple[re.Match, Rule] | tuple[None, None]:
+    for pattern, rule in RULES:
+        match = re.search(pattern, command.line)
+        if match:
+            return match, rule
+    return None, None
+
+
+COMMANDS = documented_commands()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running.
+# --------------------------------------------------------------------------------------------------------
+
+
+FAKE_GCLOUD = """#!/usr/bin/env bash
+echo "$(basename "$0") $*" >> "$GCLOUD_CALLS"
+"""
+
+
+class Runner:
+    """Runs documented commands in one working directory, each once, prerequisites first."""
+
+    def __init__(self, work: pathlib.Path):
+        self.work = work
+        self.done: dict[str, subprocess.CompletedProcess] = {}
+        fake_bin = work.parent / "fake_bin"
+        fake_bin.mkdir(exist_ok=True)
+        (fake_bin / "gcloud").write_text(FAKE_GCLOUD)
+        (fake_bin / "gcloud").chmod(0o755)
+        self.env = dict(os.environ)
+        # One CPU device, as a user has (conftest simulates 8 for the sharding tests).
+        self.env["XLA_FLAGS"] = self.env.get("XLA_FLAGS", "").replace(
+            "--xla_force_host_platform_device_count=8", "")
+        # `python` and `rest_jax` are this environment's, as after `. .venv/bin/activate`.
+        self.env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{self.env['PATH']}"
+        self.env["REST_JAX_DEMO_DIR"] = str(work.parent / "demo_corpus")
+        self.tpu_env = dict(self.env, PATH=f"{fake_bin}{os.pathsep}{self.env['PATH']}", DRY_RUN="1",
+                            GCLOUD_CALLS=str(work.parent / "gcloud_calls.txt"), TMPDIR=str(work.parent),
+                            TPU_PROJECT="my-project", TPU_ZONE="us-central2-b")
+
+    def _bash(self, text: str, cwd: pathlib.Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", text], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+
+    def run(self, command: DocCommand) -> subprocess.CompletedProcess:
+        if command.line in self.done:
+            return self.done[command.line]
+        match, rule = rule_for(command)
+        for pattern in rule.after:
+            before = [c for c in COMMANDS if re.search(pattern, c.line)]
+            assert before, f"{command.where}: no documented command matches the prerequisite {pattern!r}"
+            self.run(before[0])
+        proc = getattr(self, f"_run_{rule.kind}")(command, match, rule)
+        self.done[command.line] = proc
+        return proc
+
+    def _run_run(self, command, match, rule):
+        text = match.group(1) if match.groups() else command.text
+        for written, replacement in rule.substitute:
+            text = text.replace(written, replacement.format(work=self.work))
+        text = " ".join([text, *(shlex.quote(o) for o in rule.extra)])
+        proc = self._bash(text, REPO if rule.cwd_repo else self.work, self.env)
+        assert proc.returncode == 0, f"{command.where}: exit {proc.returncode}\n{proc.stderr[-4000:]}"
+        if rule.check:
+            rule.check(self.work, proc)
+        return proc
+
+    def _run_dry_run(self, command, match, rule):
+        proc = self._bash(command.text + " --dry_run", self.work, self.env)
+        assert proc.returncode == 0, f"{command.where}: exit {proc.returncode}\n{proc.stderr[-4000:]}"
+        return proc
+
+    def _run_help(self, command, match, rule):
+        program = shlex.split(command.line)[:2]
+        proc = self._bash(" ".join([*program, "--help"]), REPO, self.env)
+        assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr[-2000:]
+        return proc
+
+    def _run_tpu(self, command, match, rule):
+        calls = pathlib.Path(self.tpu_env["GCLOUD_CALLS"])
+        calls.unlink(missing_ok=True)
+        proc = self._bash(command.text, REPO, self.tpu_env)
+        assert proc.returncode == 0, f"{command.where}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        assert not calls.exists() or "tpus" not in calls.read_text(), "a dry run must not call gcloud tpus"
+        assert "gcloud " in proc.stdout, proc.stdout  # the commands it would run
+        argv = shlex.split(command.line, comments=True)
+        if "--" in argv and argv[0].endswith("launch.sh"):
+            # The workers run `python -m rest_jax.main <this>`: its gin must parse and validate here too.
+            inner = argv[argv.index("--") + 1:]
+            dry = self._bash(shlex.join(["python", "-m", "rest_jax.main", *inner, "--dry_run"]), self.work,
+                             self.env)
+            assert dry.returncode == 0, f"{command.where}: the launched command fails: {dry.stderr[-3000:]}"
+        return proc
+
+    def _run_ci(self, command, match, rule):
+        ci = (REPO / ".ci" / "run").read_text().splitlines()
+        assert match.group(1) in [line.strip() for line in ci], f".ci/run does not run {match.group(1)!r}"
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    def _run_not_run(self, command, match, rule):
+        return subprocess.CompletedProcess([], 0, "", "")
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    work = tmp_path_factory.mktemp("docs") / "work"
+    work.mkdir()
+    return Runner(work)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tests.
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_every_documented_command_has_one_rule():
+    """The list of documented commands and how each is checked (shown with -rP)."""
+    assert len(COMMANDS) >= 30, [c.where for c in COMMANDS]  # the collectors found the docs
+    missing = [f"{c.where}: {c.line}" for c in COMMANDS if rule_for(c)[1] is None]
+    assert not missing, "documented commands without a rule in tests/test_documented_commands.py:\n" + "\n".join(
+        missing)
+    unused = [p for p, _ in RULES if not any(re.search(p, c.line) for c in COMMANDS)]
+    assert not unused, f"rules that match no documented command (stale): {unused}"
+    print(f"\n{len(COMMANDS)} documented commands:")
+    for command in COMMANDS:
+        rule = rule_for(command)[1]
+        note = f" ({rule.reason})" if rule.reason else ""
+        print(f"  {rule.kind + (' slow' if rule.slow else ''):<12} {command.where:<40} {command.line[:110]}{note}")
+
+
+def test_every_subcommand_is_documented_with_a_command_that_runs():
+    from rest_jax import main as cli  # pylint: disable=import-outside-toplevel
+
+    ran = {m.group(1) for c in COMMANDS if rule_for(c)[1].kind == "run"
+           for m in [re.search(r"(?:rest_jax|rest_jax\.main) ([a-z-]+)", c.line)] if m}
+    assert set(cli.SUBCOMMANDS) <= ran, set(cli.SUBCOMMANDS) - ran
+
+
+def test_cli_help_in_a_fresh_process(runner):
+    proc = runner._bash("rest_jax --help", runner.work, runner.env)  # pylint: disable=protected-access
+    assert proc.returncode == 0, proc.stderr
+    for name in ("train", "grow", "improve", "rest", "eval", "infer", "score", "convert", "vocab"):
+        # Each subcommand a user runs has a run config, named under it with the macros it needs.
+        assert re.search(rf"^  {name} .*\n\s+run config: \S*configs/runs/", proc.stdout, re.M), (name, proc.stdout)
+
+
+def _params():
+    params = []
+    for command in COMMANDS:
+        rule = rule_for(command)[1]
+        if rule is None or rule.kind == "not_run":
+            continue
+        marks = [pytest.mark.slow] if rule.slow else []
+        params.append(pytest.param(command, marks=marks, id=f"{command.where}"))
+    return params
+
+
+@pytest.mark.parametrize("command", _params())
+def test_documented_command(command, runner):
+    if "multi30k" in command.line and not (MULTI30K_DIR / "train.de").exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"Multi30k not found at {MULTI30K_DIR} (CI is set: real-data tests may not skip)")
+        pytest.skip(f"Multi30k not found at {MULTI30K_DIR}")
+    runner.run(command)
