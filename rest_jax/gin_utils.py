@@ -16,6 +16,8 @@ Public API:
                                      command-line macros, values of the wrong type; then `gin.finalize()`.
   `macro_value(name, default)`       value of a bound macro (e.g. MODEL_DIR).
   `required_macros(sources, paths)`  static scan: macros a set of gin files needs but does not bind.
+  `config_bindings(text)`            a config text (e.g. a saved config.gin) as binding -> value, macros
+                                     substituted; `diff_configs(old, new)` lists the bindings that differ.
   `save_config(model_dir, text)`     write `config.gin` atomically (local or `gs://`, via etils.epath),
                                      keeping a different earlier one as `config.<k>.gin`.
 """
@@ -96,6 +98,9 @@ class _AcceptAllDelegate(config_parser.ParserDelegate):
 @dataclasses.dataclass(frozen=True)
 class _StaticReference:
     text: str
+
+    def __repr__(self) -> str:
+        return self.text  # as written in gin: `%MACRO`, `@fn()`
 
 
 def is_gin_value(text: str) -> bool:
@@ -803,6 +808,102 @@ def required_macros(sources: Sequence[str], search_paths: Sequence[str] | None =
     order = list(dict.fromkeys([*referenced, *defined]))
     required = _StaticReference("%gin.REQUIRED")
     return [m for m in order if (m not in defined and m in referenced) or defined.get(m) == required]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Comparing configs (a saved config.gin against the one about to run).
+# --------------------------------------------------------------------------------------------------------
+
+
+def _substitute(value: Any, macros: Mapping[str, Any], opaque: Iterable[str], seen: tuple[str, ...] = ()) -> Any:
+    if isinstance(value, _StaticReference) and value.text.startswith("%"):
+        name = value.text[1:]
+        if name in macros and name not in opaque and name not in seen:
+            return _substitute(macros[name], macros, opaque, (*seen, name))
+        return value
+    if type(value) in (list, tuple):
+        return type(value)(_substitute(v, macros, opaque, seen) for v in value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, macros, opaque, seen) for k, v in value.items()}
+    return value
+
+
+def config_bindings(text: str, opaque_macros: Iterable[str] = ()) -> dict[tuple[str, str, str], Any]:
+    """The parameter bindings of a gin config text (e.g. a saved config.gin) as
+    (scope, complete selector, param) -> value, with every macro replaced by its value (except
+    `opaque_macros`, kept as `%NAME`), so that a macro and the bindings using it compare as the values
+    they give.  References stay as written (`@fn()`).  Nothing is imported or bound.
+
+    Raises:
+      SyntaxError, ValueError: `text` is not gin.
+    """
+    macros: dict[str, Any] = {}
+    params: dict[tuple[str, str, str], Any] = {}
+    for stmt in config_parser.ConfigParser(text, _AcceptAllDelegate()):
+        if isinstance(stmt, config_parser.BindingStatement):
+            key = _canonical_key(*stmt[:3])
+            if key[1] == "gin.macro":
+                macros[key[0]] = stmt.value
+            else:
+                params[key] = stmt.value
+    opaque = set(opaque_macros)
+    return {k: _substitute(v, macros, opaque) for k, v in params.items()}
+
+
+_NO_DEFAULT = object()
+
+
+def _default(key: tuple[str, str, str]) -> Any:
+    configurable = gin_config._REGISTRY.get_match(key[1])  # pylint: disable=protected-access
+    if configurable is None:
+        return _NO_DEFAULT
+    try:
+        param = inspect.signature(configurable.wrapped).parameters.get(key[2])
+    except (TypeError, ValueError):
+        return _NO_DEFAULT
+    if param is None or param.default is param.empty or param.default is gin.REQUIRED:
+        return _NO_DEFAULT
+    return param.default
+
+
+def diff_configs(old: str, new: str, opaque_macros: Iterable[str] = ()) -> list[tuple[str, str, str]]:
+    """Bindings whose values differ between two gin config texts, as (binding, old value, new value).
+
+    Macros are compared through the bindings that use them (`config_bindings`); a binding present on one
+    side only counts as its parameter's default there.  Values are shown as gin would write them.
+    """
+    a, b = config_bindings(old, opaque_macros), config_bindings(new, opaque_macros)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        (va, how_a), (vb, how_b) = _lookup(a, key), _lookup(b, key)
+        if va == vb:
+            continue
+        out.append((_display_key(key), *(("(not set)" if v is _NO_DEFAULT else repr(v)) + how
+                                          for v, how in ((va, how_a), (vb, how_b)))))
+    return out
+
+
+def _lookup(bindings: Mapping[tuple[str, str, str], Any], key: tuple[str, str, str]) -> tuple[Any, str]:
+    """The value `key` gets from `bindings` as gin would give it: its own binding, else the same parameter
+    bound in an enclosing scope (`a/b` -> `a` -> none), else the parameter's default; and how it got it."""
+    scope, selector, param = key
+    while True:
+        if (scope, selector, param) in bindings:
+            value = bindings[(scope, selector, param)]
+            return value, "" if scope == key[0] else f" (from {_display_key((scope, selector, param))})"
+        if not scope:
+            default = _default(key)
+            return default, "" if default is _NO_DEFAULT else " (default)"
+        scope = scope.rsplit("/", 1)[0] if "/" in scope else ""
+
+
+def _display_key(key: tuple[str, str, str]) -> str:
+    scope, selector, param = key
+    try:
+        selector = gin_config._REGISTRY.minimal_selector(selector)  # pylint: disable=protected-access
+    except KeyError:
+        pass  # not registered in this process: as written
+    return f"{scope + '/' if scope else ''}{selector}.{param}"
 
 
 # --------------------------------------------------------------------------------------------------------
