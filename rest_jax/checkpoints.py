@@ -109,6 +109,18 @@ def _is_complete(step_dir: epath.Path) -> bool:
     return (step_dir / _COMMIT_MARKER).exists() and (step_dir / _STATE).exists()
 
 
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps with a committed checkpoint in `directory`, oldest first.
+
+    Only reads the directory (no Orbax manager, no clean-up of interrupted saves), for callers that must not
+    change anything, e.g. the command line checking what a run directory holds before it runs.
+    """
+    directory = _absolute(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _is_complete(p))
+
+
 def _read_json(step_dir: epath.Path) -> dict[str, Any]:
     path = step_dir / _METADATA / _METADATA
     if not path.exists():

@@ -13,15 +13,18 @@ Public API:
   `resolve_gin_file(name, paths)`    find a gin file (also `gs://`), with close matches when missing.
   `parse(files, bindings, paths)`    clear gin, then load files and bindings in order.
   `validate(entry, cli_macros)`      unbound / `%gin.REQUIRED` macros, required entry arguments, unused
-                                     command-line macros; then `gin.finalize()`.
+                                     command-line macros, values of the wrong type; then `gin.finalize()`.
   `macro_value(name, default)`       value of a bound macro (e.g. MODEL_DIR).
   `required_macros(sources, paths)`  static scan: macros a set of gin files needs but does not bind.
+  `config_bindings(text)`            a config text (e.g. a saved config.gin) as binding -> value, macros
+                                     substituted; `diff_configs(old, new)` lists the bindings that differ.
   `save_config(model_dir, text)`     write `config.gin` atomically (local or `gs://`, via etils.epath),
                                      keeping a different earlier one as `config.<k>.gin`.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 # gin 0.5.0 reaches for `importlib.util` without importing it when a gin file is missing, which turns
@@ -33,8 +36,10 @@ import os
 import pathlib
 import re
 import tokenize
+import types
+import typing
 import uuid
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import gin
 from etils import epath
@@ -93,6 +98,9 @@ class _AcceptAllDelegate(config_parser.ParserDelegate):
 @dataclasses.dataclass(frozen=True)
 class _StaticReference:
     text: str
+
+    def __repr__(self) -> str:
+        return self.text  # as written in gin: `%MACRO`, `@fn()`
 
 
 def is_gin_value(text: str) -> bool:
@@ -362,12 +370,20 @@ def parse(gin_files: Sequence[str], bindings: Sequence[Binding],
     search_paths = list(search_paths) if search_paths is not None else default_search_paths()
     _register_search_paths(search_paths)
     gin.clear_config()  # also unlocks a finalized config
+    _PARSED.update(files=[], bindings=list(bindings), search_paths=search_paths)
     quiet = _QuietGinResourceReader()
     logging.getLogger().addFilter(quiet)
     try:
-        return _parse(gin_files, bindings, search_paths)
+        resolved = _parse(gin_files, bindings, search_paths)
     finally:
         logging.getLogger().removeFilter(quiet)
+    _PARSED["files"] = resolved
+    expand_user_paths()
+    return resolved
+
+
+# Where the current gin config came from (set by `parse`), to name the file line or flag of a bad value.
+_PARSED: dict[str, list[Any]] = {"files": [], "bindings": [], "search_paths": []}
 
 
 def _parse(gin_files: Sequence[str], bindings: Sequence[Binding], search_paths: Sequence[str]) -> list[str]:
@@ -377,6 +393,11 @@ def _parse(gin_files: Sequence[str], bindings: Sequence[Binding], search_paths: 
             gin.parse_config_file(path)
         except (ValueError, SyntaxError, IOError, ImportError, TypeError, tokenize.TokenError) as e:
             raise _explain(e, f"--gin_file={name}") from e
+        except RecursionError as e:
+            # gin follows `include` without remembering where it has been: a cycle ends in a RecursionError
+            # thousands of lines long.  Name the cycle instead.
+            raise GinConfigError(_include_cycle(path, name, search_paths) or f"--gin_file={name}: includes nest "
+                                 "too deeply (a recursive include?)") from None
     for b in bindings:
         try:
             gin.parse_config(b.text)
@@ -384,6 +405,63 @@ def _parse(gin_files: Sequence[str], bindings: Sequence[Binding], search_paths: 
             # gin's own location would say "bindings string line 1"; the flag itself is clearer.
             raise _explain(e, b.source) from e
     return resolved
+
+
+def _include_statements(path: str) -> list[config_parser.IncludeStatement]:
+    try:
+        return [stmt for stmt in config_parser.ConfigParser(epath.Path(path).read_text(), _AcceptAllDelegate())
+                if isinstance(stmt, config_parser.IncludeStatement)]
+    except (OSError, SyntaxError, ValueError, tokenize.TokenError):
+        return []
+
+
+def _include_cycle(path: str, name: str, search_paths: Sequence[str]) -> str | None:
+    """`file:line: recursive include: a.gin -> b.gin -> a.gin` for the first include cycle below `path`."""
+
+    def visit(path: str, chain: list[tuple[str, str]]) -> str | None:
+        for stmt in _include_statements(path):
+            try:
+                target = resolve_gin_file(stmt.filename, search_paths)
+            except GinConfigError:
+                continue
+            real = os.path.realpath(target) if "://" not in target else target
+            names = [name for _, name in chain] + [stmt.filename]
+            if real in (r for r, _ in chain):
+                return f"{path}:{stmt.location.line_num}: recursive include: {' -> '.join(names)}"
+            found = visit(target, chain + [(real, stmt.filename)])
+            if found:
+                return found
+        return None
+
+    return visit(path, [(os.path.realpath(path) if "://" not in path else path, name)])
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_map_strings(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    return value
+
+
+def _expand_user(text: str) -> str:
+    return os.path.expanduser(text) if text == "~" or text.startswith("~/") else text
+
+
+def expand_user_paths() -> None:
+    """Expands a leading `~/` in every string value of the parsed config (macros, parameters, containers).
+
+    A shell expands `~` only in unquoted words, so `--gin.MODEL_DIR="'~/run'"` reached gin as the literal
+    `~/run` and created a folder named `~`.  Any string that starts with `~/` is taken for a home-relative
+    path; `gs://...` and other strings are left alone.
+    """
+    for (scope, selector), params in list(gin_config._CONFIG.items()):  # pylint: disable=protected-access
+        for param, value in list(params.items()):
+            expanded = _map_strings(value, _expand_user)
+            if expanded != value:
+                gin.bind_parameter((scope, selector, param), expanded)  # a macro: (NAME, 'gin.macro', 'value')
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -462,6 +540,181 @@ def _entry_required_args(entry: Callable[..., Any]) -> list[str]:
             and p.name not in bound]
 
 
+# --------------------------------------------------------------------------------------------------------
+# Types of bound values, from the configurables' type hints.
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Unresolved:
+    """A reference (`@fn`, `@fn()`) or unbound macro: its value is known only when the program runs."""
+
+    def __repr__(self) -> str:
+        return "<reference>"
+
+
+_UNRESOLVED = _Unresolved()
+_SEQUENCES = {list, tuple, collections.abc.Sequence, collections.abc.MutableSequence, collections.abc.Iterable,
+              collections.abc.Collection}
+_MAPPINGS = {dict, collections.abc.Mapping, collections.abc.MutableMapping}
+
+
+def _resolve_macros(value: Any, macros: Mapping[str, Any], seen: tuple[str, ...] = ()) -> Any:
+    """`value` with macros replaced by their bound values (deeply); references become `_UNRESOLVED`."""
+    if _is_macro(value):
+        name = "/".join(value.scopes)
+        if name in macros and name not in seen:
+            return _resolve_macros(macros[name], macros, (*seen, name))
+        return _UNRESOLVED
+    if isinstance(value, gin_config.ConfigurableReference):
+        return _UNRESOLVED
+    if type(value) in (list, tuple):
+        return type(value)(_resolve_macros(v, macros, seen) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve_macros(v, macros, seen) for k, v in value.items()}
+    return value
+
+
+def _parameter_types(configurable: Any) -> dict[str, tuple[Any, Any]]:
+    """Parameter name -> (type hint, default) for the annotated parameters of a registered configurable."""
+    fn = configurable.wrapped
+    try:
+        params = inspect.signature(fn).parameters  # a class: its constructor's, without self
+    except (TypeError, ValueError):
+        return {}
+    targets = [fn.__init__, fn] if inspect.isclass(fn) else [fn]
+    hints: dict[str, Any] = {}
+    for target in targets:
+        try:
+            hints = typing.get_type_hints(target)
+            break
+        except Exception:  # pylint: disable=broad-except
+            # One annotation that does not resolve (e.g. a name imported only for type checkers) spoils
+            # get_type_hints for all of them; such parameters are not checked.
+            continue
+    return {name: (hints[name], p.default) for name, p in params.items() if name in hints}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` (a gin literal, macros resolved) can be meant for a parameter hinted `hint`.
+
+    Lenient on purpose: only plain types, unions, Literal and standard containers are checked; an int is
+    fine for a float, an integral float for an int, a list for a tuple; any other class passes.
+    """
+    if value is _UNRESOLVED or hint is Any or hint is object:
+        return True
+    origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is None or hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if hint is bool:
+        return type(value) is bool or (type(value) is int and value in (0, 1))
+    if hint is int:
+        return type(value) is int or (type(value) is float and value.is_integer())
+    if hint is float:
+        return type(value) in (int, float)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in _SEQUENCES:
+        if type(value) not in (list, tuple):
+            return False  # a string where a sequence of values is meant would be taken letter by letter
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            return (len(value) == 0) if args == ((),) else (
+                len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args)))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin in _MAPPINGS:
+        if not isinstance(value, dict):
+            return False
+        return len(args) != 2 or all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if hint is None or hint is type(None):
+        return "None"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
+
+
+def _canonical_key(scope: str, selector: str, param: str) -> tuple[str, str, str]:
+    """(scope, complete selector, param) as gin stores a binding; a macro is (NAME, 'gin.macro', 'value')."""
+    if not param:
+        return (f"{scope}/{selector}" if scope else selector), "gin.macro", "value"
+    try:
+        configurable = gin_config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+    except KeyError:  # ambiguous
+        configurable = None
+    return scope, configurable.selector if configurable is not None else selector, param
+
+
+def _file_bindings(path: str, search_paths: Sequence[str], depth: int = 0
+                   ) -> Iterator[tuple[str, config_parser.BindingStatement]]:
+    """The binding statements of gin file `path` with its includes, in the order gin applies them."""
+    try:
+        statements = list(config_parser.ConfigParser(epath.Path(path).read_text(), _AcceptAllDelegate()))
+    except (OSError, SyntaxError, ValueError, tokenize.TokenError):
+        return
+    for stmt in statements:
+        if isinstance(stmt, config_parser.BindingStatement):
+            yield path, stmt
+        elif isinstance(stmt, config_parser.IncludeStatement) and depth < 20:
+            try:
+                included = resolve_gin_file(stmt.filename, search_paths)
+            except GinConfigError:
+                continue
+            yield from _file_bindings(included, search_paths, depth + 1)
+
+
+def _source_of(key: tuple[str, str, str]) -> str:
+    """The flag or `file:line` that last bound `key` in the config `parse` loaded ('' if unknown)."""
+    for b in reversed(_PARSED["bindings"]):
+        try:
+            statements = list(config_parser.ConfigParser(b.text, _AcceptAllDelegate()))
+        except (SyntaxError, ValueError, tokenize.TokenError):
+            continue
+        if any(isinstance(st, config_parser.BindingStatement) and _canonical_key(*st[:3]) == key
+               for st in statements):
+            return b.source
+    found = ""
+    for gin_file in _PARSED["files"]:
+        for path, stmt in _file_bindings(gin_file, _PARSED["search_paths"]):
+            if _canonical_key(*stmt[:3]) == key:
+                found = f"{path}:{stmt.location.line_num}"
+    return found
+
+
+def _type_problems() -> list[str]:
+    """`source: configurable.param expects T, got V` for each bound value its parameter's hint rules out."""
+    macros = bound_macros()
+    problems = []
+    for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+        if selector.startswith("gin."):
+            continue
+        configurable = gin_config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+        types_ = _parameter_types(configurable) if configurable is not None else {}
+        for param, value in params.items():
+            if param not in types_:
+                continue
+            hint, default = types_[param]
+            resolved = _resolve_macros(value, macros)
+            if (resolved is None and default is None) or _fits(resolved, hint):
+                continue
+            key, via, seen = (scope, selector, param), "", set()
+            # Name the macro that holds the value (x.y = %A, A = %B, B = 'abc': B).
+            while _is_macro(value) and (name := "/".join(value.scopes)) in macros and name not in seen:
+                seen.add(name)
+                via, key, value = name, (name, "gin.macro", "value"), macros[name]
+            source = _source_of(key)
+            problems.append(f"{source + ': ' if source else ''}{_binding_name(scope, selector, param)} expects "
+                            f"{_type_name(hint)}, got {resolved!r}" + (f" (through macro {via})" if via else ""))
+    return problems
+
+
 def _how_to_set(macro: str) -> str:
     return f"--gin.{macro}=..." + (" or --model_dir=..." if macro == "MODEL_DIR" else "")
 
@@ -476,7 +729,8 @@ def validate(entry: Callable[..., Any] | None = None, cli_bindings: Sequence[Bin
         looks like a typo of a used macro, a warning otherwise.
       always_used_macros: macros the caller reads itself (the CLI reads MODEL_DIR), never "unused".
     Raises:
-      GinConfigError: unbound macro, `%gin.REQUIRED` left in place, unbound entry argument, typo'd macro.
+      GinConfigError: unbound macro, `%gin.REQUIRED` left in place, unbound entry argument, typo'd macro,
+        a value of the wrong type for its parameter's type hint (e.g. a string for an int).
     """
     refs = macro_references()
     bound = bound_macros()
@@ -501,6 +755,7 @@ def validate(entry: Callable[..., Any] | None = None, cli_bindings: Sequence[Bin
         for arg in _entry_required_args(entry):
             problems.append(f"{name}() needs argument {arg!r}, which no gin binding sets. Set it with "
                             f"--gin.{name}.{arg}=... or in a gin file.")
+    problems += _type_problems()
     used = set(refs) | set(always_used_macros)
     for b in cli_bindings:
         if b.is_macro and b.key not in used:
@@ -553,6 +808,102 @@ def required_macros(sources: Sequence[str], search_paths: Sequence[str] | None =
     order = list(dict.fromkeys([*referenced, *defined]))
     required = _StaticReference("%gin.REQUIRED")
     return [m for m in order if (m not in defined and m in referenced) or defined.get(m) == required]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Comparing configs (a saved config.gin against the one about to run).
+# --------------------------------------------------------------------------------------------------------
+
+
+def _substitute(value: Any, macros: Mapping[str, Any], opaque: Iterable[str], seen: tuple[str, ...] = ()) -> Any:
+    if isinstance(value, _StaticReference) and value.text.startswith("%"):
+        name = value.text[1:]
+        if name in macros and name not in opaque and name not in seen:
+            return _substitute(macros[name], macros, opaque, (*seen, name))
+        return value
+    if type(value) in (list, tuple):
+        return type(value)(_substitute(v, macros, opaque, seen) for v in value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, macros, opaque, seen) for k, v in value.items()}
+    return value
+
+
+def config_bindings(text: str, opaque_macros: Iterable[str] = ()) -> dict[tuple[str, str, str], Any]:
+    """The parameter bindings of a gin config text (e.g. a saved config.gin) as
+    (scope, complete selector, param) -> value, with every macro replaced by its value (except
+    `opaque_macros`, kept as `%NAME`), so that a macro and the bindings using it compare as the values
+    they give.  References stay as written (`@fn()`).  Nothing is imported or bound.
+
+    Raises:
+      SyntaxError, ValueError: `text` is not gin.
+    """
+    macros: dict[str, Any] = {}
+    params: dict[tuple[str, str, str], Any] = {}
+    for stmt in config_parser.ConfigParser(text, _AcceptAllDelegate()):
+        if isinstance(stmt, config_parser.BindingStatement):
+            key = _canonical_key(*stmt[:3])
+            if key[1] == "gin.macro":
+                macros[key[0]] = stmt.value
+            else:
+                params[key] = stmt.value
+    opaque = set(opaque_macros)
+    return {k: _substitute(v, macros, opaque) for k, v in params.items()}
+
+
+_NO_DEFAULT = object()
+
+
+def _default(key: tuple[str, str, str]) -> Any:
+    configurable = gin_config._REGISTRY.get_match(key[1])  # pylint: disable=protected-access
+    if configurable is None:
+        return _NO_DEFAULT
+    try:
+        param = inspect.signature(configurable.wrapped).parameters.get(key[2])
+    except (TypeError, ValueError):
+        return _NO_DEFAULT
+    if param is None or param.default is param.empty or param.default is gin.REQUIRED:
+        return _NO_DEFAULT
+    return param.default
+
+
+def diff_configs(old: str, new: str, opaque_macros: Iterable[str] = ()) -> list[tuple[str, str, str]]:
+    """Bindings whose values differ between two gin config texts, as (binding, old value, new value).
+
+    Macros are compared through the bindings that use them (`config_bindings`); a binding present on one
+    side only counts as its parameter's default there.  Values are shown as gin would write them.
+    """
+    a, b = config_bindings(old, opaque_macros), config_bindings(new, opaque_macros)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        (va, how_a), (vb, how_b) = _lookup(a, key), _lookup(b, key)
+        if va == vb:
+            continue
+        out.append((_display_key(key), *(("(not set)" if v is _NO_DEFAULT else repr(v)) + how
+                                          for v, how in ((va, how_a), (vb, how_b)))))
+    return out
+
+
+def _lookup(bindings: Mapping[tuple[str, str, str], Any], key: tuple[str, str, str]) -> tuple[Any, str]:
+    """The value `key` gets from `bindings` as gin would give it: its own binding, else the same parameter
+    bound in an enclosing scope (`a/b` -> `a` -> none), else the parameter's default; and how it got it."""
+    scope, selector, param = key
+    while True:
+        if (scope, selector, param) in bindings:
+            value = bindings[(scope, selector, param)]
+            return value, "" if scope == key[0] else f" (from {_display_key((scope, selector, param))})"
+        if not scope:
+            default = _default(key)
+            return default, "" if default is _NO_DEFAULT else " (default)"
+        scope = scope.rsplit("/", 1)[0] if "/" in scope else ""
+
+
+def _display_key(key: tuple[str, str, str]) -> str:
+    scope, selector, param = key
+    try:
+        selector = gin_config._REGISTRY.minimal_selector(selector)  # pylint: disable=protected-access
+    except KeyError:
+        pass  # not registered in this process: as written
+    return f"{scope + '/' if scope else ''}{selector}.{param}"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ gin (the T5X habit).  Order of events: import the entry's module (so its configu
 the subcommand's run config `configs/runs/<subcommand>.gin` when it exists (train also
 accepts runs/pretrain.gin, eval runs/evaluate.gin; --no_run_config skips it), then each --gin_file, then the
 bindings (--model_dir, --gin_bindings, --gin.KEY=VALUE, in that order, later wins), validate (unbound or
-%gin.REQUIRED macros, typos, required entry arguments), start multi-host JAX if asked, print the config
-and save it as MODEL_DIR/config.gin, run, and save MODEL_DIR/operative_config.gin (the values actually
+%gin.REQUIRED macros, typos, required entry arguments, value types), start multi-host JAX if asked, refuse
+a rerun whose settings differ from those of the work already in MODEL_DIR (`rest_jax.rerun`), print the
+config and save it as MODEL_DIR/config.gin, run, and save MODEL_DIR/operative_config.gin (the values actually
 used).  Configuration mistakes exit with status 2 and a short message with close matches; errors inside
 a run are real bugs and keep their traceback.
 
@@ -33,6 +34,7 @@ from typing import Any, Callable, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from rest_jax import gin_utils  # noqa: E402
+from rest_jax import rerun  # noqa: E402
 from rest_jax.gin_utils import Binding, GinConfigError  # noqa: E402
 
 PROG = "rest_jax"
@@ -394,6 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model_dir = gin_utils.macro_value("MODEL_DIR")
     text = gin.config_str()
+    if model_dir:
+        try:  # before config.gin is replaced: it describes the work already in MODEL_DIR
+            rerun.check(inv.command, model_dir, text, CONFIG_FILENAME)
+        except GinConfigError as e:
+            return _fail(e, inv.command)
     chief = _process_index() == 0
     if chief:
         header = (f"# {PROG} {inv.command}: gin config from {', '.join(_display_path(f) for f in files) or 'flags'}"

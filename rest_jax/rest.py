@@ -1,6 +1,7 @@
 """The ReST loop (Gulcehre et al. 2023, Alg. 1): BC, then G × (Grow, I × Improve), with a report.
 
-Run directory layout (each stage finished when its `stage.json` exists; a rerun skips finished stages):
+Run directory layout (each stage finished when its `stage.json` exists; a rerun skips finished stages, and
+the command line refuses one with other settings: `rest_jax.rerun`):
 
     <model_dir>/vocab/                     SentencePiece model trained on the task (unless given)
     <model_dir>/bc/                        BC policy ("BC G=0 I=0"): checkpoints/, TensorBoard, stage.json
@@ -21,6 +22,7 @@ from typing import Any, Sequence
 import gin
 import jax
 import numpy as np
+from etils import epath
 
 # Every module with gin configurables a ReST config may bind must be imported before gin parses it.
 from rest_jax import checkpoints  # noqa: F401  pylint: disable=unused-import
@@ -36,6 +38,32 @@ from rest_jax.data import grow_store as store_lib
 from rest_jax.data import tasks  # noqa: F401  pylint: disable=unused-import
 from rest_jax.data import vocab as vocab_lib
 from rest_jax.model import t5
+
+
+def finished_work(model_dir: str) -> list[str]:
+    """What a rerun in `model_dir` would skip or resume, as paths relative to it (the layout above): the
+    trained vocabulary, each finished stage, BC's checkpoints while BC is unfinished, best_of_n.json."""
+    root = epath.Path(model_dir)
+    found = []
+    if (root / "vocab" / vocab_lib.DEFAULT_MODEL_NAME).exists():
+        found.append("vocab")
+    if (root / "bc" / report.STAGE_FILE).exists():
+        found.append("bc")
+    else:
+        found += [f"bc/{path}" for path in train_lib.finished_work(os.fspath(root / "bc"))]
+
+    def index(path: epath.Path) -> int:
+        suffix = path.name.rsplit("_", 1)[-1]
+        return int(suffix) if suffix.isdigit() else -1
+
+    for grow_dir in sorted(root.glob("grow_*"), key=index):
+        if (grow_dir / report.STAGE_FILE).exists():
+            found.append(grow_dir.name)
+        found += [f"{grow_dir.name}/{d.name}" for d in sorted(grow_dir.glob("improve_*"), key=index)
+                  if (d / report.STAGE_FILE).exists()]
+    if (root / "best_of_n.json").exists():
+        found.append("best_of_n.json")
+    return found
 
 
 def _vocabulary(model_dir: str, task: str, vocab_path: str | None, vocab_size: int) -> str:

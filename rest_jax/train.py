@@ -623,6 +623,11 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     return state
 
 
+def finished_work(model_dir: str) -> list[str]:
+    """What a rerun of `train` in `model_dir` would resume from: its committed checkpoints (relative paths)."""
+    return [f"checkpoints/{step}" for step in ckpt_lib.committed_steps(os.path.join(model_dir, "checkpoints"))]
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}

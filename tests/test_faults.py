@@ -166,8 +166,14 @@ def test_pretraining_killed_mid_checkpoint_save_and_mid_training_resumes_exactly
     _tree_equal(checkpoints.load_params(plain / "checkpoints", step=12), final)
     assert not np.array_equal(at_8["decoder"]["logits_dense"]["kernel"], final["decoder"]["logits_dense"]["kernel"])
 
-    # Same directory, another model: a clear error naming the checkpoint and the parameter.
+    # Same directory, another model: refused before anything runs, naming the knob (rest_jax.rerun).
+    config = (killed / "config.gin").read_text()
     rc, log = _launch(_train_args(demo, killed, mlp_dim=128), demo, tmp_path / "k4.log")
+    assert rc == 2, log[-3000:]
+    assert "T5Config.mlp_dim: 64 -> 128" in log and (killed / "config.gin").read_text() == config
+    # Checkpoints without their config.gin (e.g. copied): the restore names the checkpoint and the parameter.
+    (killed / "config.gin").unlink()
+    rc, log = _launch(_train_args(demo, killed, mlp_dim=128), demo, tmp_path / "k5.log")
     assert rc != 0
     assert "CheckpointMismatchError" in log and f"Checkpoint {ckpt / '12'} does not fit" in log
     assert "params/encoder/layers_0/mlp/wi_0/kernel: model expects shape (32, 128), checkpoint has (32, 64)" in log

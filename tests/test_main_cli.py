@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import gin
 import pytest
@@ -33,6 +34,13 @@ def cli_fake_dataset(path: str = "", batch_size: int = 8):
 @gin.configurable(module="clitest")
 def cli_fake_needs_arg(source_file, beam=1):
     CALLS.append(dict(source_file=source_file, beam=beam))
+
+
+@gin.configurable(module="clitest")
+def cli_fake_typed(sizes: Sequence[int] = (1,), lengths: Mapping[str, int] | None = None, limit: int | None = None,
+                   path: str = "", ratio: float = 0.5, flag: bool = False, mode: Literal["a", "b"] = "a",
+                   fn: Callable[[], Any] | None = None, pair: tuple[int, int] = (1, 2), name: str = None):
+    return locals()
 
 
 @pytest.fixture(autouse=True)
@@ -147,6 +155,81 @@ def test_error_in_gin_file_names_file_and_line(tmp_path, capsys):
     code, _, err = run(["train", f"--gin_file={path}", "--model_dir=/tmp/x"], capsys)
     assert code == 2
     assert f"{path}:2" in err and "learning_rate" in err
+
+
+_TYPED_BASE = ["train", "--gin.cli_fake_train.model_dir='m'", "--dry_run"]
+
+
+def test_values_of_the_right_type_pass(tmp_path, capsys):
+    # Macros, references, None for a None default, an int for a float, an integral float for an int, lists
+    # for tuples: all valid gin for these hints.
+    path = write(tmp_path / "typed.gin", """
+        L = 4
+        cli_fake_typed.sizes = [1, %L]
+        cli_fake_typed.lengths = {'inputs': %L, 'targets': 8}
+        cli_fake_typed.limit = None
+        cli_fake_typed.path = 'gs://bucket/x'
+        cli_fake_typed.ratio = 1
+        cli_fake_typed.flag = True
+        cli_fake_typed.mode = 'b'
+        cli_fake_typed.fn = @cli_fake_dataset
+        cli_fake_typed.pair = [3, 4]
+        cli_fake_typed.name = None
+        cli_fake_train.num_steps = 1e3
+        cli_fake_train.data = @cli_fake_dataset()
+        """)
+    code, _, err = run([*_TYPED_BASE, f"--gin_file={path}"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--gin.cli_fake_train.num_steps='abc'", "cli_fake_train.num_steps expects int, got 'abc'"),
+    ("--gin.cli_fake_train.num_steps=1.5", "cli_fake_train.num_steps expects int, got 1.5"),
+    ("--gin.cli_fake_train.learning_rate='fast'", "cli_fake_train.learning_rate expects float, got 'fast'"),
+    ("--gin.cli_fake_typed.sizes='abc'", "cli_fake_typed.sizes expects Sequence[int], got 'abc'"),
+    ("--gin.cli_fake_typed.lengths={'inputs': 'x'}", "cli_fake_typed.lengths expects Mapping[str, int] | None"),
+    ("--gin.cli_fake_typed.flag='False'", "cli_fake_typed.flag expects bool, got 'False'"),
+    ("--gin.cli_fake_typed.mode='c'", "cli_fake_typed.mode expects Literal['a', 'b'], got 'c'"),
+    ("--gin.cli_fake_typed.pair=(1, 2, 3)", "cli_fake_typed.pair expects tuple[int, int], got (1, 2, 3)"),
+    ("--gin.cli_fake_typed.path=3", "cli_fake_typed.path expects str, got 3"),
+])
+def test_values_of_the_wrong_type_fail_in_a_dry_run_naming_the_flag(capsys, flag, expected):
+    code, out, err = run([*_TYPED_BASE, flag], capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert f"error: {flag.split('=', 1)[0]}=" in err and expected in err
+
+
+def test_wrong_type_in_a_file_names_the_line_and_the_macro(tmp_path, capsys):
+    path = write(tmp_path / "exp.gin", "cli_fake_train.num_steps = %STEPS\nSTEPS = %N\nN = 'abc'\n")
+    code, _, err = run([*_TYPED_BASE, f"--gin_file={path}"], capsys)
+    assert code == 2
+    assert f"error: {path}:3: cli_fake_train.num_steps expects int, got 'abc' (through macro N)" in err
+    code, _, err = run([*_TYPED_BASE, f"--gin_file={path}", "--gin.N='xyz'"], capsys)
+    assert code == 2 and "error: --gin.N='xyz': cli_fake_train.num_steps expects int, got 'xyz'" in err
+
+
+def test_recursive_include_is_one_line_naming_the_chain(tmp_path, capsys):
+    write(tmp_path / "configs/exp/a.gin", "include 'exp/b.gin'\ncli_fake_train.num_steps = 1\n")
+    write(tmp_path / "configs/exp/b.gin", "cli_fake_train.num_steps = 2\ninclude 'exp/a.gin'\n")
+    write(tmp_path / "configs/exp/self.gin", "include 'exp/self.gin'\n")
+    code, _, err = run([*_TYPED_BASE, "--gin_file=exp/a.gin"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err[-3000:]
+    assert f"{tmp_path}/configs/exp/b.gin:2: recursive include: exp/a.gin -> exp/b.gin -> exp/a.gin" in err
+    code, _, err = run([*_TYPED_BASE, "--gin_file=exp/self.gin"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "exp/self.gin -> exp/self.gin" in err
+
+
+def test_home_is_expanded_in_gin_paths(tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    code, _, err = run(["train", "--gin.MODEL_DIR='~/run'", "--gin.cli_fake_train.model_dir=%MODEL_DIR",
+                        "--gin.cli_fake_train.data=@cli_fake_dataset()", "--gin.cli_fake_dataset.path='~/d.tsv'",
+                        "--gin.cli_fake_typed.path='gs://b/~/x'"], capsys)
+    assert code == 0, err
+    assert CALLS == [dict(model_dir=str(home / "run"), learning_rate=1e-3, num_steps=10,
+                          data=(str(home / "d.tsv"), 8))]
+    assert (home / "run" / "config.gin").exists() and not (tmp_path / "~").exists()
+    assert gin.query_parameter("cli_fake_typed.path") == "gs://b/~/x"  # not a home-relative path
 
 
 def test_missing_required_macro_and_typo_of_it(tmp_path, capsys):
