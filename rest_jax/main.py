@@ -401,6 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             rerun.check(inv.command, model_dir, text, CONFIG_FILENAME)
         except GinConfigError as e:
             return _fail(e, inv.command)
+        except Exception as e:  # pylint: disable=broad-except
+            # A dry run checks the config on a machine that may not reach MODEL_DIR (gs:// from a laptop);
+            # the run itself must read it, so there the error stands.
+            if not inv.dry_run:
+                raise
+            print(f"{PROG} {inv.command}: note: {model_dir} could not be read ({type(e).__name__}), so earlier "
+                  "work there was not checked against this config.", file=sys.stderr)
     chief = _process_index() == 0
     if chief:
         header = (f"# {PROG} {inv.command}: gin config from {', '.join(_display_path(f) for f in files) or 'flags'}"
