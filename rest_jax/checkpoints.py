@@ -344,16 +344,21 @@ class CheckpointManager:
       async_save: Write in a background thread (Orbax async); errors then surface at the next save
         or `wait_until_finished`.
       cleanup_tmp: Delete temporary directories of interrupted saves when opening the directory.
+      keep_knob: The gin knob that sets `keep` for the loop using this manager (e.g.
+        'train.keep_checkpoints'), named by the disk-full error; None when `keep` has no knob.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int | None = 3, period: int = 1000,
-                 keep_period: int | None = None, async_save: bool = False, cleanup_tmp: bool = True):
+                 keep_period: int | None = None, async_save: bool = False, cleanup_tmp: bool = True,
+                 keep_knob: str | None = None):
         if period < 1:
             raise ValueError(f"CheckpointManager.period={period} must be >= 1.")
         if keep is not None and keep < 1:
             raise ValueError(f"CheckpointManager.keep={keep} must be >= 1 or None (keep all).")
         self.directory = _absolute(directory)
         self.period = int(period)
+        self.keep = keep
+        self.keep_knob = keep_knob
         self._unchecksummed: list[int] = []  # async saves whose checksums wait for the save to finish
         if cleanup_tmp and jax.process_index() == 0 and self.directory.exists():
             # Orbax's own clean-up misses some names (e.g. '<step>.orbax-checkpoint-tmp-<time>').
@@ -466,8 +471,13 @@ class CheckpointManager:
             errno.ENOSPC,
             f"Out of disk space while saving checkpoint {'' if step is None else f'step {step} '}to "
             f"{self.directory} ({exc}). "
-            f"The partial step was removed; {kept}. Free space, or keep fewer checkpoints "
-            "(gin: CheckpointManager.keep), then rerun the same command to resume.")
+            f"The partial step was removed; {kept}. {self._free_space_advice()}")
+
+    def _free_space_advice(self) -> str:
+        if self.keep_knob is not None and self.keep != 1:
+            return (f"Free space, or keep fewer checkpoints (gin: {self.keep_knob}, now {self.keep}), then "
+                    "rerun the same command to resume.")
+        return "Free space, then rerun the same command to resume."
 
     def wait_until_finished(self) -> None:
         try:

@@ -582,7 +582,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     init_key = jax.random.key(seed)
     abstract, shardings = init_train_state(model, optimizer, init_key, mesh, rules, abstract_only=True)
     manager = ckpt_lib.CheckpointManager(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
-                                         period=checkpoint_period)
+                                         period=checkpoint_period, keep_knob="train.keep_checkpoints")
     if manager.latest_step() is not None:
         state, restored_meta = manager.restore(abstract, shardings=shardings)
         _check_same_vocabulary(restored_meta.get("vocabulary"), vocabulary,

@@ -161,7 +161,7 @@ _DISK_FULL_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from rest_jax import checkpoints
     directory = sys.argv[1]
-    manager = checkpoints.CheckpointManager(directory, period=1)
+    manager = checkpoints.CheckpointManager(directory, period=1, keep_knob="train.keep_checkpoints")
     big = {"w": jax.random.normal(jax.random.key(0), (256, 256))}
     manager.save(1, big)
     # Every write past 64 KB now fails inside tensorstore, as on a full disk.
@@ -184,6 +184,9 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path):
     assert "DISKFULL:" in out, result.stderr[-3000:]
     assert "Out of disk space while saving checkpoint step 2" in out
     assert "previous checkpoints are intact: steps [1]" in out
+    # The knob that sets `keep` for the running loop (CheckpointManager.keep is overridden by every caller).
+    assert "keep fewer checkpoints (gin: train.keep_checkpoints, now 3)" in out
+    assert "CheckpointManager.keep" not in out
     assert "RESTORED_EQUAL: True [1]" in out
     assert not list((tmp_path / "ckpt").glob("2.orbax-checkpoint-tmp*"))
 

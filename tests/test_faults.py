@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 from etils import epath
@@ -346,13 +347,22 @@ def test_damaged_checkpoint_is_never_used_by_train_or_a_policy(demo, tmp_path, c
 
 
 @pytest.mark.slow
-def test_damaged_checkpoint_deleted_resumes_from_the_previous(demo, tmp_path, clean_gin, caplog):
+def test_damaged_checkpoint_deleted_resumes_from_the_previous_and_disk_full_names_the_train_knob(
+        demo, tmp_path, clean_gin, monkeypatch, caplog):
     ckpt = _train_two_steps_and_flip_a_byte_of_step_2(demo, tmp_path)
     shutil.rmtree(ckpt / "2")  # way forward 2: delete it and rerun the same command
     with caplog.at_level(logging.INFO):
         _train_demo(demo, tmp_path / "run", 3)
     assert f"Resuming from {ckpt / '1'} (step 1)" in caplog.text
     assert checkpoints.CheckpointManager(ckpt).all_steps() == [1, 2, 3]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    with pytest.raises(checkpoints.CheckpointDiskFullError) as info:
+        _train_demo(demo, tmp_path / "run", 4)
+    assert "keep fewer checkpoints (gin: train.keep_checkpoints, now 3)" in str(info.value)
 
 
 def _records(ids, num_samples=2, seed=0):
