@@ -12,9 +12,9 @@ checkpoint. A step directory holds two items:
 Orbax writes each step to `<step>.orbax-checkpoint-tmp*` and renames it after writing
 `commit_success.txt`, so a killed save never looks complete; steps without that marker are skipped.
 Orbax does not check the bytes it reads back (a flipped bit in an array file restores as a wrong
-value), so each save records `checksums.json` once committed, and every restore checks it first: a
-damaged step raises `CheckpointCorruptError` naming the files and the way forward instead of being
-used. Steps saved before checksums were recorded still load, unverified.
+value), so each save writes `checksums.json` into the step just before Orbax commits it, and every
+restore checks it first: a damaged step raises `CheckpointCorruptError` naming the files and the way
+forward instead of being used. Steps saved before checksums were recorded still load, unverified.
 
 Typical use::
 
@@ -26,6 +26,7 @@ Typical use::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
@@ -42,7 +43,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
-from jax.experimental import multihost_utils
 
 PyTree = Any
 
@@ -164,7 +164,7 @@ def _item_files(step_dir: epath.Path) -> list[str]:
 
 
 def write_checksums(step_dir: str | os.PathLike) -> epath.Path:
-    """Records size and sha256 of every item file of a committed step in `<step_dir>/checksums.json`.
+    """Records size and sha256 of every item file of a fully written step in `<step_dir>/checksums.json`.
 
     Written under a temporary name and renamed, so a reader never sees half a file.
     """
@@ -190,8 +190,8 @@ def find_damage(step_dir: str | os.PathLike) -> list[str]:
     path = step_dir / _CHECKSUMS
     if not path.exists():
         if _read_json(step_dir).get(_CHECKSUMS_KEY):
-            return [f"{_CHECKSUMS} is missing (the save was interrupted just after Orbax committed the step, "
-                    "or the file was lost in a copy), so its files cannot be checked"]
+            return [f"{_CHECKSUMS} is missing (it is committed with the step, so the step was copied "
+                    "incompletely or the file deleted), so its files cannot be checked"]
         if os.fspath(step_dir) not in _unverified_logged:
             _unverified_logged.add(os.fspath(step_dir))
             logging.info("Checkpoint %s has no %s (saved before rest_jax recorded checksums); loading it "
@@ -216,6 +216,29 @@ def find_damage(step_dir: str | os.PathLike) -> list[str]:
         elif sha != want_sha:
             problems.append(f"{rel}: checksum mismatch (contents changed since the save)")
     return problems
+
+
+def _checksummed_commit(base: type[Any]) -> type[Any]:
+    """Orbax's step commit (`base`: rename of the temporary dir, or commit file on GCS), checksums first.
+
+    Orbax calls `finalize` on the primary process once every host's files and the items' own
+    finalisation are written; checksums.json is written into the still temporary step directory then,
+    so it is committed together with the step (a kill leaves both or neither). Item directories use the
+    same class inside the step and are left alone.
+    """
+
+    class ChecksummedCommit(base):
+        async def finalize(self, *args: Any, **kwargs: Any) -> None:
+            if self.get_final().name.isdigit():
+                await asyncio.to_thread(write_checksums, self.get())
+            await super().finalize(*args, **kwargs)
+
+    ChecksummedCommit.__name__ = ChecksummedCommit.__qualname__ = f"Checksummed{base.__name__}"
+    return ChecksummedCommit
+
+
+_CHECKSUMMED_COMMIT = {base: _checksummed_commit(base) for base in (
+    ocp.path.atomicity.AtomicRenameTemporaryPath, ocp.path.atomicity.CommitFileTemporaryPath)}
 
 
 def _complete_steps(directory: epath.Path) -> list[int]:
@@ -359,15 +382,18 @@ class CheckpointManager:
         self.period = int(period)
         self.keep = keep
         self.keep_knob = keep_knob
-        self._unchecksummed: list[int] = []  # async saves whose checksums wait for the save to finish
         if cleanup_tmp and jax.process_index() == 0 and self.directory.exists():
             # Orbax's own clean-up misses some names (e.g. '<step>.orbax-checkpoint-tmp-<time>').
             for tmp in self.directory.glob(f"*{_TMP_MARKER}*"):
                 logging.warning("Removing %s, left by an interrupted save.", tmp)
                 shutil.rmtree(os.fspath(tmp), ignore_errors=True)
+        # `temporary_path_class` (deprecated in Orbax for `atomicity_options`, which takes no custom class)
+        # is the one hook between the last file written and the commit.
+        commit = _CHECKSUMMED_COMMIT[ocp.path.atomicity_defaults.get_default_temporary_path_class(self.directory)]
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1, max_to_keep=keep, keep_period=keep_period,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=cleanup_tmp, create=True)
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=cleanup_tmp, create=True,
+            temporary_path_class=commit)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={_STATE: ocp.PyTreeCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler()})
@@ -414,51 +440,20 @@ class CheckpointManager:
         if step in self._manager.all_steps():
             logging.info("Checkpoint step %d already exists; not saving it again.", step)
             return False
-        is_async = self._manager._options.enable_async_checkpointing  # noqa: SLF001 (no public getter)
-        if is_async:
-            self.wait_until_finished()  # the previous save's checksums, before Orbax starts the next save
         meta = {"step": step, **dict(metadata or {}), _CHECKSUMS_KEY: _CHECKSUMS}
         items = ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(serialization.to_state_dict(state)),
                                       _METADATA: ocp.args.JsonSave(meta)})
         try:
             saved = self._manager.save(step, args=items, force=True)
-            if not is_async:
+            if not self._manager._options.enable_async_checkpointing:  # noqa: SLF001 (no public getter)
                 self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - only out-of-space is translated
             if _is_out_of_space(e):
                 raise self._disk_full(step, e) from e
             raise
         if saved:
-            self._unchecksummed.append(step)
-            if not is_async:
-                self._record_checksums()
             logging.info("Saved checkpoint %s.", self.step_dir(step))
         return bool(saved)
-
-    def _record_checksums(self) -> None:
-        """Writes checksums.json of the steps saved since the last call, once Orbax has committed them.
-
-        Process 0 hashes every host's files (committed by Orbax on the shared file system), then all
-        processes meet at a barrier, so no host reads a step before its checksums exist.
-        """
-        steps, self._unchecksummed = self._unchecksummed, []
-        failed = None
-        if jax.process_index() == 0:
-            for step in steps:
-                try:
-                    write_checksums(self.step_dir(step))
-                except Exception as e:  # noqa: BLE001 - re-raised after the barrier
-                    failed = (step, e)
-                    break
-        if jax.process_count() > 1 and steps:
-            multihost_utils.sync_global_devices("rest_jax.checkpoints:checksums")
-        if failed is not None:
-            step, e = failed
-            if _is_out_of_space(e):
-                # Without its checksums the step would be refused as damaged: give its space back too.
-                shutil.rmtree(os.fspath(self.step_dir(step)), ignore_errors=True)
-                raise self._disk_full(step, e) from e
-            raise e
 
     def _disk_full(self, step: int | None, exc: BaseException) -> CheckpointDiskFullError:
         pattern = f"{'*' if step is None else step}{_TMP_MARKER}*"
@@ -483,11 +478,9 @@ class CheckpointManager:
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            self._unchecksummed = []
             if _is_out_of_space(e):
                 raise self._disk_full(None, e) from e
             raise
-        self._record_checksums()
 
     def close(self) -> None:
         self.wait_until_finished()
