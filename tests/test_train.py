@@ -201,7 +201,8 @@ def test_nan_loss_does_not_name_a_damaged_checkpoint_as_good(tmp_path):
         train.train_loop(state, batches(), step, 10, checkpoint_manager=manager, shard_fn=shard,
                          show_progress=False)
     msg = str(info.value)
-    assert f"Last good checkpoint: {tmp_path / '2'} (step 2); damaged, delete before rerunning: {tmp_path / '4'} (" in msg
+    assert (f"Last good checkpoint: {tmp_path / '2'} (step 2); damaged, delete before rerunning: {tmp_path / '4'} ("
+            in msg)
     assert "checksum mismatch" in msg
 
 
