@@ -7,9 +7,14 @@ checkpoint. A step directory holds two items:
     <directory>/<step>/state/      the train state as a nested dict (flax `to_state_dict`), e.g.
                                    state/params/encoder/layers_0/attention/query/kernel (T5X's names)
     <directory>/<step>/metadata/   JSON: data-iterator position, model config, anything the caller adds
+    <directory>/<step>/checksums.json  size and sha256 of every file of both items
 
 Orbax writes each step to `<step>.orbax-checkpoint-tmp*` and renames it after writing
 `commit_success.txt`, so a killed save never looks complete; steps without that marker are skipped.
+Orbax does not check the bytes it reads back (a flipped bit in an array file restores as a wrong
+value), so each save writes `checksums.json` into the step just before Orbax commits it, and every
+restore checks it first: a damaged step raises `CheckpointCorruptError` naming the files and the way
+forward instead of being used. Steps saved before checksums were recorded still load, unverified.
 
 Typical use::
 
@@ -21,13 +26,16 @@ Typical use::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import gin
 import jax
@@ -46,6 +54,13 @@ _TMP_MARKER = ".orbax-checkpoint-tmp"
 # inside a ValueError as "[os_error_code='28']".
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _MAX_LISTED = 20
+_CHECKSUMS = "checksums.json"
+# Metadata key of steps saved with checksums: such a step without its checksum file is damaged, not old.
+_CHECKSUMS_KEY = "checksums"
+_HASH_CHUNK = 1 << 22
+# tensorstore reports an unreadable or short file with these status codes (inside a ValueError).
+_READ_FAILURE = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FOUND): .*")
+_unverified_logged: set[str] = set()
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,6 +73,10 @@ class CheckpointDiskFullError(OSError):
 
 class CheckpointNotFoundError(FileNotFoundError):
     """No complete checkpoint where one was asked for."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A committed step whose files changed after the save (disk fault, partial copy) or cannot be read."""
 
 
 def _absolute(path: str | os.PathLike) -> epath.Path:
@@ -128,7 +147,174 @@ def _read_json(step_dir: epath.Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"Checkpoint metadata {path} is unreadable: {e}") from e
+        raise CheckpointCorruptError(
+            damaged_message(step_dir, [f"checkpoint metadata {path} is unreadable: {e}"])) from e
+
+
+# -- integrity ------------------------------------------------------------------------------------
+
+
+def _digest(path: epath.Path) -> tuple[int, str]:
+    """(size, sha256 hex) of a file, read in chunks (epath: also gs://)."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _item_files(step_dir: epath.Path) -> list[str]:
+    """Files of the step's items, relative to `step_dir` ('state/_METADATA', ...), sorted."""
+    files = []
+    for item in (_STATE, _METADATA):
+        root = step_dir / item
+        if root.exists():
+            files += [(folder / name).relative_to(step_dir).as_posix()
+                      for folder, _, names in root.walk() for name in names]
+    return sorted(files)
+
+
+def write_checksums(step_dir: str | os.PathLike) -> epath.Path:
+    """Records size and sha256 of every item file of a fully written step in `<step_dir>/checksums.json`.
+
+    Written under a temporary name and renamed, so a reader never sees half a file.
+    """
+    step_dir = _absolute(step_dir)
+    files = {}
+    for rel in _item_files(step_dir):
+        size, sha = _digest(step_dir / rel)
+        files[rel] = {"size": size, "sha256": sha}
+    path = step_dir / _CHECKSUMS
+    tmp = step_dir / f".{_CHECKSUMS}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True))
+    tmp.rename(path)
+    return path
+
+
+def find_damage(step_dir: str | os.PathLike) -> list[str]:
+    """What is wrong with a committed step's files ([] when intact, or when saved before checksums).
+
+    Each entry names a file relative to `step_dir` and the fault: missing, truncated, size changed or
+    checksum mismatch.
+    """
+    step_dir = _absolute(step_dir)
+    path = step_dir / _CHECKSUMS
+    if not path.exists():
+        if _read_json(step_dir).get(_CHECKSUMS_KEY):
+            return [f"{_CHECKSUMS} is missing (it is committed with the step, so the step was copied "
+                    "incompletely or the file deleted), so its files cannot be checked"]
+        if os.fspath(step_dir) not in _unverified_logged:
+            _unverified_logged.add(os.fspath(step_dir))
+            logging.info("Checkpoint %s has no %s (saved before rest_jax recorded checksums); loading it "
+                         "unverified.", step_dir, _CHECKSUMS)
+        return []
+    try:
+        recorded = {rel: (int(v["size"]), str(v["sha256"]))
+                    for rel, v in json.loads(path.read_text())["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"{_CHECKSUMS} is unreadable ({type(e).__name__}: {e})"]
+    problems = []
+    for rel, (want_size, want_sha) in sorted(recorded.items()):
+        file = step_dir / rel
+        if not file.exists():
+            problems.append(f"{rel}: missing")
+            continue
+        size, sha = _digest(file)
+        if size < want_size:
+            problems.append(f"{rel}: truncated ({size} of {want_size} bytes)")
+        elif size != want_size:
+            problems.append(f"{rel}: {size} bytes, {want_size} when saved")
+        elif sha != want_sha:
+            problems.append(f"{rel}: checksum mismatch (contents changed since the save)")
+    return problems
+
+
+def _checksummed_commit(base: type[Any]) -> type[Any]:
+    """Orbax's step commit (`base`: rename of the temporary dir, or commit file on GCS), checksums first.
+
+    Orbax calls `finalize` on the primary process once every host's files and the items' own
+    finalisation are written; checksums.json is written into the still temporary step directory then,
+    so it is committed together with the step (a kill leaves both or neither). Item directories use the
+    same class inside the step and are left alone.
+    """
+
+    class ChecksummedCommit(base):
+        async def finalize(self, *args: Any, **kwargs: Any) -> None:
+            if self.get_final().name.isdigit():
+                await asyncio.to_thread(write_checksums, self.get())
+            await super().finalize(*args, **kwargs)
+
+    ChecksummedCommit.__name__ = ChecksummedCommit.__qualname__ = f"Checksummed{base.__name__}"
+    return ChecksummedCommit
+
+
+_CHECKSUMMED_COMMIT = {base: _checksummed_commit(base) for base in (
+    ocp.path.atomicity.AtomicRenameTemporaryPath, ocp.path.atomicity.CommitFileTemporaryPath)}
+
+
+def _complete_steps(directory: epath.Path) -> list[int]:
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _is_complete(p))
+
+
+def damaged_message(step_dir: epath.Path, problems: list[str]) -> str:
+    """The error for a damaged step: its path, what is wrong, and how to go on from the command line."""
+    shown = problems[:_MAX_LISTED]
+    more = f"; ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    step = int(step_dir.name) if step_dir.name.isdigit() else None
+    earlier = [s for s in _complete_steps(step_dir.parent) if step is not None and s < step]
+    text = (f"Checkpoint {step_dir} is damaged and was not used: " + "; ".join(shown) + more + ". "
+            "If it was copied from elsewhere, copy it again. ")
+    if earlier:
+        prev = step_dir.parent / str(earlier[-1])
+        text += (f"Otherwise go on from the previous complete step {earlier[-1]}: delete the damaged step "
+                 f"(rm -r {step_dir}) and rerun the same command (training resumes from the newest step "
+                 f"left), or load step {earlier[-1]} directly (give {prev} as the checkpoint; rest_jax "
+                 f"eval/infer: --gin.evaluate.step={earlier[-1]} / --gin.infer.step={earlier[-1]}).")
+    else:
+        text += (f"There is no earlier complete step in {step_dir.parent}: restore this one from a backup, or "
+                 f"delete it (rm -r {step_dir}) and rerun the same command to start that training again.")
+    return text
+
+
+def verify_step(step_dir: str | os.PathLike) -> None:
+    """Raises CheckpointCorruptError when the step's files differ from its recorded checksums."""
+    step_dir = _absolute(step_dir)
+    problems = find_damage(step_dir)
+    if problems:
+        raise CheckpointCorruptError(damaged_message(step_dir, problems))
+
+
+def _read_failure(exc: BaseException) -> str | None:
+    """The reason, when `exc` (or its cause) says that a checkpoint file could not be read or parsed."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, json.JSONDecodeError):
+            return f"an Orbax metadata file is not valid JSON ({exc})"
+        if isinstance(exc, FileNotFoundError):
+            return f"a file is missing ({exc})"
+        match = _READ_FAILURE.search(str(exc))
+        if match:
+            return match.group(0)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _reading(step_dir: epath.Path) -> Iterator[None]:
+    """Turns Orbax/tensorstore read failures of `step_dir` into CheckpointCorruptError (with a way forward)."""
+    try:
+        yield
+    except (CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - only read failures are translated
+        reason = _read_failure(e)
+        if reason is None:
+            raise
+        raise CheckpointCorruptError(damaged_message(step_dir, [reason])) from e
 
 
 def _stored_tree(state_dir: epath.Path) -> PyTree:
@@ -147,7 +333,8 @@ def _restore_state(step_dir: epath.Path, target_dict: PyTree, partial: bool,
                    config_hint: Any = None) -> PyTree:
     """Restores the `state` item onto the shapes/shardings of `target_dict` after checking it fits."""
     state_dir = step_dir / _STATE
-    stored = _stored_tree(state_dir)
+    with _reading(step_dir):
+        stored = _stored_tree(state_dir)
     found = _flat_shapes(stored)
     expected = _flat_shapes(target_dict)
     if partial:
@@ -163,9 +350,10 @@ def _restore_state(step_dir: epath.Path, target_dict: PyTree, partial: bool,
             "\nCheck the model gin file (T5Config.*) and optimizer against the run that wrote it; to start a "
             "new optimizer from its parameters use rest_jax.checkpoints.load_params.")
     restore_args = ocp.checkpoint_utils.construct_restore_args(target_dict)
-    return ocp.PyTreeCheckpointer().restore(
-        state_dir, args=ocp.args.PyTreeRestore(item=target_dict, restore_args=restore_args,
-                                               partial_restore=partial))
+    with _reading(step_dir):
+        return ocp.PyTreeCheckpointer().restore(
+            state_dir, args=ocp.args.PyTreeRestore(item=target_dict, restore_args=restore_args,
+                                                   partial_restore=partial))
 
 
 def _prefixes(tree: Mapping[str, Any]) -> list[str]:
@@ -191,24 +379,33 @@ class CheckpointManager:
       async_save: Write in a background thread (Orbax async); errors then surface at the next save
         or `wait_until_finished`.
       cleanup_tmp: Delete temporary directories of interrupted saves when opening the directory.
+      keep_knob: The gin knob that sets `keep` for the loop using this manager (e.g.
+        'train.keep_checkpoints'), named by the disk-full error; None when `keep` has no knob.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int | None = 3, period: int = 1000,
-                 keep_period: int | None = None, async_save: bool = False, cleanup_tmp: bool = True):
+                 keep_period: int | None = None, async_save: bool = False, cleanup_tmp: bool = True,
+                 keep_knob: str | None = None):
         if period < 1:
             raise ValueError(f"CheckpointManager.period={period} must be >= 1.")
         if keep is not None and keep < 1:
             raise ValueError(f"CheckpointManager.keep={keep} must be >= 1 or None (keep all).")
         self.directory = _absolute(directory)
         self.period = int(period)
+        self.keep = keep
+        self.keep_knob = keep_knob
         if cleanup_tmp and jax.process_index() == 0 and self.directory.exists():
             # Orbax's own clean-up misses some names (e.g. '<step>.orbax-checkpoint-tmp-<time>').
             for tmp in self.directory.glob(f"*{_TMP_MARKER}*"):
                 logging.warning("Removing %s, left by an interrupted save.", tmp)
                 shutil.rmtree(os.fspath(tmp), ignore_errors=True)
+        # `temporary_path_class` (deprecated in Orbax for `atomicity_options`, which takes no custom class)
+        # is the one hook between the last file written and the commit.
+        commit = _CHECKSUMMED_COMMIT[ocp.path.atomicity_defaults.get_default_temporary_path_class(self.directory)]
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1, max_to_keep=keep, keep_period=keep_period,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=cleanup_tmp, create=True)
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=cleanup_tmp, create=True,
+            temporary_path_class=commit)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={_STATE: ocp.PyTreeCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler()})
@@ -255,7 +452,7 @@ class CheckpointManager:
         if step in self._manager.all_steps():
             logging.info("Checkpoint step %d already exists; not saving it again.", step)
             return False
-        meta = {"step": step, **dict(metadata or {})}
+        meta = {"step": step, **dict(metadata or {}), _CHECKSUMS_KEY: _CHECKSUMS}
         items = ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(serialization.to_state_dict(state)),
                                       _METADATA: ocp.args.JsonSave(meta)})
         try:
@@ -281,8 +478,13 @@ class CheckpointManager:
             errno.ENOSPC,
             f"Out of disk space while saving checkpoint {'' if step is None else f'step {step} '}to "
             f"{self.directory} ({exc}). "
-            f"The partial step was removed; {kept}. Free space, or keep fewer checkpoints "
-            "(gin: CheckpointManager.keep), then rerun the same command to resume.")
+            f"The partial step was removed; {kept}. {self._free_space_advice()}")
+
+    def _free_space_advice(self) -> str:
+        if self.keep_knob is not None and self.keep != 1:
+            return (f"Free space, or keep fewer checkpoints (gin: {self.keep_knob}, now {self.keep}), then "
+                    "rerun the same command to resume.")
+        return "Free space, then rerun the same command to resume."
 
     def wait_until_finished(self) -> None:
         try:
@@ -310,8 +512,15 @@ class CheckpointManager:
         return int(step)
 
     def metadata(self, step: int | None = None) -> dict[str, Any]:
-        """The JSON metadata of `step` (latest complete by default)."""
-        return _read_json(self.step_dir(self._resolve_step(step)))
+        """The JSON metadata of `step` (latest complete by default), after checking the step's checksums."""
+        step_dir = self.step_dir(self._resolve_step(step))
+        verify_step(step_dir)
+        return _read_json(step_dir)
+
+    def find_damage(self, step: int) -> list[str]:
+        """What is wrong with the files of complete step `step` ([] when intact); see `find_damage`."""
+        self.wait_until_finished()
+        return find_damage(self.step_dir(step))
 
     def restore(self, target: PyTree, step: int | None = None,
                 shardings: PyTree | None = None) -> tuple[PyTree, dict[str, Any]]:
@@ -330,8 +539,10 @@ class CheckpointManager:
         Raises:
           CheckpointMismatchError: naming each array whose path or shape differs.
           CheckpointNotFoundError: no (complete) checkpoint for `step`.
+          CheckpointCorruptError: the step's files changed since the save or cannot be read.
         """
         step_dir = self.step_dir(self._resolve_step(step))
+        verify_step(step_dir)
         meta = _read_json(step_dir)
         abstract = abstract_state(target, shardings)
         restored = _restore_state(step_dir, serialization.to_state_dict(abstract), partial=False,
@@ -372,10 +583,15 @@ def load_params(path: str | os.PathLike, target: PyTree | None = None, step: int
 
     Returns:
       The parameter pytree (nested dicts with T5X names).
+
+    Raises:
+      CheckpointCorruptError: the step's files changed since the save or cannot be read.
     """
     step_dir = _find_step_dir(_absolute(path), step)
+    verify_step(step_dir)
     if target is None:
-        stored = _stored_tree(step_dir / _STATE)
+        with _reading(step_dir):
+            stored = _stored_tree(step_dir / _STATE)
         if "params" not in stored:
             raise CheckpointMismatchError(f"Checkpoint {step_dir} has no 'params' (items: {sorted(stored)}).")
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored["params"])

@@ -21,8 +21,10 @@ mismatch is reported by parameter name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -44,9 +46,17 @@ from flax import serialization
 
 # Imported here, not lazily: it registers gin configurables, which must happen before gin locks its config.
 from rest_jax import checkpoints
+from rest_jax.gin_utils import GinConfigError
 from rest_jax.model.t5 import T5Config, Transformer
 
 Params = dict[str, Any]
+
+
+class OutputPathError(GinConfigError):
+    """`output_path` holds something other than a previous export of the same kind; nothing was written.
+
+    A GinConfigError: the command line shows it as one line (exit status 2), like any other bad knob.
+    """
 
 # ---------------------------------------------------------------------------------------------------------
 # Shared helpers
@@ -123,22 +133,91 @@ def _to_jax(tree: Mapping[str, Any]) -> Params:
     return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x, dtype=np.float32)), dict(tree))
 
 
-def _atomic_dir(path: epath.Path) -> tuple[epath.Path, Callable[[], None]]:
-    """A temporary sibling folder and a function that moves it to `path` (nothing half-written on crash)."""
+# Files a Hugging Face export consists of, and the mark in model.safetensors' header that says this tool
+# wrote them: only such a folder is replaced; a model from elsewhere with the same two files is not.
+_HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors"})
+_EXPORT_MARK = "rest_jax_export"
+_KIND_LABELS = {"hf": "Hugging Face", "rest_jax": "rest_jax checkpoint"}
+
+
+def _is_previous_export(path: epath.Path, kind: str, names: set[str]) -> bool:
+    """Whether the non-empty folder `path` (entries `names`) holds nothing but a `kind` export of ours."""
+    if kind == "hf":
+        if names != _HF_EXPORT_FILES:
+            return False
+        try:
+            with safetensors.safe_open(os.fspath(path / "model.safetensors"), framework="numpy") as f:
+                return (f.metadata() or {}).get(_EXPORT_MARK) == "hf"
+        except Exception:  # noqa: BLE001 - an unreadable file is not recognisably ours
+            return False
+    # rest_jax: step directories only, each written by `save_rest_jax` (its metadata names the source).
+    for name in names:
+        meta = path / name / "metadata" / "metadata"
+        try:
+            if not name.isdigit() or "converted_from" not in json.loads(meta.read_text()):
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def check_output_path(path: str | os.PathLike, kind: str) -> bool:
+    """Whether writing a `kind` ('hf' or 'rest_jax') export to `path` replaces a previous one.
+
+    A missing or empty folder is written into; a folder holding nothing but an earlier export of the
+    same kind by this module is replaced (True).
+
+    Raises:
+      OutputPathError: anything else (a user's files, a run directory, another kind of model, a file),
+        naming the path and what it holds; nothing is written or deleted.
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise OutputPathError(f"convert.output_path={path} is a file, not a folder; nothing was written. Choose a "
+                              "new or empty folder.")
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return False
+    if _is_previous_export(path, kind, names):
+        return True
+    shown = sorted(names)[:5]
+    listing = ", ".join(shown) + (f", ... ({len(names)} entries)" if len(names) > len(shown) else "")
+    if kind == "hf" and names == _HF_EXPORT_FILES:
+        listing += "; its model.safetensors was not written by rest_jax convert"
+    raise OutputPathError(
+        f"convert.output_path={path} is not empty and is not a previous {_KIND_LABELS[kind]} export of "
+        f"rest_jax convert (it holds {listing}); nothing was written. Choose a new or empty folder, or "
+        "delete this one first if nothing in it is needed.")
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: epath.Path, kind: str) -> Iterator[epath.Path]:
+    """A temporary sibling folder to write into, moved to `path` on success (nothing half-written on crash).
+
+    `path` must pass `check_output_path` (checked now and again just before the move), so the only thing
+    ever replaced is a previous export of the same kind. On an error the temporary folder is removed.
+    """
+    replacing = check_output_path(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = epath.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=os.fspath(path.parent)))
-
-    def commit() -> None:
-        old = None
-        if path.exists():
-            # Move the previous output aside first, so that some complete version exists at every moment.
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.rename(os.fspath(path), os.fspath(old))
-        os.rename(os.fspath(tmp), os.fspath(path))
-        if old is not None:
-            shutil.rmtree(os.fspath(old))
-
-    return tmp, commit
+    try:
+        yield tmp
+        check_output_path(path, kind)  # anything added there meanwhile is not ours to delete
+    except BaseException:
+        shutil.rmtree(os.fspath(tmp), ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        # Move the previous output aside first, so that some complete version exists at every moment.
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(os.fspath(path), os.fspath(old))
+    os.rename(os.fspath(tmp), os.fspath(path))
+    if old is not None:
+        shutil.rmtree(os.fspath(old))
+    if replacing:
+        logging.info("convert: replaced the previous %s export in %s.", _KIND_LABELS[kind], path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,13 +496,17 @@ def load_hf_checkpoint(path: str | os.PathLike) -> tuple[T5Config, Params]:
 
 
 def save_hf_checkpoint(config: T5Config, params: Mapping[str, Any], path: str | os.PathLike) -> epath.Path:
-    """Writes config.json + model.safetensors loadable by `T5ForConditionalGeneration.from_pretrained`."""
+    """Writes config.json + model.safetensors loadable by `T5ForConditionalGeneration.from_pretrained`.
+
+    `path` must be new, empty or a previous Hugging Face export of this function, which is replaced
+    atomically; anything else raises OutputPathError (see `check_output_path`).
+    """
     state = params_to_hf(config, params)
     out = epath.Path(path)
-    tmp, commit = _atomic_dir(out)
-    (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2, sort_keys=True) + "\n")
-    safetensors.numpy.save_file(state, os.fspath(tmp / "model.safetensors"), metadata={"format": "pt"})
-    commit()
+    with _atomic_dir(out, "hf") as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2, sort_keys=True) + "\n")
+        safetensors.numpy.save_file(state, os.fspath(tmp / "model.safetensors"),
+                                    metadata={"format": "pt", _EXPORT_MARK: "hf"})
     return out
 
 
@@ -634,20 +717,31 @@ def save_rest_jax(config: T5Config, params: Mapping[str, Any], path: str | os.Pa
 
     The layout is `rest_jax.checkpoints`', so `checkpoints.load_params(path)` (and `evaluate.load_policy`,
     Grow and Improve through it) read the converted model; `metadata['model_config']` records the T5Config.
-    Orbax writes to a temporary directory and renames it when complete.
+    `path` must be new, empty or a previous rest_jax export of this function, which is replaced; anything
+    else (e.g. a run's checkpoints) raises OutputPathError. Locally the export is written to a temporary
+    sibling and renamed into place; elsewhere (gs://) Orbax's own per-step rename keeps it whole.
     """
     check_params(config, params, "rest_jax parameters")
     out = epath.Path(path)
-    manager = checkpoints.CheckpointManager(out, keep=None)
-    try:
-        if step in manager.all_steps():
-            raise FileExistsError(f"{out} already holds a checkpoint for step {step}; choose another "
-                                  "output_path (or step).")
-        host = jax.tree_util.tree_map(np.asarray, dict(params))
-        meta = {"model_config": _config_fields(config), "converted_from": source}
-        manager.save(step, {"params": host}, metadata=meta, force=True)
-    finally:
-        manager.close()
+    host = jax.tree_util.tree_map(np.asarray, dict(params))
+    meta = {"model_config": _config_fields(config), "converted_from": source}
+
+    def write(folder: epath.Path) -> None:
+        manager = checkpoints.CheckpointManager(folder, keep=None)
+        try:
+            manager.save(step, {"params": host}, metadata=meta, force=True)
+        finally:
+            manager.close()
+
+    if "://" not in os.fspath(out):
+        with _atomic_dir(out, "rest_jax") as tmp:
+            write(tmp)
+        return out
+    if check_output_path(out, "rest_jax"):
+        logging.info("convert: replacing the previous rest_jax checkpoint export in %s.", out)
+        for child in out.iterdir():
+            child.rmtree()
+    write(out)
     return out
 
 
@@ -703,8 +797,9 @@ def convert(source_format: str = "hf", source_path: str | None = None, target_fo
       source_format: 'hf', 't5x' or 'rest_jax'.
       source_path: the HF folder, T5X model/step dir or file, or rest_jax folder to read.
       target_format: 'rest_jax' or 'hf'.
-      output_path: the folder to write: for 'hf' replaced atomically if it exists; for 'rest_jax' a
-        checkpoint dir that gets step 0 (an error if it already has one).
+      output_path: the folder to write (a checkpoint dir with step 0 for 'rest_jax'): new, empty, or holding
+        only a previous export of the same kind by `convert`, which is replaced atomically. Anything else
+        (a user's files, a run directory) is refused with OutputPathError before the source is read.
       step: for T5X and rest_jax sources, the step to read (default: latest).
       config: for T5X sources, the model config (`convert.config = @T5Config()`); default: inferred from
         the parameter shapes plus `T5Config.*` gin bindings.
@@ -720,11 +815,14 @@ def convert(source_format: str = "hf", source_path: str | None = None, target_fo
         raise ValueError("convert.source_path is required (e.g. --gin.convert.source_path=\"'/path'\").")
     if not output_path:
         raise ValueError("convert.output_path is required (e.g. --gin.convert.output_path=\"'/path'\").")
+    # Checked before the (possibly long) read of the source; the saver checks again before it writes.
+    replacing = check_output_path(output_path, target_format)
     model_config, params = _LOADERS[source_format](source_path, step, config)
     if target_format == "rest_jax":
         out = save_rest_jax(model_config, params, output_path, source=f"{source_format}:{source_path}")
     else:
         out = _SAVERS[target_format](model_config, params, output_path)
     n_params = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params))
-    print(f"convert: {source_format} {source_path} -> {target_format} {out} ({n_params:,} parameters)")
+    replaced = "; replaced the previous export there" if replacing else ""
+    print(f"convert: {source_format} {source_path} -> {target_format} {out} ({n_params:,} parameters{replaced})")
     return out

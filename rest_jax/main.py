@@ -5,15 +5,16 @@
     rest_jax train --help                 # run config, the macros it still needs, entry docstring
 
 Each subcommand calls one gin-configurable entry function with no arguments; every setting comes from
-gin (the T5X habit).  Order of events: import the entry's module (so its configurables exist), parse
+gin (the T5X habit).  Order of events: import every module with configurables (`CONFIGURABLE_MODULES`), parse
 the subcommand's run config `configs/runs/<subcommand>.gin` when it exists (train also
 accepts runs/pretrain.gin, eval runs/evaluate.gin; --no_run_config skips it), then each --gin_file, then the
 bindings (--model_dir, --gin_bindings, --gin.KEY=VALUE, in that order, later wins), validate (unbound or
 %gin.REQUIRED macros, typos, required entry arguments, value types), start multi-host JAX if asked, refuse
 a rerun whose settings differ from those of the work already in MODEL_DIR (`rest_jax.rerun`), print the
 config and save it as MODEL_DIR/config.gin, run, and save MODEL_DIR/operative_config.gin (the values actually
-used).  Configuration mistakes exit with status 2 and a short message with close matches; errors inside
-a run are real bugs and keep their traceback.
+used).  Configuration mistakes exit with status 2 and a short message with close matches (also a knob
+whose value the run itself finds wrong: a GinConfigError raised inside it, e.g. convert.output_path
+naming a folder it must not overwrite); other errors inside a run keep their traceback.
 
 The config is printed to stderr so that subcommands writing results to stdout (infer, score) can be
 piped; with --dry_run (parse, validate and print, run nothing) it goes to stdout.
@@ -423,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.warning("MODEL_DIR is not set; the gin config is not saved.")
     try:
         entry()
+    except GinConfigError as e:
+        # A knob whose value is found wrong only when the run uses it (e.g. convert.output_path naming a
+        # folder of user files): one line, like the configuration errors above.
+        return _fail(e, inv.command)
     finally:
         if chief and model_dir:
             try:
@@ -435,7 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(err: GinConfigError, command: str | None = None) -> int:
     prefix = f"{PROG} {command}" if command else PROG
-    lines = str(err).splitlines() or [type(err).__name__]
+    # gin appends "  In call to configurable 'name' (<function ...>)" to errors raised inside an entry.
+    lines = [line for line in str(err).splitlines() if not line.startswith("  In call to configurable ")]
+    lines = lines or [type(err).__name__]
     print(f"{prefix}: error: {lines[0]}", file=sys.stderr)
     for line in lines[1:]:
         print(f"{prefix}: error: {line}", file=sys.stderr)

@@ -251,8 +251,24 @@ def _is_oom(exc: BaseException) -> bool:
 def _describe_last_checkpoint(manager: ckpt_lib.CheckpointManager | None, restart_hint: str | None) -> str:
     if manager is None:
         return restart_hint or "none (this loop saves no checkpoints)"
-    last = manager.latest_step()
-    return f"{manager.step_dir(last)} (step {last})" if last is not None else f"none yet in {manager.directory}"
+    steps = manager.all_steps()
+    if not steps:
+        return f"none yet in {manager.directory}"
+    # A step whose files changed since its save is not good, whatever its number.
+    good, damaged = None, []
+    for step in reversed(steps):
+        try:
+            problems = manager.find_damage(step)
+        except Exception as e:  # noqa: BLE001 - the non-finite loss is the error to report
+            problems = [f"unreadable ({e})"]
+        if not problems:
+            good = step
+            break
+        damaged.append(f"{manager.step_dir(step)} ({problems[0]})")
+    text = f"{manager.step_dir(good)} (step {good})" if good is not None else f"none intact in {manager.directory}"
+    if damaged:
+        text += f"; damaged, delete before rerunning: {', '.join(damaged)}"
+    return text
 
 
 @gin.configurable(denylist=["state", "batches", "train_step", "num_steps", "eval_fn", "checkpoint_manager",
@@ -566,7 +582,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     init_key = jax.random.key(seed)
     abstract, shardings = init_train_state(model, optimizer, init_key, mesh, rules, abstract_only=True)
     manager = ckpt_lib.CheckpointManager(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
-                                         period=checkpoint_period)
+                                         period=checkpoint_period, keep_knob="train.keep_checkpoints")
     if manager.latest_step() is not None:
         state, restored_meta = manager.restore(abstract, shardings=shardings)
         _check_same_vocabulary(restored_meta.get("vocabulary"), vocabulary,

@@ -2,7 +2,10 @@
 
 import errno
 import functools
+import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -158,7 +161,7 @@ _DISK_FULL_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from rest_jax import checkpoints
     directory = sys.argv[1]
-    manager = checkpoints.CheckpointManager(directory, period=1)
+    manager = checkpoints.CheckpointManager(directory, period=1, keep_knob="train.keep_checkpoints")
     big = {"w": jax.random.normal(jax.random.key(0), (256, 256))}
     manager.save(1, big)
     # Every write past 64 KB now fails inside tensorstore, as on a full disk.
@@ -181,5 +184,141 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path):
     assert "DISKFULL:" in out, result.stderr[-3000:]
     assert "Out of disk space while saving checkpoint step 2" in out
     assert "previous checkpoints are intact: steps [1]" in out
+    # The knob that sets `keep` for the running loop (CheckpointManager.keep is overridden by every caller).
+    assert "keep fewer checkpoints (gin: train.keep_checkpoints, now 3)" in out
+    assert "CheckpointManager.keep" not in out
     assert "RESTORED_EQUAL: True [1]" in out
     assert not list((tmp_path / "ckpt").glob("2.orbax-checkpoint-tmp*"))
+
+
+# -- integrity: checksums recorded at save, checked at every restore -------------------------------
+
+
+def _two_steps(directory, **kwargs):
+    manager = checkpoints.CheckpointManager(directory, period=1, **kwargs)
+    for step in (1, 2):
+        manager.save(step, {"params": {"w": jnp.arange(4096.0).reshape(64, 64) + step, "b": jnp.ones(3)}},
+                     metadata={"data_step": step})
+    manager.close()
+    return {"params": {"w": jnp.zeros((64, 64)), "b": jnp.zeros(3)}}
+
+
+def _largest_data_file(step_dir):
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _assert_damage_reported(msg, directory, fault):
+    """The message names the step, the fault, and both ways forward (delete it / load step 1)."""
+    assert f"Checkpoint {directory / '2'} is damaged" in msg
+    assert fault in msg, msg
+    assert f"rm -r {directory / '2'}" in msg and "rerun the same command" in msg
+    assert f"give {directory / '1'} as the checkpoint" in msg and "--gin.load_policy.step=1" in msg
+
+
+def test_flipped_bytes_in_a_data_file_are_refused_naming_the_file(tmp_path):
+    target = _two_steps(tmp_path)
+    assert json.loads((tmp_path / "2" / "checksums.json").read_text())["files"]
+    data = _largest_data_file(tmp_path / "2")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte: Orbax alone restores it as a wrong value
+    data.write_bytes(bytes(raw))
+    manager = checkpoints.CheckpointManager(tmp_path, period=1)
+    rel = data.relative_to(tmp_path / "2").as_posix()
+    for load in (lambda: manager.restore(target), lambda: manager.metadata(),
+                 lambda: checkpoints.load_params(tmp_path), lambda: checkpoints.load_params(tmp_path / "2")):
+        with pytest.raises(checkpoints.CheckpointCorruptError) as info:
+            load()
+        _assert_damage_reported(str(info.value), tmp_path, f"{rel}: checksum mismatch")
+    assert manager.find_damage(2) == [f"{rel}: checksum mismatch (contents changed since the save)"]
+    # The way forward works: the previous step restores, and so does the latest once the damaged one is gone.
+    restored, meta = manager.restore(target, step=1)
+    np.testing.assert_array_equal(restored["params"]["w"], np.arange(4096.0).reshape(64, 64) + 1)
+    assert manager.find_damage(1) == [] and meta["data_step"] == 1
+    manager.close()
+    shutil.rmtree(tmp_path / "2")
+    restored, _ = checkpoints.CheckpointManager(tmp_path, period=1).restore(target)
+    np.testing.assert_array_equal(restored["params"]["w"], np.arange(4096.0).reshape(64, 64) + 1)
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "truncated_orbax_metadata", "missing_data",
+                                    "missing_checksums", "bad_checksums"])
+def test_truncated_or_missing_files_are_refused_naming_the_file(tmp_path, damage):
+    target = _two_steps(tmp_path)
+    step_dir = tmp_path / "2"
+    data = _largest_data_file(step_dir)
+    rel = data.relative_to(step_dir).as_posix()
+    if damage == "truncated_data":
+        size = data.stat().st_size
+        data.write_bytes(data.read_bytes()[:size // 2])
+        fault = f"{rel}: truncated ({size // 2} of {size} bytes)"
+    elif damage == "truncated_orbax_metadata":
+        text = (step_dir / "state" / "_METADATA").read_text()
+        (step_dir / "state" / "_METADATA").write_text(text[:50])
+        fault = f"state/_METADATA: truncated (50 of {len(text)} bytes)"
+    elif damage == "missing_data":
+        data.unlink()
+        fault = f"{rel}: missing"
+    elif damage == "missing_checksums":  # e.g. lost in a copy: the step's metadata says it had one
+        (step_dir / "checksums.json").unlink()
+        fault = "checksums.json is missing"
+    else:
+        (step_dir / "checksums.json").write_text('{"files": ')
+        fault = "checksums.json is unreadable"
+    manager = checkpoints.CheckpointManager(tmp_path, period=1)
+    for load in (lambda: manager.restore(target), lambda: checkpoints.load_params(tmp_path)):
+        with pytest.raises(checkpoints.CheckpointCorruptError) as info:
+            load()
+        _assert_damage_reported(str(info.value), tmp_path, fault)
+    manager.close()
+
+
+def _as_saved_before_checksums(step_dir):
+    """What a step saved by an earlier rest_jax looks like: no checksums.json, no `checksums` metadata key."""
+    (step_dir / "checksums.json").unlink()
+    meta_file = step_dir / "metadata" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta["checksums"]
+    meta_file.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", [None, "truncated_data", "bad_orbax_metadata", "bad_metadata"])
+def test_steps_saved_before_checksums_load_and_damage_is_still_named(tmp_path, caplog, damage):
+    target = _two_steps(tmp_path)
+    for step in (1, 2):
+        _as_saved_before_checksums(tmp_path / str(step))
+    step_dir = tmp_path / "2"
+    manager = checkpoints.CheckpointManager(tmp_path, period=1)
+    if damage is None:
+        with caplog.at_level(logging.INFO):
+            restored, meta = manager.restore(target)
+        np.testing.assert_array_equal(restored["params"]["w"], np.arange(4096.0).reshape(64, 64) + 2)
+        assert meta["data_step"] == 2
+        assert f"Checkpoint {step_dir} has no checksums.json" in caplog.text
+        assert manager.find_damage(2) == []
+        return
+    if damage == "truncated_data":
+        data = _largest_data_file(step_dir)
+        data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+        fault = "OUT_OF_RANGE: Error reading"  # tensorstore's words, under the step's path
+    elif damage == "bad_orbax_metadata":
+        (step_dir / "state" / "_METADATA").write_text('{"tree_metadata": {"')
+        fault = "an Orbax metadata file is not valid JSON"
+    else:
+        meta_file = step_dir / "metadata" / "metadata"
+        meta_file.write_text(meta_file.read_text()[:5])
+        fault = f"checkpoint metadata {meta_file} is unreadable"
+    for load in (lambda: manager.restore(target), lambda: checkpoints.load_params(tmp_path)):
+        with pytest.raises(checkpoints.CheckpointCorruptError) as info:
+            load()
+        _assert_damage_reported(str(info.value), tmp_path, fault)
+    manager.close()
+
+
+def test_async_saves_record_checksums_once_finished(tmp_path):
+    manager = checkpoints.CheckpointManager(tmp_path, period=1, async_save=True)
+    for step in (1, 2):
+        manager.save(step, {"w": jnp.full((8,), float(step))})
+    manager.close()
+    for step in (1, 2):
+        assert (tmp_path / str(step) / "checksums.json").exists()
+        assert checkpoints.find_damage(tmp_path / str(step)) == []

@@ -294,3 +294,114 @@ def test_gin_convert_entry_hf_to_rest_jax_to_hf(tmp_path):
         convert.convert(source_format="hf", output_path=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="convert.target_format='t5x'"):
         convert.convert(source_path=str(tmp_path / "hf"), target_format="t5x", output_path=str(tmp_path / "x"))
+
+
+# -- output_path: only a new or empty folder, or a previous export of the same kind, is written -----------
+
+
+def _tiny_params(seed):
+    config = T5Config(vocab_size=VOCAB, emb_dim=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                      head_dim=8, mlp_dim=24, mlp_activations=("gelu", "linear"), logits_via_embedding=False)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    return config, nn.unbox(Transformer(config).init(jax.random.PRNGKey(seed), tokens, tokens)["params"])
+
+
+def _tree(folder):
+    """{relative path: bytes} of every file under `folder`: what must survive a refused convert."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_hf_export_into_new_or_empty_folder_and_over_its_previous_export(tmp_path, capsys):
+    config, first = _tiny_params(0)
+    _, second = _tiny_params(1)
+    convert.save_hf_checkpoint(config, first, tmp_path / "new" / "hf")  # parents created
+    (tmp_path / "empty").mkdir()
+    convert.save_hf_checkpoint(config, first, tmp_path / "empty")
+    for folder in (tmp_path / "new" / "hf", tmp_path / "empty"):
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        jax.tree_util.tree_map(np.testing.assert_array_equal, convert.load_hf_checkpoint(folder)[1], first)
+    # A folder holding only an earlier export of this tool is replaced, and the summary says so.
+    assert convert.check_output_path(tmp_path / "empty", "hf")
+    convert.save_hf_checkpoint(config, second, tmp_path / "empty")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, convert.load_hf_checkpoint(tmp_path / "empty")[1], second)
+    capsys.readouterr()
+    convert.convert(source_format="hf", source_path=str(tmp_path / "new" / "hf"), target_format="hf",
+                    output_path=str(tmp_path / "empty"))
+    assert "replaced the previous export there" in capsys.readouterr().out
+    jax.tree_util.tree_map(np.testing.assert_array_equal, convert.load_hf_checkpoint(tmp_path / "empty")[1], first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]  # no temporary or old copies left
+
+
+def _run_dir(root):
+    """A `rest_jax train` run directory: config, a checkpoint, TensorBoard events."""
+    from rest_jax import checkpoints  # pylint: disable=import-outside-toplevel
+
+    run = root / "run"
+    manager = checkpoints.CheckpointManager(run / "checkpoints", period=1)
+    manager.save(1, {"params": {"w": jnp.arange(4.0)}})
+    manager.close()
+    (run / "config.gin").write_text("train.num_steps = 1\n")
+    (run / "train").mkdir()
+    (run / "train" / "events.out.tfevents.1").write_bytes(b"\x00\x01")
+    return run
+
+
+@pytest.mark.parametrize("target_format", ["hf", "rest_jax"])
+def test_convert_refuses_folders_that_are_not_its_own_export_and_keeps_them(tmp_path, target_format):
+    """Before, output_path was deleted whatever it held (a user's files, a whole run directory), rc 0."""
+    config, params = _tiny_params(0)
+    convert.save_hf_checkpoint(config, params, tmp_path / "source")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("my notes")
+    foreign_hf = tmp_path / "foreign_hf"  # the two file names of an export, written by someone else
+    foreign_hf.mkdir()
+    (foreign_hf / "config.json").write_text("{}")
+    safetensors_numpy.save_file({"x": np.zeros(2, np.float32)}, str(foreign_hf / "model.safetensors"),
+                                metadata={"format": "pt"})
+    (tmp_path / "a_file").write_text("data")
+    run = _run_dir(tmp_path)
+    other_kind = tmp_path / "other_kind"  # an export of the other format
+    if target_format == "hf":
+        convert.save_rest_jax(config, params, other_kind, source="test")
+    else:
+        convert.save_hf_checkpoint(config, params, other_kind)
+    cases = {user: "notes.txt", foreign_hf: "config.json, model.safetensors", run: "checkpoints, config.gin, train",
+             run / "checkpoints": "1", tmp_path / "a_file": "is a file", other_kind: ""}
+    before = _tree(tmp_path)
+    for folder, listed in cases.items():
+        with pytest.raises(ValueError) as info:
+            convert.convert(source_format="hf", source_path=str(tmp_path / "source"), target_format=target_format,
+                            output_path=str(folder))
+        assert isinstance(info.value, convert.OutputPathError)
+        msg = str(info.value)
+        assert f"convert.output_path={folder} " in msg and listed in msg and "nothing was written" in msg
+        if folder == foreign_hf and target_format == "hf":
+            assert "was not written by rest_jax convert" in msg
+        with pytest.raises(ValueError, match="nothing was written"):  # the library savers refuse too
+            convert._SAVERS[target_format](config, params, folder)
+    assert _tree(tmp_path) == before  # every file is still there, byte for byte, and nothing was added
+    from rest_jax import checkpoints  # pylint: disable=import-outside-toplevel
+    np.testing.assert_array_equal(checkpoints.load_params(run / "checkpoints")["w"], np.arange(4.0))
+
+
+def test_cli_convert_refusal_is_one_line_with_status_2(tmp_path, capsys):
+    from rest_jax import main as cli  # pylint: disable=import-outside-toplevel
+
+    config, params = _tiny_params(0)
+    convert.save_hf_checkpoint(config, params, tmp_path / "source")
+    run = _run_dir(tmp_path)
+    before = _tree(run)
+    gin.clear_config()
+    try:
+        code = cli.main(["convert", "--gin.convert.source_format='hf'",
+                         f"--gin.convert.source_path='{tmp_path}/source'", "--gin.convert.target_format='hf'",
+                         f"--gin.convert.output_path='{run}'"])
+    finally:
+        gin.clear_config()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("rest_jax convert: error:")]
+    assert code == 2, err[-2000:]
+    assert len(errors) == 1 and f"convert.output_path={run} is not empty" in errors[0], err[-2000:]
+    assert "Traceback" not in err
+    assert _tree(run) == before

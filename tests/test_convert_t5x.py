@@ -229,7 +229,7 @@ def test_errors_name_the_parameter(tmp_path):
         convert.load_t5x_checkpoint(tmp_path / "junk")
 
 
-def test_gin_convert_t5x_to_rest_jax(tmp_path):
+def test_gin_convert_t5x_to_rest_jax(tmp_path, capsys):
     params = _init(CONFIG, 6)
     write_orbax_checkpoint(tmp_path / "t5x", _state(params, 4), 4)
     gin.clear_config()
@@ -253,5 +253,10 @@ def test_gin_convert_t5x_to_rest_jax(tmp_path):
     meta = json.loads((tmp_path / "out" / "0" / "metadata" / "metadata").read_text())
     assert meta["model_config"]["relative_attention_max_distance"] == 64
     assert meta["converted_from"] == f"t5x:{tmp_path / 't5x'}"
-    with pytest.raises(FileExistsError, match="already holds a checkpoint for step 0"):
-        convert.convert(source_format="t5x", source_path=str(tmp_path / "t5x"), output_path=str(tmp_path / "out"))
+    # Converting again into the same folder replaces that earlier export (and nothing but an export).
+    write_orbax_checkpoint(tmp_path / "t5x", _state(_init(CONFIG, 7), 8), 8)
+    convert.convert(source_format="t5x", source_path=str(tmp_path / "t5x"), output_path=str(tmp_path / "out"),
+                    config=CONFIG)
+    assert "replaced the previous export there" in capsys.readouterr().out
+    _assert_params_equal(convert.load_rest_jax(tmp_path / "out")[1], _init(CONFIG, 7))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0"]

@@ -11,9 +11,11 @@ itself is unchanged.
 
 import errno
 import json
+import logging
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 from etils import epath
@@ -302,11 +305,70 @@ def test_truncated_checkpoint_metadata_is_named_not_trusted(tmp_path):
     meta = tmp_path / "2" / "metadata" / "metadata"
     meta.write_text(meta.read_text()[:5])
     manager = checkpoints.CheckpointManager(tmp_path, period=1)
-    with pytest.raises(ValueError, match=rf"Checkpoint metadata {meta} is unreadable"):
+    with pytest.raises(checkpoints.CheckpointCorruptError) as info:
         manager.restore({"w": jnp.zeros(3)})  # the data position would be unknown: no silent restore
+    msg = str(info.value)
+    assert f"Checkpoint {tmp_path / '2'} is damaged" in msg and "metadata/metadata: truncated (5 of" in msg
+    assert f"rm -r {tmp_path / '2'}" in msg and "previous complete step 1" in msg  # and how to go on
     restored, info = manager.restore({"w": jnp.zeros(3)}, step=1)
     assert info["data_step"] == 1 and np.array_equal(restored["w"], np.ones(3))
     manager.close()
+
+
+def _train_demo(demo, model_dir, steps):
+    """`rest_jax train` in-process on the demo task: a checkpoint every step."""
+    gin.clear_config()
+    with gin.unlock_config():
+        gin.parse_config([f"demo_source.data_dir = '{demo['corpus']}'", "demo_source.generate_if_missing = False",
+                          f"get_task.vocabulary = '{demo['vocab']}'"])
+    _bind_model()
+    return train.train(model_dir=str(model_dir), task="demo_synthetic", eval_split=None, batch_size=8,
+                       num_steps=steps, checkpoint_period=1, feature_lengths={"inputs": 8, "targets": 8})
+
+
+def _train_two_steps_and_flip_a_byte_of_step_2(demo, tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints"
+    _train_demo(demo, tmp_path / "run", 2)
+    data = max((p for p in (ckpt / "2" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    return ckpt
+
+
+def test_damaged_checkpoint_is_never_used_by_train_or_a_policy(demo, tmp_path, clean_gin):
+    """One flipped byte in the newest checkpoint (bit rot, a bad copy): before checksums, resuming trained on
+    garbage and `infer` translated with it. Now resuming `train` and `load_policy` (eval/infer/grow/the loop)
+    refuse it with the way forward."""
+    ckpt = _train_two_steps_and_flip_a_byte_of_step_2(demo, tmp_path)
+    with pytest.raises(checkpoints.CheckpointCorruptError) as info:
+        _train_demo(demo, tmp_path / "run", 3)
+    msg = str(info.value)
+    assert f"Checkpoint {ckpt / '2'} is damaged" in msg and "checksum mismatch" in msg
+    assert f"rm -r {ckpt / '2'}" in msg and "previous complete step 1" in msg
+    assert checkpoints.CheckpointManager(ckpt).all_steps() == [1, 2]  # nothing was written
+    with pytest.raises(checkpoints.CheckpointCorruptError, match="--gin.load_policy.step=1"):
+        evaluate.load_policy(checkpoint=str(ckpt), vocabulary=demo["vocab"])
+    evaluate.load_policy(checkpoint=str(ckpt), vocabulary=demo["vocab"], step=1)  # way forward 1: the step knob
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_deleted_resumes_from_the_previous_and_disk_full_names_the_train_knob(
+        demo, tmp_path, clean_gin, monkeypatch, caplog):
+    ckpt = _train_two_steps_and_flip_a_byte_of_step_2(demo, tmp_path)
+    shutil.rmtree(ckpt / "2")  # way forward 2: delete it and rerun the same command
+    with caplog.at_level(logging.INFO):
+        _train_demo(demo, tmp_path / "run", 3)
+    assert f"Resuming from {ckpt / '1'} (step 1)" in caplog.text
+    assert checkpoints.CheckpointManager(ckpt).all_steps() == [1, 2, 3]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    with pytest.raises(checkpoints.CheckpointDiskFullError) as info:
+        _train_demo(demo, tmp_path / "run", 4)
+    assert "keep fewer checkpoints (gin: train.keep_checkpoints, now 3)" in str(info.value)
 
 
 def _records(ids, num_samples=2, seed=0):

@@ -182,6 +182,30 @@ def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path):
     assert manager.all_steps() == [2, 4]  # nothing saved after the NaN
 
 
+def test_nan_loss_does_not_name_a_damaged_checkpoint_as_good(tmp_path):
+    """Step 4's files change on disk before the NaN at step 5: step 2 is the last good checkpoint."""
+    *_, state, _, step, shard = _setup()
+    manager = checkpoints.CheckpointManager(tmp_path, period=2)
+
+    def batches():
+        for i, batch in enumerate(_nan_at(5)):
+            if i == 5:  # step 4 is saved by now
+                data = max((p for p in (tmp_path / "4" / "state").rglob("*") if p.is_file()),
+                           key=lambda p: p.stat().st_size)
+                raw = bytearray(data.read_bytes())
+                raw[len(raw) // 2] ^= 0xFF
+                data.write_bytes(bytes(raw))
+            yield batch
+
+    with pytest.raises(train.NonFiniteLossError) as info:
+        train.train_loop(state, batches(), step, 10, checkpoint_manager=manager, shard_fn=shard,
+                         show_progress=False)
+    msg = str(info.value)
+    assert (f"Last good checkpoint: {tmp_path / '2'} (step 2); damaged, delete before rerunning: {tmp_path / '4'} ("
+            in msg)
+    assert "checksum mismatch" in msg
+
+
 def test_nan_update_skipped_and_counted_with_knob():
     *_, state, _, step, shard = _setup()
     for i, batch in zip(range(3), copy_batches()):

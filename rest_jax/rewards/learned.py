@@ -432,6 +432,7 @@ def train_reward_model(examples: RewardExamples, vocabulary: str, output_dir: st
     abstract, shardings = train_lib.init_train_state(model, optimizer, init_key, mesh, rules,
                                                      input_length=max_input_length, abstract_only=True)
     manager = ckpt_lib.CheckpointManager(os.fspath(out / CHECKPOINT_DIR), keep=keep_checkpoints,
+                                         keep_knob="train_learned_reward.keep_checkpoints",
                                          period=checkpoint_period)
     if manager.latest_step() is not None:
         state, _ = manager.restore(abstract, shardings=shardings)
