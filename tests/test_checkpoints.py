@@ -212,7 +212,7 @@ def _assert_damage_reported(msg, directory, fault):
     assert f"Checkpoint {directory / '2'} is damaged" in msg
     assert fault in msg, msg
     assert f"rm -r {directory / '2'}" in msg and "rerun the same command" in msg
-    assert f"give {directory / '1'} as the checkpoint" in msg and "--gin.load_policy.step=1" in msg
+    assert f"give {directory / '1'} as the checkpoint" in msg and "--gin.evaluate.step=1" in msg
 
 
 def test_flipped_bytes_in_a_data_file_are_refused_naming_the_file(tmp_path):

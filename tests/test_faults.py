@@ -347,7 +347,7 @@ def test_damaged_checkpoint_is_never_used_by_train_or_a_policy(demo, tmp_path, c
     assert f"Checkpoint {ckpt / '2'} is damaged" in msg and "checksum mismatch" in msg
     assert f"rm -r {ckpt / '2'}" in msg and "previous complete step 1" in msg
     assert checkpoints.CheckpointManager(ckpt).all_steps() == [1, 2]  # nothing was written
-    with pytest.raises(checkpoints.CheckpointCorruptError, match="--gin.load_policy.step=1"):
+    with pytest.raises(checkpoints.CheckpointCorruptError, match="--gin.evaluate.step=1"):
         evaluate.load_policy(checkpoint=str(ckpt), vocabulary=demo["vocab"])
     evaluate.load_policy(checkpoint=str(ckpt), vocabulary=demo["vocab"], step=1)  # way forward 1: the step knob
 
