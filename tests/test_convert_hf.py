@@ -394,9 +394,8 @@ def test_cli_convert_refusal_is_one_line_with_status_2(tmp_path, capsys):
     before = _tree(run)
     gin.clear_config()
     try:
-        code = cli.main(["convert", "--gin.convert.source_format='hf'",
-                         f"--gin.convert.source_path='{tmp_path}/source'", "--gin.convert.target_format='hf'",
-                         f"--gin.convert.output_path='{run}'"])
+        code = cli.main(["convert", "--gin.SOURCE_FORMAT='hf'", f"--gin.SOURCE='{tmp_path}/source'",
+                         "--gin.TARGET_FORMAT='hf'", f"--gin.OUTPUT='{run}'"])
     finally:
         gin.clear_config()
     err = capsys.readouterr().err
