@@ -140,7 +140,8 @@ def kept_after_interrupt(model_dir: str) -> str | None:
                         key=lambda p: p.stat().mtime)
         steps = [p for depth in ("", "*/", "*/*/") for p in root.glob(f"{depth}checkpoints/*")
                  if p.name.isdigit() and (p / COMMIT_MARKER).exists()]
-        newest = max(steps, key=lambda p: p.stat().mtime, default=None)
+        # mtime has whole seconds on some file systems: the step number breaks ties within a directory.
+        newest = max(steps, key=lambda p: (p.stat().mtime, int(p.name)), default=None)
     except OSError as e:  # e.g. the directory is gone or unreadable
         return f"unknown ({model_dir}: {e})"
     parts = []

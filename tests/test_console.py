@@ -69,10 +69,12 @@ def test_interrupted_line_names_finished_stages_and_the_newest_complete_checkpoi
         "rest_jax infer: interrupted; nothing was saved. Rerun the same command to start again.")
     (tmp_path / "bc" / "stage.json").parent.mkdir()
     (tmp_path / "bc" / "stage.json").write_text("{}")
-    for step, complete in ((4, True), (8, False)):  # 8: a save cut short (no commit marker)
+    for step, complete in ((4, True), (2, True), (8, False)):  # 8: a save cut short (no commit marker)
         (tmp_path / "bc" / "checkpoints" / str(step) / "state").mkdir(parents=True)
         if complete:
             (tmp_path / "bc" / "checkpoints" / str(step) / "commit_success.txt").write_text("")
+        # Saved within one second: file systems (and epath) with whole-second mtimes cannot order them.
+        os.utime(tmp_path / "bc" / "checkpoints" / str(step), (1_700_000_000, 1_700_000_000))
     (tmp_path / "grow_1" / "improve_0" / "checkpoints" / "1.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
     assert console.interrupted_line("rest", str(tmp_path)) == (
         f"rest_jax rest: interrupted. Kept: finished stages bc; checkpoint {tmp_path / 'bc' / 'checkpoints' / '4'}. "
