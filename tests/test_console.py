@@ -144,11 +144,17 @@ def test_quiet_by_default_and_everything_with_verbose(demo, tmp_path):
 def test_ctrl_c_stops_at_once_with_one_line_and_the_rerun_resumes(demo, tmp_path):
     model_dir = tmp_path / "run"
     ckpt = model_dir / "checkpoints"
+    # A launcher that ignores SIGINT (`pytest &` in a script) would hand that on to the run: not for the child.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     with open(tmp_path / "interrupted.log", "w") as log:
-        # Signals ignored by the test's own launcher (e.g. `pytest &` in a script) must not reach the run.
-        proc = subprocess.Popen(_train_args(demo, model_dir, steps=100_000, checkpoint_period=3), cwd=REPO,
-                                env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            proc = subprocess.Popen(_train_args(demo, model_dir, steps=100_000, checkpoint_period=3), cwd=REPO,
+                                    env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             deadline = time.monotonic() + 300
             while not list(ckpt.glob("*/commit_success.txt")):
