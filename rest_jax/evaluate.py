@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import gin
@@ -19,6 +20,7 @@ import numpy as np
 import sacrebleu
 from etils import epath
 
+from rest_jax import console
 from rest_jax import decoding
 from rest_jax import metrics as metrics_lib
 from rest_jax import report
@@ -187,6 +189,9 @@ def evaluate_policy(policy: Policy, sources: Sequence[str], references: Sequence
                     method: str = "greedy", output_prefix: str | os.PathLike | None = None,
                     **generate_kwargs: Any) -> dict[str, Any]:
     """BLEU, chrF and mean reward of `policy`'s translations; writes `<prefix>.txt` and `<prefix>.json`."""
+    started = time.perf_counter()
+    name = "eval" if output_prefix is None else f"eval {os.fspath(output_prefix)}"
+    generate_kwargs.setdefault("progress_desc", name)
     hyps = generate(policy, sources, method=method, **generate_kwargs).first()
     result = corpus_scores(hyps, references)
     result["method"] = method
@@ -198,6 +203,10 @@ def evaluate_policy(policy: Policy, sources: Sequence[str], references: Sequence
         prefix = epath.Path(output_prefix)
         report.atomic_write_text(prefix.parent / (prefix.name + ".txt"), "".join(h + "\n" for h in hyps))
         report.write_json(prefix.parent / (prefix.name + ".json"), result)
+    reward_text = f", reward {result['reward']:.4f}" if "reward" in result else ""
+    console.stage_done(name, time.perf_counter() - started,
+                       f"BLEU {result['bleu']:.2f}, chrF {result['chrf']:.2f}{reward_text} ({len(hyps)} sentences, "
+                       f"{method})")
     return result
 
 
@@ -209,7 +218,9 @@ def best_of_n(policy: Policy, sources: Sequence[str], references: Sequence[str],
     One set of max(ns) samples is drawn; the first N of them form the N-candidate pool, so the curve is
     monotone in expectation and costs one sampling pass.
     """
+    started = time.perf_counter()
     n_max = max(ns)
+    generate_kwargs.setdefault("progress_desc", f"best-of-{n_max}")
     gens = generate(policy, sources, method="sample", num_samples=n_max, seed=seed, temperature=temperature,
                     **generate_kwargs)
     flat_src = [s for s in sources for _ in range(n_max)]
@@ -223,6 +234,8 @@ def best_of_n(policy: Policy, sources: Sequence[str], references: Sequence[str],
         row = {"n": n, "reward": float(np.mean(scores[np.arange(len(sources)), best]))}
         row.update({k: v for k, v in corpus_scores(chosen, references).items() if k in ("bleu", "chrf")})
         table.append(row)
+    console.stage_done(f"best-of-{n_max}", time.perf_counter() - started,
+                       ", ".join(f"N={r['n']} reward {r['reward']:.4f}" for r in table) + f" ({len(sources)} sources)")
     return table
 
 

@@ -17,6 +17,7 @@ import gin
 import jax
 import numpy as np
 
+from rest_jax import console
 from rest_jax import decoding
 from rest_jax import evaluate
 from rest_jax import metrics as metrics_lib
@@ -85,8 +86,11 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
     length_ratios: list[float] = []
     sampled_tokens = 0
     total_sources = sum(len(writer.shard_source_ids(s)) for s in pending)
-    logging.info("Grow %d: %d of %d shards to write (%d sources x %d samples) in %s.", grow_index, len(pending),
-                 writer.num_shards, total_sources, num_samples, store_dir)
+    # A resumed Grow says what it kept (shown by default, like a resumed training); a fresh one is detail.
+    resumed = len(pending) < len(range(host_id, writer.num_shards, num_hosts))
+    log = console.logger.info if resumed else logging.info
+    log("Grow %d: %d of %d shards to write (%d sources x %d samples) in %s.", grow_index, len(pending),
+        writer.num_shards, total_sources, num_samples, store_dir)
     bar = metrics_lib.progress(total_sources * num_samples, desc=f"grow {grow_index}", unit="samples")
     start_time = time.perf_counter()
     for shard in pending:
@@ -183,9 +187,13 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
                           sources_per_s=total_sources / elapsed if elapsed > 0 else None,
                           samples_per_s=total_sources * num_samples / elapsed if elapsed > 0 else None)
     if total_sources:
-        logging.info("Grow %d: %d sources, %.1f samples/s; sampling %.1fs, scoring %.1fs, writing %.1fs.",
-                     grow_index, total_sources, meta["timing"]["samples_per_s"], timing["sample"],
-                     timing["score"], timing["write"])
+        # The store's statistics cover every shard, also those a resumed Grow found already written.
+        mean = meta.get("reward_stats", {}).get("samples", {}).get("mean", float(np.mean(rewards_all)))
+        console.stage_done(
+            f"Grow {grow_index}", elapsed,
+            f"{total_sources * num_samples} samples of {total_sources} sources, mean reward {mean:.4f}, "
+            f"{meta['timing']['samples_per_s']:.1f} samples/s (sampling {timing['sample']:.1f}s, scoring "
+            f"{timing['score']:.1f}s, writing {timing['write']:.1f}s); store {store_dir}")
     return meta
 
 

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -44,6 +45,7 @@ import numpy as np
 from etils import epath
 
 from rest_jax import checkpoints as ckpt_lib
+from rest_jax import console
 from rest_jax import evaluate
 from rest_jax import filters as filters_lib
 from rest_jax import losses
@@ -479,6 +481,7 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
         BVMPO joint, see the module docstring).
       vmpo_init_eta, vmpo_init_alpha: BVMPO's initial temperature η and KL multiplier α.
     """
+    started = time.perf_counter()
     feature_lengths = dict(feature_lengths or {"inputs": 128, "targets": 128})
     kept, fres = filter_grow_data(data, improve_index, include_references=include_references,
                                   method=filter_method, max_per_source=max_per_source)
@@ -600,6 +603,11 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
               "filter": fres.summary(), "checkpoint": os.path.join(out_dir, "checkpoints")}
     if needs.value:
         result.update(value_pretrain=value_summary, value_training=value_mode)
+    kept_by = (f"threshold {fres.value:.3g}:" if filter_method == "threshold" and fres.value is not None
+               else f"filter {filter_method}:")
+    console.stage_done(f"Improve {improve_index}", time.perf_counter() - started,
+                       f"{kept_by} kept {fres.num_kept}/{fres.num_examples} ({fres.kept_fraction:.1%}), best "
+                       f"validation reward {best_reward:.4f} at step {best_step} of {step}; {result['checkpoint']}")
     return best_params, result
 
 

@@ -14,10 +14,13 @@ a rerun whose settings differ from those of the work already in MODEL_DIR (`rest
 config and save it as MODEL_DIR/config.gin, run, and save MODEL_DIR/operative_config.gin (the values actually
 used).  Configuration mistakes exit with status 2 and a short message with close matches (also a knob
 whose value the run itself finds wrong: a GinConfigError raised inside it, e.g. convert.output_path
-naming a folder it must not overwrite); other errors inside a run keep their traceback.
+naming a folder it must not overwrite); other errors inside a run keep their traceback.  Ctrl-C exits
+with status 130 and one line saying what was kept and that rerunning the same command resumes.
 
-The config is printed to stderr so that subcommands writing results to stdout (infer, score) can be
-piped; with --dry_run (parse, validate and print, run nothing) it goes to stdout.
+Quiet by default (`rest_jax.console`): progress bars, a summary line per stage and warnings; --verbose
+(or REST_JAX_VERBOSE=1) also prints the config, library and detail logs and TF/XLA start-up lines.  The
+config is printed to stderr so that subcommands writing results to stdout (infer, score) can be piped;
+with --dry_run (parse, validate and print, run nothing) it goes to stdout.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ import logging
 import os
 import sys
 import textwrap
+import traceback
 from typing import Any, Callable, Sequence
 
 # TensorFlow (used by SeqIO for data only) logs device probing at start-up; keep the console for the run.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from rest_jax import console  # noqa: E402
 from rest_jax import gin_utils  # noqa: E402
 from rest_jax import rerun  # noqa: E402
 from rest_jax.gin_utils import Binding, GinConfigError  # noqa: E402
@@ -42,6 +47,7 @@ PROG = "rest_jax"
 CONFIG_FILENAME = "config.gin"
 OPERATIVE_CONFIG_FILENAME = "operative_config.gin"
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 DISTRIBUTED_ENV = "REST_JAX_DISTRIBUTED"
 
 
@@ -99,8 +105,11 @@ flags:
                             otherwise gin initialize_multihost.mode decides ('auto': when the
                             environment shows several processes).  Needed on TPU pod slices.
   --dry_run                 parse, validate and print the config; run nothing.
+  --verbose                 also print the config, library and per-step logs and TF/XLA start-up
+                            lines (also REST_JAX_VERBOSE=1); by default: progress, one line per
+                            stage, warnings.
   -h, --help                this help; `rest_jax SUBCOMMAND --help` for one subcommand.
-exit status: 0 success, 2 configuration or usage error."""
+exit status: 0 success, 2 configuration or usage error, 130 interrupted (Ctrl-C; rerun to resume)."""
 
 
 class UsageError(GinConfigError):
@@ -122,6 +131,7 @@ def _build_parser() -> _Parser:
     parser.add_argument("--no_run_config", action="store_true")
     parser.add_argument("--multihost", action="store_true")
     parser.add_argument("--dry_run", action="store_true")
+    parser.add_argument("--verbose", action="store_true")
     parser.add_argument("-h", "--help", action="store_true")
     return parser
 
@@ -164,6 +174,7 @@ class Invocation:
     multihost: bool
     dry_run: bool
     help: bool
+    verbose: bool = False
 
 
 def parse_args(argv: Sequence[str]) -> Invocation:
@@ -197,7 +208,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
                                        *gin_utils.default_search_paths()]))
     return Invocation(command=args.command, gin_files=list(args.gin_file), bindings=bindings,
                       search_paths=search_paths, use_run_config=not args.no_run_config,
-                      multihost=args.multihost, dry_run=args.dry_run, help=args.help)
+                      multihost=args.multihost, dry_run=args.dry_run, help=args.help,
+                      verbose=args.verbose or console.verbose_from_env())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -378,11 +390,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if inv.help else EXIT_USAGE
         print(subcommand_help(inv))
         return 0
+    with console.verbosity(inv.verbose):
+        return _run(inv)
 
+
+def _run(inv: Invocation) -> int:
+    """Configures, starts and runs the subcommand (logging levels already set for inv.verbose)."""
+    quiet = not inv.verbose
     sub = SUBCOMMANDS[inv.command]
-    register_configurables()
     try:
-        entry = load_entry(sub)
+        with console.quiet_native_stderr(quiet):  # TensorFlow's import logs oneDNN and cuda probes
+            register_configurables()
+            entry = load_entry(sub)
     except ImportError as e:
         print(f"{PROG} {inv.command}: error: {e}", file=sys.stderr)
         return 1
@@ -391,7 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GinConfigError as e:
         return _fail(e, inv.command)
 
-    start_multihost(inv.multihost)
+    with console.quiet_native_stderr(quiet):  # backend probing (cuInit, TPU) logs failed attempts
+        start_multihost(inv.multihost)
+        chief = _process_index() == 0
+        console.start_tensorflow()
 
     import gin  # pylint: disable=import-outside-toplevel
 
@@ -409,8 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"{PROG} {inv.command}: note: {model_dir} could not be read ({type(e).__name__}), so earlier "
                   "work there was not checked against this config.", file=sys.stderr)
-    chief = _process_index() == 0
-    if chief:
+    if chief and (inv.dry_run or inv.verbose):
         header = (f"# {PROG} {inv.command}: gin config from {', '.join(_display_path(f) for f in files) or 'flags'}"
                   f"{'' if not inv.bindings else ' + ' + str(len(inv.bindings)) + ' override(s)'}\n")
         print(header + text, file=sys.stdout if inv.dry_run else sys.stderr, flush=True)
@@ -419,15 +440,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if chief:
         if model_dir:
             path = gin_utils.save_config(model_dir, text, CONFIG_FILENAME)
-            logging.info("Saved gin config to %s", path)
-        else:
-            logging.warning("MODEL_DIR is not set; the gin config is not saved.")
+            console.logger.info("Saved gin config to %s%s", path, "" if inv.verbose else " (--verbose prints it)")
+        else:  # eval, infer, score, convert, vocab: no run directory to describe (not worth a warning)
+            logging.info("MODEL_DIR is not set; the gin config is not saved.")
     try:
         entry()
     except GinConfigError as e:
         # A knob whose value is found wrong only when the run uses it (e.g. convert.output_path naming a
         # folder of user files): one line, like the configuration errors above.
         return _fail(e, inv.command)
+    except KeyboardInterrupt:
+        if inv.verbose:
+            traceback.print_exc()  # where it was: for a run that seemed stuck
+        # Saves are atomic (a cut-short one is a tmp directory, never a step), so the files say what is kept.
+        print(console.interrupted_line(inv.command, model_dir), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         if chief and model_dir:
             try:
@@ -450,9 +477,21 @@ def _fail(err: GinConfigError, command: str | None = None) -> int:
 
 
 def console_main() -> None:
-    """Console script `rest_jax` (setup.py entry point)."""
+    """Console script `rest_jax` (setup.py entry point); `python -m rest_jax.main` runs it too."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # before the run started (imports, configuration): nothing to keep
+        print(f"{PROG}: interrupted.", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:
+        # Interpreter teardown after Ctrl-C (freeing device buffers and compiled programs, library threads)
+        # takes seconds and writes nothing: event files are closed and checkpoint saves are atomic.
+        sys.stdout.flush()
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)  # pylint: disable=protected-access
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ writes; other hosts of a pod slice get a silent writer.  The standard tags are l
 
 `progress(iterable_or_total, desc, unit)` wraps tqdm: a bar with rate and ETA on a terminal; when stderr
 is not a terminal (CI, nohup on a TPU worker) the bar is off and a log line with the same numbers is
-written every `log_every_secs` instead, so logs still show progress without carriage-return noise.
+written every `log_every_secs` instead (to the `rest_jax.console` logger, shown by default), so logs still
+show progress without carriage-return noise; the final line goes to this module's logger (`--verbose`),
+since each stage ends with its own summary line.
 
 `estimate_flops_per_example` / `estimate_flops_per_token` count the matmul FLOPs of a T5 encoder-decoder
 step; with `peak_flops_per_device` they give model FLOPs utilisation (MFU), as MaxText reports it.
@@ -28,6 +30,8 @@ import tqdm
 from etils import epath
 from tensorboardX import SummaryWriter
 from tensorboardX import record_writer
+
+from rest_jax import console
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +271,7 @@ class Progress:
             now = time.monotonic()
             if now - self._last_log >= self._log_every:
                 self._last_log = now
-                logger.info("%s", self.status_line())
+                console.logger.info("%s", self.status_line())
 
     def set_postfix(self, **values: Any) -> None:
         """Extra numbers (loss, reward) shown after the bar and in the log lines."""

@@ -15,7 +15,6 @@ the command line refuses one with other settings: `rest_jax.rerun`):
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Sequence
 
@@ -26,6 +25,7 @@ from etils import epath
 
 # Every module with gin configurables a ReST config may bind must be imported before gin parses it.
 from rest_jax import checkpoints  # noqa: F401  pylint: disable=unused-import
+from rest_jax import console
 from rest_jax import evaluate
 from rest_jax import filters as filters_lib
 from rest_jax import grow as grow_lib
@@ -142,7 +142,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
     bc_dir = os.path.join(model_dir, "bc")
     bc = report.stage_result(bc_dir)
     if bc is None:
-        logging.info("ReST: behaviour cloning in %s", bc_dir)
+        console.logger.info("ReST: behaviour cloning in %s", bc_dir)
         train_lib.train(model_dir=bc_dir, task=task, feature_lengths=lengths, seed=seed)
         policy = _policy_from(os.path.join(bc_dir, "checkpoints"), vocab_path)
         bc = report.finish_stage(bc_dir, {"name": "BC G=0 I=0", "checkpoint": os.path.join(bc_dir, "checkpoints"),

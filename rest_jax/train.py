@@ -35,6 +35,7 @@ from flax.core import meta
 from jax.sharding import Mesh
 
 from rest_jax import checkpoints as ckpt_lib
+from rest_jax import console
 from rest_jax import losses
 from rest_jax import metrics as metrics_lib
 from rest_jax import optim
@@ -570,6 +571,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     Returns:
       The final train state.
     """
+    started = time.perf_counter()
     partitioning.initialize_multihost()
     mesh, rules = _mesh_and_rules(mesh, None)
     model = t5.build_model()
@@ -587,7 +589,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
         state, restored_meta = manager.restore(abstract, shardings=shardings)
         _check_same_vocabulary(restored_meta.get("vocabulary"), vocabulary,
                                str(manager.step_dir(manager.latest_step())))
-        logging.info("Resuming from %s (step %d).", manager.step_dir(manager.latest_step()), int(state.step))
+        console.logger.info("Resuming from %s (step %d).", manager.step_dir(manager.latest_step()), int(state.step))
         if restored_meta.get("task") not in (None, task):
             logging.warning("The checkpoint was trained on task %r, this run uses %r.", restored_meta["task"], task)
     else:
@@ -596,7 +598,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
             # Adafactor/AdamW moments start at zero whatever the parameters, so only params change.
             params = ckpt_lib.load_params(init_checkpoint, target=abstract.params, shardings=shardings.params)
             state = state.replace(params=params)
-            logging.info("Initialised parameters from %s.", init_checkpoint)
+            console.logger.info("Initialised parameters from %s.", init_checkpoint)
     start = int(jax.device_get(state.step))
 
     shard_index, num_shards = partitioning.data_shard_info(mesh, rules)
@@ -634,8 +636,16 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
                                     checkpoint_manager=manager, metric_writer=writer, eval_metric_writer=ev,
                                     shard_fn=shard_fn, checkpoint_metadata=meta, flops_per_step=flops)
     manager.close()
-    logging.info("Training finished at step %d: %s", int(jax.device_get(state.step)),
-                 {k: v for k, v in summary.items() if not isinstance(v, dict)})
+    final = int(jax.device_get(state.step))
+    logging.info("Training finished at step %d: %s", final, {k: v for k, v in summary.items() if not isinstance(v, dict)})
+    if summary["steps_run"]:
+        figures = (f"step {final}, loss {summary.get('loss', float('nan')):.4g}, "
+                   f"{summary.get('tokens_per_sec', float('nan')):,.0f} tokens/s")
+    else:
+        figures = f"already at step {final}"
+    if "loss" in summary["eval"]:
+        figures += f", validation loss {summary['eval']['loss']:.4g}"
+    console.stage_done("train", time.perf_counter() - started, f"{figures}; checkpoints in {manager.directory}")
     return state
 
 

@@ -43,6 +43,12 @@ def cli_fake_typed(sizes: Sequence[int] = (1,), lengths: Mapping[str, int] | Non
     return locals()
 
 
+@gin.configurable(module="clitest")
+def cli_fake_interrupted(model_dir: str = gin.REQUIRED):
+    CALLS.append(dict(model_dir=model_dir))
+    raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+
+
 @pytest.fixture(autouse=True)
 def fake_entries(monkeypatch, tmp_path):
     module = types.ModuleType("clitest_entries")
@@ -83,7 +89,7 @@ def test_gin_files_overrides_and_model_dir_reach_the_entry(tmp_path, capsys):
     model_dir = tmp_path / "run"
     code, _, err = run(["train", "--gin_file=models/small.gin", f"--model_dir={model_dir}",
                         "--gin.cli_fake_train.model_dir=%MODEL_DIR", "--gin.cli_fake_train.num_steps=7",
-                        "--gin.DATA=/data/train.tsv", "--gin.cli_fake_dataset.batch_size", "4"], capsys)
+                        "--gin.DATA=/data/train.tsv", "--gin.cli_fake_dataset.batch_size", "4", "--verbose"], capsys)
     assert code == 0, err
     assert CALLS == [dict(model_dir=str(model_dir), learning_rate=0.5, num_steps=7, data=("/data/train.tsv", 4))]
     saved = (model_dir / "config.gin").read_text()
@@ -97,6 +103,21 @@ def test_gin_files_overrides_and_model_dir_reach_the_entry(tmp_path, capsys):
     operative = (model_dir / "operative_config.gin").read_text()
     assert "cli_fake_dataset.batch_size = 4" in operative
     assert not [p for p in os.listdir(model_dir) if ".tmp" in p]
+    # Without --verbose the config is saved, not printed.
+    gin.clear_config()
+    code, _, err = run(["train", "--gin_file=models/small.gin", f"--model_dir={model_dir}",
+                        "--gin.cli_fake_train.model_dir=%MODEL_DIR"], capsys)
+    assert code == 0 and "cli_fake_train" not in err, err
+
+
+def test_ctrl_c_exits_130_with_one_line_on_what_was_kept(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.modules["clitest_entries"], "interrupted", cli_fake_interrupted, raising=False)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "train", cli.Subcommand("clitest_entries:interrupted", "fake Ctrl-C"))
+    code, out, err = run(["train", f"--model_dir={tmp_path / 'run'}", "--no_run_config",
+                          "--gin.cli_fake_interrupted.model_dir=%MODEL_DIR"], capsys)
+    assert code == cli.EXIT_INTERRUPTED == 130 and CALLS == [dict(model_dir=str(tmp_path / "run"))]
+    assert err == (f"rest_jax train: interrupted; nothing finished yet in {tmp_path / 'run'}. Rerun the same "
+                   "command to start again.\n")
 
 
 def test_run_config_is_loaded_first_and_later_files_win(tmp_path, capsys):

@@ -74,7 +74,7 @@ class FakeTerminal(io.StringIO):
 
 def test_progress_is_quiet_off_a_terminal_but_logs(caplog):
     stream = io.StringIO()  # like stderr under CI or nohup
-    with caplog.at_level(logging.INFO, logger="rest_jax.metrics"):
+    with caplog.at_level(logging.INFO, logger="rest_jax"):
         bar = metrics.progress(range(4), "grow", "batch", file=stream, log_every_secs=0.0)
         assert bar.disabled
         bar.set_postfix(reward=0.5)
@@ -84,6 +84,9 @@ def test_progress_is_quiet_off_a_terminal_but_logs(caplog):
     assert "grow: 2/4 batch (50%)" in lines[1] and "batch/s" in lines[1] and "ETA" in lines[1]
     assert "reward=0.5" in lines[1]
     assert lines[-1].startswith("grow: 4/4 batch (100%)") and lines[-1].endswith("(done)")
+    # Progress is shown by default (the console logger); the closing line is detail, as a summary follows.
+    assert {r.name for r in caplog.records[:-1]} == {"rest_jax.console"}
+    assert caplog.records[-1].name == "rest_jax.metrics"
 
 
 def test_progress_log_interval_limits_lines(caplog):

@@ -37,9 +37,12 @@ import json
 import os
 import random
 import re
+import time
 from typing import Callable, Optional, Sequence
 
 import gin
+
+from rest_jax import console
 
 # ---------------------------------------------------------------------------
 # Source lexicon (English-like). Surface forms of different words never
@@ -720,7 +723,10 @@ def ensure_corpus(
     settings = dict(train_size=train_size, validation_size=validation_size, test_size=test_size,
                     seed=seed)
     if not corpus_exists(data_dir, **settings):
+        started = time.perf_counter()
         write_corpus(data_dir, **settings)
+        console.stage_done("demo corpus", time.perf_counter() - started,
+                           f"{train_size}/{validation_size}/{test_size} train/validation/test pairs in {data_dir}")
     return split_files(data_dir)
 
 

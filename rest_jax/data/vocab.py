@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from typing import Iterable, Optional, Sequence
 
 import gin
@@ -26,6 +27,8 @@ import seqio
 import sentencepiece as spm
 import tensorflow as tf
 from sentencepiece import sentencepiece_model_pb2
+
+from rest_jax import console
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 DEFAULT_MODEL_NAME = "sentencepiece.model"
@@ -201,7 +204,10 @@ def ensure_vocabulary(task_name: str, output_dir: str, **kwargs) -> str:
     path = os.path.join(output_dir, kwargs.get("model_name", DEFAULT_MODEL_NAME))
     if tf.io.gfile.exists(path):
         return path
-    return train_task_vocabulary(task_name, output_dir, **kwargs)
+    started = time.perf_counter()
+    path = train_task_vocabulary(task_name, output_dir, **kwargs)
+    console.stage_done("vocabulary", time.perf_counter() - started, f"trained on {task_name}: {path}")
+    return path
 
 
 @gin.configurable
