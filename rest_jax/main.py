@@ -262,7 +262,9 @@ def general_help(search_paths: Sequence[str]) -> str:
         else:
             lines.append(f"  {'':<8}   run config: none ({' or '.join(run_config_names(name))} not found); "
                          "pass --gin_file")
-    lines += ["", FLAGS_HELP]
+    lines += [f"  {'launch':<8} Run any subcommand as P local processes of one multi-process JAX job:",
+              f"  {'':<8}   {PROG} launch --num_processes=2 --devices_per_process=4 -- rest --gin_file=...",
+              "", FLAGS_HELP]
     return "\n".join(lines)
 
 
@@ -380,6 +382,10 @@ def configure(inv: Invocation, entry: Callable[..., Any] | None) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (configuration errors -> 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # not a gin entry: it starts P processes of the command after `--`
+        from rest_jax import launch  # pylint: disable=import-outside-toplevel
+
+        return launch.main(argv[1:])
     try:
         inv = parse_args(argv)
     except GinConfigError as e:
@@ -411,7 +417,11 @@ def _run(inv: Invocation) -> int:
         return _fail(e, inv.command)
 
     with console.quiet_native_stderr(quiet):  # backend probing (cuInit, TPU) logs failed attempts
-        start_multihost(inv.multihost)
+        try:
+            start_multihost(inv.multihost)
+        except ConnectionError as e:  # partitioning.CoordinatorUnreachableError: the address and the knob
+            print(f"{PROG} {inv.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 1
         chief = _process_index() == 0
         console.start_tensorflow()
 
@@ -476,6 +486,12 @@ def _fail(err: GinConfigError, command: str | None = None) -> int:
     return EXIT_USAGE
 
 
+def _multiprocess() -> bool:
+    """True when this process is one of a multi-process JAX job (jax.distributed started)."""
+    jax = sys.modules.get("jax")
+    return bool(jax) and jax.distributed.is_initialized()
+
+
 def console_main() -> None:
     """Console script `rest_jax` (setup.py entry point); `python -m rest_jax.main` runs it too."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -484,9 +500,16 @@ def console_main() -> None:
     except KeyboardInterrupt:  # before the run started (imports, configuration): nothing to keep
         print(f"{PROG}: interrupted.", file=sys.stderr)
         code = EXIT_INTERRUPTED
-    if code == EXIT_INTERRUPTED:
-        # Interpreter teardown after Ctrl-C (freeing device buffers and compiled programs, library threads)
-        # takes seconds and writes nothing: event files are closed and checkpoint saves are atomic.
+    except Exception:  # pylint: disable=broad-except
+        if not _multiprocess():
+            raise
+        traceback.print_exc()
+        code = 1
+    # Interpreter teardown after Ctrl-C (freeing device buffers and compiled programs, library threads)
+    # takes seconds and writes nothing: event files are closed and checkpoint saves are atomic. A failed
+    # process of a multi-process job must not wait in jax.distributed's shutdown barrier for peers that
+    # are still working (up to 5 minutes): exiting now lets them learn of it through the heartbeat.
+    if code == EXIT_INTERRUPTED or (code != 0 and _multiprocess()):
         sys.stdout.flush()
         logging.shutdown()
         sys.stderr.flush()

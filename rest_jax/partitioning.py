@@ -25,6 +25,8 @@ import contextlib
 import logging
 import math
 import os
+import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -79,24 +81,66 @@ def _multiprocess_env_detected() -> str | None:
     return None
 
 
+def _launcher_settings() -> dict[str, Any]:
+    """Coordinator, process count and index set by `rest_jax launch` (rest_jax.launch), or {}."""
+    from rest_jax import launch  # pylint: disable=import-outside-toplevel  (no jax there: cheap)
+
+    address = os.environ.get(launch.COORDINATOR_ENV)
+    if not address:
+        return {}
+    try:
+        return {"coordinator_address": address, "num_processes": int(os.environ[launch.NUM_PROCESSES_ENV]),
+                "process_id": int(os.environ[launch.PROCESS_ID_ENV])}
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{launch.COORDINATOR_ENV} is set, but {launch.NUM_PROCESSES_ENV} / "
+                         f"{launch.PROCESS_ID_ENV} are missing or not integers ({e}).") from e
+
+
+class CoordinatorUnreachableError(ConnectionError):
+    """The jax.distributed coordinator (process 0) did not answer within the start-up timeout."""
+
+
+def _wait_for_coordinator(address: str, timeout_s: float, who: str) -> None:
+    """Returns once something listens on `address` ('host:port'); raises after `timeout_s` seconds."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise CoordinatorUnreachableError(
+                    f"{who} could not reach the jax.distributed coordinator at {address} within "
+                    f"initialize_multihost.initialization_timeout_s={timeout_s:g} s ({e}). Process 0 starts "
+                    "it: check that process 0 is running and that this address and port are reachable.") from e
+            time.sleep(0.5)
+
+
 @gin.configurable
 def initialize_multihost(mode: str = "auto", coordinator_address: str | None = None,
                          num_processes: int | None = None, process_id: int | None = None,
-                         local_device_ids: Sequence[int] | None = None) -> bool:
+                         local_device_ids: Sequence[int] | None = None,
+                         initialization_timeout_s: int = 120, heartbeat_timeout_s: int = 60) -> bool:
     """Starts `jax.distributed` when this program is one process of a multi-process job.
 
-    Must run before anything initialises the jax backend (`jax.devices()`, array creation).
+    Must run before anything initialises the jax backend (`jax.devices()`, array creation). Every
+    process of the job (every host of a pod) calls it with the same settings.
 
     Args:
       mode: 'auto' initialises when a coordinator address is given or the environment shows a
-        multi-process launch (JAX_COORDINATOR_ADDRESS, TPU pod / multislice host lists, SLURM or
-        Open MPI with 2+ tasks), and is a no-op otherwise (one CPU, one host); 'always' initialises
-        unconditionally, letting jax detect the cluster (e.g. a Cloud TPU VM pod whose topology is
-        only in the metadata server); 'never' skips it.
-      coordinator_address: 'host:port' of process 0; None lets jax detect it.
-      num_processes: Number of processes; None lets jax detect it.
-      process_id: This process's index; None lets jax detect it.
+        multi-process launch (`rest_jax launch`, JAX_COORDINATOR_ADDRESS, TPU pod / multislice host
+        lists, SLURM or Open MPI with 2+ tasks), and is a no-op otherwise (one CPU, one host);
+        'always' initialises unconditionally, letting jax detect the cluster (e.g. a Cloud TPU VM pod
+        whose topology is only in the metadata server); 'never' skips it.
+      coordinator_address: 'host:port' of process 0; None: from `rest_jax launch`, else jax detects it.
+      num_processes: Number of processes; None: as for the address.
+      process_id: This process's index; None: as for the address.
       local_device_ids: Devices this process drives; None means all visible ones.
+      initialization_timeout_s: How long a process waits for the coordinator and the other processes
+        to join before failing with the address it tried.
+      heartbeat_timeout_s: How long after a process stops answering (killed, preempted host) the
+        others are told and exit, instead of waiting forever in a collective.
 
     Returns:
       True when `jax.distributed` is initialised after the call.
@@ -107,16 +151,30 @@ def initialize_multihost(mode: str = "auto", coordinator_address: str | None = N
         return True
     if mode == "never":
         return False
+    launched = _launcher_settings()
+    settings = {"coordinator_address": coordinator_address or launched.get("coordinator_address"),
+                "num_processes": num_processes if num_processes is not None else launched.get("num_processes"),
+                "process_id": process_id if process_id is not None else launched.get("process_id")}
     reason = "mode='always'" if mode == "always" else (
+        "rest_jax launch" if launched and not coordinator_address else
         "coordinator_address" if coordinator_address else _multiprocess_env_detected())
     if reason is None:
         logger.info("initialize_multihost: single-process run, jax.distributed not started.")
         return False
     logger.info("initialize_multihost: starting jax.distributed (%s).", reason)
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+    # Cross-process collectives on the CPU backend (the local stand-in for a pod) need an
+    # implementation; TPU and GPU backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if settings["coordinator_address"] and settings["process_id"] not in (None, 0):
+        # jax aborts the whole process (a native check failure, no Python error) when the coordinator
+        # cannot be reached; look first, so that the message names the address and the knob.
+        _wait_for_coordinator(settings["coordinator_address"], initialization_timeout_s,
+                              f"process {settings['process_id']} of {settings['num_processes']}")
+    jax.distributed.initialize(local_device_ids=local_device_ids,
+                               initialization_timeout=int(initialization_timeout_s),
+                               heartbeat_timeout_seconds=int(heartbeat_timeout_s), **settings)
     logger.info("jax.distributed: process %d of %d, %d local / %d global devices.",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
 
 

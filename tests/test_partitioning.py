@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from rest_jax import partitioning
+from rest_jax import launch, partitioning
 from rest_jax.model import t5
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -293,6 +293,9 @@ def test_initialize_multihost(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    looked_up = []  # a process other than 0 first checks that the coordinator answers
+    monkeypatch.setattr(partitioning, "_wait_for_coordinator", lambda *args: looked_up.append(args))
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # keep this process's collectives as they are
     assert partitioning.initialize_multihost() is False  # one CPU process: a no-op
     assert partitioning.initialize_multihost(mode="never") is False
     monkeypatch.setenv("SLURM_NTASKS", "1")
@@ -307,5 +310,16 @@ def test_initialize_multihost(monkeypatch):
     assert partitioning.initialize_multihost(mode="always", coordinator_address="h:1234", process_id=1)
     assert len(calls) == 3 and calls[1]["num_processes"] == 4
     assert calls[2]["coordinator_address"] == "h:1234" and calls[2]["process_id"] == 1
+    assert [a[0] for a in looked_up] == ["h:1234"]
+    assert calls[2]["initialization_timeout"] == 120 and calls[2]["heartbeat_timeout_seconds"] == 60
+    # `rest_jax launch` tells each process where the coordinator is and who it is.
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv(launch.COORDINATOR_ENV, "127.0.0.1:5")
+    monkeypatch.setenv(launch.NUM_PROCESSES_ENV, "2")
+    monkeypatch.setenv(launch.PROCESS_ID_ENV, "0")
+    assert partitioning.initialize_multihost(heartbeat_timeout_s=7) is True
+    assert {k: calls[3][k] for k in ("coordinator_address", "num_processes", "process_id",
+                                     "heartbeat_timeout_seconds")} == {
+        "coordinator_address": "127.0.0.1:5", "num_processes": 2, "process_id": 0, "heartbeat_timeout_seconds": 7}
     with pytest.raises(ValueError, match="'auto', 'always' or 'never'"):
         partitioning.initialize_multihost(mode="sometimes")

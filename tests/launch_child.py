@@ -1,0 +1,47 @@
+"""A small program for tests/test_launch.py, started by `rest_jax.launch.run(program=...)`.
+
+Joins the multi-process job the way every rest_jax subcommand does (`initialize_multihost`), builds a
+global array from process-local rows and prints the jitted global sum, then acts out the test's
+scenario: `ok`, `fail:N` (process 1 exits with status N), `kill` (process 1 SIGKILLs itself, the
+others then wait in a collective), `sleep` (process 1 fails, the others sleep).
+"""
+
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from rest_jax import partitioning
+
+scenario = sys.argv[1] if len(sys.argv) > 1 else "ok"
+partitioning.initialize_multihost(heartbeat_timeout_s=int(os.environ.get("HEARTBEAT_S", "60")))
+index, count = jax.process_index(), jax.process_count()
+mesh = partitioning.create_mesh()
+local_rows = np.arange(jax.local_device_count() * 3, dtype=np.float32).reshape(-1, 3) + 100 * index
+batch = partitioning.shard_batch({"x": local_rows}, mesh)
+total = jax.jit(lambda b: b["x"].sum())(batch)
+print(f"process {index} of {count}: {jax.device_count()} devices, global sum {float(total):.1f}", flush=True)
+
+# A failing rest_jax process exits at once (rest_jax.main.console_main), skipping jax.distributed's
+# shutdown barrier, which would hold it until its peers finish; do the same.
+if scenario.startswith("fail:") and index == 1:
+    os._exit(int(scenario.split(":")[1]))
+if scenario == "sleep":
+    if index == 1:
+        os._exit(5)
+    time.sleep(600)
+if scenario == "kill":
+    if index == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(2)
+    started = time.monotonic()
+    try:
+        for _ in range(10_000):  # collectives with a dead peer: must fail, not hang
+            total = jax.jit(lambda b: b["x"].sum())(partitioning.shard_batch({"x": local_rows}, mesh))
+            float(total)
+            time.sleep(0.1)
+    finally:
+        print(f"survivor stopped after {time.monotonic() - started:.1f} s", flush=True)
