@@ -21,6 +21,7 @@ from rest_jax import console
 from rest_jax import decoding
 from rest_jax import evaluate
 from rest_jax import metrics as metrics_lib
+from rest_jax import partitioning
 from rest_jax import rewards as rewards_lib
 from rest_jax.data import grow_store as store_lib
 
@@ -164,14 +165,18 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
         bar.update(len(ids) * num_samples)
     bar.close()
     elapsed = time.perf_counter() - start_time
+    # Every process has written its shards before process 0 checks them all and writes the metadata, which
+    # the others then read: the store is complete for every process when grow_dataset returns.
+    partitioning.sync_processes(f"rest_jax: grow {grow_index} shards written")
     if host_id == 0:
         meta = writer.write_metadata(
             config=dict(config or {}, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
                         reward=reward.name, seed=seed),
             checkpoint=checkpoint, vocab=vocab_path, model_config=policy.config,
-            wait_s=0.0 if num_hosts == 1 else 3600.0)
-    else:
-        meta = {}
+            wait_s=0.0 if num_hosts == 1 or jax.process_count() > 1 else 3600.0)
+    partitioning.sync_processes(f"rest_jax: grow {grow_index} metadata written")
+    if host_id != 0:
+        meta = store_lib.GrowStore(store_dir).metadata if jax.process_count() > 1 else {}
     meta = dict(meta)
     if sample_rewards:
         rewards_all = np.concatenate(sample_rewards)

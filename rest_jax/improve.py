@@ -121,14 +121,21 @@ def make_batch(data: Mapping[str, np.ndarray], rows: np.ndarray, feature_lengths
 
 
 def batch_stream(data: Mapping[str, np.ndarray], batch_size: int, feature_lengths: Mapping[str, int],
-                 seed: int, start_step: int = 0) -> Iterator[Batch]:
+                 seed: int, start_step: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
     """Endless shuffled batches over the kept rows; a fresh permutation per epoch, fixed by `seed`.
 
-    Batch k is a pure function of (seed, k), so `start_step` resumes on the same data order.
+    Batch k is a pure function of (seed, k), so `start_step` resumes on the same data order. With
+    `shard=(i, n)` (`partitioning.data_shard_info`: i-th of n hosts) each yields the i-th block of
+    `batch_size // n` rows of every global batch, which `partitioning.shard_batch` assembles again.
     """
     n = len(data["reward"])
     if n == 0:
         raise ValueError("Improve: the filter kept no Grow examples; lower the threshold (filters schedule).")
+    index, num_shards = shard
+    if batch_size % num_shards:
+        raise ValueError(f"Improve: batch size {batch_size} is not divisible by the {num_shards} data shards "
+                         "(hosts).")
+    rows = slice(index * batch_size // num_shards, (index + 1) * batch_size // num_shards)
 
     def indices(k: int) -> np.ndarray:
         positions = np.arange(k * batch_size, (k + 1) * batch_size)
@@ -141,7 +148,7 @@ def batch_stream(data: Mapping[str, np.ndarray], batch_size: int, feature_length
 
     k = start_step
     while True:
-        yield make_batch(data, indices(k), feature_lengths)
+        yield make_batch(data, indices(k)[rows], feature_lengths)
         k += 1
 
 
@@ -389,7 +396,8 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: Mapping[str, 
         step_fn = train_lib.make_train_step(optimizer, heads.make_value_loss_fn(value_model), mesh=mesh, rules=rules,
                                             state_shardings=shardings, dropout_seed=seed)
         shard_fn = lambda b: partitioning.shard_batch(b, mesh, rules)  # noqa: E731
-        batches = batch_stream(data, batch_size, feature_lengths, seed)
+        batches = batch_stream(data, batch_size, feature_lengths, seed,
+                               shard=partitioning.data_shard_info(mesh, rules))
         writer = metrics_lib.MetricWriter(out_dir, "value_pretrain") if out_dir else None
         try:
             state, loop = train_lib.train_loop(state, batches, step_fn, num_steps, shard_fn=shard_fn,
@@ -543,7 +551,8 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
                                    anchor_is_bc=anchor_is_bc)
     train_step = train_lib.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
                                            dropout_seed=seed)
-    batches = numbered(batch_stream(kept, batch_size, feature_lengths, seed))
+    batches = numbered(batch_stream(kept, batch_size, feature_lengths, seed,
+                                    shard=partitioning.data_shard_info(mesh, rules)))
 
     def shard_fn(b: Batch) -> dict[str, Any]:
         out = partitioning.shard_batch(b, mesh, rules)
@@ -592,7 +601,9 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
                 since_best += 1
     # Only the policy is saved: evaluation and Grow load it as any T5X-named policy checkpoint.
     manager = ckpt_lib.CheckpointManager(os.path.join(out_dir, "checkpoints"), keep=1, period=1)
-    manager.save(max(best_step, 1), train_lib.TrainState.create(best_params, optimizer), force=True,
+    # Placed on the mesh: a multi-process save takes global arrays only (each process writes its part).
+    saved, _ = partitioning.shard_train_state(train_lib.TrainState.create(best_params, optimizer), mesh, rules)
+    manager.save(max(best_step, 1), saved, force=True,
                  metadata={"improve_index": improve_index, "validation_reward": best_reward, "loss": loss_name})
     manager.close()
     result = {"improve_index": improve_index, "best_step": best_step, "validation_reward": best_reward,

@@ -424,6 +424,10 @@ def _run(inv: Invocation) -> int:
             return 1
         chief = _process_index() == 0
         console.start_tensorflow()
+    if not chief and not inv.verbose:
+        # Process 0 speaks for a multi-process job (its summary lines, progress); the others say only what
+        # goes wrong. `rest_jax launch` prefixes each line with the process index.
+        console.logger.setLevel(logging.WARNING)
 
     import gin  # pylint: disable=import-outside-toplevel
 

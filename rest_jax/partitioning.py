@@ -178,6 +178,22 @@ def initialize_multihost(mode: str = "auto", coordinator_address: str | None = N
     return True
 
 
+def is_chief() -> bool:
+    """True on process 0, the one that writes what every process agrees on (metadata, reports, plots)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process of a multi-process job reaches the barrier `name`; a no-op in one process.
+
+    For files one process writes and the others then read (a vocabulary, a Grow store's metadata).
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        multihost_utils.sync_global_devices(name)
+
+
 # --------------------------------------------------------------------------------------------
 # Mesh.
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from rest_jax import evaluate
 from rest_jax import filters as filters_lib
 from rest_jax import grow as grow_lib
 from rest_jax import improve as improve_lib
+from rest_jax import partitioning
 from rest_jax import report
 from rest_jax import rewards as rewards_lib
 from rest_jax import train as train_lib
@@ -68,6 +69,10 @@ def finished_work(model_dir: str) -> list[str]:
 
 def _vocabulary(model_dir: str, task: str, vocab_path: str | None, vocab_size: int) -> str:
     if vocab_path is None:
+        # Process 0 trains it; the others wait, then find it (one file, however many processes share MODEL_DIR).
+        if partitioning.is_chief():
+            vocab_lib.ensure_vocabulary(task, os.path.join(model_dir, "vocab"), vocab_size=vocab_size)
+        partitioning.sync_processes("rest_jax: vocabulary trained")
         vocab_path = vocab_lib.ensure_vocabulary(task, os.path.join(model_dir, "vocab"), vocab_size=vocab_size)
     with gin.unlock_config():
         gin.bind_parameter("get_task.vocabulary", vocab_path)
@@ -207,10 +212,12 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                            "kept_fraction": r.get("kept_fraction"), "threshold": r.get("threshold")})
     out = {"task": task, "reward": reward_name, "split": report_split, "rows": table_rows, "stages": rows}
 
+    # Every process computes the same report (each evaluates the same sentences); process 0 writes and prints it.
+    chief = partitioning.is_chief()
     plots = os.path.join(model_dir, "plots")
-    if grow_rewards:
+    if grow_rewards and chief:
         report.plot_reward_distributions(grow_rewards, thresholds, os.path.join(plots, "grow_rewards.png"))
-    if curves:
+    if curves and chief:
         report.plot_validation_curves(curves, os.path.join(plots, "validation_reward.png"))
     if best_of_n_ns:
         bon_path = os.path.join(model_dir, "best_of_n.json")
@@ -226,8 +233,10 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                                               max_input_length=eval_lengths["inputs"],
                                               max_decode_length=eval_lengths["targets"]):
                     bon.append(dict(row, policy=name))
-            report.write_json(bon_path, bon)
-        report.plot_best_of_n(bon, os.path.join(plots, "best_of_n.png"))
+            if chief:
+                report.write_json(bon_path, bon)
+        if chief:
+            report.plot_best_of_n(bon, os.path.join(plots, "best_of_n.png"))
         out["best_of_n"] = bon
 
     md = [f"# ReST on {task} ({reward_name} reward, {report_split} split)\n", report.markdown_table(table_rows,
@@ -236,7 +245,8 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         md.append("\nBest-of-N (reward of the reward-best of N samples, temperature 0.8):\n")
         md.append("| policy | N | reward | BLEU |\n| --- | ---: | ---: | ---: |\n")
         md.extend(f"| {r['policy']} | {r['n']} | {100 * r['reward']:.1f} | {r['bleu']:.1f} |\n" for r in out["best_of_n"])
-    report.write_json(os.path.join(model_dir, "report.json"), out)
-    report.atomic_write_text(os.path.join(model_dir, "report.md"), "".join(md))
-    print("".join(md))
+    if chief:
+        report.write_json(os.path.join(model_dir, "report.json"), out)
+        report.atomic_write_text(os.path.join(model_dir, "report.md"), "".join(md))
+        print("".join(md))
     return out

@@ -229,6 +229,22 @@ def test_resumed_iterator_equals_skipped_uninterrupted_one(multi30k, pack):
         assert reference[0]["encoder_segment_ids"].max() > 1  # Rows do hold several examples.
 
 
+def test_hosts_rows_assemble_the_one_host_batches(multi30k):
+    """Multi-process BC (issue 12): host i's rows of every global batch, stacked, are the one-host batch,
+    whatever the number of hosts, also when resuming (so P=2 trains on exactly what P=1 trains on)."""
+    kwargs = dict(batch_size=48, feature_lengths=LENGTHS, seed=5)
+    one = pipeline.get_batches("multi30k_de_en", "validation", shard_index=0, num_shards=1, **kwargs)
+    reference = [next(one) for _ in range(25)]  # 21 batches an epoch: crosses into the second epoch
+    for hosts, start in ((2, 0), (3, 0), (2, 17)):
+        streams = [pipeline.get_batches("multi30k_de_en", "validation", shard_index=i, num_shards=hosts,
+                                        start_step=start, **kwargs) for i in range(hosts)]
+        for want in reference[start:]:
+            parts = [next(s) for s in streams]
+            assert all(len(p["encoder_input_tokens"]) == 48 // hosts for p in parts)
+            for k in want:
+                np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), want[k])
+
+
 def test_source_shuffle_is_a_new_permutation_each_epoch(multi30k):
     source = tasks.get_source("multi30k_de_en")
     ds = source.get_dataset("validation", shuffle=True, seed=3).repeat(2)

@@ -78,6 +78,21 @@ def test_batch_stream_is_a_resumable_epoch_permutation():
             np.testing.assert_array_equal(got[key], batches[k][key])
 
 
+def test_batch_stream_hosts_split_each_global_batch():
+    """Multi-process Improve: host i's block of every batch, stacked over hosts, is the one-host batch."""
+    data = _data(num_sources=3, n=2)
+    lengths = {"inputs": 8, "targets": 8}
+    one = improve.batch_stream(data, 4, lengths, seed=7, start_step=2)
+    hosts = [improve.batch_stream(data, 4, lengths, seed=7, start_step=2, shard=(i, 2)) for i in range(2)]
+    for _ in range(6):
+        want = next(one)
+        parts = [next(h) for h in hosts]
+        for key in want:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+    with pytest.raises(ValueError, match="batch size 4 is not divisible by the 3 data shards"):
+        next(improve.batch_stream(data, 4, lengths, seed=7, shard=(0, 3)))
+
+
 def test_empty_filter_result_is_a_clear_error():
     data = _data()
     kept, _ = improve.filter_grow_data(data, 1, method="threshold", value=0.999999, validity=False)

@@ -83,7 +83,12 @@ def get_batches(
       task: a seqio.Task or a task name (built with `tasks.get_task`).
       split: split to read.
       batch_size: global batch size; each of `num_shards` hosts gets
-        `batch_size // num_shards` rows.
+        `batch_size // num_shards` rows: host i the i-th block of rows of every
+        global batch. Every host reads the same global stream (same seed, same
+        order) and keeps its rows, so the global batches, and the training run,
+        are the same for any number of hosts, and resuming skips the same
+        global batches everywhere. The price is that each host tokenizes the
+        whole stream, which is small beside the model's work for translation data.
       feature_lengths: {"inputs": L_in, "targets": L_tgt}; longer sequences are
         trimmed so that they still end in EOS (`tasks.count_overlong` counts them).
       shuffle: shuffle the examples, a new permutation each epoch.
@@ -95,8 +100,9 @@ def get_batches(
       repeat: cycle over the split forever; otherwise one pass, dropping the
         last partial batch so that every batch has the same shape.
       pack: pack several examples per row (adds segment ids and positions).
-      shard_index, num_shards: this host's data shard; default
-        jax.process_index() / jax.process_count().
+      shard_index, num_shards: this host's block of rows; default
+        jax.process_index() / jax.process_count() (pass
+        `partitioning.data_shard_info` when a mesh axis spans hosts).
 
     Returns:
       An iterator of batches.
@@ -110,7 +116,7 @@ def get_batches(
         split=split,
         shuffle=shuffle,
         seed=seed,
-        shard_info=shard,
+        shard_info=None,  # the global stream on every host; rows are split per batch below
         num_epochs=None if repeat else 1,
         # seqio would cache a small split after the shuffle, freezing one order.
         try_in_mem_cache=False,
@@ -118,9 +124,12 @@ def get_batches(
     # Only the token features: the packer warns about (and drops) the others anyway.
     ds = ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]})
     ds = seqio.EncDecFeatureConverter(pack=pack)(ds, lengths)
-    ds = ds.batch(host_batch, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
     if start_step:
         ds = ds.skip(start_step)
+    if shard.num_shards > 1:
+        first = shard.index * host_batch
+        ds = ds.map(lambda b: {k: v[first:first + host_batch] for k, v in b.items()})
     options = tf.data.Options()
     options.deterministic = True
     ds = ds.with_options(options).prefetch(2)

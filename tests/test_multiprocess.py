@@ -1,0 +1,87 @@
+"""The ReST loop as several JAX processes gives what one process gives (issue 12, item 3).
+
+Runs the tiny demo loop (`rest_jax.inspect.TINY_RUN_OVERRIDES`: BC, one Grow, Improve I=0 and I=1, the
+report) with `rest_jax launch` as P processes × K devices and as one process with P×K devices, the
+reference, and compares the report table to the printed digit, the kept fractions, and the Grow store.
+"""
+
+import collections
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rest_jax import inspect as run_inspect
+from rest_jax.data import grow_store as store_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _rest(run_dir: pathlib.Path, demo_dir: pathlib.Path, processes: int, devices: int) -> subprocess.CompletedProcess:
+    command = ["rest", "--gin_file=experiments/demo.gin", f"--gin.MODEL_DIR={str(run_dir)!r}",
+               f"--gin.demo_source.data_dir={str(demo_dir)!r}", *run_inspect.TINY_RUN_OVERRIDES]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if processes > 1:
+        argv = [sys.executable, "-m", "rest_jax.main", "launch", f"--num_processes={processes}",
+                f"--devices_per_process={devices}", "--grace_s=10", "--", *command]
+    else:
+        argv = [sys.executable, "-m", "rest_jax.main", *command]
+    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return proc
+
+
+def _printed(report: dict) -> list[tuple]:
+    """The report table as printed: reward, BLEU and chrF to one decimal, kept fraction to three."""
+    rows = [(r["name"], f"{100 * r['reward']:.1f}", f"{r['bleu']:.1f}", f"{r['chrf']:.1f}",
+             None if r["kept_fraction"] is None else f"{r['kept_fraction']:.3f}") for r in report["rows"]]
+    rows += [(b["policy"], b["n"], f"{100 * b['reward']:.1f}", f"{b['bleu']:.1f}") for b in report["best_of_n"]]
+    return rows
+
+
+def _store(run_dir: pathlib.Path) -> dict[tuple[int, int], str]:
+    data = store_lib.GrowStore(run_dir / "grow_1" / "store").as_numpy(["source_id", "sample_id", "candidate_text"])
+    keys = [(int(s), int(i)) for s, i in zip(data["source_id"], data["sample_id"])]
+    counts = collections.Counter(keys)
+    assert max(counts.values()) == 1, "a (source, sample) pair is in the store twice"
+    return dict(zip(keys, data["candidate_text"]))
+
+
+def _compare(tmp_path: pathlib.Path, processes: int, devices: int) -> None:
+    demo = tmp_path / "demo"
+    one = tmp_path / "one"
+    many = tmp_path / "many"
+    _rest(one, demo, 1, processes * devices)
+    proc = _rest(many, demo, processes, devices)
+    want = json.loads((one / "report.json").read_text())
+    got = json.loads((many / "report.json").read_text())
+    assert _printed(got) == _printed(want)
+    # Beyond the printed digits: Improve's validation curves and last training loss (the tiny run's policy is
+    # weak, so the table alone would hide a different training run).
+    for w, g in zip(want["stages"], got["stages"]):
+        assert [(s, round(r, 4)) for s, r in w.get("curve", [])] == [(s, round(r, 4)) for s, r in g.get("curve", [])]
+        if w.get("last_train_loss") is not None:
+            assert g["last_train_loss"] == pytest.approx(w["last_train_loss"], rel=1e-4)
+    # Only process 0 prints the table.
+    assert proc.stdout.count("# ReST on demo_synthetic") == 1, proc.stdout[-3000:]
+    want_store, got_store = _store(one), _store(many)
+    # Every Grow source (run_rest.max_grow_sources=48 in the tiny run) exactly once, with all its samples.
+    assert {s for s, _ in got_store} == set(range(48))
+    assert got_store.keys() == want_store.keys()
+    same = np.mean([got_store[k] == want_store[k] for k in want_store])
+    assert same >= 0.95, f"only {same:.1%} of the Grow samples are the same text"
+
+
+def test_two_processes_give_the_one_process_report(tmp_path):
+    _compare(tmp_path, 2, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes,devices", [(2, 4), (4, 2)])
+def test_more_processes_give_the_one_process_report(tmp_path, processes, devices):
+    _compare(tmp_path, processes, devices)
