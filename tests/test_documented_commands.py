@@ -291,6 +291,22 @@ def check_rest_tiny(work, proc):
     assert json.loads((work / "runs/rest_tiny/report.json").read_text())["rows"]
 
 
+def _printed_table(report: dict) -> list[tuple]:
+    """A report's table and best-of-N rows as printed (rewards and BLEU to one decimal)."""
+    return ([(r["name"], f"{100 * r['reward']:.1f}", f"{r['bleu']:.1f}", f"{r['chrf']:.1f}", r["kept_fraction"])
+             for r in report["rows"]]
+            + [(b["policy"], b["n"], f"{100 * b['reward']:.1f}", f"{b['bleu']:.1f}") for b in report["best_of_n"]])
+
+
+def check_launch(work, proc):
+    """2 processes x 4 devices give the report of the main command's run (1 process, 1 device)."""
+    got = json.loads((work / "runs/demo_2x4/report.json").read_text())
+    want = json.loads((work / "runs/demo/report.json").read_text())
+    assert _printed_table(got) == _printed_table(want)
+    assert proc.stdout.count("[0] # ReST on demo_synthetic") == 1 and "[1] # ReST" not in proc.stdout
+    assert "[launch] all 2 processes finished." in proc.stdout
+
+
 def check_rest_em(work, proc):
     names = [r["name"] for r in json.loads((work / "runs/demo_em/report.json").read_text())["rows"]]
     assert names[0] == "BC G=0 I=0" and len(names) >= 2
@@ -332,6 +348,8 @@ RULES: list[tuple[str, Rule]] = [
     (r"^rest_jax grow ", Rule("run", extra=tuple(SMALL["grow"]), after=(README_MAIN,), check=check_grow)),
     (r"^rest_jax improve ",
      Rule("run", extra=tuple(SMALL["improve"]), after=(README_MAIN, r"^rest_jax grow "), check=check_improve)),
+    (r"^rest_jax launch --num_processes=2 --devices_per_process=4 -- rest --gin_file=experiments/demo\.gin ",
+     Rule("run", extra=tuple(SMALL_REST), after=(README_MAIN,), check=check_launch)),
     (DEMO_CORPUS, Rule("run", check=check_demo_corpus)),
     (r"^rest_jax infer ", Rule("run", after=(README_MAIN, DEMO_CORPUS), check=check_infer)),
     (r"^rest_jax score ", Rule("run", after=(r"^rest_jax infer ",), check=check_score)),
