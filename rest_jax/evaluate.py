@@ -265,13 +265,16 @@ def evaluate(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, out
                              output_prefix=out / f"{split}.{method}")
     logging.info("%s %s: BLEU %.2f chrF %.2f (%s | %s)", split, method, result["bleu"], result["chrf"],
                  result["bleu_signature"], result["chrf_signature"])
-    print(json.dumps({k: v for k, v in result.items()}, indent=2))
+    chief = jax.process_index() == 0  # every process evaluates the same sentences; process 0 reports
+    if chief:
+        print(json.dumps({k: v for k, v in result.items()}, indent=2))
     if best_of_n_ns and reward is not None:
         table = best_of_n(policy, sources, references, reward, ns=best_of_n_ns)
         for row in table:
             row["policy"] = "checkpoint"
-        report.write_json(out / f"{split}.best_of_n.json", table)
-        report.plot_best_of_n(table, out / f"{split}.best_of_n.png")
+        if chief:
+            report.write_json(out / f"{split}.best_of_n.json", table)
+            report.plot_best_of_n(table, out / f"{split}.best_of_n.png")
         result["best_of_n"] = table
     return result
 

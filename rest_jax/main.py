@@ -3,6 +3,7 @@
     rest_jax train --gin_file=models/t5_1_1_small.gin --model_dir=/tmp/bc --gin.TASK="'multi30k_de_en'"
     rest_jax rest  --gin_file=models/t5_1_1_small.gin --gin.MODEL_DIR="'gs://bucket/rest'" ...
     rest_jax train --help                 # run config, the macros it still needs, entry docstring
+    rest_jax launch --num_processes=2 --devices_per_process=4 -- rest ...   # P local processes (launch.py)
 
 Each subcommand calls one gin-configurable entry function with no arguments; every setting comes from
 gin (the T5X habit).  Order of events: import every module with configurables (`CONFIGURABLE_MODULES`), parse

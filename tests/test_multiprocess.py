@@ -11,10 +11,13 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
 import pytest
 
+from rest_jax import checkpoints
 from rest_jax import inspect as run_inspect
 from rest_jax.data import grow_store as store_lib
 
@@ -69,6 +72,14 @@ def _compare(tmp_path: pathlib.Path, processes: int, devices: int) -> None:
             assert g["last_train_loss"] == pytest.approx(w["last_train_loss"], rel=1e-4)
     # Only process 0 prints the table.
     assert proc.stdout.count("# ReST on demo_synthetic") == 1, proc.stdout[-3000:]
+    # Checkpoints written by P processes together restore in this one process to the parameters the
+    # one-process run trained (BC) and selected (the last Improve step).
+    for stage in ("bc", "grow_1/improve_1"):
+        w = checkpoints.load_params(one / stage / "checkpoints")
+        g = checkpoints.load_params(many / stage / "checkpoints")
+        assert jax.tree.structure(w) == jax.tree.structure(g)
+        for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(g)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
     want_store, got_store = _store(one), _store(many)
     # Every Grow source (run_rest.max_grow_sources=48 in the tiny run) exactly once, with all its samples.
     assert {s for s, _ in got_store} == set(range(48))
@@ -85,3 +96,55 @@ def test_two_processes_give_the_one_process_report(tmp_path):
 @pytest.mark.parametrize("processes,devices", [(2, 4), (4, 2)])
 def test_more_processes_give_the_one_process_report(tmp_path, processes, devices):
     _compare(tmp_path, processes, devices)
+
+
+def _launch_argv(run_dir: pathlib.Path, demo_dir: pathlib.Path, grace_s: float) -> list[str]:
+    return [sys.executable, "-m", "rest_jax.main", "launch", "--num_processes=2", "--devices_per_process=2",
+            f"--grace_s={grace_s:g}", "--", "rest", "--gin_file=experiments/demo.gin",
+            f"--gin.MODEL_DIR={str(run_dir)!r}", f"--gin.demo_source.data_dir={str(demo_dir)!r}",
+            *run_inspect.TINY_RUN_OVERRIDES, "--gin.initialize_multihost.heartbeat_timeout_s=20"]
+
+
+def _process_with_id(launcher: subprocess.Popen, process_id: int):
+    import psutil  # pylint: disable=import-outside-toplevel
+
+    for child in psutil.Process(launcher.pid).children():
+        if child.environ().get("REST_JAX_PROCESS_ID") == str(process_id):
+            return child
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["grow", "improve"])
+def test_killed_process_stops_the_job_and_the_rerun_gives_the_same_report(tmp_path, stage):
+    """SIGKILL of process 1 mid-Grow / mid-Improve: process 0 exits on its own (jax.distributed's heartbeat,
+    not the launcher's grace period) within 60 s, and rerunning the same launch gives the uninterrupted
+    report."""
+    demo, one, many = tmp_path / "demo", tmp_path / "one", tmp_path / "many"
+    _rest(one, demo, 1, 4)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    argv = _launch_argv(many, demo, grace_s=600)
+    launcher = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    marker = (many / "grow_1" / "store") if stage == "grow" else (many / "grow_1" / "improve_0")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if marker.exists() and (stage != "grow" or any(marker.glob("shard-*.tfrecord"))):
+            break
+        time.sleep(0.1)
+    assert launcher.poll() is None, "the run ended before the kill"
+    victim = _process_with_id(launcher, 1)
+    killed_at = time.monotonic()
+    victim.kill()
+    out, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0, out[-3000:]
+    assert time.monotonic() - killed_at < 60, out[-3000:]
+    assert "[launch] process 1 was killed by SIGKILL" in out
+    assert "stopping the processes still running" not in out  # process 0 stopped by itself
+    assert not (many / "report.json").exists()
+    rerun = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-5000:]
+    want = json.loads((one / "report.json").read_text())
+    got = json.loads((many / "report.json").read_text())
+    assert _printed(got) == _printed(want)
+    assert _store(many).keys() == _store(one).keys()
