@@ -28,10 +28,8 @@ import time
 from collections.abc import Sequence
 
 from rest_jax import console
+from rest_jax.partitioning import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 
-COORDINATOR_ENV = "REST_JAX_COORDINATOR"
-NUM_PROCESSES_ENV = "REST_JAX_NUM_PROCESSES"
-PROCESS_ID_ENV = "REST_JAX_PROCESS_ID"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"

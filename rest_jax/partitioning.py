@@ -44,6 +44,11 @@ PyTree = Any
 MeshAxes = str | tuple[str, ...] | None
 LogicalRules = Sequence[tuple[str, MeshAxes]]
 
+# Where `rest_jax launch` (rest_jax.launch) tells each local process the coordinator and its place.
+COORDINATOR_ENV = "REST_JAX_COORDINATOR"
+NUM_PROCESSES_ENV = "REST_JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "REST_JAX_PROCESS_ID"
+
 # Environment variables that announce a multi-process launch (JAX's own, Cloud TPU pods and
 # multislice, SLURM, Open MPI). Their presence is what `initialize_multihost(mode='auto')` reads.
 _MULTIPROCESS_ENV = {
@@ -83,17 +88,15 @@ def _multiprocess_env_detected() -> str | None:
 
 def _launcher_settings() -> dict[str, Any]:
     """Coordinator, process count and index set by `rest_jax launch` (rest_jax.launch), or {}."""
-    from rest_jax import launch  # pylint: disable=import-outside-toplevel  (no jax there: cheap)
-
-    address = os.environ.get(launch.COORDINATOR_ENV)
+    address = os.environ.get(COORDINATOR_ENV)
     if not address:
         return {}
     try:
-        return {"coordinator_address": address, "num_processes": int(os.environ[launch.NUM_PROCESSES_ENV]),
-                "process_id": int(os.environ[launch.PROCESS_ID_ENV])}
+        return {"coordinator_address": address, "num_processes": int(os.environ[NUM_PROCESSES_ENV]),
+                "process_id": int(os.environ[PROCESS_ID_ENV])}
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{launch.COORDINATOR_ENV} is set, but {launch.NUM_PROCESSES_ENV} / "
-                         f"{launch.PROCESS_ID_ENV} are missing or not integers ({e}).") from e
+        raise ValueError(f"{COORDINATOR_ENV} is set, but {NUM_PROCESSES_ENV} / {PROCESS_ID_ENV} are missing "
+                         f"or not integers ({e}).") from e
 
 
 class CoordinatorUnreachableError(ConnectionError):

@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from rest_jax import launch, partitioning
+from rest_jax import partitioning
 from rest_jax.model import t5
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -314,9 +314,9 @@ def test_initialize_multihost(monkeypatch):
     assert calls[2]["initialization_timeout"] == 120 and calls[2]["heartbeat_timeout_seconds"] == 60
     # `rest_jax launch` tells each process where the coordinator is and who it is.
     monkeypatch.delenv("SLURM_NTASKS")
-    monkeypatch.setenv(launch.COORDINATOR_ENV, "127.0.0.1:5")
-    monkeypatch.setenv(launch.NUM_PROCESSES_ENV, "2")
-    monkeypatch.setenv(launch.PROCESS_ID_ENV, "0")
+    monkeypatch.setenv(partitioning.COORDINATOR_ENV, "127.0.0.1:5")
+    monkeypatch.setenv(partitioning.NUM_PROCESSES_ENV, "2")
+    monkeypatch.setenv(partitioning.PROCESS_ID_ENV, "0")
     assert partitioning.initialize_multihost(heartbeat_timeout_s=7) is True
     assert {k: calls[3][k] for k in ("coordinator_address", "num_processes", "process_id",
                                      "heartbeat_timeout_seconds")} == {
