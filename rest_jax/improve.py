@@ -278,11 +278,7 @@ def _create_state(boxed_abstract: PyTree, params: PyTree, optimizer: optim.Optim
     (and any frozen network sharing their buffers) intact.
     """
     create = lambda p: train_lib.TrainState.create(p, optimizer)  # noqa: E731
-    with partitioning.mesh_context(mesh, rules):
-        boxed_state = jax.eval_shape(create, boxed_abstract)
-        shardings = partitioning.get_param_shardings(boxed_state, mesh, rules)
-        state = jax.jit(create, out_shardings=shardings)(params)
-    return state, shardings
+    return partitioning.Partitioner.create(mesh, rules).init(create, params, like=(boxed_abstract,))
 
 
 def _abstract(model: Any, mesh: Any, rules: Any) -> PyTree:
@@ -428,9 +424,9 @@ def _value_network(policy_params: PyTree, value_model: Any, data: Mapping[str, n
             return _place(value_model, params, mesh, rules, f"value network {ckpt_dir}"), dict(summary, reused=True)
     # Initialised directly in its shards, then the policy's trunk copied in (ReST Sec. 5: value from the policy).
     enc = dec = jnp.ones((1, 2), jnp.int32)
-    fresh, _ = partitioning.create_sharded_state(lambda k: value_model.init(k, enc, dec)["params"],
-                                                 jax.random.key(seed), mesh=mesh, rules=rules)
-    start = heads.transplant_trunk(policy_params, nn.unbox(fresh))
+    fresh, _ = partitioning.Partitioner.create(mesh, rules).init(lambda k: value_model.init(k, enc, dec)["params"],
+                                                          jax.random.key(seed))
+    start = heads.transplant_trunk(policy_params, fresh)
     params, summary = pretrain_value_network(value_model, start, data, num_steps, feature_lengths, batch_size, seed,
                                              mesh, rules, out_dir)
     manager = ckpt_lib.CheckpointManager(ckpt_dir, keep=1, period=1)
@@ -540,7 +536,7 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
                 frozen["anchor"] = policy_params
     if needs.vmpo:
         vmpo = losses.init_vmpo_params(vmpo_init_eta, vmpo_init_alpha)
-        trainable["vmpo"] = partitioning.shard_train_state(vmpo, mesh, rules)[0]
+        trainable["vmpo"] = partitioning.Partitioner.create(mesh, rules).place(vmpo)[0]
         boxed["vmpo"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), vmpo)
     if not composite:
         trainable, boxed = trainable["policy"], boxed["policy"]
@@ -602,7 +598,7 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
     # Only the policy is saved: evaluation and Grow load it as any T5X-named policy checkpoint.
     manager = ckpt_lib.CheckpointManager(os.path.join(out_dir, "checkpoints"), keep=1, period=1)
     # Placed on the mesh: a multi-process save takes global arrays only (each process writes its part).
-    saved, _ = partitioning.shard_train_state(train_lib.TrainState.create(best_params, optimizer), mesh, rules)
+    saved, _ = partitioning.Partitioner.create(mesh, rules).place(train_lib.TrainState.create(best_params, optimizer))
     manager.save(max(best_step, 1), saved, force=True,
                  metadata={"improve_index": improve_index, "validation_reward": best_reward, "loss": loss_name})
     manager.close()

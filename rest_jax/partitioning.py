@@ -9,12 +9,10 @@ through these helpers: sampling is sharded along the batch, training along batch
 Typical use::
 
     initialize_multihost()                       # before anything touches jax devices
-    mesh = create_mesh()                         # gin: create_mesh.mesh_shape = (-1, 2)
-    rules = standard_logical_axis_rules()        # gin: same knobs as T5X
-    state, state_shardings = create_sharded_state(init_fn, rng, mesh=mesh, rules=rules)
-    with mesh_context(mesh, rules):
-        step = jax.jit(train_step, out_shardings=(state_shardings, replicated(mesh)))
-        state, metrics = step(state, shard_batch(host_batch, mesh, rules))
+    part = Partitioner.create()                  # gin: create_mesh.mesh_shape = (-1, 2), T5X's rule knobs
+    state, state_shardings = part.init(init_fn, rng)
+    step = part.partition(train_step, out_shardings=(state_shardings, part.replicated))
+    state, metrics = step(state, part.shard_batch(host_batch))
 
 Only `jax.jit` with shardings and `jax.set_mesh` are used (no `pjit`, no `with mesh:`).
 """
@@ -22,6 +20,7 @@ Only `jax.jit` with shardings and `jax.set_mesh` are used (no `pjit`, no `with m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -432,49 +431,156 @@ def _put(value: Any, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def shard_train_state(state: PyTree, mesh: Mesh, rules: LogicalRules | None = None) -> tuple[PyTree, PyTree]:
-    """Moves an existing (host or single-device) train state onto `mesh`, sharded by its boxes.
+def _is_box(x: Any) -> bool:
+    return isinstance(x, meta.AxisMetadata)
 
-    Use for a state that already fits on one host, e.g. one restored from a small checkpoint; to
-    initialise a large model use `create_sharded_state`, which never materialises it in one place.
 
-    Returns:
-      (sharded state with its boxes kept, the sharding pytree from `get_param_shardings`).
+def unbox(tree: PyTree) -> PyTree:
+    """The arrays of a (partly) boxed tree, without sharding constraints.
+
+    Optimizer moments inherit their parameter's box even when a factored moment has fewer dimensions
+    than the names; a constraint there would fail, and the shardings place everything anyway.
     """
-    shardings = get_param_shardings(state, mesh, rules)
-    is_box = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
-    sharded = jax.tree.map(
-        lambda leaf, s: leaf.replace_boxed(_put(leaf.unbox(apply_constraint=False), s))
-        if is_box(leaf) else _put(leaf, s),
-        state, shardings, is_leaf=is_box)
-    return sharded, shardings
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x, tree, is_leaf=_is_box)
 
 
-def create_sharded_state(init_fn: Callable[..., PyTree], *args: Any, mesh: Mesh,
-                         rules: LogicalRules | None = None) -> tuple[PyTree, PyTree]:
-    """Runs `init_fn(*args)` under `jax.jit` with sharded outputs: each device creates only its part.
+def _rebox(like: PyTree, values: PyTree) -> PyTree:
+    """`values` (plain arrays) in the boxes of `like` (same structure, boxed), for their logical names."""
+    return jax.tree.map(lambda box, value: box.replace_boxed(value) if _is_box(box) else value,
+                        like, values, is_leaf=_is_box)
 
-    `init_fn` is traced abstractly first (`jax.eval_shape`) to read the boxes' logical names, so a
-    model larger than any one device's memory initialises directly into its shards. With
-    partitionable threefry (jax's default) the values equal an unsharded init with the same key.
 
-    Args:
-      init_fn: Returns a (boxed) pytree, e.g. `lambda rng: model.init(rng, x, y)` or a function that
-        also builds the optimizer state.
-      *args: Arguments of `init_fn` (PRNG keys, example inputs); non-array arguments should be
-        closed over instead.
-      mesh: The device mesh.
-      rules: Logical axis rules; `standard_logical_axis_rules()` by default.
+# --------------------------------------------------------------------------------------------
+# The partitioner: how every stage builds, places, feeds and gathers sharded state.
+# --------------------------------------------------------------------------------------------
 
-    Returns:
-      (sharded state with its boxes kept, the sharding pytree from `get_param_shardings`).
+
+@dataclasses.dataclass(frozen=True)
+class Partitioner:
+    """A device mesh with its logical axis rules, and the one way to put state and data on it.
+
+    The counterpart of T5X's `PjitPartitioner`: every train state (policy, value network, reward model),
+    every batch and every sharded program of a stage goes through one of these, so one process or many
+    (a pod: one per host), one device or many, run the same code. States are plain arrays (T5X names);
+    their logical axis names come from the boxes that `nn.with_logical_partitioning` puts on a model's
+    abstract parameters.
+
+    Example::
+
+        part = Partitioner.create()                                    # gin: create_mesh.*, rules knobs
+        state, shardings = part.init(lambda key: TrainState.create(model.init(key, x, y)['params'], opt), rng)
+        step = part.partition(train_step, in_shardings=(shardings, None),
+                              out_shardings=(shardings, part.replicated), donate_argnums=(0,))
+        state, metrics = step(state, part.shard_batch(host_rows))
     """
-    rules = _default_rules(rules)
-    with mesh_context(mesh, rules):
-        abstract = jax.eval_shape(init_fn, *args)
-        shardings = get_param_shardings(abstract, mesh, rules)
-        state = jax.jit(init_fn, out_shardings=shardings)(*args)
-    return state, shardings
+
+    mesh: Mesh
+    rules: tuple[tuple[str, MeshAxes], ...]
+
+    @classmethod
+    def create(cls, mesh: Mesh | None = None, rules: LogicalRules | None = None) -> "Partitioner":
+        """The gin-configured mesh (`create_mesh`) and rules (`standard_logical_axis_rules`) by default."""
+        return cls(mesh if mesh is not None else create_mesh(), _default_rules(rules))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+    def context(self) -> contextlib.AbstractContextManager[Mesh]:
+        """Activates the mesh and rules (flax's logical constraints apply inside)."""
+        return mesh_context(self.mesh, self.rules)
+
+    def shardings(self, abstract: PyTree) -> PyTree:
+        """NamedShardings of a (boxed) tree: boxes follow their logical names, other leaves replicate."""
+        return get_param_shardings(abstract, self.mesh, self.rules)
+
+    def init(self, fn: Callable[..., PyTree], *args: Any, like: Sequence[PyTree] | None = None,
+             abstract_only: bool = False) -> tuple[PyTree, PyTree]:
+        """Computes `fn(*args)` directly into its shards (never whole on one device); returns (tree, shardings).
+
+        `fn` is traced abstractly first to read the logical names of what it returns; with `like`, it is
+        traced on those (boxed abstract stand-ins of `args`, e.g. a model's abstract parameters for plain
+        parameters already placed) so that a state derived from existing parameters (their optimizer
+        moments) is sharded like them. With partitionable threefry (jax's default) a random init gives
+        the values of an unsharded one with the same key.
+
+        Args:
+          fn: Returns a (boxed) pytree: an init, or a train state built from its arguments.
+          *args: Arguments of `fn` (PRNG keys, placed arrays); close over non-array ones.
+          like: Boxed stand-ins of `args` to trace `fn` on (None: `args` themselves).
+          abstract_only: Return `jax.ShapeDtypeStruct`s carrying the shardings (a restore target).
+
+        Returns:
+          (the unboxed tree, its NamedShardings).
+        """
+        with self.context():
+            boxed = jax.eval_shape(fn, *(args if like is None else like))
+            shardings = self.shardings(boxed)
+            if abstract_only:
+                return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    unbox(boxed), shardings), shardings
+            return jax.jit(lambda *a: unbox(fn(*a)), out_shardings=shardings)(*args), shardings
+
+    def place(self, tree: PyTree, like: PyTree | None = None) -> tuple[PyTree, PyTree]:
+        """Moves an existing tree (host arrays, one device, or another mesh) onto the mesh; returns (tree, shardings).
+
+        Sharded by its own boxes, or, for plain arrays, by those of `like` (the same structure, boxed, e.g.
+        a model's abstract parameters); leaves without names are replicated. Use for state that exists
+        already (a restored checkpoint); to create state, `init`. In a multi-process job every process
+        passes the same full values and each keeps its devices' slices.
+        """
+        boxed = tree if like is None else _rebox(like, tree)
+        shardings = self.shardings(boxed)
+        return self.put(unbox(boxed), shardings), shardings
+
+    def put(self, tree: PyTree, shardings: PyTree) -> PyTree:
+        """Places plain values on known shardings (e.g. from `init(..., abstract_only=True)`), multi-process safe."""
+        return jax.tree.map(_put, tree, shardings)
+
+    def partition(self, fn: Callable[..., Any], in_shardings: Any = None, out_shardings: Any = None,
+                  donate_argnums: Sequence[int] = ()) -> "Partitioned":
+        """`fn` jitted with these shardings, traced and run under the mesh and rules."""
+        kwargs: dict[str, Any] = {"donate_argnums": tuple(donate_argnums)}
+        if in_shardings is not None:
+            kwargs["in_shardings"] = in_shardings
+        if out_shardings is not None:
+            kwargs["out_shardings"] = out_shardings
+        return Partitioned(jax.jit(fn, **kwargs), self)
+
+    def data_shard_info(self) -> tuple[int, int]:
+        """(block index, number of blocks) of this process's rows of every global batch."""
+        return data_shard_info(self.mesh, self.rules)
+
+    def shard_batch(self, batch: PyTree) -> PyTree:
+        """This process's rows of a batch as global arrays split along 'batch'."""
+        return shard_batch(batch, self.mesh, self.rules)
+
+    def gather(self, tree: PyTree) -> PyTree:
+        """Host numpy copies of (possibly sharded, multi-process) arrays, the same on every process."""
+        if jax.process_count() == 1:
+            return jax.device_get(tree)
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class Partitioned:
+    """A jitted function that is traced and run under its partitioner's mesh and rules (none: as it is)."""
+
+    def __init__(self, jitted: Any, partitioner: Partitioner | None):
+        self.jitted = jitted
+        self.partitioner = partitioner
+
+    def _context(self) -> contextlib.AbstractContextManager[Any]:
+        return self.partitioner.context() if self.partitioner is not None else contextlib.nullcontext()
+
+    def __call__(self, *args: Any) -> Any:
+        with self._context():
+            return self.jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with self._context():
+            return self.jitted.lower(*args)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.core import meta
 from jax.sharding import Mesh
 
 from rest_jax import checkpoints as ckpt_lib
@@ -85,19 +84,6 @@ class TrainState:
                    skipped_updates=jnp.zeros((), jnp.int32))
 
 
-def _unbox(tree: PyTree) -> PyTree:
-    # No sharding constraint: optimizer moments inherit their parameter's box even when a factored
-    # moment has fewer dimensions than the names (the jit's out_shardings place everything anyway).
-    is_box = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
-    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
-
-
-def _mesh_and_rules(mesh: Mesh | None, rules: Any) -> tuple[Mesh, Any]:
-    mesh = mesh if mesh is not None else partitioning.create_mesh()
-    rules = rules if rules is not None else partitioning.standard_logical_axis_rules()
-    return mesh, rules
-
-
 def init_train_state(model: nn.Module, optimizer: optim.Optimizer, rng: jax.Array, mesh: Mesh | None = None,
                      rules: Any = None, input_length: int = 8, target_length: int = 8,
                      abstract_only: bool = False) -> tuple[TrainState, PyTree]:
@@ -114,24 +100,12 @@ def init_train_state(model: nn.Module, optimizer: optim.Optimizer, rng: jax.Arra
     Returns:
       (state, shardings), the shardings a pytree matching the state.
     """
-    mesh, rules = _mesh_and_rules(mesh, rules)
-
     def boxed_init(key: jax.Array) -> TrainState:
         enc = jnp.ones((1, input_length), jnp.int32)
         dec = jnp.ones((1, target_length), jnp.int32)
-        params = model.init(key, enc, dec)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                          skipped_updates=jnp.zeros((), jnp.int32))
+        return TrainState.create(model.init(key, enc, dec)["params"], optimizer)
 
-    with partitioning.mesh_context(mesh, rules):
-        boxed = jax.eval_shape(boxed_init, rng)
-        shardings = partitioning.get_param_shardings(boxed, mesh, rules)
-        if abstract_only:
-            abstract = _unbox(boxed)
-            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings), shardings
-        state = jax.jit(lambda key: _unbox(boxed_init(key)), out_shardings=shardings)(rng)
-    return state, shardings
+    return partitioning.Partitioner.create(mesh, rules).init(boxed_init, rng, abstract_only=abstract_only)
 
 
 @gin.configurable(denylist=["model"])
@@ -164,27 +138,9 @@ def make_loss_fn(model: nn.Module, label_smoothing: float = 0.0, z_loss: float =
     return loss_fn
 
 
-class TrainStep:
-    """The jitted step `(state, batch) -> (state, metrics)`; entering the mesh is done on each call.
-
-    `.jitted` is the underlying `jax.jit` function (for `.lower()` / cost analysis).
-    """
-
-    def __init__(self, jitted: Callable, mesh: Mesh | None, rules: Any):
-        self.jitted = jitted
-        self.mesh = mesh
-        self.rules = rules
-
-    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        if self.mesh is None:
-            return self.jitted(state, batch)
-        with partitioning.mesh_context(self.mesh, self.rules):
-            return self.jitted(state, batch)
-
-
 def make_train_step(optimizer: optim.Optimizer | optax.GradientTransformation, loss_fn: LossFn, *,
                     mesh: Mesh | None = None, rules: Any = None, state_shardings: PyTree | None = None,
-                    dropout_seed: int = 0, donate: bool = True) -> TrainStep:
+                    dropout_seed: int = 0, donate: bool = True) -> partitioning.Partitioned:
     """Builds the sharded train step.
 
     Each step: dropout key `fold_in(key(dropout_seed), step)` (so a resumed run draws the same masks),
@@ -202,7 +158,8 @@ def make_train_step(optimizer: optim.Optimizer | optax.GradientTransformation, l
       donate: Donate the input state buffers (the state is updated in place).
 
     Returns:
-      A `TrainStep`.
+      The jitted step `(state, batch) -> (state, metrics)`, traced and run under the mesh when one is given
+      (`.lower()` for cost analysis).
     """
     # A stream of its own: `key(seed)` itself is what `train()` initialises the parameters with.
     base_key = jax.random.fold_in(jax.random.key(dropout_seed), 0x64726F70)
@@ -233,15 +190,16 @@ def make_train_step(optimizer: optim.Optimizer | optax.GradientTransformation, l
             metrics["learning_rate"] = learning_rate_at(state.opt_state)
         return new_state, metrics
 
-    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
-    if state_shardings is not None:
-        if mesh is None:
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        if state_shardings is not None:
             raise ValueError("make_train_step: state_shardings need the mesh they refer to.")
-        kwargs.update(in_shardings=(state_shardings, None),
-                      out_shardings=(state_shardings, partitioning.replicated(mesh)))
-    if mesh is not None and rules is None:
-        rules = partitioning.standard_logical_axis_rules()
-    return TrainStep(jax.jit(step_fn, **kwargs), mesh, rules)
+        return partitioning.Partitioned(jax.jit(step_fn, donate_argnums=donate_argnums), None)
+    part = partitioning.Partitioner.create(mesh, rules)
+    if state_shardings is None:
+        return part.partition(step_fn, donate_argnums=donate_argnums)
+    return part.partition(step_fn, in_shardings=(state_shardings, None),
+                          out_shardings=(state_shardings, part.replicated), donate_argnums=donate_argnums)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -573,7 +531,8 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     """
     started = time.perf_counter()
     partitioning.initialize_multihost()
-    mesh, rules = _mesh_and_rules(mesh, None)
+    part = partitioning.Partitioner.create(mesh)
+    mesh, rules = part.mesh, part.rules
     model = t5.build_model()
     optimizer = optimizer if optimizer is not None else optim.create_optimizer()
     seqio_task = tasks.as_task(task)

@@ -174,7 +174,7 @@ def test_logical_to_sharding_and_mesh_context():
 def test_parameters_split_along_model(setup, mesh_shape):
     mesh = partitioning.create_mesh(mesh_shape)
     model_ways = mesh.shape["model"]
-    state, shardings = partitioning.shard_train_state(setup["boxed"], mesh)
+    state, shardings = partitioning.Partitioner.create(mesh).place(setup["boxed"])
     flat_state, flat_shardings = _flat(nn.unbox(state)), _flat(shardings)
     assert flat_state.keys() == flat_shardings.keys()
     assert "decoder/layers_1/mlp/wi_0/kernel" in flat_state  # gated GELU (T5 v1.1)
@@ -199,7 +199,7 @@ def test_parameters_split_along_model(setup, mesh_shape):
 def test_sharded_forward_loss_and_grads_match_single_device(setup, mesh_shape):
     mesh = partitioning.create_mesh(mesh_shape)
     rules = partitioning.standard_logical_axis_rules()
-    state, shardings = partitioning.shard_train_state(setup["boxed"], mesh, rules)
+    state, shardings = partitioning.Partitioner.create(mesh, rules).place(setup["boxed"])
     params = nn.unbox(state)
     batch = partitioning.shard_batch(setup["batch"], mesh, rules)
     with partitioning.mesh_context(mesh, rules):
@@ -223,7 +223,7 @@ def test_sharded_forward_loss_and_grads_match_single_device(setup, mesh_shape):
         assert "all-reduce" in compiled.as_text() or "reduce-scatter" in compiled.as_text()
 
 
-def test_create_sharded_state_initialises_in_shards(setup):
+def test_partitioner_init_creates_state_in_shards(setup):
     """Params and optimizer state come out of one jitted init already sharded, equal to a host init."""
     mesh = partitioning.create_mesh((2, 4))
     model, tx = setup["model"], optax.adam(1e-3)
@@ -232,7 +232,7 @@ def test_create_sharded_state_initialises_in_shards(setup):
         params = t5.init_params(model, rng, batch_size=2)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    state, shardings = partitioning.create_sharded_state(init_fn, jax.random.key(0), mesh=mesh)
+    state, shardings = partitioning.Partitioner.create(mesh).init(init_fn, jax.random.key(0))
     params = _flat(nn.unbox(state["params"]))
     host = _flat(setup["params"])
     assert params.keys() == host.keys()

@@ -33,7 +33,6 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 
 from rest_jax import partitioning
 from rest_jax.model.t5 import T5Config, Transformer
@@ -281,14 +280,11 @@ def shard_params(model: nn.Module, params: Mapping[str, Any], mesh: jax.sharding
 
     Checks the tree against the model first, naming mismatched parameters.
     """
-    rules = rules if rules is not None else partitioning.standard_logical_axis_rules()
-    with partitioning.mesh_context(mesh, rules):
+    part = partitioning.Partitioner.create(mesh, rules)
+    with part.context():
         boxed = abstract_params(model)
     check_param_tree(boxed, params, source)
-    is_box = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
-    reboxed = jax.tree.map(lambda box, value: box.replace_boxed(value), boxed, dict(params), is_leaf=is_box)
-    sharded, shardings = partitioning.shard_train_state(reboxed, mesh, rules)
-    return nn.unbox(sharded), shardings
+    return part.place(dict(params), like=boxed)
 
 
 def _bucket(n: int, minimum: int, maximum: int) -> int:

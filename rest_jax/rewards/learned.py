@@ -442,7 +442,7 @@ def train_reward_model(examples: RewardExamples, vocabulary: str, output_dir: st
         if init_params is not None:
             host = jax.device_get(state.params)
             params = heads.transplant_trunk(init_params, host)
-            state = state.replace(params=jax.device_put(params, shardings.params))
+            state = state.replace(params=partitioning.Partitioner.create(mesh, rules).put(params, shardings.params))
     start = int(jax.device_get(state.step))
 
     predict = make_predict_fn(model, mesh, rules, batch_size)
