@@ -592,7 +592,8 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
                          step, value, best_reward, best_step, last_loss)
             if value > best_reward:
                 best_reward, best_step, since_best = value, step, 0
-                best_params = jax.device_get(policy_of(state.params))
+                # On the host, the same on every process (a model axis may split them across processes).
+                best_params = partitioning.Partitioner.create(mesh, rules).gather(policy_of(state.params))
             else:
                 since_best += 1
     # Only the policy is saved: evaluation and Grow load it as any T5X-named policy checkpoint.

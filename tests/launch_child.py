@@ -24,6 +24,12 @@ local_rows = np.arange(jax.local_device_count() * 3, dtype=np.float32).reshape(-
 batch = partitioning.shard_batch({"x": local_rows}, mesh)
 total = jax.jit(lambda b: b["x"].sum())(batch)
 print(f"process {index} of {count}: {jax.device_count()} devices, global sum {float(total):.1f}", flush=True)
+# The partitioner gathers rows that live on other processes, and places host values on the global mesh.
+part = partitioning.Partitioner(mesh, partitioning.standard_logical_axis_rules())
+gathered = part.gather(batch["x"])
+placed, _ = part.place({"w": np.full((3,), 2.0, np.float32)})
+print(f"process {index}: gathered {gathered.shape} sum {float(gathered.sum()):.1f}, placed sum "
+      f"{float(jax.jit(lambda t: t['w'].sum())(placed)):.1f}", flush=True)
 
 # A failing rest_jax process exits at once (rest_jax.main.console_main), skipping jax.distributed's
 # shutdown barrier, which would hold it until its peers finish; do the same.

@@ -40,6 +40,9 @@ def test_processes_form_one_job_with_real_collectives(num_processes, devices):
     for i in range(num_processes):
         line = f"[{i}] process {i} of {num_processes}: {num_processes * devices} devices, global sum {total:.1f}"
         assert line in out.splitlines(), out
+        # Partitioner.gather: every process gets all rows; Partitioner.place: a host value onto the global mesh.
+        rows = num_processes * devices
+        assert f"[{i}] process {i}: gathered ({rows}, 3) sum {total:.1f}, placed sum 6.0" in out.splitlines(), out
     assert "[Gloo]" not in out  # gloo's per-rank start-up notes are dropped unless --verbose
     assert out.splitlines()[-1] == f"[launch] all {num_processes} processes finished."
 
