@@ -148,3 +148,29 @@ def test_killed_process_stops_the_job_and_the_rerun_gives_the_same_report(tmp_pa
     got = json.loads((many / "report.json").read_text())
     assert _printed(got) == _printed(want)
     assert _store(many).keys() == _store(one).keys()
+
+
+@pytest.mark.slow
+def test_bc_checkpointed_by_one_process_resumes_as_two(tmp_path):
+    """A run killed mid-BC in one process (1 x 4 devices), rerun as 2 processes x 2 devices: BC resumes from
+    the one-process checkpoint with the same data order, and the report is the uninterrupted run's."""
+    demo, one, moved = tmp_path / "demo", tmp_path / "one", tmp_path / "moved"
+    _rest(one, demo, 1, 4)
+    command = [sys.executable, "-m", "rest_jax.main", "rest", "--gin_file=experiments/demo.gin",
+               f"--gin.MODEL_DIR={str(moved)!r}", f"--gin.demo_source.data_dir={str(demo)!r}",
+               *run_inspect.TINY_RUN_OVERRIDES]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = moved / "bc" / "checkpoints" / "20" / "commit_success.txt"
+    deadline = time.monotonic() + 900
+    while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first.kill()
+    first.wait()
+    assert checkpoint.exists() and not (moved / "bc" / "stage.json").exists()
+    proc = _rest(moved, demo, 2, 2)
+    assert "Resuming from" in proc.stdout and "(step 20)" in proc.stdout, proc.stdout[-3000:]
+    want = json.loads((one / "report.json").read_text())
+    got = json.loads((moved / "report.json").read_text())
+    assert _printed(got) == _printed(want)
