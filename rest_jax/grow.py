@@ -180,6 +180,10 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
     meta = dict(meta)
     if sample_rewards:
         rewards_all = np.concatenate(sample_rewards)
+        if jax.process_count() > 1 and host_id == 0:
+            # TensorBoard (written by process 0) shows every process's samples, not only process 0's.
+            cols = store_lib.GrowStore(store_dir).as_numpy(["reward", "is_reference"])
+            rewards_all = cols["reward"][cols["is_reference"] == 0]
         scalars = metrics_lib.quantile_metrics(rewards_all, "reward")
         scalars.update({"distinct_1": float(np.mean(distinct[1])), "distinct_2": float(np.mean(distinct[2])),
                         "length_ratio": float(np.mean(length_ratios)),
