@@ -10,8 +10,8 @@ and the rest of the code path is the same.
 
 Each line a process prints comes out prefixed with its index (`[1] ...`). When one process fails, the
 others get `grace_s` seconds to notice (a collective error or jax.distributed's heartbeat) and are then
-stopped; the launcher exits with the failing process's status and says which one it was. Ctrl-C is passed
-on to every process.
+stopped (Ctrl-C, then SIGKILL after 10 s); the launcher exits with the failing process's status and says
+which one it was. Ctrl-C is passed on to every process.
 """
 
 from __future__ import annotations
@@ -170,7 +170,9 @@ def run(command: Sequence[str], num_processes: int, devices_per_process: int | N
                         break
             elif time.monotonic() > deadline:
                 _say(out, lock, f"stopping the processes still running after process {failed[0]} failed.")
-                _stop(procs, signal.SIGTERM)
+                # SIGINT, not SIGTERM: jax.distributed takes SIGTERM as a preemption notice and carries on,
+                # while rest_jax stops on a Ctrl-C at once, keeping what it saved.
+                _stop(procs, signal.SIGINT)
                 _wait_or_kill(procs, 10.0)
             time.sleep(0.1)
     except KeyboardInterrupt:
