@@ -23,6 +23,7 @@ from etils import epath
 from rest_jax import console
 from rest_jax import decoding
 from rest_jax import metrics as metrics_lib
+from rest_jax import partitioning
 from rest_jax import report
 from rest_jax import rewards as rewards_lib
 from rest_jax.data import vocab as vocab_lib
@@ -97,18 +98,24 @@ class Generations:
         return [c[0] for c in self.texts]
 
 
-@gin.configurable(denylist=["policy", "sources"])
+@gin.configurable(denylist=["policy", "sources", "split_across_processes"])
 def generate(policy: Policy, sources: Sequence[str], *, method: str = "greedy", num_samples: int = 1,
              batch_size: int = 64, max_input_length: int = 128, max_decode_length: int = 128,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, beam_size: int = 4,
              alpha: float = 0.6, seed: int = 0, progress_desc: str | None = None,
-             source_tokens: Sequence[Sequence[int]] | None = None) -> Generations:
+             source_tokens: Sequence[Sequence[int]] | None = None,
+             split_across_processes: bool = False) -> Generations:
     """Translates `sources` with greedy decoding, beam search or temperature sampling (N per source).
 
     Sources are processed in batches of `batch_size`, padded to a few bucketed lengths so that XLA compiles
     few programs; the last batch is padded with empty rows that are dropped afterwards. Sampling keys are
     folded from `seed` and the batch index, so a given source's samples do not depend on the batch it falls
     in... only on its position in `sources` (deterministic for a seed).
+
+    With `split_across_processes` (evaluation, best-of-N, Improve's validation), every process of a
+    multi-process job must call this with the same sources: process i decodes batches i, i + P, ... and
+    every process gets all results, the same as one process would make them (same batches, same keys).
+    Grow, whose processes decode different sources, leaves it off.
     """
     if method not in ("greedy", "beam", "sample"):
         raise ValueError(f"generate.method must be 'greedy', 'beam' or 'sample', got {method!r}.")
@@ -117,12 +124,20 @@ def generate(policy: Policy, sources: Sequence[str], *, method: str = "greedy", 
         if trimmed:
             logging.info("%d of %d sources trimmed to %d tokens.", trimmed, len(sources), max_input_length)
     n = num_samples if method == "sample" else 1
-    texts: list[list[str]] = []
-    tokens: list[list[np.ndarray]] = []
-    logps: list[list[np.ndarray]] = []
     base_key = jax.random.PRNGKey(seed)
+    split = split_across_processes and jax.process_count() > 1
+    if split and any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(policy.params)):
+        # Parameters on the global mesh (Improve's validation) would make every process join each batch's
+        # program; each decodes its own batches with a local copy instead.
+        policy = Policy(policy.model, partitioning.Partitioner.gather(policy.params), policy.vocab)
+    mine = lambda b: not split or b % jax.process_count() == jax.process_index()  # noqa: E731
+    starts = list(range(0, len(source_tokens), batch_size))
+    per_batch: dict[int, tuple[list, list, list]] = {}
     bar = metrics_lib.progress(len(sources) * n, desc=progress_desc, unit="samples") if progress_desc else None
-    for b, start in enumerate(range(0, len(source_tokens), batch_size)):
+    for b, start in enumerate(starts):
+        if not mine(b):
+            continue
+        texts, tokens, logps = per_batch.setdefault(b, ([], [], []))
         chunk = list(source_tokens[start:start + batch_size])
         rows = len(chunk)
         chunk += [[EOS_ID]] * (batch_size - rows)  # Fixed batch shape: one compiled program.
@@ -147,7 +162,11 @@ def generate(policy: Policy, sources: Sequence[str], *, method: str = "greedy", 
             bar.update(rows * n)
     if bar is not None:
         bar.close()
-    return Generations(texts, tokens, logps)
+    if split:
+        per_batch = {b: out for gathered in partitioning.allgather_objects(per_batch) for b, out in gathered.items()}
+    ordered = [per_batch[b] for b in range(len(starts))]
+    return Generations([t for o in ordered for t in o[0]], [t for o in ordered for t in o[1]],
+                       [t for o in ordered for t in o[2]])
 
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
@@ -192,7 +211,7 @@ def evaluate_policy(policy: Policy, sources: Sequence[str], references: Sequence
     started = time.perf_counter()
     name = "eval" if output_prefix is None else f"eval {os.fspath(output_prefix)}"
     generate_kwargs.setdefault("progress_desc", name)
-    hyps = generate(policy, sources, method=method, **generate_kwargs).first()
+    hyps = generate(policy, sources, method=method, split_across_processes=True, **generate_kwargs).first()
     result = corpus_scores(hyps, references)
     result["method"] = method
     result["num_sentences"] = len(hyps)
@@ -222,6 +241,7 @@ def best_of_n(policy: Policy, sources: Sequence[str], references: Sequence[str],
     n_max = max(ns)
     generate_kwargs.setdefault("progress_desc", f"best-of-{n_max}")
     gens = generate(policy, sources, method="sample", num_samples=n_max, seed=seed, temperature=temperature,
+                    split_across_processes=True,
                     **generate_kwargs)
     flat_src = [s for s in sources for _ in range(n_max)]
     flat_ref = [r for r in references for _ in range(n_max)] if reward.needs_reference else None
@@ -293,7 +313,7 @@ def infer(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, input_
 
     policy = load_policy(checkpoint, vocabulary, step)
     sources = list(text_files.read_lines(input_file))
-    hyps = generate(policy, sources, method=method, progress_desc="translate").first()
+    hyps = generate(policy, sources, method=method, progress_desc="translate", split_across_processes=True).first()
     report.atomic_write_text(output_file, "".join(h + "\n" for h in hyps))
 
 

@@ -562,7 +562,7 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
 
     def validation_reward(params: Any) -> float:
         val_policy = evaluate.Policy(model, params, policy.vocab)
-        hyps = evaluate.generate(val_policy, val_sources, method=validation_method,
+        hyps = evaluate.generate(val_policy, val_sources, method=validation_method, split_across_processes=True,
                                  max_input_length=feature_lengths["inputs"],
                                  max_decode_length=feature_lengths["targets"]).first()
         return evaluate.mean_reward(reward, val_sources, hyps, val_refs)

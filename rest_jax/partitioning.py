@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -194,6 +195,23 @@ def sync_processes(name: str) -> None:
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
         multihost_utils.sync_global_devices(name)
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+    """Every process's picklable `obj`, in process order (`[obj]` in one process).
+
+    For host results of different sizes (decoded texts and tokens); every process must call it.
+    """
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    stacked = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(stacked[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,7 +573,8 @@ class Partitioner:
         """This process's rows of a batch as global arrays split along 'batch'."""
         return shard_batch(batch, self.mesh, self.rules)
 
-    def gather(self, tree: PyTree) -> PyTree:
+    @staticmethod
+    def gather(tree: PyTree) -> PyTree:
         """Host numpy copies of (possibly sharded, multi-process) arrays, the same on every process."""
         if jax.process_count() == 1:
             return jax.device_get(tree)

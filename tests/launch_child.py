@@ -31,6 +31,37 @@ placed, _ = part.place({"w": np.full((3,), 2.0, np.float32)})
 print(f"process {index}: gathered {gathered.shape} sum {float(gathered.sum()):.1f}, placed sum "
       f"{float(jax.jit(lambda t: t['w'].sum())(placed)):.1f}", flush=True)
 
+if scenario == "generate":
+    # Evaluation split across processes: every process gets what one process decoding everything gets.
+    import gin
+
+    from rest_jax import evaluate
+    from rest_jax.model import t5
+
+    from rest_jax import gin_utils
+
+    gin_utils.parse(["models/tiny.gin"], [], gin_utils.default_search_paths())
+    model = t5.build_model()
+    params = jax.device_get(part.init(lambda key: t5.init_params(model, key), jax.random.key(0))[0])
+
+    class Bytes:  # a vocabulary of byte values, enough to decode and detokenize
+        vocab_size = 256
+
+        def encode(self, text):
+            return [3 + (b % 200) for b in text.encode()]
+
+        def decode(self, ids):
+            return " ".join(str(i) for i in ids)
+
+    policy = evaluate.Policy(model, params, Bytes())
+    sources = [f"source sentence number {i}" * (1 + i % 3) for i in range(7)]
+    kwargs = dict(method="sample", num_samples=2, batch_size=2, max_decode_length=6, temperature=1.0, seed=3)
+    split = evaluate.generate(policy, sources, split_across_processes=True, **kwargs)
+    whole = evaluate.generate(policy, sources, **kwargs)
+    same = split.texts == whole.texts and all(
+        np.array_equal(a, b) for x, y in zip(split.tokens, whole.tokens) for a, b in zip(x, y))
+    print(f"process {index}: split generate equals whole: {same} ({len(split.texts)} sources)", flush=True)
+
 # A failing rest_jax process exits at once (rest_jax.main.console_main), skipping jax.distributed's
 # shutdown barrier, which would hold it until its peers finish; do the same.
 if scenario.startswith("fail:") and index == 1:

@@ -47,6 +47,13 @@ def test_processes_form_one_job_with_real_collectives(num_processes, devices):
     assert out.splitlines()[-1] == f"[launch] all {num_processes} processes finished."
 
 
+def test_generate_split_across_processes_equals_one_process_decoding_everything():
+    code, out, _ = _run("generate", 2, 1)
+    assert code == 0, out
+    for i in range(2):
+        assert f"[{i}] process {i}: split generate equals whole: True (7 sources)" in out.splitlines(), out
+
+
 def test_a_failing_process_stops_the_others_and_sets_the_status():
     code, out, elapsed = _run("sleep", grace_s=1.0)
     assert code == 5, out
