@@ -11,7 +11,7 @@ and the rest of the code path is the same.
 Each line a process prints comes out prefixed with its index (`[1] ...`). When one process fails, the
 others get `grace_s` seconds to notice (a collective error or jax.distributed's heartbeat) and are then
 stopped (Ctrl-C, then SIGKILL after 10 s); the launcher exits with the failing process's status and says
-which one it was. Ctrl-C is passed on to every process.
+which one it was. Ctrl-C (or SIGTERM) on the launcher is passed on to every process as a Ctrl-C.
 """
 
 from __future__ import annotations
@@ -209,8 +209,15 @@ def _say(out, lock: threading.Lock, message: str) -> None:
         out.flush()
 
 
+def _terminate_as_interrupt(signum, frame) -> None:
+    del signum, frame
+    raise KeyboardInterrupt  # the processes run in sessions of their own: a killed launcher must stop them
+
+
 def main(argv: Sequence[str]) -> int:
     """`rest_jax launch ...`; returns the exit status (usage errors: 2)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         args, command = _parse(argv)
     except ValueError as e:

@@ -111,11 +111,13 @@ def test_usage_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_cli_interrupt_reaches_every_process(tmp_path):
-    """Ctrl-C on `rest_jax launch` is passed to each process; the launch exits 130 with one line."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_interrupt_reaches_every_process(tmp_path, sig):
+    """Ctrl-C (or SIGTERM) on `rest_jax launch` is passed to each process; the launch exits 130 with one line."""
     script = tmp_path / "child.py"
     script.write_text("import sys, time\nprint('ready', flush=True)\ntime.sleep(600)\n")
-    code = ("import sys\nfrom rest_jax import launch\n"
+    code = ("import signal, sys\nfrom rest_jax import launch\n"
+            "signal.signal(signal.SIGTERM, launch._terminate_as_interrupt)  # as launch.main does\n"
             f"sys.exit(launch.run([], 2, 1, program=[sys.executable, {str(script)!r}]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -124,7 +126,7 @@ def test_cli_interrupt_reaches_every_process(tmp_path):
         lines.append(proc.stdout.readline())
         assert lines[-1], "".join(lines)
     start = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, rest
     assert time.monotonic() - start < 30
