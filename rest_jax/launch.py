@@ -17,6 +17,7 @@ which one it was. Ctrl-C (or SIGTERM) on the launcher is passed on to every proc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from rest_jax import console
 from rest_jax.partitioning import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
@@ -157,8 +158,15 @@ def run(command: Sequence[str], num_processes: int, devices_per_process: int | N
                     f"coordinator {coordinator}.")
     failed: tuple[int, int] | None = None  # (process index, status)
     deadline = None
-    try:
+    with _interrupt_flag() as interrupted:
         while any(p.poll() is None for p in procs):
+            if interrupted.is_set():
+                _stop(procs, signal.SIGINT)
+                _wait_or_kill(procs, 30.0)
+                for thread in pumps:
+                    thread.join(timeout=5)
+                _say(out, lock, "interrupted; every process was passed the Ctrl-C.")
+                return EXIT_INTERRUPTED
             if failed is None:
                 for i, proc in enumerate(procs):
                     code = proc.poll()
@@ -174,14 +182,7 @@ def run(command: Sequence[str], num_processes: int, devices_per_process: int | N
                 # while rest_jax stops on a Ctrl-C at once, keeping what it saved.
                 _stop(procs, signal.SIGINT)
                 _wait_or_kill(procs, 10.0)
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        _stop(procs, signal.SIGINT)
-        _wait_or_kill(procs, 30.0)
-        for thread in pumps:
-            thread.join(timeout=5)
-        _say(out, lock, "interrupted; every process was passed the Ctrl-C.")
-        return EXIT_INTERRUPTED
+            interrupted.wait(0.1)
     for thread in pumps:
         thread.join(timeout=5)
     if failed is None:
@@ -209,15 +210,29 @@ def _say(out, lock: threading.Lock, message: str) -> None:
         out.flush()
 
 
-def _terminate_as_interrupt(signum, frame) -> None:
-    del signum, frame
-    raise KeyboardInterrupt  # the processes run in sessions of their own: a killed launcher must stop them
+@contextlib.contextmanager
+def _interrupt_flag() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C or SIGTERM while the launcher waits (restoring the old handlers after).
+
+    A flag, not KeyboardInterrupt: an exception raised at an arbitrary point of `Popen.poll` can leave the
+    Popen's internal lock held, and the wait that follows would hang. SIGTERM counts as a Ctrl-C: the
+    processes run in sessions of their own, so a launcher stopped without passing it on would orphan them.
+    """
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event  # signal handlers can only be set from the main thread
+        return
+    handler = lambda signum, frame: event.set()  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def main(argv: Sequence[str]) -> int:
     """`rest_jax launch ...`; returns the exit status (usage errors: 2)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         args, command = _parse(argv)
     except ValueError as e:
