@@ -285,7 +285,7 @@ def evaluate(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, out
                              output_prefix=out / f"{split}.{method}")
     logging.info("%s %s: BLEU %.2f chrF %.2f (%s | %s)", split, method, result["bleu"], result["chrf"],
                  result["bleu_signature"], result["chrf_signature"])
-    chief = jax.process_index() == 0  # every process evaluates the same sentences; process 0 reports
+    chief = partitioning.is_chief()  # every process has all the translations; process 0 reports
     if chief:
         print(json.dumps({k: v for k, v in result.items()}, indent=2))
     if best_of_n_ns and reward is not None:
