@@ -31,6 +31,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import signal
 import sys
 import textwrap
 import traceback
@@ -500,6 +501,9 @@ def _multiprocess() -> bool:
 def console_main() -> None:
     """Console script `rest_jax` (setup.py entry point); `python -m rest_jax.main` runs it too."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: a process started by
+    # `rest_jax launch` from such a job would ignore the Ctrl-C the launcher passes on.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = main()
     except KeyboardInterrupt:  # before the run started (imports, configuration): nothing to keep

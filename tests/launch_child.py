@@ -11,6 +11,9 @@ import signal
 import sys
 import time
 
+# Default Ctrl-C handling, as rest_jax.main sets it (a background job's children inherit SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import jax
 import numpy as np
 

@@ -115,7 +115,9 @@ def test_usage_errors(argv, message, capsys):
 def test_cli_interrupt_reaches_every_process(tmp_path, sig):
     """Ctrl-C (or SIGTERM) on `rest_jax launch` is passed to each process; the launch exits 130 with one line."""
     script = tmp_path / "child.py"
-    script.write_text("import sys, time\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    # Default Ctrl-C handling, as rest_jax.main sets it (a background job's children inherit SIGINT ignored).
+    script.write_text("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                      "print('ready', flush=True)\ntime.sleep(600)\n")
     code = ("import sys\nfrom rest_jax import launch\n"
             f"sys.exit(launch.run([], 2, 1, program=[sys.executable, {str(script)!r}]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
