@@ -82,16 +82,15 @@ def top_k_for_step(step: int, schedule: Sequence[int | None] = DEFAULT_TOP_KS) -
     return _schedule_value(schedule, step, "top_k_for_step.schedule")
 
 
-def check_first_threshold(tau_1: float, rewards: np.ndarray) -> bool:
+def check_first_threshold(tau_1: float, mean_reward: float) -> bool:
     """Warns (logging.warning) unless τ_1 is above the mean Grow reward, as the paper requires (Sec. 2).
 
-    Returns True when the requirement holds.
+    `mean_reward` is the mean over the whole Grow dataset (all hosts' shards). Returns True when it holds.
     """
-    mean = float(np.mean(rewards)) if len(rewards) else float("nan")
-    if not tau_1 > mean:
+    if not tau_1 > mean_reward:
         logging.warning("ReST filter: first Improve threshold tau_1=%.4g is not above the mean Grow reward "
                         "%.4g; the paper requires tau_1 > mean so the first Improve step filters out "
-                        "below-average samples. Raise threshold_for_step.schedule[1].", tau_1, mean)
+                        "below-average samples. Raise threshold_for_step.schedule[1].", tau_1, mean_reward)
         return False
     return True
 
@@ -260,6 +259,51 @@ def validity_mask(
 
 
 @dataclasses.dataclass(frozen=True)
+class FilterCounts:
+    """The numbers the run report shows for a filter, over one part of the data or (merged) over all of it."""
+
+    method: str
+    step: int
+    value: Any  # τ, p, γ or k used at this step; None = no reward filter.
+    num_examples: int
+    num_kept: int
+    num_sources: int  # Distinct source ids in the input.
+    num_sources_without_data: int  # Input sources with nothing kept.
+    dropped: dict[str, int]  # Drops per reason: validity reasons, then "reward", then "max_per_source".
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.num_kept / self.num_examples if self.num_examples else 0.0
+
+    @classmethod
+    def merge(cls, parts: Sequence[FilterCounts]) -> FilterCounts:
+        """Counts of the union of parts that share no source (e.g. the shards of a Grow store)."""
+        if not parts:
+            raise ValueError("FilterCounts.merge needs at least one part")
+        dropped: dict[str, int] = {}
+        for p in parts:
+            for k, v in p.dropped.items():
+                dropped[k] = dropped.get(k, 0) + v
+        first = parts[0]
+        return cls(method=first.method, step=first.step, value=first.value,
+                   num_examples=sum(p.num_examples for p in parts), num_kept=sum(p.num_kept for p in parts),
+                   num_sources=sum(p.num_sources for p in parts),
+                   num_sources_without_data=sum(p.num_sources_without_data for p in parts), dropped=dropped)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready numbers for report.json."""
+        return {"method": self.method, "step": self.step, "value": self.value,
+                "num_examples": self.num_examples, "num_kept": self.num_kept,
+                "kept_fraction": self.kept_fraction, "num_sources": self.num_sources,
+                "num_sources_without_data": self.num_sources_without_data, "dropped": dict(self.dropped)}
+
+    def log(self) -> None:
+        logging.info("ReST filter %s step %d (value %s): kept %d/%d (%.1f%%), %d/%d sources left with no data, "
+                     "dropped %s", self.method, self.step, self.value, self.num_kept, self.num_examples,
+                     100 * self.kept_fraction, self.num_sources_without_data, self.num_sources, self.dropped)
+
+
+@dataclasses.dataclass(frozen=True)
 class FilterResult:
     """What a filter kept: the mask and the numbers the run report shows."""
 
@@ -287,12 +331,14 @@ class FilterResult:
     def num_sources_without_data(self) -> int:
         return int(self.sources_without_data.size)
 
+    def counts(self) -> FilterCounts:
+        return FilterCounts(method=self.method, step=self.step, value=self.value, num_examples=self.num_examples,
+                            num_kept=self.num_kept, num_sources=self.num_sources,
+                            num_sources_without_data=self.num_sources_without_data, dropped=dict(self.dropped))
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers for report.json."""
-        return {"method": self.method, "step": self.step, "value": self.value,
-                "num_examples": self.num_examples, "num_kept": self.num_kept,
-                "kept_fraction": self.kept_fraction, "num_sources": self.num_sources,
-                "num_sources_without_data": self.num_sources_without_data, "dropped": dict(self.dropped)}
+        return self.counts().summary()
 
 
 def _by_name() -> dict[str, tuple[Callable[..., Any], Callable[..., np.ndarray]]]:
@@ -308,7 +354,7 @@ def _by_name() -> dict[str, tuple[Callable[..., Any], Callable[..., np.ndarray]]
 FILTER_METHODS = ("threshold", "percentile", "gamma", "top_k", "none")
 
 
-@gin.configurable(denylist=["rewards", "source_ids", "step", "sources", "candidates"])
+@gin.configurable(denylist=["rewards", "source_ids", "step", "sources", "candidates", "whole_dataset"])
 def apply_filters(
     rewards: np.ndarray,
     source_ids: np.ndarray,
@@ -319,6 +365,7 @@ def apply_filters(
     value: Any = None,
     validity: bool = True,
     max_per_source: int | None = None,
+    whole_dataset: bool = True,
 ) -> FilterResult:
     """Validity filters, then the reward filter `method` at Improve step `step`, then an optional cap.
 
@@ -332,6 +379,8 @@ def apply_filters(
       validity: run `validity_mask` (its knobs are gin-configurable) first.
       max_per_source: keep at most this many (highest-reward) examples per source after the filter, as in
         ReST-EM (Singh et al. 2023, at most 10 per source). None = no cap.
+      whole_dataset: False when the arrays are one part of the data (a Grow shard, whose sources no other
+        part holds): the τ_1-vs-mean check and the log line are then left to the caller, who sees all parts.
     """
     rewards, source_ids = _check_arrays(rewards, source_ids)
     methods = _by_name()
@@ -348,8 +397,8 @@ def apply_filters(
         mask, dropped = validity_mask(sources, candidates, source_ids)
     else:
         mask = np.ones(len(rewards), bool)
-    if method == "threshold" and step == 1:
-        check_first_threshold(value, rewards)
+    if whole_dataset and method == "threshold" and step == 1:
+        check_first_threshold(value, float(np.mean(rewards)) if len(rewards) else float("nan"))
     if value is not None and mask_fn is not None:
         before = int(mask.sum())
         mask = mask_fn(rewards, source_ids, value, mask) & mask
@@ -362,7 +411,6 @@ def apply_filters(
     without = np.setdiff1d(all_sources, np.unique(source_ids[mask]))
     result = FilterResult(mask=mask, method=method, step=step, value=value, num_sources=int(all_sources.size),
                           sources_without_data=without, dropped=dropped)
-    logging.info("ReST filter %s step %d (value %s): kept %d/%d (%.1f%%), %d/%d sources left with no data, "
-                 "dropped %s", method, step, value, result.num_kept, result.num_examples,
-                 100 * result.kept_fraction, result.num_sources_without_data, result.num_sources, dropped)
+    if whole_dataset:
+        result.counts().log()
     return result

@@ -1,8 +1,9 @@
 """Improve (ReST Sec. 3, Alg. 1): fine-tune the policy on the Grow data above a rising reward threshold.
 
 Each Improve step i filters the Grow store with F(x, y; τ_i) (or a per-source variant, `rest_jax.filters`),
-warm-starts from the previous policy with the learning rate decayed by `lr_decay ** i`, trains with the
-chosen loss (`rest_jax.losses`, BC by default), measures the validation reward every `eval_period` steps,
+shard by shard as it streams it (`rest_jax.improve_data`: each process reads only its share, never the
+whole store), warm-starts from the previous policy with the learning rate decayed by `lr_decay ** i`, trains
+with the chosen loss (`rest_jax.losses`, BC by default), measures the validation reward every `eval_period` steps,
 keeps the parameters with the best validation reward and stops when it has not improved for `patience`
 evaluations.
 
@@ -47,7 +48,7 @@ from etils import epath
 from rest_jax import checkpoints as ckpt_lib
 from rest_jax import console
 from rest_jax import evaluate
-from rest_jax import filters as filters_lib
+from rest_jax import improve_data
 from rest_jax import losses
 from rest_jax import metrics as metrics_lib
 from rest_jax import optim
@@ -68,89 +69,6 @@ FROZEN_KEY = "frozen_params"
 VALUE_TRAINING = ("frozen", "joint")
 MEMORY_KNOBS = ("improve_step.batch_size", "improve_step.feature_lengths")  # named by out-of-memory errors
 OPTIMIZER_SCOPE = "improve"  # gin scope of the Improve optimizer and schedule (`improve/learning_rate_schedule.*`)
-
-_COLUMNS = ("source_id", "sample_id", "is_reference", "reward", "source_text", "candidate_text",
-            "source_tokens", "candidate_tokens", "behaviour_logprobs")
-
-
-def load_grow_data(store_dirs: Sequence[str]) -> dict[str, np.ndarray]:
-    """Columns of one or more Grow stores, concatenated (D_g; ReST-EM may pool several Grows)."""
-    parts = [store_lib.GrowStore(d).as_numpy(list(_COLUMNS)) for d in store_dirs]
-    return {k: np.concatenate([p[k] for p in parts]) for k in _COLUMNS}
-
-
-def filter_grow_data(data: Mapping[str, np.ndarray], improve_index: int, *, include_references: bool = True,
-                     **filter_kwargs: Any) -> tuple[dict[str, np.ndarray], filters_lib.FilterResult]:
-    """Rows of `data` kept by the Improve step's filter (ReST Sec. 3, F(x, y; τ_i) = 1[R(x, y) > τ_i])."""
-    keep_rows = np.ones(len(data["reward"]), bool) if include_references else ~data["is_reference"].astype(bool)
-    rows = {k: v[keep_rows] for k, v in data.items()}
-    result = filters_lib.apply_filters(rows["reward"], rows["source_id"], improve_index,
-                                       sources=list(rows["source_text"]), candidates=list(rows["candidate_text"]),
-                                       **filter_kwargs)
-    kept = {k: v[result.mask] for k, v in rows.items()}
-    return kept, result
-
-
-def _pad(seqs: Sequence[np.ndarray], length: int, dtype: Any) -> np.ndarray:
-    out = np.zeros((len(seqs), length), dtype)
-    for i, s in enumerate(seqs):
-        s = np.asarray(s)[:length]
-        out[i, :len(s)] = s
-    return out
-
-
-def make_batch(data: Mapping[str, np.ndarray], rows: np.ndarray, feature_lengths: Mapping[str, int]) -> Batch:
-    """A T5X-style batch of Grow rows, with the reward and behaviour log-probs the RL losses need."""
-    li, lt = int(feature_lengths["inputs"]), int(feature_lengths["targets"])
-    src = [data["source_tokens"][r] for r in rows]
-    tgt = [data["candidate_tokens"][r] for r in rows]
-    # Trimmed rows keep their last token as EOS, as the seqio pipeline does.
-    src = [s if len(s) <= li else np.concatenate([s[:li - 1], [evaluate.EOS_ID]]) for s in src]
-    tgt = [t if len(t) <= lt else np.concatenate([t[:lt - 1], [evaluate.EOS_ID]]) for t in tgt]
-    targets = _pad(tgt, lt, np.int32)
-    decoder_inputs = np.concatenate([np.zeros((len(rows), 1), np.int32), targets[:, :-1]], axis=1)
-    return {
-        "encoder_input_tokens": _pad(src, li, np.int32),
-        "decoder_input_tokens": decoder_inputs,
-        "decoder_target_tokens": targets,
-        "decoder_loss_weights": (targets > 0).astype(np.float32),
-        "reward": data["reward"][rows].astype(np.float32),
-        # GOLD's per-token rewards use the behaviour (= MLE policy at this Grow) log-probs.
-        "mle_logprobs": _pad([data["behaviour_logprobs"][r] for r in rows], lt, np.float32),
-    }
-
-
-def batch_stream(data: Mapping[str, np.ndarray], batch_size: int, feature_lengths: Mapping[str, int],
-                 seed: int, start_step: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
-    """Endless shuffled batches over the kept rows; a fresh permutation per epoch, fixed by `seed`.
-
-    Batch k is a pure function of (seed, k), so `start_step` resumes on the same data order. With
-    `shard=(i, n)` (`partitioning.data_shard_info`: i-th of n hosts) each yields the i-th block of
-    `batch_size // n` rows of every global batch, which `partitioning.shard_batch` assembles again.
-    """
-    n = len(data["reward"])
-    if n == 0:
-        raise ValueError("Improve: the filter kept no Grow examples; lower the threshold (filters schedule).")
-    index, num_shards = shard
-    if batch_size % num_shards:
-        raise ValueError(f"Improve: batch size {batch_size} is not divisible by the {num_shards} data shards "
-                         "(hosts).")
-    rows = slice(index * batch_size // num_shards, (index + 1) * batch_size // num_shards)
-
-    def indices(k: int) -> np.ndarray:
-        positions = np.arange(k * batch_size, (k + 1) * batch_size)
-        epochs, offsets = positions // n, positions % n
-        out = np.empty(batch_size, np.int64)
-        for e in np.unique(epochs):
-            perm = np.random.default_rng([seed, int(e)]).permutation(n)
-            out[epochs == e] = perm[offsets[epochs == e]]
-        return out
-
-    k = start_step
-    while True:
-        yield make_batch(data, indices(k)[rows], feature_lengths)
-        k += 1
-
 
 def numbered(batches: Iterator[Batch], start_step: int = 0) -> Iterator[Batch]:
     """`batches` with the update count `STEP_KEY` added (batch k is consumed by update k)."""
@@ -301,21 +219,8 @@ def _load_policy_params(model: Any, checkpoint: str, mesh: Any, rules: Any) -> P
 # ----------------------------------------------------------------------------------------------------
 
 
-def _value_batches(data: Mapping[str, np.ndarray], rows: np.ndarray, batch_size: int,
-                   feature_lengths: Mapping[str, int]) -> Iterator[Batch]:
-    """Batches of exactly `rows`; the last one is filled up with zero-weight copies."""
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        real = len(chunk)
-        chunk = np.concatenate([chunk, np.full(batch_size - real, chunk[0])])
-        batch = make_batch(data, chunk, feature_lengths)
-        batch["decoder_loss_weights"][real:] = 0.0
-        yield batch
-
-
-def _value_mse_fn(value_model: Any, feature_lengths: Mapping[str, int], batch_size: int, mesh: Any,
-                  rules: Any) -> Callable[[PyTree, Mapping[str, np.ndarray], np.ndarray], float]:
-    """`(params, data, rows) -> MSE` with one jitted program (reused across calls of the same shapes)."""
+def _value_mse_fn(value_model: Any, mesh: Any, rules: Any) -> Callable[[PyTree, Sequence[Batch]], float]:
+    """`(params, batches) -> MSE` over this process's blocks of global batches, with one jitted program."""
     value_loss = losses.get_loss("value")
 
     @jax.jit
@@ -324,10 +229,10 @@ def _value_mse_fn(value_model: Any, feature_lengths: Mapping[str, int], batch_si
         mse, metrics = value_loss(batch, {"values": values})
         return mse * metrics["num_tokens"], metrics["num_tokens"]
 
-    def mse(params: PyTree, data: Mapping[str, np.ndarray], rows: np.ndarray) -> float:
+    def mse(params: PyTree, batches: Sequence[Batch]) -> float:
         total = count = 0.0
         with partitioning.mesh_context(mesh, rules):
-            for batch in _value_batches(data, rows, batch_size, feature_lengths):
+            for batch in batches:
                 s, n = jax.device_get(sums(params, partitioning.shard_batch(batch, mesh, rules)))
                 total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
@@ -335,24 +240,24 @@ def _value_mse_fn(value_model: Any, feature_lengths: Mapping[str, int], batch_si
     return mse
 
 
-def value_mse(value_model: Any, params: PyTree, data: Mapping[str, np.ndarray], feature_lengths: Mapping[str, int],
-              batch_size: int, rows: np.ndarray | None = None, mesh: Any = None, rules: Any = None) -> float:
-    """Token-weighted mean of (V(s_t) − G_t)² over `rows` of `data` (all rows by default), G_t the MC return.
-
-    Uses the registered `value` loss (so its gin `discount`), summed over batches.
-    """
-    mesh = mesh if mesh is not None else partitioning.create_mesh()
-    rules = rules if rules is not None else partitioning.standard_logical_axis_rules()
-    rows = np.arange(len(data["reward"])) if rows is None else np.asarray(rows)
-    return _value_mse_fn(value_model, feature_lengths, batch_size, mesh, rules)(params, data, rows)
+def _measured_batches(data: improve_data.GrowData, selection: improve_data.Selection,
+                      counts: improve_data.Counts, eval_rows: int, batch_size: int,
+                      feature_lengths: Mapping[str, int], seed: int, shard: tuple[int, int]) -> list[Batch]:
+    """This process's blocks of the fixed rows the value MSE is measured on: the first `eval_rows` (rounded
+    to whole batches, at most the kept rows) of their own stream, cut into batches of `batch_size` rows."""
+    size = max(1, min(eval_rows, counts.num_kept) // batch_size) * batch_size
+    block = next(improve_data.stream_batches(data, selection, counts, size, feature_lengths, seed, shard))
+    local = batch_size // shard[1]
+    return [{k: v[i:i + local] for k, v in block.items()} for i in range(0, size // shard[1], local)]
 
 
 @gin.configurable(denylist=["value_model", "params", "data", "num_steps", "feature_lengths", "batch_size", "seed",
-                            "mesh", "rules", "out_dir"])
-def pretrain_value_network(value_model: Any, params: PyTree, data: Mapping[str, np.ndarray], num_steps: int,
+                            "mesh", "rules", "out_dir", "selection"])
+def pretrain_value_network(value_model: Any, params: PyTree, data: improve_data.GrowData, num_steps: int,
                            feature_lengths: Mapping[str, int], batch_size: int, seed: int = 0, mesh: Any = None,
                            rules: Any = None, out_dir: str | None = None, *, optimizer: optim.Optimizer | None = None,
-                           eval_rows: int = 1024, log_period: int = 50) -> tuple[PyTree, dict[str, Any]]:
+                           selection: improve_data.Selection | None = None, eval_rows: int = 1024,
+                           log_period: int = 50) -> tuple[PyTree, dict[str, Any]]:
     """Behaviour value estimation (ReST Sec. 5, BVMPO/OAC): fit V(s_t) to the per-token MC return on Grow data.
 
     Trains `value_model` from `params` for `num_steps` with the shared train step and loop
@@ -361,7 +266,7 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: Mapping[str, 
     Args:
       value_model: A `heads.ValueNetwork`.
       params: Its starting parameters (usually the policy's trunk + a fresh head: `heads.transplant_trunk`).
-      data: Grow columns (`load_grow_data`), the rows to fit.
+      data: The Grow data (`improve_data.GrowData`), streamed.
       num_steps: Train steps (0: return `params` placed on the mesh, measured only).
       feature_lengths, batch_size: Batch shape (rows: a multiple of the mesh's data-parallel size); the
         Improve step passes its own.
@@ -369,7 +274,8 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: Mapping[str, 
       mesh, rules: Device mesh and logical axis rules (defaults: gin).
       out_dir: TensorBoard scalars go to `out_dir/value_pretrain` when given.
       optimizer: Default `optim.create_optimizer()` (gin-configured, not decayed like the Improve policy's).
-      eval_rows: Rows (a fixed random subset) over which the MSE is reported before and after.
+      selection: The rows of `data` to fit (default: every row, unfiltered: the behaviour policy's data).
+      eval_rows: Rows (a fixed random sample, rounded to whole batches) over which the MSE is reported.
       log_period: Steps between logged scalars.
 
     Returns:
@@ -378,22 +284,24 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: Mapping[str, 
     mesh = mesh if mesh is not None else partitioning.create_mesh()
     rules = rules if rules is not None else partitioning.standard_logical_axis_rules()
     optimizer = optimizer if optimizer is not None else optim.create_optimizer()
-    n = len(data["reward"])
+    selection = selection if selection is not None else improve_data.Selection(0, method=None)
+    counts = improve_data.filter_counts(data, selection)
+    n = counts.num_kept
     if n == 0:
         raise ValueError("pretrain_value_network: no Grow rows to train the value network on.")
+    shard = partitioning.data_shard_info(mesh, rules)
     placed = _place(value_model, params, mesh, rules, "value-network parameters")
     state, shardings = _create_state(_abstract(value_model, mesh, rules), placed, optimizer, mesh, rules)
-    measured = np.sort(np.random.default_rng([seed, 0x76]).permutation(n)[:eval_rows])
-    mse_fn = _value_mse_fn(value_model, feature_lengths, batch_size, mesh, rules)
-    mse = lambda p: mse_fn(p, data, measured)  # noqa: E731
+    measured = _measured_batches(data, selection, counts, eval_rows, batch_size, feature_lengths, seed + 0x76, shard)
+    mse_fn = _value_mse_fn(value_model, mesh, rules)
+    mse = lambda p: mse_fn(p, measured)  # noqa: E731
     initial = mse(state.params)
     summary: dict[str, Any] = {"steps": int(num_steps), "rows": int(n), "initial_mse": initial}
     if num_steps > 0:
         step_fn = train_lib.make_train_step(optimizer, heads.make_value_loss_fn(value_model), mesh=mesh, rules=rules,
                                             state_shardings=shardings, dropout_seed=seed)
         shard_fn = lambda b: partitioning.shard_batch(b, mesh, rules)  # noqa: E731
-        batches = batch_stream(data, batch_size, feature_lengths, seed,
-                               shard=partitioning.data_shard_info(mesh, rules))
+        batches = improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed, shard)
         writer = metrics_lib.MetricWriter(out_dir, "value_pretrain") if out_dir else None
         try:
             state, loop = train_lib.train_loop(state, batches, step_fn, num_steps, shard_fn=shard_fn,
@@ -409,8 +317,9 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: Mapping[str, 
     return state.params, summary
 
 
-def _value_network(policy_params: PyTree, value_model: Any, data: Mapping[str, np.ndarray], out_dir: str, *,
-                   num_steps: int, feature_lengths: Mapping[str, int], batch_size: int, seed: int, mesh: Any,
+def _value_network(policy_params: PyTree, value_model: Any, data: improve_data.GrowData,
+                   selection: improve_data.Selection, out_dir: str, *, num_steps: int,
+                   feature_lengths: Mapping[str, int], batch_size: int, seed: int, mesh: Any,
                    rules: Any) -> tuple[PyTree, dict[str, Any]]:
     """The pre-trained value net of this Improve step: from `out_dir/value` if a run already made it."""
     value_dir = os.path.join(out_dir, "value")
@@ -428,7 +337,7 @@ def _value_network(policy_params: PyTree, value_model: Any, data: Mapping[str, n
                                                           jax.random.key(seed))
     start = heads.transplant_trunk(policy_params, fresh)
     params, summary = pretrain_value_network(value_model, start, data, num_steps, feature_lengths, batch_size, seed,
-                                             mesh, rules, out_dir)
+                                             mesh, rules, out_dir, selection=selection)
     manager = ckpt_lib.CheckpointManager(ckpt_dir, keep=1, period=1)
     manager.save(max(num_steps, 1), {"params": params}, force=True, metadata={"value_pretrain": summary})
     manager.close()
@@ -442,7 +351,7 @@ def _value_network(policy_params: PyTree, value_model: Any, data: Mapping[str, n
 
 
 @gin.configurable(denylist=["policy", "data", "out_dir", "improve_index", "validation", "bc_policy"])
-def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_dir: str, improve_index: int,
+def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: str, improve_index: int,
                  validation: tuple[Sequence[str], Sequence[str]], *, reward: Any,
                  loss_name: str = "bc", filter_method: str = "threshold", include_references: bool = True,
                  max_per_source: int | None = None, lr_decay: float = 0.5, num_steps: int = 1000,
@@ -455,7 +364,7 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
 
     Args:
       policy: The previous policy (warm start; ReST Sec. 3 fine-tunes "from the previous policy").
-      data: Grow store columns (`load_grow_data`).
+      data: The Grow data (`improve_data.GrowData.open(store_dirs)`), streamed: never loaded whole.
       out_dir: Stage directory; the best checkpoint goes to `out_dir/checkpoints`, TensorBoard to `out_dir`,
         a pre-trained value network (RL losses) to `out_dir/value`.
       improve_index: i; picks τ_i (or p_i, γ_i, k_i) from the filter's gin schedule; i = 0 keeps all.
@@ -487,8 +396,9 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
     """
     started = time.perf_counter()
     feature_lengths = dict(feature_lengths or {"inputs": 128, "targets": 128})
-    kept, fres = filter_grow_data(data, improve_index, include_references=include_references,
-                                  method=filter_method, max_per_source=max_per_source)
+    selection = improve_data.Selection(improve_index, include_references, filter_method, max_per_source)
+    counts = improve_data.filter_counts(data, selection)
+    fres = counts.filter
     logging.info("Improve %d: filter kept %d of %d examples (%.3f); %d sources left without data.",
                  improve_index, fres.num_kept, fres.num_examples, fres.kept_fraction,
                  fres.num_sources_without_data)
@@ -512,14 +422,11 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
     value_model, value_summary, anchor_is_bc = None, None, False
     if needs.value:
         value_model = heads.build_value_network(config=model.config)
-        if value_pretrain_data == "grow":
-            keep = np.ones(len(data["reward"]), bool) if include_references else \
-                ~np.asarray(data["is_reference"]).astype(bool)
-            value_rows = {k: v[keep] for k, v in data.items()}
-        else:
-            value_rows = kept
+        # 'grow': the behaviour policy's data, unfiltered (BVE); 'filtered': the rows this step trains on.
+        value_rows = improve_data.Selection(improve_index, include_references, None) \
+            if value_pretrain_data == "grow" else selection
         value_params, value_summary = _value_network(
-            policy_params, value_model, value_rows, out_dir, num_steps=value_pretrain_steps,
+            policy_params, value_model, data, value_rows, out_dir, num_steps=value_pretrain_steps,
             feature_lengths=feature_lengths, batch_size=batch_size, seed=seed, mesh=mesh, rules=rules)
         if value_mode == "joint":
             trainable["value"], boxed["value"] = value_params, _abstract(value_model, mesh, rules)
@@ -547,8 +454,8 @@ def improve_step(policy: evaluate.Policy, data: Mapping[str, np.ndarray], out_di
                                    anchor_is_bc=anchor_is_bc)
     train_step = train_lib.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
                                            dropout_seed=seed)
-    batches = numbered(batch_stream(kept, batch_size, feature_lengths, seed,
-                                    shard=partitioning.data_shard_info(mesh, rules)))
+    batches = numbered(improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed,
+                                                   shard=partitioning.data_shard_info(mesh, rules)))
 
     def shard_fn(b: Batch) -> dict[str, Any]:
         out = partitioning.shard_batch(b, mesh, rules)
@@ -649,7 +556,7 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
     stores = [grow_store] if isinstance(grow_store, str) else list(grow_store)
     for store in stores:
         store_lib.GrowStore(store).check_compatible(vocab=vocabulary, model_config=policy.config)
-    data = load_grow_data(stores)
+    data = improve_data.GrowData.open(stores)
     validation = evaluate.read_split(task, validation_split, num_validation_sources)
     extra = {"feature_lengths": dict(feature_lengths)} if feature_lengths else {}
     _, result = improve_step(policy, data, model_dir, improve_index, validation, reward=rewards_lib.get(reward_name),

@@ -27,9 +27,9 @@ from etils import epath
 from rest_jax import checkpoints  # noqa: F401  pylint: disable=unused-import
 from rest_jax import console
 from rest_jax import evaluate
-from rest_jax import filters as filters_lib
 from rest_jax import grow as grow_lib
 from rest_jax import improve as improve_lib
+from rest_jax import improve_data
 from rest_jax import partitioning
 from rest_jax import report
 from rest_jax import rewards as rewards_lib
@@ -180,10 +180,10 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                                                    "timing": meta.get("timing")})
         # A store kept from an earlier run must have been sampled with this run's vocabulary and model.
         store_lib.GrowStore(store_dir).check_compatible(vocab=vocab_path, model_config=t5.build_model().config)
-        data = improve_lib.load_grow_data([store_dir])
-        grow_rewards[f"Grow {g}"] = data["reward"][~data["is_reference"].astype(bool)]
-        if len(improve_indices) > (1 if include_unfiltered_step else 0):
-            filters_lib.check_first_threshold(filters_lib.threshold_for_step(1), grow_rewards[f"Grow {g}"])
+        # Improve streams the store; only the rewards (4 bytes a record) are read here, for the plot.
+        data = improve_data.GrowData.open(store_dir)
+        scored = store_lib.GrowStore(store_dir).as_numpy(["reward", "is_reference"])
+        grow_rewards[f"Grow {g}"] = scored["reward"][~scored["is_reference"]]
 
         for i in improve_indices:
             stage_dir = os.path.join(grow_dir, f"improve_{i}")

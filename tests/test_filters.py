@@ -122,12 +122,12 @@ def test_validity_mask_hand_computed():
 def test_warning_when_first_threshold_not_above_mean(caplog):
     rewards = np.array([0.25, 0.5, 0.75, 0.5])  # Mean exactly 0.5.
     with caplog.at_level(logging.WARNING):
-        assert not filters.check_first_threshold(0.4, rewards)
+        assert not filters.check_first_threshold(0.4, float(np.mean(rewards)))
     assert "tau_1=0.4" in caplog.text and "mean Grow reward 0.5" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert not filters.check_first_threshold(0.5, rewards)  # Equal is not above.
-        assert filters.check_first_threshold(0.6, rewards)
+        assert not filters.check_first_threshold(0.5, float(np.mean(rewards)))  # Equal is not above.
+        assert filters.check_first_threshold(0.6, float(np.mean(rewards)))
     assert len(caplog.records) == 1
     caplog.clear()
     high = np.array([0.75, 1.0, 0.75, 1.0])  # Mean 0.875 > default τ_1 = 0.7.

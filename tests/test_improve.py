@@ -1,53 +1,211 @@
-"""Improve-step data path: filtering, batching, deterministic resumable order (ReST Sec. 3)."""
+"""Improve's data path (ReST Sec. 3): per-shard filtering, streamed batches, P-invariant order, bounded reads.
 
+References: the streamed filter is checked against `filters.apply_filters` on the whole dataset at once (the
+pre-streaming semantics); the multi-host batches against the one-host batches; batch layout by hand.
+"""
+
+import contextlib
+import logging
+
+import gin
 import numpy as np
 import pytest
 
-from rest_jax import improve
+from rest_jax import filters, improve_data
+from rest_jax.data import grow_store
+
+LENGTHS = {"inputs": 8, "targets": 8}
 
 
-def _data(num_sources=5, n=4, seed=0):
+def _records(num_sources=12, n=4, seed=0):
     rng = np.random.default_rng(seed)
     rows = []
     for s in range(num_sources):
-        for j in list(range(n)) + [-1]:
+        for j in [-1] + list(range(n)):
             length = int(rng.integers(2, 7))
+            # Every third source repeats a sample (the duplicate check is per source); references score 1.
+            text = f"cand {s} {min(j, 1) if s % 3 == 0 else j} " + "x" * 3
             rows.append(dict(
-                source_id=s, sample_id=j, is_reference=j == -1, reward=float(rng.uniform()),
-                source_text=f"source {s}", candidate_text=f"cand {s} {j} " + "x" * length,
-                source_tokens=np.array(list(rng.integers(3, 50, size=4)) + [1], np.int64),
-                candidate_tokens=np.array(list(rng.integers(3, 50, size=length)) + [1], np.int64),
-                behaviour_logprobs=-rng.uniform(size=length + 1).astype(np.float32)))
-    out = {}
-    for k in rows[0]:
-        vals = [r[k] for r in rows]
-        if isinstance(vals[0], np.ndarray):
-            arr = np.empty(len(vals), object)
-            arr[:] = vals
-            out[k] = arr
-        else:
-            out[k] = np.array(vals, dtype=object if isinstance(vals[0], str) else None)
-    return out
+                source_id=s, sample_id=j, is_reference=j == -1, reward=1.0 if j < 0 else float(rng.uniform()),
+                source_text=f"source {s}", candidate_text=text, reference_text=f"ref {s}",
+                source_tokens=[int(t) for t in rng.integers(3, 50, size=4)] + [1],
+                candidate_tokens=[int(t) for t in rng.integers(3, 50, size=length)] + [1],
+                behaviour_logprobs=[float(x) for x in -rng.uniform(size=length + 1)]))
+    return rows
 
 
-def test_filter_keeps_exactly_rewards_above_threshold():
-    data = _data()
-    kept, result = improve.filter_grow_data(data, 1, method="threshold", value=0.5, validity=False)
-    expected = data["reward"] > 0.5
-    assert result.num_kept == int(expected.sum())
-    np.testing.assert_array_equal(np.sort(kept["reward"]), np.sort(data["reward"][expected]))
-    kept_no_ref, _ = improve.filter_grow_data(data, 1, include_references=False, method="threshold", value=0.5,
-                                              validity=False)
-    assert not kept_no_ref["is_reference"].any()
-    assert len(kept_no_ref["reward"]) == int((expected & ~data["is_reference"].astype(bool)).sum())
+def _write_store(path, records, sources_per_shard=3, grow_index=1):
+    sources = sorted({r["source_id"] for r in records})
+    n = sum(r["source_id"] == sources[0] for r in records) - 1
+    writer = grow_store.GrowStoreWriter(str(path), grow_index, sources, n, sources_per_shard=sources_per_shard)
+    for shard in range(writer.num_shards):
+        ids = set(writer.shard_source_ids(shard))
+        writer.write_shard(shard, [r for r in records if r["source_id"] in ids])
+    writer.write_metadata()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return _write_store(tmp_path_factory.mktemp("grow") / "store", _records())  # 12 sources: 4 shards
+
+
+def _whole(path, include_references, **kwargs):
+    """The reference: the whole store in memory, filtered at once."""
+    cols = grow_store.GrowStore(path).as_numpy()
+    keep = np.ones(len(cols["reward"]), bool) if include_references else ~cols["is_reference"]
+    cols = {k: v[keep] for k, v in cols.items()}
+    result = filters.apply_filters(cols["reward"], cols["source_id"], 1, sources=list(cols["source_text"]),
+                                   candidates=list(cols["candidate_text"]), **kwargs)
+    return cols, result
+
+
+@pytest.mark.parametrize("method, max_per_source, include_references", [
+    ("threshold", None, True), ("percentile", None, True), ("top_k", 2, False), ("gamma", None, False)])
+def test_per_shard_filter_keeps_what_the_whole_dataset_filter_keeps(store, method, max_per_source,
+                                                                     include_references):
+    data = improve_data.GrowData.open(store)
+    selection = improve_data.Selection(1, include_references, method, max_per_source)
+    counts = improve_data.filter_counts(data, selection)
+    cols, want = _whole(store, include_references, method=method, max_per_source=max_per_source)
+    assert counts.filter.summary() == want.summary()
+    assert counts.num_kept == want.num_kept > 0
+    kept = []
+    for unit in range(data.num_units):
+        unit_cols = data.read(unit, ("source_id", "sample_id") + improve_data.FILTER_COLUMNS)
+        rows, _ = selection.apply(unit_cols)
+        kept += list(zip(unit_cols["source_id"][rows], unit_cols["sample_id"][rows]))
+    sample_ids = grow_store.GrowStore(store).as_numpy(["sample_id", "is_reference"])
+    keep = np.ones(len(sample_ids["sample_id"]), bool) if include_references else ~sample_ids["is_reference"]
+    expected = list(zip(cols["source_id"][want.mask], sample_ids["sample_id"][keep][want.mask]))
+    assert sorted(kept) == sorted(expected)
+
+
+def test_first_threshold_check_uses_the_mean_sample_reward_of_all_shards(store, caplog):
+    samples = grow_store.GrowStore(store).as_numpy(["reward", "is_reference"])
+    mean = float(np.mean(samples["reward"][~samples["is_reference"]].astype(np.float64)))
+    data = improve_data.GrowData.open(store)
+    with caplog.at_level(logging.WARNING):
+        counts = improve_data.filter_counts(data, improve_data.Selection(1, True, "threshold"))
+    assert counts.mean_sample_reward == pytest.approx(mean)
+    # Default τ_1 = 0.7 is above the samples' mean (~0.5) but not above the mean counting references: no warning.
+    assert "not above the mean" not in caplog.text
+    with bound("threshold_for_step.schedule", (0.0, 0.3)), caplog.at_level(logging.WARNING):
+        improve_data.filter_counts(data, improve_data.Selection(1, True, "threshold"))
+    assert f"mean Grow reward {mean:.4g}" in caplog.text
+
+
+@contextlib.contextmanager
+def bound(name, value):
+    """A gin binding for the duration of a block."""
+    gin.bind_parameter(name, value)
+    try:
+        yield
+    finally:
+        gin.clear_config()
+
+
+def _stream(data, selection, batch_size, seed, shard=(0, 1), **kw):
+    counts = improve_data.filter_counts(data, selection)
+    return improve_data.stream_batches(data, selection, counts, batch_size, LENGTHS, seed, shard, **kw)
+
+
+def _rows(batch):
+    """Rows of a batch as hashable (reward, targets) keys."""
+    return [(float(r), tuple(t)) for r, t in zip(batch["reward"], batch["decoder_target_tokens"])]
+
+
+@pytest.mark.parametrize("num_readers", [8, 2])
+def test_hosts_blocks_stack_to_the_one_host_batches(store, num_readers):
+    """P-invariance: process i's block of each batch, stacked over i, is the one-process batch."""
+    data = improve_data.GrowData.open(store)
+    selection = improve_data.Selection(1, True, "threshold")
+    one = _stream(data, selection, 8, seed=3, num_readers=num_readers, shuffle_buffer=5)
+    hosts = [_stream(data, selection, 8, seed=3, shard=(i, 2), num_readers=num_readers, shuffle_buffer=5)
+             for i in range(2)]
+    for _ in range(12):
+        want, parts = next(one), [next(h) for h in hosts]
+        for key in want:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+    with pytest.raises(ValueError, match="batch size 8 is not divisible by the 3 data shards"):
+        next(_stream(data, selection, 8, seed=3, shard=(0, 3)))
+
+
+def test_stream_visits_exactly_the_kept_rows_evenly(store):
+    data = improve_data.GrowData.open(store)
+    selection = improve_data.Selection(1, False, "threshold")
+    cols, want = _whole(store, False, method="threshold")
+    expected = {(float(np.float32(r)), tuple(t[:8])) for r, t in
+                zip(cols["reward"][want.mask], cols["candidate_tokens"][want.mask])}
+    stream = _stream(data, selection, 4, seed=0, num_readers=4, shuffle_buffer=3)
+    seen = [row for _ in range(100 * len(expected) // 4) for row in _rows(next(stream))]
+    keys = [(r, tuple(int(x) for x in t if x)) for r, t in seen]
+    assert set(keys) == expected
+    freq = np.array([keys.count(k) for k in expected])
+    assert freq.min() > 0.5 * freq.mean(), freq  # readers balanced by kept rows: no row starved
+    first = lambda seed: _rows(next(_stream(data, selection, 4, seed=seed, num_readers=4,  # noqa: E731
+                                            shuffle_buffer=3)))
+    assert first(0) == first(0) and first(0) != first(1)
+
+
+def test_readers_own_whole_shards_and_read_each_once_per_epoch(store):
+    """With at least as many shards as readers, a reader reads only its own shards (one host reads its share)."""
+    reads = []
+    base = improve_data.GrowData.open(store)
+    data = improve_data.GrowData(lambda u, c: reads.append(u) or base.read(u, c), base.num_units, "counted")
+    selection = improve_data.Selection(1, True, "threshold")
+    counts = improve_data.filter_counts(data, selection)
+    reads.clear()
+    host0 = improve_data.stream_batches(data, selection, counts, 4, LENGTHS, 0, (0, 2), num_readers=4,
+                                        shuffle_buffer=2)
+    for _ in range(3):
+        next(host0)
+    assignment = improve_data._pieces(counts.kept_per_unit, 4)  # pylint: disable=protected-access
+    mine = {u for r in (0, 1) for u, _, _ in assignment[r]}
+    assert set(reads) <= mine and len(mine) == 2 and all(m == 1 for p in assignment for _, _, m in p)
+
+
+def test_pieces_balance_kept_rows_and_split_small_stores():
+    # More readers than units: units are split into every m-th row, each reader gets rows.
+    pieces = improve_data._pieces([5, 3], 4)  # pylint: disable=protected-access
+    assert all(pieces)
+    owned = [[(u, row) for u, j, m in r for row in range([5, 3][u]) if row % m == j] for r in pieces]
+    assert sorted(x for r in owned for x in r) == [(0, i) for i in range(5)] + [(1, i) for i in range(3)]
+    loads = [len(r) for r in owned]
+    assert max(loads) - min(loads) <= 1
+    # Many units: whole units, balanced by rows (largest first to the least loaded reader).
+    pieces = improve_data._pieces([10, 1, 1, 9, 2, 7], 2)  # pylint: disable=protected-access
+    assert sorted(u for r in pieces for u, _, _ in r) == list(range(6))
+    loads = [sum([10, 1, 1, 9, 2, 7][u] for u, _, _ in r) for r in pieces]
+    assert sorted(loads) == [14, 16]  # by hand: 10 | 9, 7 -> 16 | 10, 2, 1, 1
+
+
+def test_pooled_stores_are_filtered_per_source_across_stores(tmp_path):
+    a = _write_store(tmp_path / "a", _records(seed=1), grow_index=1)
+    b = _write_store(tmp_path / "b", _records(seed=2), grow_index=2)
+    data = improve_data.GrowData.open([a, b])
+    with bound("top_k_for_step.schedule", (None, 2)):
+        counts = improve_data.filter_counts(data, improve_data.Selection(1, False, "top_k"))
+        pooled = [grow_store.GrowStore(p).as_numpy() for p in (a, b)]
+        cols = {k: np.concatenate([p[k] for p in pooled]) for k in pooled[0]}
+        keep = ~cols["is_reference"]
+        want = filters.apply_filters(cols["reward"][keep], cols["source_id"][keep], 1,
+                                     sources=list(cols["source_text"][keep]),
+                                     candidates=list(cols["candidate_text"][keep]), method="top_k")
+    # Both stores hold the same candidate texts: the duplicate check and top-2 act across them.
+    assert want.dropped["duplicate"] > 0 and want.num_kept == 12 * 2
+    assert counts.filter.summary() == want.summary()
+    c = _write_store(tmp_path / "c", _records(seed=3), sources_per_shard=4)
+    with pytest.raises(grow_store.GrowStoreMismatchError, match="cut their sources into different shards"):
+        improve_data.GrowData.open([a, c])
 
 
 def test_make_batch_matches_hand_layout():
-    data = _data()
-    rows = np.array([3, 0])
-    batch = improve.make_batch(data, rows, {"inputs": 8, "targets": 6})
-    for b, r in enumerate(rows):
-        tgt = np.asarray(data["candidate_tokens"][r])
+    records = _records()[:3]
+    rows = {c: [np.asarray(r[c]) for r in records] for c in improve_data.TRAIN_COLUMNS}
+    batch = improve_data.make_batch(rows, {"inputs": 8, "targets": 6})
+    for b, r in enumerate(records):
+        tgt = np.asarray(r["candidate_tokens"])
         if len(tgt) > 6:  # trimmed rows still end in EOS
             tgt = np.concatenate([tgt[:5], [1]])
         np.testing.assert_array_equal(batch["decoder_target_tokens"][b, :len(tgt)], tgt)
@@ -56,45 +214,14 @@ def test_make_batch_matches_hand_layout():
         assert batch["decoder_input_tokens"][b, 0] == 0
         np.testing.assert_array_equal(batch["decoder_input_tokens"][b, 1:len(tgt)], tgt[:-1])
         np.testing.assert_array_equal(batch["decoder_loss_weights"][b], (np.arange(6) < len(tgt)).astype(np.float32))
-        assert batch["reward"][b] == np.float32(data["reward"][r])
-        lp = np.asarray(data["behaviour_logprobs"][r])[:6]
+        assert batch["reward"][b] == np.float32(r["reward"])
+        lp = np.asarray(r["behaviour_logprobs"], np.float32)[:6]
         np.testing.assert_array_equal(batch["mle_logprobs"][b, :len(lp)], lp)
 
 
-def test_batch_stream_is_a_resumable_epoch_permutation():
-    data = _data(num_sources=3, n=2)  # 9 rows
-    n = len(data["reward"])
-    stream = improve.batch_stream(data, 4, {"inputs": 8, "targets": 8}, seed=7)
-    batches = [next(stream) for _ in range(9)]  # 36 rows = 4 epochs
-    # Every epoch visits each row exactly once: check through the (unique) rewards.
-    seen = np.concatenate([b["reward"] for b in batches])
-    for e in range(4):
-        np.testing.assert_array_equal(np.sort(seen[e * n:(e + 1) * n]), np.sort(data["reward"].astype(np.float32)))
-    assert not np.array_equal(seen[:n], seen[n:2 * n])  # a new permutation each epoch
-    resumed = improve.batch_stream(data, 4, {"inputs": 8, "targets": 8}, seed=7, start_step=5)
-    for k in range(5, 9):
-        got = next(resumed)
-        for key in batches[k]:
-            np.testing.assert_array_equal(got[key], batches[k][key])
-
-
-def test_batch_stream_hosts_split_each_global_batch():
-    """Multi-process Improve: host i's block of every batch, stacked over hosts, is the one-host batch."""
-    data = _data(num_sources=3, n=2)
-    lengths = {"inputs": 8, "targets": 8}
-    one = improve.batch_stream(data, 4, lengths, seed=7, start_step=2)
-    hosts = [improve.batch_stream(data, 4, lengths, seed=7, start_step=2, shard=(i, 2)) for i in range(2)]
-    for _ in range(6):
-        want = next(one)
-        parts = [next(h) for h in hosts]
-        for key in want:
-            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
-    with pytest.raises(ValueError, match="batch size 4 is not divisible by the 3 data shards"):
-        next(improve.batch_stream(data, 4, lengths, seed=7, shard=(0, 3)))
-
-
-def test_empty_filter_result_is_a_clear_error():
-    data = _data()
-    kept, _ = improve.filter_grow_data(data, 1, method="threshold", value=0.999999, validity=False)
-    with pytest.raises(ValueError, match="kept no Grow examples"):
-        next(improve.batch_stream(kept, 4, {"inputs": 8, "targets": 8}, seed=0))
+def test_empty_filter_result_is_a_clear_error(store):
+    data = improve_data.GrowData.open(store)
+    with bound("threshold_for_step.schedule", (0.0, 0.999999)):
+        selection = improve_data.Selection(1, False, "threshold")
+        with pytest.raises(ValueError, match="kept no Grow examples"):
+            next(_stream(data, selection, 4, seed=0))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rest_jax import checkpoints, evaluate, improve, losses, optim, partitioning, rewards, train
+from rest_jax import checkpoints, evaluate, improve, improve_data, losses, optim, partitioning, rewards, train
 from rest_jax.model import heads
 from rest_jax.model.t5 import T5Config, Transformer
 
@@ -54,7 +54,7 @@ def _columns(rows):
 
 
 def _grow_data(rewards_by_row, seed=0):
-    """Grow columns as `improve.load_grow_data` returns them, one row per reward."""
+    """Grow columns as `GrowStore.as_numpy` returns them, one row per reward."""
     rng = np.random.default_rng(seed)
     rows = []
     for i, r in enumerate(rewards_by_row):
@@ -86,7 +86,7 @@ def _value_start(policy_params, seed=1):
 
 def _reference_fit(value_model, params, data):
     """float64: token MSE to the returns and each row's mean value, from an independent forward pass."""
-    batch = improve.make_batch(data, np.arange(len(data["reward"])), LENGTHS)
+    batch = improve_data.make_batch({c: list(data[c]) for c in improve_data.TRAIN_COLUMNS}, LENGTHS)
     values = np.asarray(value_model.apply({"params": jax.device_get(params)}, batch["encoder_input_tokens"],
                                           batch["decoder_input_tokens"]), np.float64)
     w = batch["decoder_loss_weights"].astype(np.float64)
@@ -99,7 +99,8 @@ def test_value_pretraining_fits_the_sequence_rewards(mesh, policy_params):
     data = _grow_data([0.9, 0.2])
     value_model, start = _value_start(policy_params)
     opt = optim.create_optimizer("adamw", schedule=optim.learning_rate_schedule("constant", 3e-3, warmup_steps=0))
-    params, summary = improve.pretrain_value_network(value_model, start, data, 40, LENGTHS, 8, seed=0, mesh=mesh,
+    grow = improve_data.GrowData.from_columns(data)
+    params, summary = improve.pretrain_value_network(value_model, start, grow, 40, LENGTHS, 8, seed=0, mesh=mesh,
                                                      optimizer=opt, log_period=10)
     initial_ref, _ = _reference_fit(value_model, start, data)
     final_ref, per_row = _reference_fit(value_model, params, data)
@@ -110,7 +111,7 @@ def test_value_pretraining_fits_the_sequence_rewards(mesh, policy_params):
 
 
 def _rl_batch(data, step):
-    batch = improve.make_batch(data, np.arange(len(data["reward"])), LENGTHS)
+    batch = improve_data.make_batch({c: list(data[c]) for c in improve_data.TRAIN_COLUMNS}, LENGTHS)
     return {**{k: jnp.asarray(v) for k, v in batch.items()}, improve.STEP_KEY: jnp.asarray(step, jnp.int32)}
 
 
@@ -225,7 +226,8 @@ def test_improve_step_with_rl_loss_saves_a_plain_policy(tmp_path, mesh, policy_p
         manager.close()
         bc = str(tmp_path / "bc")
     params, result = improve.improve_step(
-        policy, data, str(tmp_path), 0, (["abc", "de"], ["abc", "de"]), reward=rewards.get("chrf"),
+        policy, improve_data.GrowData.from_columns(data), str(tmp_path), 0, (["abc", "de"], ["abc", "de"]),
+        reward=rewards.get("chrf"),
         loss_name=loss_name, num_steps=2, eval_period=2, batch_size=8, feature_lengths=LENGTHS, mesh=mesh,
         bc_policy=bc, value_pretrain_steps=0, filter_method="none")
     assert result["loss"] == loss_name and math.isfinite(result["last_train_loss"])
@@ -303,7 +305,8 @@ def test_nonfinite_loss_in_improve_names_the_restart_point(tmp_path, mesh, polic
     data = _grow_data(np.linspace(0.1, 0.9, 8), seed=4)
     policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
     with pytest.raises(train.NonFiniteLossError) as info:
-        improve.improve_step(policy, data, str(tmp_path), 1, (["abc"], ["abc"]), reward=rewards.get("chrf"),
+        improve.improve_step(policy, improve_data.GrowData.from_columns(data), str(tmp_path), 1, (["abc"], ["abc"]),
+                             reward=rewards.get("chrf"),
                              num_steps=4, eval_period=4, batch_size=4, feature_lengths=LENGTHS, mesh=mesh,
                              filter_method="none")
     msg = str(info.value)
@@ -328,7 +331,8 @@ def test_improve_learning_rate_scope_overrides_bc_schedule(tmp_path, mesh, polic
     monkeypatch.setattr(improve.optim, "create_optimizer", spy)
     data = _grow_data(np.linspace(0.1, 0.9, 8), seed=5)
     policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
-    improve.improve_step(policy, data, str(tmp_path), 2, (["abc"], ["abc"]), reward=rewards.get("chrf"),
+    improve.improve_step(policy, improve_data.GrowData.from_columns(data), str(tmp_path), 2, (["abc"], ["abc"]),
+                         reward=rewards.get("chrf"),
                          num_steps=1, eval_period=1, batch_size=8, feature_lengths=LENGTHS, mesh=mesh,
                          filter_method="none", lr_decay=0.5)
     assert seen == [pytest.approx(0.002 * 0.5 ** 2)]

@@ -958,6 +958,15 @@ class GrowStore:
                             np.concatenate(samples) if samples else np.zeros(0, np.int64),
                             f"Grow store shard {path}")
 
+    def read_shard(self, shard: int, columns: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The records of shard ``shard`` (every record of its sources) as columns, coverage checked."""
+        columns = _check_columns(columns)
+        read = tuple(dict.fromkeys(columns + ("source_id", "sample_id")))
+        path = self.shard_paths[shard]
+        cols = _read_columns(path, read)
+        _check_coverage(self.layout, shard, cols["source_id"], cols["sample_id"], f"Grow store shard {path}")
+        return {c: cols[c] for c in columns}
+
     def as_numpy(self, columns: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """All records as columns (see ``iterate``); pass ``columns`` to read only what a filter needs."""
         columns = _check_columns(columns)

@@ -1,0 +1,328 @@
+"""Improve's data (ReST Sec. 3): the Grow store(s) read shard by shard, filtered, streamed in bounded memory.
+
+An Improve step trains on F(x, y; τ_i)-filtered rows of D_g, which on the paper's IWSLT setting holds ~16M
+scored samples per Grow step: more than a host should hold, and on a pod every host must read only its share.
+So nothing here loads a store. The unit of work is a *unit*: shard i of the store (of every pooled store),
+which holds every record of its sources, so the per-source filters (percentile, γ, top-k, the cap, the
+duplicate check) are exact within it.
+
+*Two passes.* `filter_counts` reads only the filter's columns of each unit (unit u on process u mod P) and
+gathers, on every process, the kept rows per unit and the global statistics (kept fraction, mean sample
+reward for the τ_1 > mean check). `stream_batches` then trains: a fixed number V of virtual *readers*
+(`stream_batches.num_readers`) share the kept rows, each owning whole units (or, with fewer units than
+readers, every m-th kept row of a unit), balanced by kept rows; process i of P runs readers
+[iV/P, (i+1)V/P). Each reader walks its pieces in a fresh order every epoch and shuffles rows in a buffer of
+`shuffle_buffer` rows; global batch k is B/V rows from each reader in reader order. That is the T5X/seqio
+multi-host pattern (each host reads its files, repeats, shuffles within a buffer), with readers in place of
+hosts so that the batches do not depend on P: a run on 2 processes sees the batches of a run on 1.
+
+Memory per process: V/P units of the filter's and the batch's columns, plus V/P shuffle buffers, whatever the
+store's size (the RSS benchmark in benchmarks/README.md measures it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+
+from rest_jax import evaluate
+from rest_jax import filters as filters_lib
+from rest_jax import partitioning
+from rest_jax.data import grow_store as store_lib
+
+Batch = dict[str, np.ndarray]
+Columns = dict[str, np.ndarray]
+
+FILTER_COLUMNS = ("source_id", "is_reference", "reward", "source_text", "candidate_text")
+TRAIN_COLUMNS = ("source_tokens", "candidate_tokens", "reward", "behaviour_logprobs")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources of units.
+# ----------------------------------------------------------------------------------------------------
+
+
+class GrowData:
+    """D_g of an Improve step as units of whole sources; `open` for Grow stores, `from_columns` in memory."""
+
+    def __init__(self, read_unit: Callable[[int, Sequence[str]], Columns], num_units: int, description: str):
+        self._read_unit = read_unit
+        self.num_units = num_units
+        self.description = description
+
+    @classmethod
+    def open(cls, store_dirs: str | Sequence[str]) -> GrowData:
+        """Grow stores, pooled (ReST-EM may pool several Grows): unit i is shard i of every store.
+
+        Pooled stores must cut the same sources into the same shards, so that a unit holds every record of
+        its sources and the per-source filters see all of them.
+        """
+        dirs = [store_dirs] if isinstance(store_dirs, str) else list(store_dirs)
+        if not dirs:
+            raise ValueError("Improve needs at least one Grow store.")
+        stores = [store_lib.GrowStore(d) for d in dirs]
+        first = stores[0].layout
+        for store in stores[1:]:
+            if (store.layout.source_ids, store.layout.sources_per_shard) != (first.source_ids,
+                                                                             first.sources_per_shard):
+                raise store_lib.GrowStoreMismatchError(
+                    f"Grow stores {dirs[0]} and {store.directory} cut their sources into different shards "
+                    f"({first.num_shards} shards of {first.sources_per_shard} sources vs "
+                    f"{store.layout.num_shards} of {store.layout.sources_per_shard}, or other sources); "
+                    "pooled stores must come from Grow steps over the same sources with the same "
+                    "grow_dataset.sources_per_shard.")
+
+        def read(unit: int, columns: Sequence[str]) -> Columns:
+            parts = [s.read_shard(unit, columns) for s in stores]
+            return parts[0] if len(parts) == 1 else {c: np.concatenate([p[c] for p in parts]) for c in columns}
+
+        return cls(read, first.num_shards, ", ".join(dirs))
+
+    @classmethod
+    def from_columns(cls, columns: Mapping[str, np.ndarray], sources_per_unit: int | None = None) -> GrowData:
+        """Grow columns held in memory (tests, notebooks), cut into units of `sources_per_unit` sources."""
+        columns = {k: np.asarray(v) for k, v in columns.items()}
+        ids = columns["source_id"]
+        sources = np.unique(ids)
+        per = len(sources) if sources_per_unit is None else sources_per_unit
+        chunks = [sources[i:i + per] for i in range(0, len(sources), max(per, 1))] or [sources]
+        rows = [np.flatnonzero(np.isin(ids, chunk)) for chunk in chunks]
+
+        def read(unit: int, names: Sequence[str]) -> Columns:
+            return {c: columns[c][rows[unit]] for c in names}
+
+        return cls(read, len(rows), f"{len(ids)} in-memory Grow rows")
+
+    def read(self, unit: int, columns: Sequence[str]) -> Columns:
+        return self._read_unit(unit, tuple(columns))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which rows an Improve step uses.
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The rows of D_g an Improve step uses: the references or not, then its filter (None: no filter).
+
+    Attributes:
+      improve_index: i, which picks τ_i (or p_i, γ_i, k_i) from the filter's gin schedule.
+      include_references: Use the references of D too (ReST: yes; ReST-EM: no).
+      method: `filters.apply_filters` method; None keeps every row (the behaviour data of value pre-training).
+      max_per_source: ReST-EM's cap per source.
+    """
+
+    improve_index: int
+    include_references: bool = True
+    method: str | None = "threshold"
+    max_per_source: int | None = None
+
+    def apply(self, cols: Mapping[str, np.ndarray]) -> tuple[np.ndarray, filters_lib.FilterCounts]:
+        """(row indices kept, counts) of one unit."""
+        usable = np.ones(len(cols["reward"]), bool) if self.include_references else \
+            ~np.asarray(cols["is_reference"], bool)
+        rows = np.flatnonzero(usable)
+        if self.method is None:
+            return rows, filters_lib.FilterCounts(
+                method="none", step=self.improve_index, value=None, num_examples=len(rows), num_kept=len(rows),
+                num_sources=len(np.unique(cols["source_id"][rows])), num_sources_without_data=0, dropped={})
+        result = filters_lib.apply_filters(cols["reward"][rows], cols["source_id"][rows], self.improve_index,
+                                           sources=list(cols["source_text"][rows]),
+                                           candidates=list(cols["candidate_text"][rows]), method=self.method,
+                                           max_per_source=self.max_per_source, whole_dataset=False)
+        return rows[result.mask], result.counts()
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """What the first pass found, the same on every process."""
+
+    kept_per_unit: tuple[int, ...]
+    filter: filters_lib.FilterCounts
+    mean_sample_reward: float  # Over the samples (not the references) of the usable rows.
+
+    @property
+    def num_kept(self) -> int:
+        return sum(self.kept_per_unit)
+
+
+def filter_counts(data: GrowData, selection: Selection) -> Counts:
+    """First pass: each process filters units u ≡ process (mod P); the counts are gathered to all.
+
+    Warns (`filters.check_first_threshold`) when τ_1 is not above the mean *sample* reward: the references'
+    reward of 1 under reference-based rewards says nothing about the policy's samples.
+    """
+    index, count = jax.process_index(), jax.process_count()
+    mine = {}
+    for unit in range(index, data.num_units, count):
+        cols = data.read(unit, FILTER_COLUMNS)
+        kept, counts = selection.apply(cols)
+        usable = np.ones(len(cols["reward"]), bool) if selection.include_references else \
+            ~np.asarray(cols["is_reference"], bool)
+        samples = cols["reward"][usable & ~np.asarray(cols["is_reference"], bool)].astype(np.float64)
+        mine[unit] = (len(kept), counts, float(samples.sum()), len(samples))
+    found: dict[int, Any] = {}
+    for part in partitioning.allgather_objects(mine):
+        found.update(part)
+    per_unit = [found[u] for u in range(data.num_units)]
+    merged = filters_lib.FilterCounts.merge([p[1] for p in per_unit])
+    num_samples = sum(p[3] for p in per_unit)
+    mean = sum(p[2] for p in per_unit) / num_samples if num_samples else float("nan")
+    merged.log()
+    if selection.method == "threshold" and selection.improve_index == 1 and merged.value is not None:
+        filters_lib.check_first_threshold(float(merged.value), mean)
+    return Counts(tuple(p[0] for p in per_unit), merged, mean)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _pad(seqs: Sequence[np.ndarray], length: int, dtype: Any) -> np.ndarray:
+    out = np.zeros((len(seqs), length), dtype)
+    for i, s in enumerate(seqs):
+        s = np.asarray(s)[:length]
+        out[i, :len(s)] = s
+    return out
+
+
+def make_batch(rows: Mapping[str, Sequence[Any]], feature_lengths: Mapping[str, int]) -> Batch:
+    """A T5X-style batch of Grow rows (`TRAIN_COLUMNS`, one entry per row), with what the RL losses need."""
+    li, lt = int(feature_lengths["inputs"]), int(feature_lengths["targets"])
+    # Trimmed rows keep their last token as EOS, as the seqio pipeline does.
+    src = [s if len(s) <= li else np.concatenate([s[:li - 1], [evaluate.EOS_ID]]) for s in rows["source_tokens"]]
+    tgt = [t if len(t) <= lt else np.concatenate([t[:lt - 1], [evaluate.EOS_ID]])
+           for t in rows["candidate_tokens"]]
+    targets = _pad(tgt, lt, np.int32)
+    decoder_inputs = np.concatenate([np.zeros((len(tgt), 1), np.int32), targets[:, :-1]], axis=1)
+    return {
+        "encoder_input_tokens": _pad(src, li, np.int32),
+        "decoder_input_tokens": decoder_inputs,
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": (targets > 0).astype(np.float32),
+        "reward": np.asarray(rows["reward"], np.float32),
+        # GOLD's per-token rewards use the behaviour (= MLE policy at this Grow) log-probs.
+        "mle_logprobs": _pad(list(rows["behaviour_logprobs"]), lt, np.float32),
+    }
+
+
+def _num_readers(wanted: int, batch_size: int, num_shards: int, num_kept: int) -> int:
+    """The most readers ≤ `wanted` (and ≤ kept rows) that split a batch evenly, a multiple of the shards."""
+    for v in range(min(wanted, num_kept), 0, -1):
+        if batch_size % v == 0 and v % num_shards == 0:
+            return v
+    raise ValueError(f"Improve: cannot split batches of {batch_size} rows over {num_shards} data shard(s) "
+                     f"(hosts) with {num_kept} kept Grow rows; the batch size must be a multiple of the "
+                     "shards, and the filter must keep at least one row per shard (lower the threshold).")
+
+
+def _pieces(kept_per_unit: Sequence[int], num_readers: int) -> list[list[tuple[int, int, int]]]:
+    """Each reader's pieces (unit, j, m): every m-th kept row of the unit from the j-th, balanced by rows.
+
+    With at least as many non-empty units as readers, a piece is a whole unit (a reader reads only its own
+    shards). Otherwise units are cut into pieces of at most t rows, t the largest size that still gives every
+    reader a piece. Largest pieces go first to the reader with the fewest rows (ties: lowest index), so the
+    assignment is deterministic.
+    """
+    total = sum(kept_per_unit)
+    if sum(k > 0 for k in kept_per_unit) >= num_readers:
+        splits = [min(k, 1) for k in kept_per_unit]
+    else:
+        t = -(-total // num_readers)
+        while t > 1 and sum(-(-k // t) for k in kept_per_unit) < num_readers:
+            t -= 1
+        splits = [-(-k // t) for k in kept_per_unit]
+    pieces = []
+    for unit, (k, m) in enumerate(zip(kept_per_unit, splits)):
+        pieces += [(-(-(k - j) // m), unit, j, m) for j in range(m)]
+    pieces.sort(key=lambda p: (-p[0], p[1], p[2]))
+    loads, out = [0] * num_readers, [[] for _ in range(num_readers)]
+    for rows, unit, j, mu in pieces:
+        r = min(range(num_readers), key=lambda i: (loads[i], i))
+        loads[r] += rows
+        out[r].append((unit, j, mu))
+    return out
+
+
+def _own(column: np.ndarray) -> np.ndarray:
+    """`column` with each row's array copied out of the shard-wide buffer it views."""
+    if column.dtype != object:
+        return column.copy()
+    out = np.empty(len(column), object)
+    out[:] = [np.array(v) for v in column]
+    return out
+
+
+def _reader(data: GrowData, selection: Selection, pieces: Sequence[tuple[int, int, int]], rows_per_epoch: int,
+            seed: int, reader: int, shuffle_buffer: int) -> Iterator[tuple[Any, ...]]:
+    """Endless rows (`TRAIN_COLUMNS` tuples) of one reader: pieces in a new order each epoch, buffer-shuffled.
+
+    The buffer holds at most one epoch of this reader's rows, so a small reader is shuffled per epoch.
+    """
+    size = max(1, min(shuffle_buffer, rows_per_epoch))
+    rng = np.random.default_rng([seed, reader, 0x5B])
+    buffer: list[tuple[Any, ...]] = []
+    cache: tuple[int, Columns] | None = None
+    epoch = 0
+    while True:
+        for p in np.random.default_rng([seed, reader, epoch]).permutation(len(pieces)):
+            unit, j, m = pieces[p]
+            if cache is None or cache[0] != unit:
+                cols = data.read(unit, tuple(dict.fromkeys(FILTER_COLUMNS + TRAIN_COLUMNS)))
+                kept, _ = selection.apply(cols)
+                # Copies: a row read from a shard is a view of the whole shard's values, which a row that
+                # lingers in the buffer would keep alive.
+                cache = (unit, {c: _own(cols[c][kept]) for c in TRAIN_COLUMNS})
+            cols = cache[1]
+            for r in range(j, len(cols["reward"]), m):
+                row = tuple(cols[c][r] for c in TRAIN_COLUMNS)
+                if len(buffer) < size:
+                    buffer.append(row)
+                    continue
+                k = int(rng.integers(size))
+                yield buffer[k]
+                buffer[k] = row
+        epoch += 1
+
+
+@gin.configurable(denylist=["data", "selection", "counts", "batch_size", "feature_lengths", "seed", "shard"])
+def stream_batches(data: GrowData, selection: Selection, counts: Counts, batch_size: int,
+                   feature_lengths: Mapping[str, int], seed: int, shard: tuple[int, int] = (0, 1), *,
+                   num_readers: int = 8, shuffle_buffer: int = 4096) -> Iterator[Batch]:
+    """Endless batches of the selected rows; this process's block of every global batch (see module doc).
+
+    Args:
+      data, selection, counts: The Grow data, the rows to use, and the first pass's `filter_counts`.
+      batch_size: Global rows per batch; this process yields `batch_size // shard[1]` of them.
+      feature_lengths: Batch shape (`make_batch`).
+      seed: Data order: the same seed gives the same global batches on any number of processes.
+      shard: (i, n) from `partitioning.data_shard_info`: this process's block of each batch.
+      num_readers: V, virtual readers (a multiple of the processes that divides the batch; fewer when the
+        filter keeps fewer rows). Changing it changes the data order, not what an epoch holds.
+      shuffle_buffer: Rows each reader shuffles among (memory: V/P buffers per process).
+    """
+    if counts.num_kept == 0:
+        raise ValueError(f"Improve: the filter kept no Grow examples of {data.description}; lower the "
+                         "threshold (filters schedule).")
+    index, num_shards = shard
+    if batch_size % num_shards:
+        raise ValueError(f"Improve: batch size {batch_size} is not divisible by the {num_shards} data shards "
+                         "(hosts).")
+    v = _num_readers(num_readers, batch_size, num_shards, counts.num_kept)
+    assignment = _pieces(counts.kept_per_unit, v)
+    per_reader = batch_size // v
+    mine = range(index * v // num_shards, (index + 1) * v // num_shards)
+    readers = [_reader(data, selection, assignment[r],
+                       sum(-(-(counts.kept_per_unit[u] - j) // m) for u, j, m in assignment[r]), seed, r,
+                       shuffle_buffer) for r in mine]
+    while True:
+        rows = [next(reader) for reader in readers for _ in range(per_reader)]
+        yield make_batch({c: [row[i] for row in rows] for i, c in enumerate(TRAIN_COLUMNS)}, feature_lengths)
