@@ -322,8 +322,8 @@ def load_entry(sub: Subcommand) -> Callable[[], Any]:
 # once the config is finalised). tests/test_main_cli.py checks that the list is complete.
 CONFIGURABLE_MODULES = (
     "rest_jax.checkpoints", "rest_jax.convert", "rest_jax.decoding", "rest_jax.evaluate", "rest_jax.filters",
-    "rest_jax.grow", "rest_jax.improve", "rest_jax.losses", "rest_jax.metrics", "rest_jax.optim",
-    "rest_jax.partitioning", "rest_jax.rest", "rest_jax.train",
+    "rest_jax.grow", "rest_jax.improve", "rest_jax.improve_data", "rest_jax.losses", "rest_jax.metrics",
+    "rest_jax.optim", "rest_jax.partitioning", "rest_jax.rest", "rest_jax.train",
     "rest_jax.data.demo_corpus", "rest_jax.data.grow_store", "rest_jax.data.pipeline", "rest_jax.data.tasks",
     "rest_jax.data.vocab", "rest_jax.model.heads", "rest_jax.model.t5",
     "rest_jax.rewards.learned", "rest_jax.rewards.metricx", "rest_jax.rewards.sacrebleu_rewards",
