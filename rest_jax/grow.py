@@ -178,6 +178,12 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
     if host_id != 0:
         meta = store_lib.GrowStore(store_dir).metadata if jax.process_count() > 1 else {}
     meta = dict(meta)
+    # Sums and counts of every process's diversity statistics (called by all: a collective), so that process
+    # 0's TensorBoard scalars describe the whole Grow, not only its own shards.
+    sums = partitioning.allgather_objects({k: (float(np.sum(v)), len(v)) for k, v in
+                                           (("distinct_1", distinct[1]), ("distinct_2", distinct[2]),
+                                            ("length_ratio", length_ratios))})
+    diversity = {k: sum(p[k][0] for p in sums) / max(sum(p[k][1] for p in sums), 1) for k in sums[0]}
     if sample_rewards:
         rewards_all = np.concatenate(sample_rewards)
         if jax.process_count() > 1 and host_id == 0:
@@ -185,9 +191,7 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
             cols = store_lib.GrowStore(store_dir).as_numpy(["reward", "is_reference"])
             rewards_all = cols["reward"][cols["is_reference"] == 0]
         scalars = metrics_lib.quantile_metrics(rewards_all, "reward")
-        scalars.update({"distinct_1": float(np.mean(distinct[1])), "distinct_2": float(np.mean(distinct[2])),
-                        "length_ratio": float(np.mean(length_ratios)),
-                        "samples_per_sec": total_sources * num_samples / elapsed,
+        scalars.update({**diversity, "samples_per_sec": total_sources * num_samples / elapsed,
                         "tokens_per_sec": sampled_tokens / elapsed})
         with metrics_lib.MetricWriter(os.path.dirname(store_dir.rstrip("/")), "grow") as writer:
             writer.write_scalars(grow_index, scalars)

@@ -55,6 +55,15 @@ def _store(run_dir: pathlib.Path) -> dict[tuple[int, int], str]:
     return dict(zip(keys, data["candidate_text"]))
 
 
+def _grow_scalars(run_dir: pathlib.Path) -> dict[str, float]:
+    """Grow's TensorBoard scalars (written by process 0), read with TensorFlow's own event reader."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    (events,) = (run_dir / "grow_1" / "grow").glob("events.out.tfevents.*")
+    return {v.tag: v.simple_value for e in tf.compat.v1.train.summary_iterator(str(events))
+            for v in e.summary.value if v.WhichOneof("value") == "simple_value"}
+
+
 def _compare(tmp_path: pathlib.Path, processes: int, devices: int) -> None:
     demo = tmp_path / "demo"
     one = tmp_path / "one"
@@ -86,6 +95,10 @@ def _compare(tmp_path: pathlib.Path, processes: int, devices: int) -> None:
     assert got_store.keys() == want_store.keys()
     same = np.mean([got_store[k] == want_store[k] for k in want_store])
     assert same >= 0.95, f"only {same:.1%} of the Grow samples are the same text"
+    # Process 0's Grow scalars describe every process's samples (diversity gathered, rewards from the store).
+    w, g = _grow_scalars(one), _grow_scalars(many)
+    for tag in ("distinct_1", "distinct_2", "length_ratio", "reward/mean"):
+        assert g[tag] == pytest.approx(w[tag], abs=1e-3), (tag, w, g)
 
 
 def test_two_processes_give_the_one_process_report(tmp_path):
