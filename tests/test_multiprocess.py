@@ -111,6 +111,16 @@ def test_more_processes_give_the_one_process_report(tmp_path, processes, devices
     _compare(tmp_path, processes, devices)
 
 
+@pytest.mark.slow
+def test_one_device_gives_the_report_of_many(tmp_path):
+    """The 1-process x 1-device run prints the table of the 1 x 4 run (the fast test ties 1 x 4 to 2 x 2)."""
+    demo = tmp_path / "demo"
+    _rest(tmp_path / "one", demo, 1, 1)
+    _rest(tmp_path / "four", demo, 1, 4)
+    want, got = (json.loads((tmp_path / r / "report.json").read_text()) for r in ("four", "one"))
+    assert _printed(got) == _printed(want)
+
+
 def _launch_argv(run_dir: pathlib.Path, demo_dir: pathlib.Path, grace_s: float) -> list[str]:
     return [sys.executable, "-m", "rest_jax.main", "launch", "--num_processes=2", "--devices_per_process=2",
             f"--grace_s={grace_s:g}", "--", "rest", "--gin_file=experiments/demo.gin",
