@@ -124,11 +124,15 @@ class Selection:
     method: str | None = "threshold"
     max_per_source: int | None = None
 
+    def usable(self, cols: Mapping[str, np.ndarray]) -> np.ndarray:
+        """bool [M]: the rows this step may use before any filter (the references only when included)."""
+        if self.include_references:
+            return np.ones(len(cols["reward"]), bool)
+        return ~np.asarray(cols["is_reference"], bool)
+
     def apply(self, cols: Mapping[str, np.ndarray]) -> tuple[np.ndarray, filters_lib.FilterCounts]:
         """(row indices kept, counts) of one unit."""
-        usable = np.ones(len(cols["reward"]), bool) if self.include_references else \
-            ~np.asarray(cols["is_reference"], bool)
-        rows = np.flatnonzero(usable)
+        rows = np.flatnonzero(self.usable(cols))
         if self.method is None:
             return rows, filters_lib.FilterCounts(
                 method="none", step=self.improve_index, value=None, num_examples=len(rows), num_kept=len(rows),
@@ -164,9 +168,7 @@ def filter_counts(data: GrowData, selection: Selection) -> Counts:
     for unit in range(index, data.num_units, count):
         cols = data.read(unit, FILTER_COLUMNS)
         kept, counts = selection.apply(cols)
-        usable = np.ones(len(cols["reward"]), bool) if selection.include_references else \
-            ~np.asarray(cols["is_reference"], bool)
-        samples = cols["reward"][usable & ~np.asarray(cols["is_reference"], bool)].astype(np.float64)
+        samples = cols["reward"][selection.usable(cols) & ~np.asarray(cols["is_reference"], bool)].astype(np.float64)
         mine[unit] = (len(kept), counts, float(samples.sum()), len(samples))
     found: dict[int, Any] = {}
     for part in partitioning.allgather_objects(mine):
