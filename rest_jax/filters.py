@@ -3,8 +3,9 @@
 The paper's filter is F(x, y; τ_i) = 1[R(x, y) > τ_i] (strict) with thresholds rising over Improve steps,
 τ_1 above the mean reward of the Grow data. REST.md "Variants" adds per-source thresholds (a source's own
 p-th percentile, or τ(x) = γ·max + (1−γ)·mean of its rewards with γ rising) and top-k per source, because a
-global τ can leave hard sources with no data. Cheap validity filters (empty output, length ratio, copy of
-the source, duplicate pairs) run first.
+global τ can leave hard sources with no data. Cheap validity filters (empty output, length against the
+reference, copy of the source, and optionally duplicate pairs) run first, on samples only: a reference is
+never dropped by them.
 
 Everything works on NumPy arrays over the M Grow examples: `rewards` float [M], `source_ids` int [M] and,
 for the validity filters, `sources`/`candidates` texts [M]. Per-source statistics are vectorised (sort by
@@ -204,41 +205,52 @@ def top_k_mask(rewards: np.ndarray, source_ids: np.ndarray, k: int,
 # ---------------------------------------------------------------------------------------- validity filters
 
 
-@gin.configurable(denylist=["sources", "candidates", "source_ids"])
+@gin.configurable(denylist=["sources", "candidates", "references", "source_ids", "is_reference"])
 def validity_mask(
     sources: Sequence[str],
     candidates: Sequence[str],
+    references: Sequence[str],
     source_ids: np.ndarray,
+    is_reference: np.ndarray | None = None,
     drop_empty: bool = True,
     min_length_ratio: float | None = 0.25,
     max_length_ratio: float | None = 4.0,
     drop_copies: bool = True,
-    drop_duplicates: bool = True,
+    drop_duplicates: bool = False,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Cheap checks that run before any reward filter; returns (mask [M], drops per reason).
 
     - empty: the candidate is empty or whitespace.
-    - length_ratio: len(candidate) / max(len(source), 1) in characters (stripped) outside
-      [min_length_ratio, max_length_ratio]; characters work for languages without spaces. None disables.
+    - length_ratio: len(candidate) / max(len(reference), 1) in characters (stripped) outside
+      [min_length_ratio, max_length_ratio]. Against the reference, which is in the candidate's language, so
+      one window serves every language pair (a source-relative window in characters is ~0.25 for en→zh and
+      ~2.3-4 for zh→en). None disables.
     - copy: the candidate equals the source (stripped), a known degenerate output under a learned reward.
-    - duplicate: a repeated (source id, candidate) pair; the first occurrence is kept.
-    Each dropped example is counted under the first check it fails, in that order.
+    - duplicate: a repeated (source id, candidate) pair; the first occurrence (a reference before any sample)
+      is kept. Off by default: repeats are how BC on samples weights a translation by its probability under
+      the policy (the policy-gradient reading of ReST's Improve step), and de-duplicating removes that.
+    Rows flagged by `is_reference` (the references of D) pass every check. Each dropped example is counted
+    under the first check it fails, in that order.
     """
     m = len(candidates)
-    if len(sources) != m or len(source_ids) != m:
-        raise ValueError(f"validity_mask: {len(sources)} sources, {m} candidates, {len(source_ids)} source_ids")
+    if len(sources) != m or len(references) != m or len(source_ids) != m:
+        raise ValueError(f"validity_mask: {len(sources)} sources, {m} candidates, {len(references)} references, "
+                         f"{len(source_ids)} source_ids")
+    protected = np.zeros(m, bool) if is_reference is None else np.asarray(is_reference, bool)
+    if protected.shape != (m,):
+        raise ValueError(f"validity_mask: is_reference shape {protected.shape} != ({m},)")
     if min_length_ratio is not None and max_length_ratio is not None and min_length_ratio > max_length_ratio:
         raise ValueError(f"min_length_ratio {min_length_ratio} > max_length_ratio {max_length_ratio}")
     mask = np.ones(m, bool)
     dropped = {"empty": 0, "length_ratio": 0, "copy": 0, "duplicate": 0}
-    seen: set[tuple[int, str]] = set()
-    for i in range(m):
+    seen = {(int(source_ids[i]), candidates[i]) for i in np.flatnonzero(protected)} if drop_duplicates else set()
+    for i in np.flatnonzero(~protected):
         cand, src = candidates[i].strip(), sources[i].strip()
         reason = None
         if drop_empty and not cand:
             reason = "empty"
         elif min_length_ratio is not None or max_length_ratio is not None:
-            ratio = len(cand) / max(len(src), 1)
+            ratio = len(cand) / max(len(references[i].strip()), 1)
             if (min_length_ratio is not None and ratio < min_length_ratio) or \
                     (max_length_ratio is not None and ratio > max_length_ratio):
                 reason = "length_ratio"
@@ -354,13 +366,16 @@ def _by_name() -> dict[str, tuple[Callable[..., Any], Callable[..., np.ndarray]]
 FILTER_METHODS = ("threshold", "percentile", "gamma", "top_k", "none")
 
 
-@gin.configurable(denylist=["rewards", "source_ids", "step", "sources", "candidates", "whole_dataset"])
+@gin.configurable(denylist=["rewards", "source_ids", "step", "sources", "candidates", "references", "is_reference",
+                            "whole_dataset"])
 def apply_filters(
     rewards: np.ndarray,
     source_ids: np.ndarray,
     step: int,
     sources: Sequence[str] | None = None,
     candidates: Sequence[str] | None = None,
+    references: Sequence[str] | None = None,
+    is_reference: np.ndarray | None = None,
     method: str = "threshold",
     value: Any = None,
     validity: bool = True,
@@ -373,7 +388,9 @@ def apply_filters(
       rewards: float [M] Grow rewards in [0, 1].
       source_ids: int [M] source of each example.
       step: Improve step (0 = keep all, the "I=0" row); picks the value from the method's gin schedule.
-      sources, candidates: texts [M]; required when `validity` is on.
+      sources, candidates, references: texts [M] (each row's source, candidate, and the reference of its
+        source); required when `validity` is on.
+      is_reference: bool [M], the references of D among the rows: exempt from the validity filters.
       method: "threshold" (paper), "percentile", "gamma", "top_k" or "none".
       value: overrides the schedule's τ / p / γ / k for this call.
       validity: run `validity_mask` (its knobs are gin-configurable) first.
@@ -391,10 +408,10 @@ def apply_filters(
         value = schedule_fn(step)
     dropped: dict[str, int] = {}
     if validity:
-        if sources is None or candidates is None:
-            raise ValueError("apply_filters: validity filters need `sources` and `candidates` texts; "
-                             "pass them or set apply_filters.validity = False")
-        mask, dropped = validity_mask(sources, candidates, source_ids)
+        if sources is None or candidates is None or references is None:
+            raise ValueError("apply_filters: validity filters need `sources`, `candidates` and `references` "
+                             "texts; pass them or set apply_filters.validity = False")
+        mask, dropped = validity_mask(sources, candidates, references, source_ids, is_reference)
     else:
         mask = np.ones(len(rewards), bool)
     if whole_dataset and method == "threshold" and step == 1:

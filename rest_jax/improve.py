@@ -2,7 +2,8 @@
 
 Each Improve step i filters the Grow store with F(x, y; τ_i) (or a per-source variant, `rest_jax.filters`),
 shard by shard as it streams it (`rest_jax.improve_data`: each process reads only its share, never the
-whole store), warm-starts from the previous policy with the learning rate decayed by `lr_decay ** i`, trains
+whole store), warm-starts from the previous policy with the learning rate decayed by `lr_decay ** k` (k: the
+Improve steps the policy has already been through, counted across Grow steps), trains
 with the chosen loss (`rest_jax.losses`, BC by default), measures the validation reward every `eval_period` steps,
 keeps the parameters with the best validation reward and stops when it has not improved for `patience`
 evaluations.
@@ -10,8 +11,13 @@ evaluations.
 The RL losses the paper compares (ReST Sec. 5; REST.md "Losses the paper compares") need more than the policy:
 
     loss    value network V(s_t)                          frozen BC policy   trust-region anchor   (η, α)
+    gold    -                                             bc_logits (p_MLE)  -                     -
     oac     pre-trained (BVE), then frozen: V_behaviour    -                  -                     -
     bvmpo   pre-trained (BVE), then trained jointly       bc_logits          old_logits            trained
+
+*Anchor.* BVMPO's trust region KL(π_old ‖ π) holds π_old fixed for `anchor_period` updates and then
+moves it to the current policy, as V-MPO updates its target network (every 100 learner steps in Song et al.
+2019); a fixed anchor would pin the whole Improve step to its starting policy.
 
 *Value network.* A separate `heads.ValueNetwork` of the policy's shape, its trunk copied from the policy that
 starts the Improve step (`heads.transplant_trunk`), pre-trained for `value_pretrain_steps` with the shared train
@@ -62,18 +68,19 @@ from rest_jax.model import heads
 Batch = dict[str, np.ndarray]
 PyTree = Any
 
-# Batch entries added by the Improve step: the update count (BVMPO's λ annealing reads it) and the frozen
-# networks' parameters (already on the mesh; the losses never look at this key).
+# Batch entries added by the Improve step: the update count and the step's length (BVMPO's λ annealing reads
+# both) and the frozen networks' parameters (already on the mesh; the losses never look at this key).
 STEP_KEY = "step"
+NUM_STEPS_KEY = losses.NUM_STEPS
 FROZEN_KEY = "frozen_params"
 VALUE_TRAINING = ("frozen", "joint")
 MEMORY_KNOBS = ("improve_step.batch_size", "improve_step.feature_lengths")  # named by out-of-memory errors
 OPTIMIZER_SCOPE = "improve"  # gin scope of the Improve optimizer and schedule (`improve/learning_rate_schedule.*`)
 
-def numbered(batches: Iterator[Batch], start_step: int = 0) -> Iterator[Batch]:
-    """`batches` with the update count `STEP_KEY` added (batch k is consumed by update k)."""
+def numbered(batches: Iterator[Batch], num_steps: int, start_step: int = 0) -> Iterator[Batch]:
+    """`batches` with the update count `STEP_KEY` (batch k is consumed by update k) and the run's length."""
     for k, batch in enumerate(batches, start_step):
-        yield {**batch, STEP_KEY: np.asarray(k, np.int32)}
+        yield {**batch, STEP_KEY: np.asarray(k, np.int32), NUM_STEPS_KEY: np.asarray(num_steps, np.int32)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,15 +107,17 @@ class LossNeeds:
     value_training: str = "frozen"
 
 
-# ReST Sec. 5: OAC uses the behaviour value V_behaviour; BVMPO learns V with V-MPO (see the module docstring).
+# ReST Sec. 5: OAC uses the behaviour value V_behaviour; BVMPO learns V with V-MPO (see the module docstring);
+# GOLD's per-token reward is the MLE (BC) model's probability, at every Grow step.
 _LOSS_NEEDS = {
+    "gold": LossNeeds(bc=True),
     "oac": LossNeeds(value=True, value_training="frozen"),
     "bvmpo": LossNeeds(value=True, bc=True, anchor=True, vmpo=True, value_training="joint"),
 }
 
 
 def loss_needs(loss_name: str) -> LossNeeds:
-    """What `loss_name` needs; BC-like losses ('bc', 'rwbc', 'gold') need only the policy."""
+    """What `loss_name` needs; BC-like losses ('bc', 'rwbc') need only the policy."""
     return _LOSS_NEEDS.get(loss_name, LossNeeds())
 
 
@@ -350,16 +359,18 @@ def _value_network(policy_params: PyTree, value_model: Any, data: improve_data.G
 # ----------------------------------------------------------------------------------------------------
 
 
-@gin.configurable(denylist=["policy", "data", "out_dir", "improve_index", "validation", "bc_policy"])
+@gin.configurable(denylist=["policy", "data", "out_dir", "improve_index", "validation", "bc_policy",
+                            "prior_improves"])
 def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: str, improve_index: int,
-                 validation: tuple[Sequence[str], Sequence[str]], *, reward: Any,
+                 validation: tuple[Sequence[str], Sequence[str]], *, reward: Any, prior_improves: int | None = None,
                  loss_name: str = "bc", filter_method: str = "threshold", include_references: bool = True,
                  max_per_source: int | None = None, lr_decay: float = 0.5, num_steps: int = 1000,
                  batch_size: int = 64, feature_lengths: Mapping[str, int] | None = None, eval_period: int = 100,
                  patience: int = 3, validation_method: str = "greedy", seed: int = 0,
                  mesh: Any = None, bc_policy: PyTree | str | None = None, value_pretrain_steps: int = 500,
                  value_pretrain_data: str = "grow", value_training: str | None = None,
-                 vmpo_init_eta: float = 1.0, vmpo_init_alpha: float = 1.0) -> tuple[Any, dict[str, Any]]:
+                 vmpo_init_eta: float = 1.0, vmpo_init_alpha: float = 1.0,
+                 anchor_period: int | None = 100) -> tuple[Any, dict[str, Any]]:
     """One Improve step on Grow data; returns (best policy params, result).
 
     Args:
@@ -370,13 +381,15 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
       improve_index: i; picks τ_i (or p_i, γ_i, k_i) from the filter's gin schedule; i = 0 keeps all.
       validation: (sources, references) on which the validation reward is measured.
       reward: The reward model used for validation (and the one the Grow data was scored with).
+      prior_improves: k, the Improve steps `policy` has already been through since BC, counted across Grow
+        steps (the learning rate is `lr_decay ** k` times the base); None: `improve_index` (one Grow).
       loss_name: Improve loss ('bc' default; 'rwbc', 'gold', 'oac', 'bvmpo'; see `rest_jax.losses`).
       filter_method: 'threshold' (paper), 'percentile', 'gamma', 'top_k' or 'none'.
       include_references: Train on the references of D too (ReST: yes; ReST-EM: no).
       max_per_source: Keep at most this many samples per source (ReST-EM: 10).
-      lr_decay: The learning rate is `lr_decay ** improve_index` times the base (gin `create_optimizer` and
+      lr_decay: The learning rate is `lr_decay ** prior_improves` times the base (gin `create_optimizer` and
         `learning_rate_schedule`, under the gin scope 'improve/' when bound there, else BC's); the paper
-        lowers it at every Improve step.
+        lowers it at every Improve step, so it keeps falling from one Grow step to the next.
       num_steps: Most train steps.
       batch_size, feature_lengths: Batch shape.
       eval_period: Steps between validation-reward measurements (K).
@@ -393,6 +406,8 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
       value_training: 'frozen' or 'joint' during Improve; None: the loss's default (OAC frozen V_behaviour,
         BVMPO joint, see the module docstring).
       vmpo_init_eta, vmpo_init_alpha: BVMPO's initial temperature η and KL multiplier α.
+      anchor_period: Updates between moves of BVMPO's trust-region anchor to the current policy (V-MPO's
+        target-network period, 100); None keeps the policy that started the step for the whole step.
     """
     started = time.perf_counter()
     feature_lengths = dict(feature_lengths or {"inputs": 128, "targets": 128})
@@ -412,8 +427,12 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
     rules = partitioning.standard_logical_axis_rules()
     # Scoped like T5X's fine-tuning configs: `improve/learning_rate_schedule.*` overrides the BC schedule for
     # Improve only (e.g. a constant rate near BC's last one); unscoped bindings still apply otherwise.
+    if anchor_period is not None and anchor_period < 1:
+        raise ValueError(f"improve_step.anchor_period={anchor_period}; expected a positive number of updates or None.")
+    decay_power = improve_index if prior_improves is None else prior_improves
+    lr_scale = lr_decay ** decay_power
     with gin.config_scope(OPTIMIZER_SCOPE):
-        optimizer = optim.create_optimizer(lr_scale=lr_decay ** improve_index)
+        optimizer = optim.create_optimizer(lr_scale=lr_scale)
     model = policy.model
     policy_params = _place(model, policy.params, mesh, rules, "the Improve start policy")
     trainable: dict[str, Any] = {"policy": policy_params}
@@ -432,9 +451,14 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
             trainable["value"], boxed["value"] = value_params, _abstract(value_model, mesh, rules)
         else:
             frozen["value"] = value_params
+    moving_anchor = needs.anchor and anchor_period is not None and anchor_period < num_steps
     if needs.bc or needs.anchor:
         if bc_policy is None:
-            frozen["bc"], anchor_is_bc = policy_params, True
+            frozen["bc"] = policy_params
+            # The anchor is the BC policy until it first moves; a moving anchor needs its own parameters.
+            anchor_is_bc = needs.anchor and not moving_anchor
+            if moving_anchor:
+                frozen["anchor"] = policy_params
         else:
             bc_params = _load_policy_params(model, bc_policy, mesh, rules) if isinstance(bc_policy, str) else bc_policy
             what = f"the BC policy {bc_policy}" if isinstance(bc_policy, str) else "the BC policy"
@@ -455,7 +479,8 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
     train_step = train_lib.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
                                            dropout_seed=seed)
     batches = numbered(improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed,
-                                                   shard=partitioning.data_shard_info(mesh, rules)))
+                                                   shard=partitioning.data_shard_info(mesh, rules)), num_steps)
+    copy_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))  # new buffers: the train step donates its state
 
     def shard_fn(b: Batch) -> dict[str, Any]:
         out = partitioning.shard_batch(b, mesh, rules)
@@ -486,11 +511,15 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
                                  "filter_value": float("nan") if fres.value is None else float(fres.value)})
         while step < num_steps and since_best < patience:
             target = min(step + eval_period, num_steps)
-            state, summary = train_lib.train_loop(state, batches, train_step, target, shard_fn=shard_fn,
-                                                  metric_writer=writer, final_checkpoint=False,
-                                                  stage=f"improve_{improve_index}", log_period=eval_period,
-                                                  memory_knobs=MEMORY_KNOBS, restart_hint=restart_hint)
-            step = int(jax.device_get(state.step))
+            while step < target:
+                leg = min(target, (step // anchor_period + 1) * anchor_period) if moving_anchor else target
+                state, summary = train_lib.train_loop(state, batches, train_step, leg, shard_fn=shard_fn,
+                                                      metric_writer=writer, final_checkpoint=False,
+                                                      stage=f"improve_{improve_index}", log_period=eval_period,
+                                                      memory_knobs=MEMORY_KNOBS, restart_hint=restart_hint)
+                step = int(jax.device_get(state.step))
+                if moving_anchor and step % anchor_period == 0:
+                    frozen["anchor"] = copy_params(policy_of(state.params))
             last_loss = summary.get("loss", float("nan"))
             value = validation_reward(policy_of(state.params))
             curve.append((step, value))
@@ -513,7 +542,7 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
     result = {"improve_index": improve_index, "best_step": best_step, "validation_reward": best_reward,
               "curve": curve, "kept_fraction": fres.kept_fraction, "num_kept": fres.num_kept,
               "sources_without_data": fres.num_sources_without_data, "loss": loss_name,
-              "last_train_loss": last_loss,
+              "last_train_loss": last_loss, "lr_scale": lr_scale,
               "threshold": float(fres.value) if filter_method == "threshold" and fres.value is not None else None,
               "filter": fres.summary(), "checkpoint": os.path.join(out_dir, "checkpoints")}
     if needs.value:
@@ -531,7 +560,8 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
             task: str = gin.REQUIRED, checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED,
             improve_index: int = 1, validation_split: str = "validation",
             num_validation_sources: int | None = 500, reward_name: str = "chrf", bc_checkpoint: str | None = None,
-            feature_lengths: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, Any]:
+            feature_lengths: Mapping[str, int] | None = None, seed: int = 0,
+            prior_improves: int | None = None) -> dict[str, Any]:
     """The `rest_jax improve` subcommand: one Improve step from a checkpoint.
 
     Filters the Grow store(s), fine-tunes with `improve_step` (gin: loss, filter, steps, ...), writes the best
@@ -548,6 +578,8 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
       bc_checkpoint: The BC policy for BVMPO's KL term (start of the Grow sequence); None: the loaded policy.
       feature_lengths: Override of `improve_step.feature_lengths`.
       seed: Data order and dropout.
+      prior_improves: Improve steps the loaded policy has been through since BC (the learning rate is
+        `improve_step.lr_decay` to that power); None: `improve_index`.
 
     Returns:
       The result dict.
@@ -560,7 +592,7 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
     validation = evaluate.read_split(task, validation_split, num_validation_sources)
     extra = {"feature_lengths": dict(feature_lengths)} if feature_lengths else {}
     _, result = improve_step(policy, data, model_dir, improve_index, validation, reward=rewards_lib.get(reward_name),
-                             seed=seed, bc_policy=bc_checkpoint, **extra)
+                             seed=seed, bc_policy=bc_checkpoint, prior_improves=prior_improves, **extra)
     result.update(start=checkpoint, grow_store=stores, task=task,
                   validation_split=validation_split, reward=reward_name)
     report.write_json(os.path.join(model_dir, "improve.json"), result)

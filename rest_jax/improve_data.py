@@ -39,8 +39,8 @@ from rest_jax.data import grow_store as store_lib
 Batch = dict[str, np.ndarray]
 Columns = dict[str, np.ndarray]
 
-FILTER_COLUMNS = ("source_id", "is_reference", "reward", "source_text", "candidate_text")
-TRAIN_COLUMNS = ("source_tokens", "candidate_tokens", "reward", "behaviour_logprobs")
+FILTER_COLUMNS = ("source_id", "is_reference", "reward", "source_text", "candidate_text", "reference_text")
+TRAIN_COLUMNS = ("source_tokens", "candidate_tokens", "reward")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,7 +139,10 @@ class Selection:
                 num_sources=len(np.unique(cols["source_id"][rows])), num_sources_without_data=0, dropped={})
         result = filters_lib.apply_filters(cols["reward"][rows], cols["source_id"][rows], self.improve_index,
                                            sources=list(cols["source_text"][rows]),
-                                           candidates=list(cols["candidate_text"][rows]), method=self.method,
+                                           candidates=list(cols["candidate_text"][rows]),
+                                           references=list(cols["reference_text"][rows]),
+                                           is_reference=np.asarray(cols["is_reference"][rows], bool),
+                                           method=self.method,
                                            max_per_source=self.max_per_source, whole_dataset=False)
         return rows[result.mask], result.counts()
 
@@ -211,8 +214,6 @@ def make_batch(rows: Mapping[str, Sequence[Any]], feature_lengths: Mapping[str, 
         "decoder_target_tokens": targets,
         "decoder_loss_weights": (targets > 0).astype(np.float32),
         "reward": np.asarray(rows["reward"], np.float32),
-        # GOLD's per-token rewards use the behaviour (= MLE policy at this Grow) log-probs.
-        "mle_logprobs": _pad(list(rows["behaviour_logprobs"]), lt, np.float32),
     }
 
 

@@ -16,10 +16,10 @@ plus `value` for value-network training) and every knob is gin-configurable; `im
 
 Batch keys: `decoder_target_tokens`, `decoder_loss_weights`, optional `example_weights` [B] (multiplied
 into the token weights; 0 drops an example, e.g. the filter mask), `reward` [B] (sequence reward R(x, y) in
-[0, 1], the Grow store's field), `mle_logprobs` [B, T] (GOLD only: log p_MLE of each target token).
-Outputs keys: `logits` (policy), `values` [B, T] (value network), `bc_logits` and `old_logits` [B, T, V]
-(frozen BC policy and trust-region anchor, BVMPO), `vmpo_eta` and `vmpo_alpha` (unconstrained scalars,
-BVMPO; see `init_vmpo_params`).
+[0, 1], the Grow store's field), `num_steps` [] (the run's number of updates; BVMPO anneals λ over it).
+Outputs keys: `logits` (policy), `values` [B, T] (value network), `bc_logits` [B, T, V] (the frozen BC
+policy: BVMPO's KL term, GOLD's p_MLE), `old_logits` [B, T, V] (BVMPO's trust-region anchor), `vmpo_eta`
+and `vmpo_alpha` (unconstrained scalars, BVMPO; see `init_vmpo_params`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ TARGETS = "decoder_target_tokens"
 WEIGHTS = "decoder_loss_weights"
 EXAMPLE_WEIGHTS = "example_weights"
 REWARD = "reward"
+NUM_STEPS = "num_steps"
 
 
 # ------------------------------------------------------------------------------------------- primitives
@@ -288,7 +289,7 @@ def truncated_returns(per_token_rewards: Array, mask: Array, horizon: int, disco
 def gold_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
               reward_type: str = "prob", horizon: int = 5, discount: float = 1.0,
               importance_floor: float = 0.2, reward_floor: float = 0.1, log_prob_baseline: float = -10.0,
-              mle_logprobs_key: str = "mle_logprobs", importance_logits_key: str | None = None
+              mle_logits_key: str = "bc_logits", importance_logits_key: str | None = None
               ) -> tuple[Array, Metrics]:
     """GOLD (Pang & He 2021, arXiv 2009.07839, Alg. 1), an off-policy PG baseline of ReST's experiments.
 
@@ -296,25 +297,23 @@ def gold_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Ar
       ŵ_t = clip(stop_grad(π̃(a_t | s_t)), importance_floor, 1): per-token importance weight; π̃ is the
         policy itself (REST.md) or, when `importance_logits_key` names an outputs entry, a lagged copy as
         in GOLD's Alg. 1;
-      r_t from the MLE model's log-prob ℓ_t = batch[mle_logprobs_key]:
+      r_t from the MLE model's log-prob ℓ_t = log p_MLE(a_t | s_t), p_MLE = softmax(outputs[mle_logits_key]),
+        the frozen BC policy at every Grow step (GOLD's p_MLE is the MLE model, not the policy that sampled):
         "prob" (GOLD-p): r_t = max(exp ℓ_t, reward_floor);
         "log_prob" (GOLD-s): r_t = max(ℓ_t − log_prob_baseline, reward_floor);
       Q̂_t = Σ_{j=0..horizon} discount^j r_{t+j}: the current token plus `horizon` = 5 future ones, as in
         the authors' code (github.com/yzpang/gold-off-policy-text-gen-iclr21, criterion, suffix of 5);
         there, positions past the row end count as probability 1; here tokens after EOS add 0.
-    Defaults (GOLD-p, u = 0.2, floor 0.1) are the authors' IWSLT14 De-En script's settings. At Grow 1 the
-    behaviour policy is the MLE (BC) model, so `behaviour_logprobs` of the Grow store can serve as
-    `mle_logprobs`; later Grow steps need the BC model's log-probs.
+    Defaults (GOLD-p, u = 0.2, floor 0.1) are the authors' IWSLT14 De-En script's settings. The Grow store's
+    `behaviour_logprobs` are not used: from Grow 2 on they are a ReST policy's, and they are taken at the
+    sampling temperature.
     """
     del step
     targets, weights = _targets_and_weights(batch, "gold")
     logits = _need(outputs, "logits", "gold", "outputs", "[B, T, V] policy logits")
-    mle = _wide(jnp.asarray(_need(batch, mle_logprobs_key, "gold", "batch",
-                                  "[B, T] log-probs of the target tokens under the MLE/BC model; at Grow 1 "
-                                  "the store's behaviour_logprobs are exactly that")))
+    mle_logits = _need(outputs, mle_logits_key, "gold", "outputs", "[B, T, V] logits of the frozen MLE (BC) policy")
     _check_shapes(logits, targets, weights)
-    if mle.shape != targets.shape:
-        raise ValueError(f"gold: batch[{mle_logprobs_key!r}] shape {mle.shape} != targets shape {targets.shape}")
+    mle = jax.lax.stop_gradient(token_log_probs(mle_logits, targets))
     log_pi = token_log_probs(logits, targets)
     if importance_logits_key is None:
         pi_tilde = jnp.exp(log_pi)
@@ -336,12 +335,16 @@ def gold_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Ar
 
 
 @gin.configurable
-def bc_kl_weight(step: Array | int, start: float = 1.0, end: float = 1e-5, decay_steps: int = 10_000) -> Array:
+def bc_kl_weight(step: Array | int, num_steps: Array | int | None = None, start: float = 1.0, end: float = 1e-5,
+                 decay_steps: int | None = None) -> Array:
     """λ(step) of BVMPO's λ·KL(π_BC ‖ π): geometric from `start` to `end` over `decay_steps`, then `end`.
 
     REST.md: λ annealed from 1 to 1e-5; the shape (log-linear) is a choice, so each decade takes equal steps.
+    `decay_steps` None anneals over the run's `num_steps` (an Improve step's length, passed by the loss from
+    `batch['num_steps']`), or 10,000 updates when that is unknown too.
     """
-    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(decay_steps, 1), 0.0, 1.0)
+    horizon = decay_steps if decay_steps is not None else (10_000 if num_steps is None else num_steps)
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / jnp.maximum(jnp.asarray(horizon, jnp.float32), 1.0), 0.0, 1.0)
     return start * jnp.power(end / start, frac)
 
 
@@ -409,10 +412,11 @@ def bvmpo_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: A
       L_π = −Σ_{t∈𝒦} ψ_t log π_θ(a_t|s_t),  ψ_t = exp(A_t/η̄) / Σ_{𝒦} exp(A/η̄)   (η̄ = stop_grad η)
       L_η = η ε_η + η log( (1/|𝒦|) Σ_{𝒦} exp(A/η) )
       L_α = α (ε_α − stop_grad(KL̄)) + stop_grad(α) KL̄,  KL̄ = token mean of KL(π_old ‖ π_θ)
-      L_BC = λ(step) · token mean of KL(π_BC ‖ π_θ),  λ from `bc_kl_weight` (1 → 1e-5)
+      L_BC = λ(step) · token mean of KL(π_BC ‖ π_θ),  λ from `bc_kl_weight` (1 → 1e-5 over the Improve step)
       L_V = value_loss_coef · `value_loss` (trains the value net; its gradient reaches only `values`)
     η = softplus(outputs['vmpo_eta']) + min_multiplier, α likewise from outputs['vmpo_alpha']. π_old is
-    outputs[trust_region_key] (the policy at the start of the Improve step, or set the key to 'bc_logits').
+    outputs[trust_region_key] (a lagged copy of the policy, refreshed every `improve_step.anchor_period`
+    updates as V-MPO refreshes its target network; or set the key to 'bc_logits').
     The value target is the Monte-Carlo return instead of V-trace: offline on one behaviour policy's data,
     V-trace with ratios clipped at 1 and λ = 1 reduces to it for the behaviour policy's own values.
     """
@@ -451,7 +455,7 @@ def bvmpo_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: A
 
     bc = jax.lax.stop_gradient(_need(outputs, bc_logits_key, "bvmpo", "outputs", "[B, T, V] BC policy logits"))
     kl_bc = _mean_over_tokens(kl_divergence(bc, logits), weights)
-    lam = bc_kl_weight(step)
+    lam = bc_kl_weight(step, batch.get(NUM_STEPS))
     v_loss = value_loss(values, _reward(batch, "bvmpo"), weights, discount)
 
     loss = policy + temperature + trust + lam * kl_bc + value_loss_coef * v_loss

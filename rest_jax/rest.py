@@ -160,6 +160,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
     thresholds: dict[str, float] = {}
 
     improve_indices = list(range(0 if include_unfiltered_step else 1, num_improve_steps + 1))
+    improves_done = 0  # Improve steps behind the latest policy: the learning rate falls with each (ReST Sec. 3)
     for g in range(1, num_grow_steps + 1):
         grow_dir = os.path.join(model_dir, f"grow_{g}")
         store_dir = os.path.join(grow_dir, "store")
@@ -193,6 +194,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                 policy = _policy_from(start, vocab_path)
                 params, result = improve_lib.improve_step(
                     policy, data, stage_dir, i, val, reward=reward, feature_lengths=lengths, seed=seed + 1000 * g + i,
+                    prior_improves=0 if restart_from_base else improves_done,
                     include_references=include_references, max_per_source=max_per_source,
                     bc_policy=None if start == base_checkpoint else base_checkpoint)  # BVMPO's frozen π_BC
                 best = evaluate.Policy(policy.model, params, policy.vocab)
@@ -204,6 +206,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
             if done.get("threshold") is not None:
                 thresholds[f"G={g} I={i}"] = done["threshold"]
             latest_checkpoint = done["checkpoint"]
+            improves_done += 1
 
     table_rows = []
     for r in rows:

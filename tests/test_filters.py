@@ -106,17 +106,49 @@ def test_validity_mask_hand_computed():
     sources = ["Ein Hund läuft.", "Ein Hund läuft.", "Ein Hund läuft.", "Ein Hund läuft.", "Ein Hund läuft.",
                "Ja.", "Ein Hund läuft."]
     candidates = ["A dog runs.", "  ", "A", "Ein Hund läuft.", "A dog runs.", "Yes.", "A dog is running."]
+    references = ["A dog runs."] * 5 + ["Yes."] + ["A dog runs."]
     ids = np.array([0, 0, 0, 0, 0, 1, 0])
-    mask, dropped = filters.validity_mask(sources, candidates, ids)
+    # "A" is 1/11 of its reference's length (< 0.25); duplicates are kept by default.
+    mask, dropped = filters.validity_mask(sources, candidates, references, ids)
+    np.testing.assert_array_equal(mask, [True, False, False, False, True, True, True])
+    assert dropped == {"empty": 1, "length_ratio": 1, "copy": 1, "duplicate": 0}
+    mask, dropped = filters.validity_mask(sources, candidates, references, ids, drop_duplicates=True)
     np.testing.assert_array_equal(mask, [True, False, False, False, False, True, True])
     assert dropped == {"empty": 1, "length_ratio": 1, "copy": 1, "duplicate": 1}
     # Each check can be switched off.
-    mask, dropped = filters.validity_mask(sources, candidates, ids, drop_copies=False, drop_duplicates=False,
+    mask, dropped = filters.validity_mask(sources, candidates, references, ids, drop_copies=False,
                                           min_length_ratio=None)
     np.testing.assert_array_equal(mask, [True, False, True, True, True, True, True])
     # A long hallucinated repetition fails the upper ratio.
-    mask, _ = filters.validity_mask(["kurz."], ["short " * 20], np.array([0]))
+    mask, _ = filters.validity_mask(["kurz."], ["short " * 20], ["short."], np.array([0]))
     assert not mask[0]
+
+
+def test_validity_length_window_holds_for_any_language_pair():
+    # zh→en: an English translation is ~2-4× its Chinese source in characters, so a source-relative window
+    # [0.25, 4] dropped good translations (here 28/7 = 4.0 and 33/7); against the reference they are 1-3×.
+    src, ref = "我真的很爱你。", "I really love you."
+    good = ["I really love you very much.", "I truly love you very, very much."]
+    mask, _ = filters.validity_mask([src] * 2, good, [ref] * 2, np.array([0, 0]))
+    assert mask.all()
+    # en→zh: a Chinese translation is ~1/4 of its English source; against the Chinese reference it is ~1.
+    mask, _ = filters.validity_mask(["I really love you very much."], ["我真的很爱你。"], ["我很爱你。"], np.array([0]))
+    assert mask.all()
+
+
+def test_validity_filters_never_drop_references():
+    # A reference may be empty, short, a copy of its source (names, numbers) or repeated in a pooled store.
+    sources = ["Berlin.", "Berlin.", "Berlin.", "Hallo Welt"]
+    candidates = ["Berlin.", "Berlin.", "Berlin.", ""]
+    references = ["Berlin.", "Berlin.", "Berlin.", ""]
+    is_ref = np.array([True, True, False, True])
+    ids = np.array([0, 0, 0, 1])
+    mask, dropped = filters.validity_mask(sources, candidates, references, ids, is_ref, drop_duplicates=True)
+    np.testing.assert_array_equal(mask, [True, True, False, True])  # the sample copies its source
+    assert dropped == {"empty": 0, "length_ratio": 0, "copy": 1, "duplicate": 0}
+    result = filters.apply_filters(np.array([1.0, 1.0, 0.9, 0.2]), ids, step=0, sources=sources,
+                                   candidates=candidates, references=references, is_reference=is_ref)
+    np.testing.assert_array_equal(result.mask, [True, True, False, True])
 
 
 def test_warning_when_first_threshold_not_above_mean(caplog):
@@ -159,24 +191,24 @@ def test_apply_filters_reports_kept_fraction_and_sources_without_data():
 def test_apply_filters_composes_validity_method_and_cap():
     sources = ["Ein Hund läuft."] * 5 + ["Eine Katze."] * 2
     candidates = ["A dog runs.", "A dog runs.", "", "A dog is running.", "The dog runs.", "A cat.", "Cats."]
+    references = ["A dog runs."] * 5 + ["A cat."] * 2
     rewards = np.array([0.9, 0.9, 0.0, 0.6, 0.8, 0.4, 0.3])
     ids = np.array([0, 0, 0, 0, 0, 1, 1])
-    result = filters.apply_filters(rewards, ids, step=0, sources=sources, candidates=candidates,
-                                   method="top_k", value=2)
-    # Valid: 0, 3, 4 (source 0), 5, 6 (source 1). Top-2: source 0 -> 0, 4; source 1 -> 5, 6.
-    np.testing.assert_array_equal(result.mask, [True, False, False, False, True, True, True])
-    assert result.dropped == {"empty": 1, "length_ratio": 0, "copy": 0, "duplicate": 1, "reward": 1}
-    result = filters.apply_filters(rewards, ids, step=1, sources=sources, candidates=candidates,
-                                   method="gamma", max_per_source=1)
-    # γ_1 = 0: source 0 valid rewards 0.9, 0.6, 0.8 (mean 0.767) keep 0.9, 0.8; cap 1 keeps 0.9.
+    texts = {"sources": sources, "candidates": candidates, "references": references}
+    result = filters.apply_filters(rewards, ids, step=0, method="top_k", value=2, **texts)
+    # Valid: all but the empty 2 (repeats are kept). Top-2: source 0 -> 0, 1 (tie at 0.9); source 1 -> 5, 6.
+    np.testing.assert_array_equal(result.mask, [True, True, False, False, False, True, True])
+    assert result.dropped == {"empty": 1, "length_ratio": 0, "copy": 0, "duplicate": 0, "reward": 2}
+    result = filters.apply_filters(rewards, ids, step=1, method="gamma", max_per_source=1, **texts)
+    # γ_1 = 0: source 0 valid rewards 0.9, 0.9, 0.6, 0.8 (mean 0.8) keep 0, 1, 4; cap 1 keeps 0 (earlier tie).
     np.testing.assert_array_equal(result.mask, [True, False, False, False, False, True, False])
-    assert result.dropped["max_per_source"] == 1
+    assert result.dropped["max_per_source"] == 2
 
 
 def test_apply_filters_bad_input_errors():
     with pytest.raises(ValueError, match="unknown filter method 'best'"):
         filters.apply_filters(REWARDS, IDS, step=1, method="best", validity=False)
-    with pytest.raises(ValueError, match="need `sources` and `candidates`"):
+    with pytest.raises(ValueError, match="need `sources`, `candidates` and `references`"):
         filters.apply_filters(REWARDS, IDS, step=1)
     with pytest.raises(ValueError, match=r"rewards\[1\] = nan"):
         filters.apply_filters(np.array([0.1, np.nan]), np.array([0, 1]), step=1, validity=False)

@@ -56,7 +56,8 @@ def _whole(path, include_references, **kwargs):
     keep = np.ones(len(cols["reward"]), bool) if include_references else ~cols["is_reference"]
     cols = {k: v[keep] for k, v in cols.items()}
     result = filters.apply_filters(cols["reward"], cols["source_id"], 1, sources=list(cols["source_text"]),
-                                   candidates=list(cols["candidate_text"]), **kwargs)
+                                   candidates=list(cols["candidate_text"]), references=list(cols["reference_text"]),
+                                   is_reference=cols["is_reference"].astype(bool), **kwargs)
     return cols, result
 
 
@@ -188,14 +189,15 @@ def test_pooled_stores_are_filtered_per_source_across_stores(tmp_path):
     a = _write_store(tmp_path / "a", _records(seed=1), grow_index=1)
     b = _write_store(tmp_path / "b", _records(seed=2), grow_index=2)
     data = improve_data.GrowData.open([a, b])
-    with bound("top_k_for_step.schedule", (None, 2)):
+    with bound("top_k_for_step.schedule", (None, 2)), bound("validity_mask.drop_duplicates", True):
         counts = improve_data.filter_counts(data, improve_data.Selection(1, False, "top_k"))
         pooled = [grow_store.GrowStore(p).as_numpy() for p in (a, b)]
         cols = {k: np.concatenate([p[k] for p in pooled]) for k in pooled[0]}
         keep = ~cols["is_reference"]
         want = filters.apply_filters(cols["reward"][keep], cols["source_id"][keep], 1,
                                      sources=list(cols["source_text"][keep]),
-                                     candidates=list(cols["candidate_text"][keep]), method="top_k")
+                                     candidates=list(cols["candidate_text"][keep]),
+                                     references=list(cols["reference_text"][keep]), method="top_k")
     # Both stores hold the same candidate texts: the duplicate check and top-2 act across them.
     assert want.dropped["duplicate"] > 0 and want.num_kept == 12 * 2
     assert counts.filter.summary() == want.summary()
@@ -219,8 +221,6 @@ def test_make_batch_matches_hand_layout():
         np.testing.assert_array_equal(batch["decoder_input_tokens"][b, 1:len(tgt)], tgt[:-1])
         np.testing.assert_array_equal(batch["decoder_loss_weights"][b], (np.arange(6) < len(tgt)).astype(np.float32))
         assert batch["reward"][b] == np.float32(r["reward"])
-        lp = np.asarray(r["behaviour_logprobs"], np.float32)[:6]
-        np.testing.assert_array_equal(batch["mle_logprobs"][b, :len(lp)], lp)
 
 
 def test_empty_filter_result_is_a_clear_error(store):

@@ -61,7 +61,7 @@ def _grow_data(rewards_by_row, seed=0):
         length = int(rng.integers(2, 6))
         rows.append(dict(
             source_id=i // 2, sample_id=i % 2, is_reference=False, reward=float(r), source_text=f"src {i}",
-            candidate_text=f"cand {i}", source_tokens=np.array(list(rng.integers(3, 29, size=4)) + [1], np.int64),
+            candidate_text=f"cand {i}", reference_text=f"ref {i // 2}", source_tokens=np.array(list(rng.integers(3, 29, size=4)) + [1], np.int64),
             candidate_tokens=np.array(list(rng.integers(3, 29, size=length)) + [1], np.int64),
             behaviour_logprobs=-rng.uniform(size=length + 1).astype(np.float32)))
     return _columns(rows)
@@ -337,3 +337,65 @@ def test_improve_learning_rate_scope_overrides_bc_schedule(tmp_path, mesh, polic
                          filter_method="none", lr_decay=0.5)
     assert seen == [pytest.approx(0.002 * 0.5 ** 2)]
     assert float(optim.learning_rate_schedule()(0)) == pytest.approx(0.01)  # outside the scope: BC's
+
+
+def test_gold_takes_p_mle_from_the_frozen_bc_policy(policy_params):
+    # GOLD's per-token reward is the BC (MLE) model's probability at every Grow step: from Grow 2 on the store's
+    # behaviour log-probs are a ReST policy's (and at the sampling temperature), so they must not be used.
+    data = _grow_data([0.9, 0.2, 0.5, 0.7])
+    model = Transformer(CONFIG)
+    bc_params = nn.unbox(heads.init_params(model, jax.random.key(5)))
+    batch = _rl_batch(data, 0)
+    assert "mle_logprobs" not in batch
+    seen = {}
+    spy = lambda b_, o, step=0: (seen.update(o), losses.get_loss("gold")(b_, o, step=step))[1]  # noqa: E731
+    needs = improve.loss_needs("gold")
+    assert needs.bc and not (needs.value or needs.vmpo or needs.anchor)
+    fn = improve.make_improve_loss_fn(model, spy, needs=needs)
+    loss, _ = fn(policy_params, {**batch, improve.FROZEN_KEY: {"bc": bc_params}}, None)
+    expected = model.apply({"params": bc_params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+    np.testing.assert_allclose(seen["bc_logits"], expected, atol=1e-5)
+    # The same loss computed by hand from the BC logits (GOLD-p, u = 0.2, floor 0.1, horizon 5).
+    w = np.asarray(batch["decoder_loss_weights"], np.float64)
+    tgt = np.asarray(batch["decoder_target_tokens"])
+    logp = lambda x: np.take_along_axis(np.asarray(jax.nn.log_softmax(np.asarray(x, np.float64))), tgt[..., None], -1)[..., 0]  # noqa: E731,E501
+    pi = logp(model.apply({"params": policy_params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"]))
+    r = np.maximum(np.exp(logp(expected)), 0.1) * (w > 0)
+    q = sum(np.pad(r[:, j:], ((0, 0), (0, j))) for j in range(6))
+    iw = np.clip(np.exp(pi), 0.2, 1.0)
+    assert float(loss) == pytest.approx(float(-np.sum(w * iw * q * pi) / w.sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("anchor_period", [2, None])
+def test_bvmpo_anchor_moves_every_period_and_lambda_spans_the_step(tmp_path, mesh, policy_params, adamw,
+                                                                   monkeypatch, anchor_period):
+    # Without dropout the policy equals a just-moved anchor, so KL(π_old ‖ π) is exactly 0 at updates 0, 2, 4
+    # when the anchor moves every 2 updates, and positive in between; a fixed anchor drifts away from update 1.
+    import dataclasses  # pylint: disable=import-outside-toplevel
+
+    model = Transformer(dataclasses.replace(CONFIG, dropout_rate=0.0))
+    policy = evaluate.Policy(model, policy_params, _CharVocab())
+    seen = []
+    bvmpo = losses.get_loss("bvmpo")
+
+    def spy(batch, outputs, step=0):
+        value, metrics = bvmpo(batch, outputs, step=step)
+        jax.debug.callback(lambda s, k, lam: seen.append((int(s), float(k), float(lam))), step, metrics["kl_old"],
+                           metrics["bc_kl_weight"])
+        return value, metrics
+
+    get_loss = losses.get_loss
+    monkeypatch.setattr(losses, "get_loss", lambda name: spy if name == "bvmpo" else get_loss(name))
+    data = _grow_data(np.random.default_rng(4).uniform(size=16), seed=4)
+    improve.improve_step(policy, improve_data.GrowData.from_columns(data), str(tmp_path), 1, (["abc"], ["abc"]),
+                         reward=rewards.get("chrf"), loss_name="bvmpo", num_steps=6, eval_period=6, patience=1,
+                         batch_size=8, feature_lengths=LENGTHS, mesh=mesh, value_pretrain_steps=0,
+                         filter_method="none", anchor_period=anchor_period)
+    kl = {s: k for s, k, _ in seen}
+    assert sorted(kl) == list(range(6))
+    moved = {0, 2, 4} if anchor_period == 2 else {0}
+    for s in range(6):
+        assert (kl[s] < 1e-9) == (s in moved), (s, kl)
+    # λ anneals 1 -> 1e-5 over this step's 6 updates: 10^(-5 s / 6).
+    for s, _, lam in seen:
+        assert lam == pytest.approx(10 ** (-5 * s / 6), rel=1e-4)

@@ -83,7 +83,9 @@ def np_rwbc(logits, targets, weights, rewards, weighting, beta):
     return num / weights.sum()
 
 
-def np_gold(logits, frozen_logits, targets, weights, mle, reward_type, horizon, discount, u, floor, baseline):
+def np_gold(logits, frozen_logits, targets, weights, mle_logits, reward_type, horizon, discount, u, floor,
+            baseline):
+    mle = np.array([[np_token_log_prob(mle_logits, targets, b, t) for t in range(T)] for b in range(B)])
     num = 0.0
     for b in range(B):
         for t in range(T):
@@ -160,7 +162,6 @@ def data():
         "targets": rng.integers(0, V, size=(B, T)),
         "rewards": rng.uniform(0.1, 1.0, size=B),
         "values": rng.uniform(0.0, 1.0, size=(B, T)),
-        "mle": np.log(rng.uniform(0.02, 1.0, size=(B, T))),
         "old_logits": rng.normal(size=(B, T, V)),
         "bc_logits": rng.normal(size=(B, T, V)),
     }
@@ -283,10 +284,12 @@ def test_rwbc_value_and_gradient_vs_numpy(data, weighting, beta):
 def test_gold_value_and_gradient_vs_numpy(data, reward_type, horizon, discount, use_old):
     u, floor, baseline = 0.2, 0.1, -3.0
     with jax.enable_x64(True):
-        batch = batch_of(data, mle_logprobs=data["mle"])
+        batch = batch_of(data)
 
         def f(x):
-            outputs = {"logits": x, "old_logits": jnp.asarray(data["old_logits"])}
+            # p_MLE is the frozen BC policy's (bc_logits), never the policy being trained.
+            outputs = {"logits": x, "old_logits": jnp.asarray(data["old_logits"]),
+                       "bc_logits": jnp.asarray(data["bc_logits"])}
             return losses.gold_loss(batch, outputs, reward_type=reward_type, horizon=horizon, discount=discount,
                                     importance_floor=u, reward_floor=floor, log_prob_baseline=baseline,
                                     importance_logits_key="old_logits" if use_old else None)[0]
@@ -294,7 +297,7 @@ def test_gold_value_and_gradient_vs_numpy(data, reward_type, horizon, discount, 
         frozen = data["old_logits"] if use_old else data["logits"]
 
         def ref(x):
-            return np_gold(x, frozen, data["targets"], WEIGHTS, data["mle"], reward_type, horizon, discount,
+            return np_gold(x, frozen, data["targets"], WEIGHTS, data["bc_logits"], reward_type, horizon, discount,
                            u, floor, baseline)
 
         value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(data["logits"]))
@@ -306,10 +309,10 @@ def test_gold_importance_weight_is_clipped_and_stop_gradient():
     # One token, V = 2: with π(a) = 0.75 > u the loss is −0.75·Q·log 0.75 and its logit gradient is
     # −0.75·Q·(onehot − p), i.e. the weight is treated as a constant.
     logits = jnp.asarray([[[0.0, math.log(3.0)]]])
-    batch = {losses.TARGETS: jnp.asarray([[1]]), losses.WEIGHTS: jnp.ones((1, 1)),
-             "mle_logprobs": jnp.asarray([[math.log(0.5)]])}
-    f = jax.jit(jax.value_and_grad(lambda x: losses.gold_loss(batch, {"logits": x}, importance_floor=0.2,
-                                                              reward_floor=0.1)[0]))
+    batch = {losses.TARGETS: jnp.asarray([[1]]), losses.WEIGHTS: jnp.ones((1, 1))}
+    bc = jnp.zeros((1, 1, 2))  # p_MLE(a) = 0.5
+    f = jax.jit(jax.value_and_grad(lambda x: losses.gold_loss(batch, {"logits": x, "bc_logits": bc},
+                                                              importance_floor=0.2, reward_floor=0.1)[0]))
     loss, grad = f(logits)
     assert float(loss) == pytest.approx(-0.75 * 0.5 * math.log(0.75), rel=1e-5)
     np.testing.assert_allclose(grad[0, 0], -0.75 * 0.5 * (np.array([0, 1]) - [0.25, 0.75]), rtol=1e-5)
@@ -378,6 +381,20 @@ def test_bvmpo_keeps_top_half_and_anneals_bc_kl(data):
     assert float(losses.bc_kl_weight(10 ** 6)) == pytest.approx(1e-5, rel=1e-5)
 
 
+def test_bvmpo_anneals_bc_kl_over_the_improve_step(data):
+    # An Improve step of 400 updates puts its length in the batch: λ is 10^-2.5 halfway through it and 1e-5
+    # at its end, not still ~0.56 (the old fixed 10,000-step schedule).
+    outputs = {"logits": jnp.asarray(data["logits"], jnp.float32), "values": jnp.asarray(data["values"]),
+               "old_logits": jnp.asarray(data["old_logits"]), "bc_logits": jnp.asarray(data["bc_logits"]),
+               **losses.init_vmpo_params()}
+    batch = batch_of(data, **{losses.NUM_STEPS: jnp.asarray(400)})
+    for step, lam in ((0, 1.0), (200, 10 ** -2.5), (400, 1e-5)):
+        _, metrics = jax.jit(lambda b, o, s: losses.bvmpo_loss(b, o, s))(batch, outputs, jnp.asarray(step))
+        assert float(metrics["bc_kl_weight"]) == pytest.approx(lam, rel=1e-5)
+    # An explicit bc_kl_weight.decay_steps wins over the run's length.
+    assert float(losses.bc_kl_weight(50, 400, decay_steps=100)) == pytest.approx(10 ** -2.5, rel=1e-5)
+
+
 def test_bvmpo_all_padding_batch_is_finite(data):
     batch = batch_of(data)
     batch[losses.WEIGHTS] = jnp.zeros((B, T))
@@ -396,9 +413,9 @@ def test_registry_names_errors_and_jit(data):
     assert losses.improve_loss() is losses.get_loss("bc")
     with pytest.raises(KeyError, match=r"'gld'.*Did you mean \['gold'\]"):
         losses.get_loss("gld")
-    batch = batch_of(data, mle_logprobs=data["mle"])
-    with pytest.raises(KeyError, match=r"'gold' needs batch\['mle_logprobs'\].*behaviour_logprobs"):
-        losses.gold_loss(batch_of(data), {"logits": jnp.asarray(data["logits"])})
+    batch = batch_of(data)
+    with pytest.raises(KeyError, match=r"'gold' needs outputs\['bc_logits'\].*frozen MLE \(BC\) policy"):
+        losses.gold_loss(batch, {"logits": jnp.asarray(data["logits"])})
     outputs = {"logits": jnp.asarray(data["logits"], jnp.float32), "values": jnp.asarray(data["values"]),
                "old_logits": jnp.asarray(data["old_logits"]), "bc_logits": jnp.asarray(data["bc_logits"]),
                **losses.init_vmpo_params()}

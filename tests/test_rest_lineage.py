@@ -3,6 +3,7 @@
 - Improve i starts from Improve i−1 (G=1 I=0 from BC; G=2 I=0 from G=1's last): its first validation reward
   is the previous stage's best, and a stage that kept its start policy saved exactly the previous parameters.
 - ReST-EM restarts every Improve from BC: first validation reward BC's; parameters BC's when kept.
+- The learning rate falls with every Improve step of the policy's lineage, across Grow steps (ReST-EM: none).
 - Grow g samples from the latest policy: the Grow 2 store's behaviour log-probs are those of G=1's last
   checkpoint, recomputed here by teacher forcing (and not those of BC, when the two policies differ).
 """
@@ -44,7 +45,11 @@ def _same(a, b) -> bool:
 
 
 def _check_starts(run: pathlib.Path, stages: list[str], from_base: bool) -> None:
+    """Each stage's start policy, and its learning rate: lr_decay (0.5 here) to the power of the Improve
+    steps its start policy has been through, counted across Grow steps (0 for ReST-EM, which restarts)."""
     bc = checkpoints.load_params(run / "bc" / "checkpoints")
+    want = [1.0] * len(stages) if from_base else [0.5 ** k for k in range(len(stages))]
+    assert [_stage(run / name)["lr_scale"] for name in stages] == pytest.approx(want)
     base_reward = _stage(run / stages[0])["curve"][0][1]  # the first Improve starts from BC in both
     prev_ckpt, prev_reward = bc, base_reward
     for name in stages:
@@ -89,7 +94,7 @@ def _check_grow_2_policy(run: pathlib.Path, latest: str) -> None:
 @pytest.mark.slow
 def test_rest_stages_start_from_the_previous_policy(tmp_path):
     run = tmp_path / "rest"
-    _run(run, tmp_path / "demo", "--gin.run_rest.num_grow_steps=2")
+    _run(run, tmp_path / "demo", "--gin.run_rest.num_grow_steps=2", "--gin.improve_step.lr_decay=0.5")
     stages = ["grow_1/improve_0", "grow_1/improve_1", "grow_2/improve_0", "grow_2/improve_1"]
     _check_starts(run, stages, from_base=False)
     _check_grow_2_policy(run, _stage(run / "grow_1/improve_1")["checkpoint"])
@@ -99,7 +104,7 @@ def test_rest_stages_start_from_the_previous_policy(tmp_path):
 def test_rest_em_restarts_every_improve_from_bc(tmp_path):
     run = tmp_path / "em"
     _run(run, tmp_path / "demo", "--gin_file=runs/rest_em.gin", "--gin.NUM_ITERATIONS=2",
-         "--gin.threshold_for_step.schedule=[0.0, 0.05]")
+         "--gin.threshold_for_step.schedule=[0.0, 0.05]", "--gin.improve_step.lr_decay=0.5")
     stages = ["grow_1/improve_1", "grow_2/improve_1"]
     _check_starts(run, stages, from_base=True)
     _check_grow_2_policy(run, _stage(run / "grow_1/improve_1")["checkpoint"])
