@@ -170,14 +170,13 @@ def generate(policy: Policy, sources: Sequence[str], *, method: str = "greedy", 
 
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-    """Corpus BLEU and chrF (sacreBLEU defaults) with their signatures."""
-    bleu = sacrebleu.metrics.BLEU()
-    chrf = sacrebleu.metrics.CHRF()
-    refs = [list(references)]
-    b = bleu.corpus_score(list(hypotheses), refs)
-    c = chrf.corpus_score(list(hypotheses), refs)
-    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
-            "chrf_signature": str(chrf.get_signature())}
+    """Corpus BLEU, chrF and TER (sacreBLEU defaults) with their signatures."""
+    out = {}
+    for name, metric in (("bleu", sacrebleu.metrics.BLEU()), ("chrf", sacrebleu.metrics.CHRF()),
+                         ("ter", sacrebleu.metrics.TER())):
+        out[name] = metric.corpus_score(list(hypotheses), [list(references)]).score
+        out[f"{name}_signature"] = str(metric.get_signature())
+    return out
 
 
 def mean_reward(reward: Any, sources: Sequence[str], hypotheses: Sequence[str],
@@ -227,6 +226,18 @@ def evaluate_policy(policy: Policy, sources: Sequence[str], references: Sequence
                        f"BLEU {result['bleu']:.2f}, chrF {result['chrf']:.2f}{reward_text} ({len(hyps)} sentences, "
                        f"{method})")
     return result
+
+
+def sample_reward(policy: Policy, sources: Sequence[str], references: Sequence[str], reward: Any, *,
+                  num_samples: int = 4, seed: int = 0, temperature: float = 0.8, **generate_kwargs: Any) -> float:
+    """Mean reward over `num_samples` samples per source at `temperature`: the measure of ReST's Table 1
+    (the policy's expected reward), beside the greedy translation's."""
+    generate_kwargs.setdefault("progress_desc", f"{num_samples} samples")
+    gens = generate(policy, sources, method="sample", num_samples=num_samples, seed=seed, temperature=temperature,
+                    split_across_processes=True, **generate_kwargs)
+    flat_src = [s for s in sources for _ in range(num_samples)]
+    flat_ref = [r for r in references for _ in range(num_samples)] if reward.needs_reference else None
+    return float(np.mean(rewards_lib.score_pairs(reward, flat_src, [h for c in gens.texts for h in c], flat_ref)))
 
 
 def best_of_n(policy: Policy, sources: Sequence[str], references: Sequence[str], reward: Any, *,

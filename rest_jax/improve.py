@@ -370,7 +370,8 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
                  mesh: Any = None, bc_policy: PyTree | str | None = None, value_pretrain_steps: int = 500,
                  value_pretrain_data: str = "grow", value_training: str | None = None,
                  vmpo_init_eta: float = 1.0, vmpo_init_alpha: float = 1.0,
-                 anchor_period: int | None = 100) -> tuple[Any, dict[str, Any]]:
+                 anchor_period: int | None = 100,
+                 reference_fraction: float | None = None) -> tuple[Any, dict[str, Any]]:
     """One Improve step on Grow data; returns (best policy params, result).
 
     Args:
@@ -386,6 +387,9 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
       loss_name: Improve loss ('bc' default; 'rwbc', 'gold', 'oac', 'bvmpo'; see `rest_jax.losses`).
       filter_method: 'threshold' (paper), 'percentile', 'gamma', 'top_k' or 'none'.
       include_references: Train on the references of D too (ReST: yes; ReST-EM: no).
+      reference_fraction: None: references and samples in the proportion the filter keeps them; f: a fixed
+        share f of every batch's rows are references, the rest samples (the paper's mixing of D and D_g;
+        `improve_data.mixed_batches`). Needs `include_references`.
       max_per_source: Keep at most this many samples per source (ReST-EM: 10).
       lr_decay: The learning rate is `lr_decay ** prior_improves` times the base (gin `create_optimizer` and
         `learning_rate_schedule`, under the gin scope 'improve/' when bound there, else BC's); the paper
@@ -427,6 +431,9 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
     rules = partitioning.standard_logical_axis_rules()
     # Scoped like T5X's fine-tuning configs: `improve/learning_rate_schedule.*` overrides the BC schedule for
     # Improve only (e.g. a constant rate near BC's last one); unscoped bindings still apply otherwise.
+    if reference_fraction is not None and reference_fraction > 0 and not include_references:
+        raise ValueError(f"improve_step.reference_fraction={reference_fraction} needs "
+                         "improve_step.include_references=True.")
     if anchor_period is not None and anchor_period < 1:
         raise ValueError(f"improve_step.anchor_period={anchor_period}; expected a positive number of updates or None.")
     decay_power = improve_index if prior_improves is None else prior_improves
@@ -478,8 +485,13 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
                                    anchor_is_bc=anchor_is_bc)
     train_step = train_lib.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
                                            dropout_seed=seed)
-    batches = numbered(improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed,
-                                                   shard=partitioning.data_shard_info(mesh, rules)), num_steps)
+    data_shard = partitioning.data_shard_info(mesh, rules)
+    if reference_fraction is None:
+        stream = improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed, data_shard)
+    else:
+        stream = improve_data.mixed_batches(data, selection, reference_fraction, batch_size, feature_lengths, seed,
+                                            data_shard)
+    batches = numbered(stream, num_steps)
     copy_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))  # new buffers: the train step donates its state
 
     def shard_fn(b: Batch) -> dict[str, Any]:

@@ -99,6 +99,31 @@ class GrowData:
 
         return cls(read, len(rows), f"{len(ids)} in-memory Grow rows")
 
+    @classmethod
+    def from_pairs(cls, vocab: Any, sources: Sequence[str], references: Sequence[str],
+                   feature_lengths: Mapping[str, int], sources_per_unit: int = 1024) -> GrowData:
+        """The original parallel data D as Grow rows: one reference row per pair (reward 1), no samples.
+
+        Improve on it is BC continued with Improve's schedule, batches and checkpoint selection: the control
+        that tells self-training from fine-tuning at a lower rate (`run_rest.control`).
+        """
+        if len(sources) != len(references):
+            raise ValueError(f"from_pairs: {len(sources)} sources but {len(references)} references")
+        src_tok, _ = evaluate.tokenize(vocab, sources, int(feature_lengths["inputs"]))
+        ref_tok, _ = evaluate.tokenize(vocab, references, int(feature_lengths["targets"]))
+
+        def ragged(lists: Sequence[Sequence[int]]) -> np.ndarray:
+            out = np.empty(len(lists), object)
+            out[:] = [np.asarray(t, np.int64) for t in lists]
+            return out
+
+        m = len(sources)
+        return cls.from_columns({
+            "source_id": np.arange(m), "is_reference": np.ones(m, bool), "reward": np.ones(m, np.float32),
+            "source_text": np.asarray(sources, object), "candidate_text": np.asarray(references, object),
+            "reference_text": np.asarray(references, object), "source_tokens": ragged(src_tok),
+            "candidate_tokens": ragged(ref_tok)}, sources_per_unit)
+
     def read(self, unit: int, columns: Sequence[str]) -> Columns:
         return self._read_unit(unit, tuple(columns))
 
@@ -117,18 +142,19 @@ class Selection:
       include_references: Use the references of D too (ReST: yes; ReST-EM: no).
       method: `filters.apply_filters` method; None keeps every row (the behaviour data of value pre-training).
       max_per_source: ReST-EM's cap per source.
+      include_samples: Use the policy's samples (False: the references alone, one side of a mixed batch).
     """
 
     improve_index: int
     include_references: bool = True
     method: str | None = "threshold"
     max_per_source: int | None = None
+    include_samples: bool = True
 
     def usable(self, cols: Mapping[str, np.ndarray]) -> np.ndarray:
-        """bool [M]: the rows this step may use before any filter (the references only when included)."""
-        if self.include_references:
-            return np.ones(len(cols["reward"]), bool)
-        return ~np.asarray(cols["is_reference"], bool)
+        """bool [M]: the rows this step may use before any filter (references and samples as included)."""
+        is_ref = np.asarray(cols["is_reference"], bool)
+        return (is_ref & self.include_references) | (~is_ref & self.include_samples)
 
     def apply(self, cols: Mapping[str, np.ndarray]) -> tuple[np.ndarray, filters_lib.FilterCounts]:
         """(row indices kept, counts) of one unit."""
@@ -181,7 +207,8 @@ def filter_counts(data: GrowData, selection: Selection) -> Counts:
     num_samples = sum(p[3] for p in per_unit)
     mean = sum(p[2] for p in per_unit) / num_samples if num_samples else float("nan")
     merged.log()
-    if selection.method == "threshold" and selection.improve_index == 1 and merged.value is not None:
+    if selection.method == "threshold" and selection.improve_index == 1 and merged.value is not None \
+            and num_samples:
         filters_lib.check_first_threshold(float(merged.value), mean)
     return Counts(tuple(p[0] for p in per_unit), merged, mean)
 
@@ -329,3 +356,24 @@ def stream_batches(data: GrowData, selection: Selection, counts: Counts, batch_s
     while True:
         rows = [next(reader) for reader in readers for _ in range(per_reader)]
         yield make_batch({c: [row[i] for row in rows] for i, c in enumerate(TRAIN_COLUMNS)}, feature_lengths)
+
+
+def mixed_batches(data: GrowData, selection: Selection, reference_fraction: float, batch_size: int,
+                  feature_lengths: Mapping[str, int], seed: int, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+    """Batches with a fixed share of references (ReST fine-tunes on D mixed with the samples of D_g).
+
+    round(`reference_fraction` · B) rows of each global batch (a multiple of the data shards) come from the
+    references `selection` keeps, the rest from its samples; each side is its own `stream_batches` stream, so
+    the batches still do not depend on the number of processes. A side the filter leaves empty is an error.
+    """
+    if not 0.0 <= reference_fraction <= 1.0:
+        raise ValueError(f"reference_fraction={reference_fraction}; expected a fraction in [0, 1].")
+    n = shard[1]
+    num_refs = int(round(reference_fraction * batch_size / n)) * n
+    sides = ((dataclasses.replace(selection, include_samples=False), num_refs, seed + 1),
+             (dataclasses.replace(selection, include_references=False), batch_size - num_refs, seed))
+    streams = [stream_batches(data, side, filter_counts(data, side), size, feature_lengths, side_seed, shard)
+               for side, size, side_seed in sides if size]
+    while True:
+        blocks = [next(stream) for stream in streams]
+        yield {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}

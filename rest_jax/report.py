@@ -71,16 +71,55 @@ def _fmt(x: Any, scale: float = 1.0, digits: int = 1) -> str:
     return f"{x * scale:.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
+def _fmt_delta(diff: Mapping[str, Any] | None, scale: float = 1.0) -> str:
+    """'+0.8 [+0.2, +1.4]*' for a `significance.Difference.as_dict()` (* when p < 0.05)."""
+    if not diff:
+        return "-"
+    star = "*" if diff["significant"] else ""
+    return (f"{diff['delta'] * scale:+.1f} [{diff['ci_low'] * scale:+.1f}, {diff['ci_high'] * scale:+.1f}]"
+            f"{star}")
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], split: str) -> str:
-    """The paper's table (Gulcehre et al. 2023, Table 1 style): one row per policy, rewards on 0-100."""
+    """The paper's table (Gulcehre et al. 2023, Table 1 style): one row per policy, rewards on 0-100.
+
+    Greedy reward with its paired-bootstrap difference to BC (95% interval, * when p < 0.05), the mean reward
+    of samples (Table 1's measure), and the corpus metrics; a row's `held_out_drops` are flagged.
+    """
     lines = [
-        f"| run | {split} reward | {split} BLEU | {split} chrF | kept fraction | threshold |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| run | {split} reward (greedy) | Δ reward vs BC [95% CI] | sample reward | BLEU | Δ BLEU vs BC | chrF | "
+        "TER | kept fraction | threshold |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        vs = r.get("vs_bc") or {}
+        flag = " ⚠" if r.get("held_out_drops") else ""
         lines.append(
-            f"| {r['name']} | {_fmt(r.get('reward'), 100.0)} | {_fmt(r.get('bleu'))} | {_fmt(r.get('chrf'))} | "
-            f"{_fmt(r.get('kept_fraction'), digits=3)} | {_fmt(r.get('threshold'), digits=2)} |")
+            f"| {r['name']}{flag} | {_fmt(r.get('reward'), 100.0)} | {_fmt_delta(vs.get('reward'), 100.0)} | "
+            f"{_fmt(r.get('sample_reward'), 100.0)} | {_fmt(r.get('bleu'))} | {_fmt_delta(vs.get('bleu'))} | "
+            f"{_fmt(r.get('chrf'))} | {_fmt(r.get('ter'))} | {_fmt(r.get('kept_fraction'), digits=3)} | "
+            f"{_fmt(r.get('threshold'), digits=2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def significance_notes(rows: Sequence[Mapping[str, Any]], reward_name: str) -> str:
+    """What report.md says under the table: which differences to BC are significant, and held-out drops."""
+    better, worse, flat, drops = [], [], [], []
+    for r in rows:
+        diff = (r.get("vs_bc") or {}).get("reward")
+        if diff is None:
+            continue
+        (better if diff["significant"] and diff["delta"] > 0 else worse if diff["significant"] else flat).append(
+            r["name"])
+        if r.get("held_out_drops"):
+            drops.append(f"{r['name']} ({', '.join(r['held_out_drops'])})")
+    lines = ["Differences to BC: paired bootstrap over the test sentences (1,000 resamples, one seed: the "
+             "interval covers the test set's sampling, not training noise; runs over several seeds are summarised "
+             "by `scripts/study_table.py`)."]
+    lines.append(f"- reward significantly higher than BC (p < 0.05): {', '.join(better) or 'none'}")
+    lines.append(f"- significantly lower: {', '.join(worse) or 'none'}; not significant: {', '.join(flat) or 'none'}")
+    lines.append(f"- held-out metrics (not the {reward_name} reward) significantly worse than BC, the reward-hacking "
+                 f"monitor: {'; '.join(drops) or 'none'}")
     return "\n".join(lines) + "\n"
 
 
@@ -143,6 +182,7 @@ def plot_best_of_n(table: Sequence[Mapping[str, float]], path: str | os.PathLike
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N (samples per source)")
     ax.set_ylabel("reward of best of N (0-100)")
+    ax.set_title("Best-of-N, reranked by the reward (oracle when it reads the reference)", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)

@@ -8,6 +8,8 @@ the command line refuses one with other settings: `rest_jax.rerun`):
     <model_dir>/grow_1/store/              Grow store D_1 (TFRecord shards + metadata.json)
     <model_dir>/grow_1/improve_0/          "ReST G=1 I=0" (threshold 0: the whole D_1)
     <model_dir>/grow_1/improve_2/          "ReST G=1 I=2" (τ_2), warm-started from improve_1
+    <model_dir>/grow_1/improve_1/          with `control`: "Control G=1 I=1", the same Improve step on the original
+                                           data D instead of a Grow store (no store is made)
     <model_dir>/report.json, report.md     the paper's table on the held-out split
     <model_dir>/plots/*.png                reward distribution per Grow, validation reward per Improve step,
                                            reward of best-of-N against N
@@ -33,6 +35,7 @@ from rest_jax import improve_data
 from rest_jax import partitioning
 from rest_jax import report
 from rest_jax import rewards as rewards_lib
+from rest_jax import significance
 from rest_jax import train as train_lib
 from rest_jax.data import demo_corpus  # noqa: F401  pylint: disable=unused-import
 from rest_jax.data import grow_store as store_lib
@@ -83,16 +86,73 @@ def _policy_from(checkpoint_dir: str, vocab_path: str) -> evaluate.Policy:
     return evaluate.load_policy(checkpoint=checkpoint_dir, vocabulary=vocab_path)
 
 
+SCORE_KEYS = ("reward", "bleu", "chrf", "ter", "bleu_signature", "chrf_signature", "ter_signature")
+
+
 def _scores(policy: evaluate.Policy, reward: Any, split_data: dict[str, tuple[list[str], list[str]]],
-            stage_dir: str, lengths: dict[str, int]) -> dict[str, Any]:
-    """Reward, BLEU and chrF of greedy translations on each split; translations saved in the stage dir."""
+            stage_dir: str, lengths: dict[str, int], sample_split: str, sample_n: int, temperature: float,
+            seed: int) -> dict[str, Any]:
+    """Reward, BLEU, chrF and TER of greedy translations on each split (saved in the stage dir as
+    `<split>.greedy.txt`), and on `sample_split` the mean reward of `sample_n` samples (0: none)."""
     out = {}
     for split, (srcs, refs) in split_data.items():
         res = evaluate.evaluate_policy(policy, srcs, refs, reward=reward, method="greedy",
                                        output_prefix=os.path.join(stage_dir, f"{split}.greedy"),
                                        max_input_length=lengths["inputs"], max_decode_length=lengths["targets"])
-        out[split] = {k: res[k] for k in ("reward", "bleu", "chrf", "bleu_signature", "chrf_signature")}
+        out[split] = {k: res[k] for k in SCORE_KEYS}
+        out[split]["translations"] = os.path.join(stage_dir, f"{split}.greedy.txt")
+        if split == sample_split and sample_n:
+            out[split]["sample_reward"] = evaluate.sample_reward(
+                policy, srcs, refs, reward, num_samples=sample_n, seed=seed, temperature=temperature,
+                max_input_length=lengths["inputs"], max_decode_length=lengths["targets"])
     return out
+
+
+def _compare_to_bc(rows: list[dict[str, Any]], split: str, data: tuple[list[str], list[str]], reward: Any,
+                   seed: int) -> None:
+    """Adds to each row but BC `vs_bc` (paired bootstrap on `split`) and `held_out_drops` (see significance)."""
+    srcs, refs = data
+    needs_ref = reward.needs_reference
+
+    def translations(row: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+        path = row["scores"][split].get("translations") or os.path.join(
+            os.path.dirname(row["checkpoint"]), f"{split}.greedy.txt")
+        hyps = epath.Path(path).read_text().split("\n")[:len(refs)]
+        return hyps, rewards_lib.score_pairs(reward, srcs, hyps, refs if needs_ref else None)
+
+    base_hyps, base_rewards = translations(rows[0])
+    for row in rows[1:]:
+        hyps, row_rewards = translations(row)
+        diffs = significance.compare(base_hyps, hyps, refs, base_rewards, row_rewards, seed=seed)
+        row["vs_bc"] = {k: d.as_dict() for k, d in diffs.items()}
+        row["held_out_drops"] = significance.held_out_drops(diffs, reward.name)
+
+
+def _grown(g: int, grow_dir: str, store_dir: str, policy_checkpoint: str, vocab_path: str, task: str,
+           grow_split: str, max_grow_sources: int | None, lengths: dict[str, int], seed: int, reward: Any,
+           stores: list[str], replay_grow_steps: int, grow_rewards: dict[str, np.ndarray]) -> improve_data.GrowData:
+    """Grow g (Alg. 1: sample from the latest policy, score), unless finished; its data, with the replayed stores.
+
+    Appends the store to `stores` and its sample rewards to `grow_rewards` (for the plot).
+    """
+    grown = report.stage_result(grow_dir)
+    # A finished Grow whose store was damaged since (e.g. a truncated metadata.json) is redone: the
+    # writer keeps intact shards, rewrites the metadata, and names any shard that must be deleted.
+    if grown is None or not store_lib.GrowStore.is_complete(store_dir):
+        policy = _policy_from(policy_checkpoint, vocab_path)
+        sources, references = evaluate.read_split(task, grow_split, max_grow_sources)
+        meta = grow_lib.grow_dataset(policy, sources, references, store_dir, g, reward=reward,
+                                     max_input_length=lengths["inputs"], max_decode_length=lengths["targets"],
+                                     seed=seed, checkpoint=policy_checkpoint, vocab_path=vocab_path)
+        report.finish_stage(grow_dir, {"name": f"Grow {g}", "store": store_dir, "policy": policy_checkpoint,
+                                       "reward_stats": meta.get("reward_stats"), "timing": meta.get("timing")})
+    # A store kept from an earlier run must have been sampled with this run's vocabulary and model.
+    store_lib.GrowStore(store_dir).check_compatible(vocab=vocab_path, model_config=t5.build_model().config)
+    # Improve streams the store; only the rewards (4 bytes a record) are read here, for the plot.
+    scored = store_lib.GrowStore(store_dir).as_numpy(["reward", "is_reference"])
+    grow_rewards[f"Grow {g}"] = scored["reward"][~scored["is_reference"]]
+    stores.append(store_dir)
+    return improve_data.GrowData.open(stores[-1 - replay_grow_steps:])
 
 
 @gin.configurable
@@ -102,9 +162,10 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
              max_grow_sources: int | None = None, validation_split: str = "validation",
              num_validation_sources: int | None = 500, test_split: str | None = "test",
              num_test_sources: int | None = None, feature_lengths: dict[str, int] | None = None,
-             restart_from_base: bool = False, include_references: bool = True,
-             max_per_source: int | None = None, best_of_n_ns: Sequence[int] = (1, 2, 4, 8, 16),
-             eval_max_length: int = 128, seed: int = 0) -> dict[str, Any]:
+             restart_from_base: bool = False, best_of_n_ns: Sequence[int] = (1, 2, 4, 8, 16),
+             eval_max_length: int = 128, seed: int = 0, bc_run: str | None = None, control: bool = False,
+             replay_grow_steps: int = 0, sample_eval_n: int = 4, sample_eval_temperature: float = 0.8
+             ) -> dict[str, Any]:
     """ReST: BC → Grow → Improve ×I → Grow ...; prints and writes the paper's table (the `rest` command).
 
     Args:
@@ -122,20 +183,36 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         reward that picks the best Improve checkpoint.
       test_split, num_test_sources: Held-out split for the report table (None: report validation).
       feature_lengths: {'inputs', 'targets'} token limits for BC, Grow and Improve.
-      restart_from_base: ReST-EM (Singh et al. 2023): every Improve starts from the BC policy.
-      include_references: Train on the references of D as well (ReST: yes; ReST-EM: no).
-      max_per_source: Cap kept samples per source (ReST-EM: 10).
+      restart_from_base: ReST-EM (Singh et al. 2023): every Improve starts from the BC policy. (Whether
+        Improve trains on the references, and ReST-EM's cap per source: `improve_step.include_references`,
+        `improve_step.max_per_source`.)
       best_of_n_ns: N values of the best-of-N curve for the BC and final policies (() to skip).
       eval_max_length: Source and output token limit when scoring the report's splits (training may trim
         harder: `feature_lengths`), so long held-out sentences are translated whole.
       seed: Seeds BC, Grow sampling and Improve data order.
+      bc_run: A run directory whose vocabulary and finished BC stage this run starts from instead of training
+        its own (several runs of a study then share one BC policy per seed and are paired against it).
+      control: The compute- and schedule-matched control of issue 13: no Grow; every Improve step, with the
+        same schedule, learning rates, steps and checkpoint selection, trains on the original pairs D of
+        `grow_split` (all of them) instead of a Grow store: BC continued at Improve's lower rate. ReST's gain
+        over this row is what self-training adds beyond fine-tuning at a lower rate.
+      replay_grow_steps: Improve at Grow g also trains on the stores of the previous this-many Grow steps
+        (pooled; their references count once per store).
+      sample_eval_n, sample_eval_temperature: Each policy's mean reward over this many samples per test
+        source at this temperature (ReST's Table 1 measure; keep it at the Grow temperature), beside greedy.
+        0: greedy only.
 
     Returns:
       The report (also in `<model_dir>/report.json`).
     """
     lengths = dict(feature_lengths or {"inputs": 128, "targets": 128})
     eval_lengths = {k: max(v, eval_max_length) for k, v in lengths.items()}
-    vocab_path = _vocabulary(model_dir, task, vocab_path, vocab_size)
+    if replay_grow_steps < 0:
+        raise ValueError(f"run_rest.replay_grow_steps={replay_grow_steps}; expected >= 0.")
+    if bc_run and not epath.Path(bc_run, "bc", report.STAGE_FILE).exists():
+        raise FileNotFoundError(f"run_rest.bc_run={bc_run!r} has no finished BC stage (bc/{report.STAGE_FILE}); "
+                                "run its BC first (configs/experiments/multi30k_study/bc.gin shows how).")
+    vocab_path = _vocabulary(bc_run or model_dir, task, vocab_path, vocab_size)
     reward = rewards_lib.get(reward_name)
     val = evaluate.read_split(task, validation_split, num_validation_sources)
     eval_splits = {validation_split: val}
@@ -143,15 +220,28 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         eval_splits[test_split] = evaluate.read_split(task, test_split, num_test_sources)
     report_split = test_split or validation_split
 
+    def scores(policy: evaluate.Policy, splits: dict[str, tuple[list[str], list[str]]], out_dir: str) -> dict:
+        return _scores(policy, reward, splits, out_dir, eval_lengths, report_split, sample_eval_n,
+                       sample_eval_temperature, seed)
+
     # -- BC G=0 I=0 -------------------------------------------------------------------------------------
-    bc_dir = os.path.join(model_dir, "bc")
+    bc_dir = os.path.join(bc_run or model_dir, "bc")
     bc = report.stage_result(bc_dir)
     if bc is None:
         console.logger.info("ReST: behaviour cloning in %s", bc_dir)
         train_lib.train(model_dir=bc_dir, task=task, feature_lengths=lengths, seed=seed)
         policy = _policy_from(os.path.join(bc_dir, "checkpoints"), vocab_path)
         bc = report.finish_stage(bc_dir, {"name": "BC G=0 I=0", "checkpoint": os.path.join(bc_dir, "checkpoints"),
-                                          "scores": _scores(policy, reward, eval_splits, bc_dir, eval_lengths)})
+                                          "scores": scores(policy, eval_splits, bc_dir)})
+    wanted = set(SCORE_KEYS) | ({"sample_reward"} if sample_eval_n else set())
+    if not wanted <= set(bc["scores"].get(report_split, {})):  # a shared BC scored on other splits or measures
+        bc_scores = os.path.join(model_dir, "bc_scores.json")
+        if not epath.Path(bc_scores).exists():
+            found = scores(_policy_from(bc["checkpoint"], vocab_path), eval_splits, os.path.join(model_dir, "bc"))
+            if partitioning.is_chief():
+                report.write_json(bc_scores, found)
+            partitioning.sync_processes("rest_jax: BC rescored")
+        bc = dict(bc, scores=report.read_json(bc_scores))
     rows = [bc]
     base_checkpoint = bc["checkpoint"]
     latest_checkpoint = base_checkpoint
@@ -161,31 +251,21 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
 
     improve_indices = list(range(0 if include_unfiltered_step else 1, num_improve_steps + 1))
     improves_done = 0  # Improve steps behind the latest policy: the learning rate falls with each (ReST Sec. 3)
+    original = None
+    if control:
+        srcs, refs = evaluate.read_split(task, grow_split, None)
+        original = improve_data.GrowData.from_pairs(_policy_from(base_checkpoint, vocab_path).vocab, srcs, refs,
+                                                    lengths)
+    stores: list[str] = []
     for g in range(1, num_grow_steps + 1):
         grow_dir = os.path.join(model_dir, f"grow_{g}")
         store_dir = os.path.join(grow_dir, "store")
-        grown = report.stage_result(grow_dir)
-        # A finished Grow whose store was damaged since (e.g. a truncated metadata.json) is redone: the
-        # writer keeps intact shards, rewrites the metadata, and names any shard that must be deleted.
-        if grown is None or not store_lib.GrowStore.is_complete(store_dir):
-            policy = _policy_from(latest_checkpoint, vocab_path)
-            sources, references = evaluate.read_split(task, grow_split, max_grow_sources)
-            meta = grow_lib.grow_dataset(policy, sources, references, store_dir, g, reward=reward,
-                                         max_input_length=lengths["inputs"],
-                                         max_decode_length=lengths["targets"], seed=seed,
-                                         include_references=include_references, checkpoint=latest_checkpoint,
-                                         vocab_path=vocab_path)
-            grown = report.finish_stage(grow_dir, {"name": f"Grow {g}", "store": store_dir,
-                                                   "policy": latest_checkpoint,
-                                                   "reward_stats": meta.get("reward_stats"),
-                                                   "timing": meta.get("timing")})
-        # A store kept from an earlier run must have been sampled with this run's vocabulary and model.
-        store_lib.GrowStore(store_dir).check_compatible(vocab=vocab_path, model_config=t5.build_model().config)
-        # Improve streams the store; only the rewards (4 bytes a record) are read here, for the plot.
-        data = improve_data.GrowData.open(store_dir)
-        scored = store_lib.GrowStore(store_dir).as_numpy(["reward", "is_reference"])
-        grow_rewards[f"Grow {g}"] = scored["reward"][~scored["is_reference"]]
-
+        if control:
+            data = original
+        else:
+            data = _grown(g, grow_dir, store_dir, latest_checkpoint, vocab_path, task, grow_split,
+                                    max_grow_sources, lengths, seed, reward, stores, replay_grow_steps,
+                                    grow_rewards)
         for i in improve_indices:
             stage_dir = os.path.join(grow_dir, f"improve_{i}")
             done = report.stage_result(stage_dir)
@@ -195,11 +275,10 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                 params, result = improve_lib.improve_step(
                     policy, data, stage_dir, i, val, reward=reward, feature_lengths=lengths, seed=seed + 1000 * g + i,
                     prior_improves=0 if restart_from_base else improves_done,
-                    include_references=include_references, max_per_source=max_per_source,
-                    bc_policy=None if start == base_checkpoint else base_checkpoint)  # BVMPO's frozen π_BC
+                    bc_policy=None if start == base_checkpoint else base_checkpoint)  # BVMPO/GOLD's frozen π_BC
                 best = evaluate.Policy(policy.model, params, policy.vocab)
-                result.update(name=f"ReST G={g} I={i}", start=start,
-                              scores=_scores(best, reward, eval_splits, stage_dir, eval_lengths))
+                result.update(name=f"{'Control' if control else 'ReST'} G={g} I={i}", start=start,
+                              scores=scores(best, eval_splits, stage_dir))
                 done = report.finish_stage(stage_dir, result)
             rows.append(done)
             curves[done["name"]] = [tuple(p) for p in done.get("curve", [])]
@@ -208,10 +287,13 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
             latest_checkpoint = done["checkpoint"]
             improves_done += 1
 
+    _compare_to_bc(rows, report_split, eval_splits[report_split], reward, seed)
     table_rows = []
     for r in rows:
         s = r["scores"][report_split]
         table_rows.append({"name": r["name"], "reward": s["reward"], "bleu": s["bleu"], "chrf": s["chrf"],
+                           "ter": s.get("ter"), "sample_reward": s.get("sample_reward"),
+                           "vs_bc": r.get("vs_bc"), "held_out_drops": r.get("held_out_drops"),
                            "kept_fraction": r.get("kept_fraction"), "threshold": r.get("threshold")})
     out = {"task": task, "reward": reward_name, "split": report_split, "rows": table_rows, "stages": rows}
 
@@ -242,10 +324,16 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
             report.plot_best_of_n(bon, os.path.join(plots, "best_of_n.png"))
         out["best_of_n"] = bon
 
-    md = [f"# ReST on {task} ({reward_name} reward, {report_split} split)\n", report.markdown_table(table_rows,
-                                                                                                report_split)]
+    md = [f"# ReST on {task} ({reward_name} reward, {report_split} split, seed {seed})\n",
+          report.markdown_table(table_rows, report_split), "\n",
+          report.significance_notes(table_rows, reward_name)]
+    if sample_eval_n:
+        md.append(f"\nSample reward: mean over {sample_eval_n} samples per source at temperature "
+                  f"{sample_eval_temperature} (ReST Table 1); the other columns decode greedily.\n")
     if best_of_n_ns:
-        md.append("\nBest-of-N (reward of the reward-best of N samples, temperature 0.8):\n")
+        oracle = (" The reward reads the reference, so this reranker is an **oracle** (it cannot be used at test "
+                  "time); it bounds what a reference-free reranker could reach." if reward.needs_reference else "")
+        md.append(f"\nBest-of-N (reward of the reward-best of N samples, temperature 0.8).{oracle}\n")
         md.append("| policy | N | reward | BLEU |\n| --- | ---: | ---: | ---: |\n")
         md.extend(f"| {r['policy']} | {r['n']} | {100 * r['reward']:.1f} | {r['bleu']:.1f} |\n" for r in out["best_of_n"])
     if chief:

@@ -229,3 +229,49 @@ def test_empty_filter_result_is_a_clear_error(store):
         selection = improve_data.Selection(1, False, "threshold")
         with pytest.raises(ValueError, match="kept no Grow examples"):
             next(_stream(data, selection, 4, seed=0))
+
+
+@pytest.mark.parametrize("fraction, batch_size, refs", [(0.25, 8, 2), (0.5, 8, 4), (1.0, 4, 4), (0.0, 4, 0)])
+def test_mixed_batches_hold_a_fixed_share_of_references(store, fraction, batch_size, refs):
+    # References score 1 and samples less (the fixture), so a row's reward tells which it is.
+    data = improve_data.GrowData.open(store)
+    selection = improve_data.Selection(0, True, "threshold")
+    single = improve_data.mixed_batches(data, selection, fraction, batch_size, LENGTHS, seed=3)
+    two = [improve_data.mixed_batches(data, selection, fraction, batch_size, LENGTHS, seed=3, shard=(i, 2))
+           for i in range(2)]
+    seen_refs = set()
+    for _ in range(12):
+        batch = next(single)
+        is_ref = batch["reward"] == 1.0
+        assert is_ref.sum() == refs and len(is_ref) == batch_size
+        seen_refs.update(map(tuple, batch["encoder_input_tokens"][is_ref]))
+        # Two processes' blocks hold the rows of the one-process batch.
+        blocks = [next(s) for s in two]
+        rows = lambda b: sorted(map(tuple, np.concatenate([b["encoder_input_tokens"], b["decoder_target_tokens"]], 1)))  # noqa: E731,E501
+        assert rows({k: np.concatenate([b[k] for b in blocks]) for k in batch}) == rows(batch)
+    if refs:  # 12 batches of `refs` references walk through all 12 sources' references
+        assert len(seen_refs) == 12
+    with pytest.raises(ValueError, match="fraction in"):
+        next(improve_data.mixed_batches(data, selection, 1.5, 8, LENGTHS, seed=0))
+
+
+def test_selection_of_references_alone_or_samples_alone(store):
+    data = improve_data.GrowData.open(store)
+    only_refs = improve_data.filter_counts(data, improve_data.Selection(0, True, "threshold", include_samples=False))
+    only_samples = improve_data.filter_counts(data, improve_data.Selection(0, False, "threshold"))
+    both = improve_data.filter_counts(data, improve_data.Selection(0, True, "threshold"))
+    assert only_refs.num_kept == 12 and only_samples.num_kept == 12 * 4 == both.num_kept - 12
+
+
+def test_original_pairs_as_grow_rows_for_the_control():
+    class Words:
+        def encode(self, text):
+            return [len(w) + 2 for w in text.split()]
+
+    data = improve_data.GrowData.from_pairs(Words(), ["a bb", "ccc"], ["dd e", "f"], {"inputs": 8, "targets": 8},
+                                            sources_per_unit=1)
+    assert data.num_units == 2
+    cols = data.read(0, ("source_tokens", "candidate_tokens", "is_reference", "reward", "reference_text"))
+    np.testing.assert_array_equal(cols["source_tokens"][0], [3, 4, 1])  # EOS-terminated, as Grow stores them
+    np.testing.assert_array_equal(cols["candidate_tokens"][0], [4, 3, 1])
+    assert cols["is_reference"].all() and (cols["reward"] == 1.0).all() and cols["reference_text"][0] == "dd e"

@@ -92,3 +92,55 @@ def test_rest_loop_end_to_end_and_kill_resume(tmp_path):
     a, b = _store_columns(plain), _store_columns(killed)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+    # The report compares every row with BC by paired bootstrap; its differences are those of the saved
+    # translations, rescored here with sacreBLEU's sentence chrF (the reward).
+    import gin  # pylint: disable=import-outside-toplevel
+    import sacrebleu  # pylint: disable=import-outside-toplevel
+
+    from rest_jax import evaluate  # pylint: disable=import-outside-toplevel
+
+    inspect.load_run_config(plain)
+    try:
+        _, refs = evaluate.read_split("demo_synthetic", "test", 16)
+    finally:
+        gin.clear_config()
+
+    def mean_chrf(path):
+        hyps = path.read_text().split("\n")[:len(refs)]
+        return np.mean([sacrebleu.sentence_chrf(h, [r]).score / 100 for h, r in zip(hyps, refs)])
+
+    bc_reward = mean_chrf(plain / "bc" / "test.greedy.txt")
+    for row, stage in zip(report["rows"][1:], ("improve_0", "improve_1")):
+        diff = row["vs_bc"]["reward"]
+        assert diff["delta"] == pytest.approx(mean_chrf(plain / "grow_1" / stage / "test.greedy.txt") - bc_reward,
+                                              abs=1e-6)
+        assert diff["ci_low"] <= diff["delta"] <= diff["ci_high"] and 0 <= diff["p_value"] <= 1
+        assert set(row["vs_bc"]) == {"reward", "bleu", "chrf", "ter"}
+    assert "sample reward" in (plain / "report.md").read_text() and "**oracle**" in (plain / "report.md").read_text()
+
+
+def test_control_continues_bc_on_the_original_data(tmp_path):
+    """`run_rest.control`: the Improve steps of ReST on D instead of a Grow store, from a shared BC (bc_run)."""
+    demo, bc_run, control = tmp_path / "demo", tmp_path / "bc", tmp_path / "control"
+    bc_only = _command(bc_run, demo) + ["--gin.run_rest.num_grow_steps=0", "--gin.run_rest.best_of_n_ns=()"]
+    proc = subprocess.run(bc_only, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    argv = _command(control, demo) + ["--gin.run_rest.control=True", f"--gin.run_rest.bc_run='{bc_run}'",
+                                      "--gin.run_rest.best_of_n_ns=()"]
+    proc = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((control / "report.json").read_text())
+    bc = json.loads((bc_run / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["BC G=0 I=0", "Control G=1 I=0", "Control G=1 I=1"]
+    assert report["rows"][0] == bc["rows"][0]  # the shared BC, not a new one
+    assert not (control / "bc").exists() and not (control / "grow_1" / "store").exists()
+    first = json.loads((control / "grow_1" / "improve_0" / "stage.json").read_text())
+    # It starts from BC and trains on every training pair of the demo task (20,000), none filtered away.
+    assert first["start"] == os.path.join(str(bc_run), "bc", "checkpoints")
+    assert first["num_kept"] == first["filter"]["num_examples"] == 20_000
+    second = json.loads((control / "grow_1" / "improve_1" / "stage.json").read_text())
+    assert second["start"] == first["checkpoint"] and second["lr_scale"] < first["lr_scale"] == 1.0
+    missing = subprocess.run(_command(tmp_path / "other", demo) + [f"--gin.run_rest.bc_run='{tmp_path / 'none'}'"],
+                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "has no finished BC stage" in missing.stderr
