@@ -181,7 +181,7 @@ class Rule:
     check: Callable[[pathlib.Path, subprocess.CompletedProcess], None] | None = None
     slow: bool = False
     cwd_repo: bool = False  # run in the repository (the command names repository files by relative path)
-    substitute: tuple[tuple[str, str], ...] = ()  # placeholders: (written, replacement; {work} = work dir)
+    substitute: tuple[tuple[str, str], ...] = ()  # (written, replacement; {work}: work dir, {repo}: repository)
 
 
 def _lines(path: pathlib.Path) -> list[str]:
@@ -324,6 +324,27 @@ def check_notebook(work, proc):
     assert f"{work}/runs/demo" in "".join(str(c.get("outputs")) for c in notebook.cells)
 
 
+def check_study(work, proc):
+    for seed in (0, 1, 2):
+        for row in ("rest", "control"):
+            rows = json.loads((work / f"runs/m30k_study/s{seed}/{row}/report.json").read_text())["rows"]
+            assert rows[0]["name"] == "BC G=0 I=0" and "vs_bc" in rows[1], (seed, row)
+
+
+def check_study_table(work, proc):
+    """The BC row of the printed table: mean ± t-interval of the three seeds' BC rewards, by hand."""
+    rewards = [100 * json.loads((work / f"runs/m30k_study/s{s}/bc/report.json").read_text())["rows"][0]["reward"]
+               for s in (0, 1, 2)]
+    half = 4.302653 * np.std(rewards, ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom), from a table
+    assert f"| BC G=0 I=0 | 3 | {np.mean(rewards):.1f} ± {half:.1f} |" in proc.stdout, proc.stdout
+    assert "| rest: ReST G=1 I=1 | 3 |" in proc.stdout and "| control: Control G=1 I=1 | 3 |" in proc.stdout
+
+
+def _small_study() -> tuple[str, ...]:
+    small = [o for o in SMALL_REST if not o.startswith("--gin.TASK=")]
+    return (*small, f"--gin.MULTI30K_DIR='{MULTI30K_DIR}'", "--gin.VOCAB_SIZE=1000")
+
+
 def _small_multi30k() -> tuple[str, ...]:
     small = [o for o in SMALL_REST if not o.startswith("--gin.TASK=")]
     return (*small, f"--gin.MULTI30K_DIR='{MULTI30K_DIR}'", "--gin.VOCAB_SIZE=1000", "--gin.run_rest.num_grow_steps=1")
@@ -337,6 +358,12 @@ RULES: list[tuple[str, Rule]] = [
     (r"^pip install -e \"\.\[test\]\" && (python -m pytest -q -m \"not slow\")$", Rule("ci")),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/multi30k_de_en\.gin ",
      Rule("run", "real data (../shared), tiny sizes", extra=_small_multi30k(), check=check_multi30k, slow=True)),
+    (r"^scripts/multi30k_study\.sh 0 1 2$",
+     Rule("run", "real data (../shared), tiny sizes", extra=_small_study(), check=check_study, slow=True,
+          substitute=(("scripts/", "{repo}/scripts/"),))),
+    (r"^python scripts/study_table\.py runs/m30k_study$",
+     Rule("run", after=(r"^scripts/multi30k_study\.sh 0 1 2$",), check=check_study_table, slow=True,
+          substitute=(("scripts/", "{repo}/scripts/"),))),
     (r"^rest_jax train --gin_file=runs/finetune\.gin ",
      Rule("run", extra=tuple(SMALL["train"]), after=(README_MAIN,), check=check_finetune)),
     (r"^rest_jax train --gin_file=models/tiny\.gin --gin\.MODEL_DIR=\"'runs/demo_bc'\"",
@@ -447,7 +474,7 @@ class Runner:
     def _run_run(self, command, match, rule):
         text = match.group(1) if match.groups() else command.text
         for written, replacement in rule.substitute:
-            text = text.replace(written, replacement.format(work=self.work))
+            text = text.replace(written, replacement.format(work=self.work, repo=REPO))
         text = " ".join([text, *(shlex.quote(o) for o in rule.extra)])
         proc = self._bash(text, REPO if rule.cwd_repo else self.work, self.env)
         assert proc.returncode == 0, f"{command.where}: exit {proc.returncode}\n{proc.stderr[-4000:]}"
@@ -547,7 +574,7 @@ def _params():
 
 @pytest.mark.parametrize("command", _params())
 def test_documented_command(command, runner):
-    if "multi30k" in command.line and not (MULTI30K_DIR / "train.de").exists():
+    if ("multi30k" in command.line or "m30k" in command.line) and not (MULTI30K_DIR / "train.de").exists():
         if os.environ.get("CI"):
             pytest.fail(f"Multi30k not found at {MULTI30K_DIR} (CI is set: real-data tests may not skip)")
         pytest.skip(f"Multi30k not found at {MULTI30K_DIR}")

@@ -4,6 +4,7 @@
   is the previous stage's best, and a stage that kept its start policy saved exactly the previous parameters.
 - ReST-EM restarts every Improve from BC: first validation reward BC's; parameters BC's when kept.
 - The learning rate falls with every Improve step of the policy's lineage, across Grow steps (ReST-EM: none).
+- `run_rest.replay_grow_steps=1`: Improve at Grow 2 reads Grow 1's store too.
 - Grow g samples from the latest policy: the Grow 2 store's behaviour log-probs are those of G=1's last
   checkpoint, recomputed here by teacher forcing (and not those of BC, when the two policies differ).
 """
@@ -94,9 +95,14 @@ def _check_grow_2_policy(run: pathlib.Path, latest: str) -> None:
 @pytest.mark.slow
 def test_rest_stages_start_from_the_previous_policy(tmp_path):
     run = tmp_path / "rest"
-    _run(run, tmp_path / "demo", "--gin.run_rest.num_grow_steps=2", "--gin.improve_step.lr_decay=0.5")
+    _run(run, tmp_path / "demo", "--gin.run_rest.num_grow_steps=2", "--gin.improve_step.lr_decay=0.5",
+         "--gin.run_rest.replay_grow_steps=1")
     stages = ["grow_1/improve_0", "grow_1/improve_1", "grow_2/improve_0", "grow_2/improve_1"]
     _check_starts(run, stages, from_base=False)
+    # Replay: Improve at Grow 2 filters the records of both stores (I=0 keeps all but the invalid ones).
+    records = [len(grow_store.GrowStore(run / f"grow_{g}" / "store").as_numpy(["reward"])["reward"]) for g in (1, 2)]
+    assert _stage(run / "grow_1/improve_0")["filter"]["num_examples"] == records[0]
+    assert _stage(run / "grow_2/improve_0")["filter"]["num_examples"] == sum(records)
     _check_grow_2_policy(run, _stage(run / "grow_1/improve_1")["checkpoint"])
 
 
