@@ -399,3 +399,14 @@ def test_bvmpo_anchor_moves_every_period_and_lambda_spans_the_step(tmp_path, mes
     # λ anneals 1 -> 1e-5 over this step's 6 updates: 10^(-5 s / 6).
     for s, _, lam in seen:
         assert lam == pytest.approx(10 ** (-5 * s / 6), rel=1e-4)
+
+
+def test_reference_fraction_needs_the_references(tmp_path, mesh, policy_params):
+    policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    data = improve_data.GrowData.from_columns(_grow_data([0.9, 0.2, 0.5, 0.7]))
+    with pytest.raises(ValueError, match="reference_fraction=0.5 needs improve_step.include_references=True"):
+        improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
+                             include_references=False, reference_fraction=0.5, mesh=mesh, filter_method="none")
+    with pytest.raises(ValueError, match="anchor_period=0"):
+        improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
+                             loss_name="bvmpo", anchor_period=0, mesh=mesh, filter_method="none")
