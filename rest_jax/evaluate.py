@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -185,9 +186,23 @@ def mean_reward(reward: Any, sources: Sequence[str], hypotheses: Sequence[str],
     return float(np.mean(scores))
 
 
+_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
 def read_split(task: str, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
-    """Raw (sources, references) of a task split, in order."""
+    """Raw (sources, references) of a task split, in order.
+
+    `split` may carry a Python slice, 'validation[:1000]' or 'validation[1000:]': two disjoint parts of one
+    held-out split, to select checkpoints on one and report on the other when a task has no other.
+    """
     from rest_jax.data import tasks  # pylint: disable=import-outside-toplevel
+
+    sliced = _SLICE.match(split)
+    if sliced:
+        srcs, refs = read_split(task, sliced["name"])
+        part = slice(*(int(sliced[k]) if sliced[k] else None for k in ("start", "stop")))
+        srcs, refs = srcs[part], refs[part]
+        return (srcs[:limit], refs[:limit]) if limit is not None else (srcs, refs)
 
     source = tasks.get_source(task)
     if hasattr(source, "pairs"):
