@@ -169,3 +169,23 @@ def seed_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[str, li
             lines.append("| " + " | ".join(cells) + " |")
             table.append(entry)
     return "\n".join(lines) + "\n", table
+
+
+def stage_differences(runs: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], label: str, baseline: str
+                      ) -> str:
+    """`label`'s rows minus `baseline`'s at the same stage (the "G=g I=i" of their names), paired by seed, as
+    markdown: e.g. ReST against its schedule-matched control."""
+    def stages(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+        return {r["name"].split(" ", 1)[1]: r for r in rows if not r["name"].startswith("BC")}
+
+    lines = [f"| {label} − {baseline} at | seeds | Δ reward (greedy) | Δ sample reward | Δ BLEU | Δ chrF |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    pairs = [(stages(a), stages(b)) for a, b in zip(runs[label], runs[baseline])]
+    for stage in pairs[0][0] if pairs else []:
+        both = [(a[stage], b[stage]) for a, b in pairs if stage in a and stage in b]
+        cells = [stage, str(len(both))]
+        for key, scale in (("reward", 100), ("sample_reward", 100), ("bleu", 1), ("chrf", 1)):
+            diffs = [x[key] - y[key] for x, y in both if x.get(key) is not None and y.get(key) is not None]
+            cells.append(_cell(diffs, scale, True) if diffs else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -35,6 +35,13 @@ def main(argv: list[str]) -> int:
     print(f"{len(seeds)} seeds ({', '.join(s.name for s in seeds)}) in {root}; test split of the reports; rewards "
           "0-100; mean ± half-width of the 95% t-interval over seeds; Δ: paired with the same seed's BC.\n")
     print(markdown)
+    if "rest" in runs and "control" in runs:
+        # Runs of the same seeds only: the two lists must pair up.
+        both = [s for s in seeds if (s / "rest" / "report.json").exists() and (s / "control" / "report.json").exists()]
+        paired = {row: [json.loads((s / row / "report.json").read_text())["rows"] for s in both]
+                  for row in ("rest", "control")}
+        print("ReST against its schedule-matched control (same seed, same Improve step):\n")
+        print(significance.stage_differences(paired, "rest", "control"))
     return 0
 
 

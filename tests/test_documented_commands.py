@@ -338,6 +338,7 @@ def check_study_table(work, proc):
     half = 4.302653 * np.std(rewards, ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom), from a table
     assert f"| BC G=0 I=0 | 3 | {np.mean(rewards):.1f} ± {half:.1f} |" in proc.stdout, proc.stdout
     assert "| rest: ReST G=1 I=1 | 3 |" in proc.stdout and "| control: Control G=1 I=1 | 3 |" in proc.stdout
+    assert "| G=1 I=1 | 3 |" in proc.stdout.split("schedule-matched control")[1]
 
 
 def _small_study() -> tuple[str, ...]:

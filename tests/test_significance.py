@@ -83,3 +83,17 @@ def test_seed_table_pairs_each_seed_with_its_own_bc():
     # BC 55.0 ± t·s/√3 with s = 5; Δ = (1, 2, 0) points: mean +1.0 ± 4.303·1/√3 = 2.5; 2 of 3 seeds significant.
     assert lines[2].startswith(f"| BC G=0 I=0 | 3 | 55.0 ± {4.302653 * 5 / math.sqrt(3):.1f} | - |")
     assert "| +1.0 ± 2.5 |" in lines[3] and lines[3].endswith("| 2 / 0 |")
+
+
+def test_stage_differences_pair_rest_with_its_control_by_seed():
+    def rows(kind, rewards):
+        return [{"name": "BC G=0 I=0", "reward": 0.5}] + [
+            {"name": f"{kind} G=1 I={i}", "reward": r, "bleu": 30.0, "chrf": 50.0, "sample_reward": None}
+            for i, r in enumerate(rewards)]
+
+    runs = {"rest": [rows("ReST", [0.50, 0.53]), rows("ReST", [0.50, 0.51])],
+            "control": [rows("Control", [0.50, 0.52]), rows("Control", [0.50, 0.52])]}
+    lines = significance.stage_differences(runs, "rest", "control").splitlines()
+    assert lines[2].startswith("| G=1 I=0 | 2 | +0.0 ± 0.0 | - | +0.0 ± 0.0 |")
+    # Δ per seed: +1 and -1 points: mean 0, half-width t(0.975, 1) · √2 / √2 = 12.706.
+    assert lines[3].startswith("| G=1 I=1 | 2 | +0.0 ± 12.7 | - |")
