@@ -233,15 +233,6 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         policy = _policy_from(os.path.join(bc_dir, "checkpoints"), vocab_path)
         bc = report.finish_stage(bc_dir, {"name": "BC G=0 I=0", "checkpoint": os.path.join(bc_dir, "checkpoints"),
                                           "scores": scores(policy, eval_splits, bc_dir)})
-    wanted = set(SCORE_KEYS) | ({"sample_reward"} if sample_eval_n else set())
-    if not wanted <= set(bc["scores"].get(report_split, {})):  # a shared BC scored on other splits or measures
-        bc_scores = os.path.join(model_dir, "bc_scores.json")
-        if not epath.Path(bc_scores).exists():
-            found = scores(_policy_from(bc["checkpoint"], vocab_path), eval_splits, os.path.join(model_dir, "bc"))
-            if partitioning.is_chief():
-                report.write_json(bc_scores, found)
-            partitioning.sync_processes("rest_jax: BC rescored")
-        bc = dict(bc, scores=report.read_json(bc_scores))
     rows = [bc]
     base_checkpoint = bc["checkpoint"]
     latest_checkpoint = base_checkpoint
@@ -287,6 +278,15 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
             latest_checkpoint = done["checkpoint"]
             improves_done += 1
 
+    wanted = set(SCORE_KEYS) | ({"sample_reward"} if sample_eval_n else set())
+    if not wanted <= set(bc["scores"].get(report_split, {})):  # a shared BC scored on other splits or measures
+        bc_scores = os.path.join(model_dir, "bc_scores.json")
+        if not epath.Path(bc_scores).exists():
+            found = scores(_policy_from(bc["checkpoint"], vocab_path), eval_splits, os.path.join(model_dir, "bc"))
+            if partitioning.is_chief():
+                report.write_json(bc_scores, found)
+            partitioning.sync_processes("rest_jax: BC rescored")
+        rows[0] = dict(bc, scores=report.read_json(bc_scores))
     _compare_to_bc(rows, report_split, eval_splits[report_split], reward, seed)
     table_rows = []
     for r in rows:
