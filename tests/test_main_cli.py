@@ -5,6 +5,7 @@ is injected into the subcommand table.  Expected values are the ones the test pa
 """
 
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -365,8 +366,8 @@ def test_console_script_help_in_a_fresh_process():
 # Macros each experiment leaves %gin.REQUIRED (data locations a user must give); dummies suffice to parse.
 _EXPERIMENT_REQUIRED = {"iwslt14_de_en.gin": ["--gin.IWSLT14_DIR='/nonexistent'"],
                         "wmt_zh_en.gin": ["--gin.TFDS_DATA_DIR='/nonexistent'"]}
-_EXPERIMENTS = sorted(os.listdir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                              "configs", "experiments")))
+_EXPERIMENT_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "experiments"
+_EXPERIMENTS = sorted(p.relative_to(_EXPERIMENT_DIR).as_posix() for p in _EXPERIMENT_DIR.rglob("*.gin"))
 
 
 @pytest.mark.parametrize("name", _EXPERIMENTS)
