@@ -22,9 +22,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("study_dir", help="the directory of s<seed>/<row>/ runs (STUDY_DIR of the study script)")
     args = parser.parse_args(argv)
     root = pathlib.Path(args.study_dir)
-    seeds = sorted((p for p in root.glob("s*") if re.fullmatch(r"s\d+", p.name)), key=lambda p: int(p.name[1:]))
+    seeds = sorted((p for p in root.glob("s*") if re.fullmatch(r"s\d+", p.name) and any(p.glob("*/report.json"))),
+                   key=lambda p: int(p.name[1:]))
     if not seeds:
-        print(f"study_table: no s<seed>/ directories in {root}", file=sys.stderr)
+        print(f"study_table: no s<seed>/<row>/report.json in {root}", file=sys.stderr)
         return 2
     rows = sorted({p.parent.name for s in seeds for p in s.glob("*/report.json")}, key=lambda r: (r != "bc", r))
     runs = {}
