@@ -205,8 +205,10 @@ def _improve_results(model_dir):
     out = {}
     for i in (0, 1):
         stage = json.loads((model_dir / "grow_1" / f"improve_{i}" / "stage.json").read_text())
-        out[i] = {k: stage[k] for k in ("best_step", "validation_reward", "curve", "num_kept", "kept_fraction",
-                                        "scores")}
+        out[i] = {k: stage[k] for k in ("best_step", "validation_reward", "curve", "num_kept", "kept_fraction")}
+        # Scores without the paths of the translation files (like `checkpoint`, they name the run directory).
+        out[i]["scores"] = {split: {k: v for k, v in s.items() if k != "translations"}
+                            for split, s in stage["scores"].items()}
     return out
 
 
