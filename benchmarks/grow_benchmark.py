@@ -16,7 +16,6 @@ import time
 
 import gin
 import jax
-import numpy as np
 
 
 def main() -> None:
@@ -49,8 +48,6 @@ def main() -> None:
     # Force exactly `length` tokens per sample: the cost of a worst-case Grow step.
     original = decoding.sample
     decoding.sample = lambda *a, **k: original(*a, **dict(k, ignore_eos=True))
-    with gin.unlock_config():
-        gin.bind_parameter("generate.max_decode_length", args.length)
     # Warm-up (compilation) on a separate store.
     grow.grow_dataset(policy, sources[:args.batch_size], references[:args.batch_size], os.path.join(tmp, "warm"), 1,
                       num_samples=args.samples, batch_size=args.batch_size, max_decode_length=args.length,

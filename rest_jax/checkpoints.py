@@ -44,6 +44,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
 
+from rest_jax import tree as tree_lib
+
 PyTree = Any
 
 _STATE = "state"
@@ -85,13 +87,9 @@ def _absolute(path: str | os.PathLike) -> epath.Path:
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_str(path): tuple(getattr(leaf, "shape", np.shape(leaf))) for path, leaf in leaves}
+    return {tree_lib.path_str(path): tuple(getattr(leaf, "shape", np.shape(leaf))) for path, leaf in leaves}
 
 
 def _is_out_of_space(exc: BaseException) -> bool:
@@ -367,7 +365,7 @@ def abstract_state(state: PyTree, shardings: PyTree | None = None) -> PyTree:
     return jax.tree.map(_abstract, state, shardings)
 
 
-@gin.configurable
+@gin.configurable(allowlist=["async_save", "keep_period"])  # The rest is passed by every caller.
 class CheckpointManager:
     """Orbax `CheckpointManager` for the train state plus a JSON metadata item.
 
@@ -387,9 +385,9 @@ class CheckpointManager:
                  keep_period: int | None = None, async_save: bool = False, cleanup_tmp: bool = True,
                  keep_knob: str | None = None):
         if period < 1:
-            raise ValueError(f"CheckpointManager.period={period} must be >= 1.")
+            raise ValueError(f"The checkpoint period ({period}) must be >= 1.")
         if keep is not None and keep < 1:
-            raise ValueError(f"CheckpointManager.keep={keep} must be >= 1 or None (keep all).")
+            raise ValueError(f"{keep_knob or 'keep'}={keep} must be >= 1 or None (keep all).")
         self.directory = _absolute(directory)
         self.period = int(period)
         self.keep = keep

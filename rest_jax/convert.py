@@ -46,6 +46,7 @@ from flax import serialization
 
 # Imported here, not lazily: it registers gin configurables, which must happen before gin locks its config.
 from rest_jax import checkpoints
+from rest_jax import tree as tree_lib
 from rest_jax.gin_utils import GinConfigError
 from rest_jax.model.t5 import T5Config, Transformer
 
@@ -63,35 +64,12 @@ class OutputPathError(GinConfigError):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': x}} -> {'a/b': x}."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "/"))
-        else:
-            out[name] = value
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> Params:
-    tree: Params = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def expected_param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
     """'/'-joined parameter name -> shape of `Transformer(config)`, computed abstractly (no memory)."""
     model = Transformer(config)
     tokens = jnp.ones((1, 2), jnp.int32)
     shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), tokens, tokens)["params"]))
-    return {name: tuple(x.shape) for name, x in _flatten(shapes).items()}
+    return {name: tuple(x.shape) for name, x in tree_lib.flatten(shapes).items()}
 
 
 def check_params(config: T5Config, params: Mapping[str, Any], source: str = "checkpoint",
@@ -109,7 +87,7 @@ def check_params(config: T5Config, params: Mapping[str, Any], source: str = "che
     expected = expected_param_shapes(config)
     if encoder_only:
         expected = {k: v for k, v in expected.items() if not k.startswith("decoder/")}
-    got = {name: tuple(np.shape(x)) for name, x in _flatten(params).items()}
+    got = {name: tuple(np.shape(x)) for name, x in tree_lib.flatten(params).items()}
     aliases = aliases or {}
 
     def label(name: str) -> str:
@@ -427,7 +405,7 @@ def params_from_hf(state: Mapping[str, Any], config: T5Config, scale_decoder_out
     if f32:
         raise ValueError(f"{source}: unexpected HF parameter(s) {sorted(f32)}; rest_jax converts "
                          "T5/mT5 encoder-decoders and encoders only (no classification heads).")
-    params = _unflatten(flat)
+    params = tree_lib.unflatten(flat)
     check_params(config, params, source, encoder_only=encoder_only, aliases=aliases)
     return config, _to_jax(params)
 
@@ -435,7 +413,7 @@ def params_from_hf(state: Mapping[str, Any], config: T5Config, scale_decoder_out
 def params_to_hf(config: T5Config, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """rest_jax parameters -> HF `T5ForConditionalGeneration` state dict (float32 numpy)."""
     check_params(config, params, "rest_jax parameters")
-    flat = {k: np.asarray(v, dtype=np.float32) for k, v in _flatten(params).items()}
+    flat = {k: np.asarray(v, dtype=np.float32) for k, v in tree_lib.flatten(params).items()}
     state = {"shared.weight": flat["token_embedder/embedding"]}
     for hf_name, ours, transpose in _hf_names(config):
         state[hf_name] = flat[ours].T if transpose and flat[ours].ndim == 2 else flat[ours]
@@ -652,7 +630,7 @@ def config_from_params(params: Mapping[str, Any], **overrides: Any) -> T5Config:
     (T5X keeps them in gin), nor which gated activation is used (T5 v1.1's GELU is assumed); pass them as
     `overrides` or bind `T5Config.*` in gin.
     """
-    flat = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
+    flat = {k: tuple(np.shape(v)) for k, v in tree_lib.flatten(params).items()}
 
     def shape(name: str) -> tuple[int, ...]:
         if name not in flat:

@@ -26,18 +26,16 @@ import functools
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rest_jax.data.vocab import EOS_ID, PAD_ID
 from rest_jax.model.t5 import T5Config, Transformer
 
 Array = jax.Array
 PyTree = Any
 
-PAD_ID = 0
-EOS_ID = 1
 DECODER_START_ID = 0
 
 # Vocabulary block of the two-level inverse-CDF sampler: a cumulative sum over ~sqrt(V) block sums then over
@@ -269,7 +267,6 @@ def _sample_jit(params: PyTree, encoder_input_tokens: Array, rng: Array, tempera
                         jnp.sum(log_probs, axis=-1))
 
 
-@gin.configurable(denylist=["params", "model_or_config", "encoder_input_tokens", "rng"])
 def sample(params: PyTree, model_or_config: Transformer | T5Config, encoder_input_tokens: Array, rng: Array,
            num_samples: int = 1, max_decode_len: int = 128, temperature: float | Array = 1.0, top_k: int = 0,
            top_p: float = 1.0, eos_id: int = EOS_ID, ignore_eos: bool = False,
@@ -409,7 +406,6 @@ def _beam_search_jit(params: PyTree, encoder_input_tokens: Array, alpha: Array, 
     return BeamSearchOutput(tokens, scores, lengths, log_probs)
 
 
-@gin.configurable(denylist=["params", "model_or_config", "encoder_input_tokens"])
 def beam_search(params: PyTree, model_or_config: Transformer | T5Config, encoder_input_tokens: Array,
                 beam_size: int = 4, alpha: float = 0.6, max_decode_len: int = 128,
                 eos_id: int = EOS_ID) -> BeamSearchOutput:
@@ -503,7 +499,6 @@ def samples_to_batch(encoder_input_tokens: Array, out: DecodeOutput) -> dict[str
 # Ragged input
 
 
-@gin.configurable
 def bucket_length(length: int, buckets: Sequence[int] = (16, 32, 64, 128, 256, 512)) -> int:
     """The smallest bucket >= length (so XLA compiles one program per bucket, not per length)."""
     for bucket in sorted(buckets):

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Sequence
 
 import gin
 import jax
@@ -21,16 +21,17 @@ import numpy as np
 import sacrebleu
 from etils import epath
 
-from rest_jax import console
 from rest_jax import decoding
 from rest_jax import metrics as metrics_lib
 from rest_jax import partitioning
 from rest_jax import report
 from rest_jax import rewards as rewards_lib
 from rest_jax.data import vocab as vocab_lib
+from rest_jax.data.vocab import EOS_ID
+from rest_jax.io import atomic
+from rest_jax.io import console
 from rest_jax.model import t5
 
-EOS_ID = 1
 
 
 @dataclasses.dataclass
@@ -99,7 +100,6 @@ class Generations:
         return [c[0] for c in self.texts]
 
 
-@gin.configurable(denylist=["policy", "sources", "split_across_processes"])
 def generate(policy: Policy, sources: Sequence[str], *, method: str = "greedy", num_samples: int = 1,
              batch_size: int = 64, max_input_length: int = 128, max_decode_length: int = 128,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, beam_size: int = 4,
@@ -117,9 +117,12 @@ def generate(policy: Policy, sources: Sequence[str], *, method: str = "greedy", 
     multi-process job must call this with the same sources: process i decodes batches i, i + P, ... and
     every process gets all results, the same as one process would make them (same batches, same keys).
     Grow, whose processes decode different sources, leaves it off.
+
+    Not gin-configurable: each entry point owns its decoding knobs (`evaluate.beam_size`,
+    `grow_dataset.temperature`, ...) and passes them, so no binding here could be silently overridden.
     """
     if method not in ("greedy", "beam", "sample"):
-        raise ValueError(f"generate.method must be 'greedy', 'beam' or 'sample', got {method!r}.")
+        raise ValueError(f"The decoding method must be 'greedy', 'beam' or 'sample', got {method!r}.")
     if source_tokens is None:
         source_tokens, trimmed = tokenize(policy.vocab, sources, max_input_length)
         if trimmed:
@@ -234,8 +237,8 @@ def evaluate_policy(policy: Policy, sources: Sequence[str], references: Sequence
         result["reward_name"] = reward.name
     if output_prefix is not None:
         prefix = epath.Path(output_prefix)
-        report.atomic_write_text(prefix.parent / (prefix.name + ".txt"), "".join(h + "\n" for h in hyps))
-        report.write_json(prefix.parent / (prefix.name + ".json"), result)
+        atomic.write_text(prefix.parent / (prefix.name + ".txt"), "".join(h + "\n" for h in hyps))
+        atomic.write_json(prefix.parent / (prefix.name + ".json"), result)
     reward_text = f", reward {result['reward']:.4f}" if "reward" in result else ""
     console.stage_done(name, time.perf_counter() - started,
                        f"BLEU {result['bleu']:.2f}, chrF {result['chrf']:.2f}{reward_text} ({len(hyps)} sentences, "
@@ -289,7 +292,8 @@ def best_of_n(policy: Policy, sources: Sequence[str], references: Sequence[str],
 def evaluate(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
              task: str = gin.REQUIRED, split: str = "validation", method: str = "greedy",
              reward_name: str | None = "chrf", limit: int | None = None, best_of_n_ns: Sequence[int] = (),
-             step: int | None = None) -> dict[str, Any]:
+             step: int | None = None, batch_size: int = 64, max_input_length: int = 128,
+             max_decode_length: int = 128, beam_size: int = 4, alpha: float = 0.6) -> dict[str, Any]:
     """The `rest_jax eval` subcommand: scores of a checkpoint on a split.
 
     Writes `<output_dir>/<split>.<method>.txt` (one translation per line) and `.json` (BLEU, chrF,
@@ -299,27 +303,31 @@ def evaluate(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, out
       checkpoint, vocabulary, step: The policy (`load_policy`; step None: the latest).
       output_dir: Where the translations and scores go.
       task, split, limit: The data: a task's split, its first `limit` sentences (None: all).
-      method: 'greedy' or 'beam' (`generate.*` sets beam size, length penalty and token limits).
+      method: 'greedy' or 'beam'.
       reward_name: Registered reward to average over the translations (None: BLEU and chrF only).
       best_of_n_ns: N values of a best-of-N table (ReST Sec. 5); empty: none.
+      batch_size, max_input_length, max_decode_length: Sources per decoding batch; token limits.
+      beam_size, alpha: Beam width and GNMT length penalty (method 'beam').
     """
     policy = load_policy(checkpoint, vocabulary, step)
     sources, references = read_split(task, split, limit)
     reward = rewards_lib.get(reward_name) if reward_name else None
     out = epath.Path(output_dir)
+    decode = dict(batch_size=batch_size, max_input_length=max_input_length, max_decode_length=max_decode_length)
+    beam = dict(beam_size=beam_size, alpha=alpha) if method == "beam" else {}
     result = evaluate_policy(policy, sources, references, reward=reward, method=method,
-                             output_prefix=out / f"{split}.{method}")
+                             output_prefix=out / f"{split}.{method}", **decode, **beam)
     logging.info("%s %s: BLEU %.2f chrF %.2f (%s | %s)", split, method, result["bleu"], result["chrf"],
                  result["bleu_signature"], result["chrf_signature"])
     chief = partitioning.is_chief()  # every process has all the translations; process 0 reports
     if chief:
         print(json.dumps({k: v for k, v in result.items()}, indent=2))
     if best_of_n_ns and reward is not None:
-        table = best_of_n(policy, sources, references, reward, ns=best_of_n_ns)
+        table = best_of_n(policy, sources, references, reward, ns=best_of_n_ns, **decode)
         for row in table:
             row["policy"] = "checkpoint"
         if chief:
-            report.write_json(out / f"{split}.best_of_n.json", table)
+            atomic.write_json(out / f"{split}.best_of_n.json", table)
             report.plot_best_of_n(table, out / f"{split}.best_of_n.png")
         result["best_of_n"] = table
     return result
@@ -327,20 +335,27 @@ def evaluate(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, out
 
 @gin.configurable
 def infer(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, input_file: str = gin.REQUIRED,
-          output_file: str = gin.REQUIRED, method: str = "greedy", step: int | None = None) -> None:
+          output_file: str = gin.REQUIRED, method: str = "greedy", step: int | None = None, batch_size: int = 64,
+          max_input_length: int = 128, max_decode_length: int = 128, beam_size: int = 4,
+          alpha: float = 0.6) -> None:
     """The `rest_jax infer` subcommand: translates each line of `input_file` into `output_file`.
 
     Args:
       checkpoint, vocabulary, step: The policy (`load_policy`; step None: the latest).
       input_file, output_file: One source sentence per line in; one translation per line out.
       method: 'greedy' or 'beam'.
+      batch_size, max_input_length, max_decode_length: Sources per decoding batch; token limits.
+      beam_size, alpha: Beam width and GNMT length penalty (method 'beam').
     """
     from rest_jax.data import text_files  # pylint: disable=import-outside-toplevel
 
     policy = load_policy(checkpoint, vocabulary, step)
     sources = list(text_files.read_lines(input_file))
-    hyps = generate(policy, sources, method=method, progress_desc="translate", split_across_processes=True).first()
-    report.atomic_write_text(output_file, "".join(h + "\n" for h in hyps))
+    beam = dict(beam_size=beam_size, alpha=alpha) if method == "beam" else {}
+    hyps = generate(policy, sources, method=method, progress_desc="translate", split_across_processes=True,
+                    batch_size=batch_size, max_input_length=max_input_length, max_decode_length=max_decode_length,
+                    **beam).first()
+    atomic.write_text(output_file, "".join(h + "\n" for h in hyps))
 
 
 @gin.configurable
@@ -359,10 +374,7 @@ def score(sources_file: str = gin.REQUIRED, hypotheses_file: str = gin.REQUIRED,
     scores = rewards_lib.score_pairs(reward, srcs, hyps, refs)
     text = "".join(f"{s:.6f}\n" for s in scores)
     if output_file:
-        report.atomic_write_text(output_file, text)
+        atomic.write_text(output_file, text)
     print(f"mean {reward_name} reward: {float(np.mean(scores)):.4f} over {len(scores)} sentences")
 
 
-def iterate_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

@@ -367,7 +367,7 @@ FILTER_METHODS = ("threshold", "percentile", "gamma", "top_k", "none")
 
 
 @gin.configurable(denylist=["rewards", "source_ids", "step", "sources", "candidates", "references", "is_reference",
-                            "whole_dataset"])
+                            "whole_dataset", "method", "max_per_source"])
 def apply_filters(
     rewards: np.ndarray,
     source_ids: np.ndarray,

@@ -18,6 +18,8 @@ Public API:
   `required_macros(sources, paths)`  static scan: macros a set of gin files needs but does not bind.
   `config_bindings(text)`            a config text (e.g. a saved config.gin) as binding -> value, macros
                                      substituted; `diff_configs(old, new)` lists the bindings that differ.
+  `sets_knobs(knobs)`                 declares the callee parameters an entry passes itself; `validate`
+                                     rejects bindings of them (they would be silently overridden).
   `save_config(model_dir, text)`     write `config.gin` atomically (local or `gs://`, via etils.epath),
                                      keeping a different earlier one as `config.<k>.gin`.
 """
@@ -719,6 +721,39 @@ def _how_to_set(macro: str) -> str:
     return f"--gin.{macro}=..." + (" or --model_dir=..." if macro == "MODEL_DIR" else "")
 
 
+def sets_knobs(knobs: Mapping[str, str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declares the callee parameters an entry function passes itself, each with what to do instead.
+
+    gin lets an explicit argument win over a binding, so binding e.g. `train.seed` under `rest_jax rest`
+    (which passes `seed=` from `run_rest.seed`) would change nothing. `validate` rejects such bindings and
+    names the knob to use instead. Put it below `@gin.configurable` (gin's wrapper copies the attribute).
+
+        @gin.configurable
+        @gin_utils.sets_knobs({"train.seed": "set run_rest.seed instead"})
+        def run_rest(seed: int = 0): ...
+    """
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.sets_knobs = dict(knobs)  # type: ignore[attr-defined]
+        return fn
+    return mark
+
+
+def _overridden_bindings(entry: Callable[..., Any] | None) -> list[str]:
+    """Bindings of parameters that `entry` passes explicitly (see `sets_knobs`): they could never apply."""
+    knobs = getattr(entry, "sets_knobs", None) or {}
+    name = getattr(entry, "__name__", "the entry")
+    problems = []
+    for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+        if selector == "gin.macro":
+            continue
+        for param in params:
+            knob = f"{selector.rsplit('.', 1)[-1]}.{param}"
+            if knob in knobs:
+                problems.append(f"{_binding_name(scope, selector, param)} has no effect: {name}() passes it "
+                                f"itself; {knobs[knob]}.")
+    return problems
+
+
 def validate(entry: Callable[..., Any] | None = None, cli_bindings: Sequence[Binding] = (),
              always_used_macros: Iterable[str] = ("MODEL_DIR",)) -> None:
     """Checks the parsed config before anything runs, then locks it (`gin.finalize`).
@@ -730,7 +765,8 @@ def validate(entry: Callable[..., Any] | None = None, cli_bindings: Sequence[Bin
       always_used_macros: macros the caller reads itself (the CLI reads MODEL_DIR), never "unused".
     Raises:
       GinConfigError: unbound macro, `%gin.REQUIRED` left in place, unbound entry argument, typo'd macro,
-        a value of the wrong type for its parameter's type hint (e.g. a string for an int).
+        a value of the wrong type for its parameter's type hint (e.g. a string for an int), a binding the
+        entry would override (`sets_knobs`).
     """
     refs = macro_references()
     bound = bound_macros()
@@ -755,6 +791,7 @@ def validate(entry: Callable[..., Any] | None = None, cli_bindings: Sequence[Bin
         for arg in _entry_required_args(entry):
             problems.append(f"{name}() needs argument {arg!r}, which no gin binding sets. Set it with "
                             f"--gin.{name}.{arg}=... or in a gin file.")
+    problems += _overridden_bindings(entry)
     problems += _type_problems()
     used = set(refs) | set(always_used_macros)
     for b in cli_bindings:
@@ -931,8 +968,3 @@ def save_config(model_dir: str | os.PathLike[str], text: str, filename: str = "c
     tmp.write_text(text)
     tmp.replace(final)
     return final
-
-
-def format_bindings(bindings: Mapping[str, Any]) -> list[str]:
-    """`{"train.num_steps": 10}` -> `["train.num_steps = 10"]` (for programmatic callers and tests)."""
-    return [f"{k} = {v!r}" for k, v in bindings.items()]

@@ -17,13 +17,15 @@ import gin
 import jax
 import numpy as np
 
-from rest_jax import console
 from rest_jax import decoding
 from rest_jax import evaluate
+from rest_jax import gin_utils
 from rest_jax import metrics as metrics_lib
 from rest_jax import partitioning
 from rest_jax import rewards as rewards_lib
 from rest_jax.data import grow_store as store_lib
+from rest_jax.data.vocab import EOS_ID
+from rest_jax.io import console
 
 
 def _reference_log_probs(policy: evaluate.Policy, source_tokens: Sequence[Sequence[int]],
@@ -34,8 +36,8 @@ def _reference_log_probs(policy: evaluate.Policy, source_tokens: Sequence[Sequen
         src = list(source_tokens[start:start + batch_size])
         tgt = list(target_tokens[start:start + batch_size])
         rows = len(src)
-        src += [[evaluate.EOS_ID]] * (batch_size - rows)
-        tgt += [[evaluate.EOS_ID]] * (batch_size - rows)
+        src += [[EOS_ID]] * (batch_size - rows)
+        tgt += [[EOS_ID]] * (batch_size - rows)
         scores = np.asarray(decoding.token_scores(
             policy.params, policy.model,
             {"encoder_input_tokens": decoding.pad_to_bucket(src),
@@ -211,6 +213,8 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
 
 
 @gin.configurable
+@gin_utils.sets_knobs({"grow_dataset.checkpoint": "set grow.checkpoint instead",
+                       "grow_dataset.vocab_path": "set grow.vocabulary instead"})
 def grow(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, checkpoint: str = gin.REQUIRED,
          vocabulary: str = gin.REQUIRED, split: str = "train", grow_index: int = 1,
          max_sources: int | None = None) -> dict[str, Any]:

@@ -52,17 +52,18 @@ import numpy as np
 from etils import epath
 
 from rest_jax import checkpoints as ckpt_lib
-from rest_jax import console
 from rest_jax import evaluate
+from rest_jax import gin_utils
 from rest_jax import improve_data
 from rest_jax import losses
 from rest_jax import metrics as metrics_lib
 from rest_jax import optim
 from rest_jax import partitioning
-from rest_jax import report
 from rest_jax import rewards as rewards_lib
 from rest_jax import train as train_lib
 from rest_jax.data import grow_store as store_lib
+from rest_jax.io import atomic
+from rest_jax.io import console
 from rest_jax.model import heads
 
 Batch = dict[str, np.ndarray]
@@ -270,7 +271,7 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: improve_data.
     """Behaviour value estimation (ReST Sec. 5, BVMPO/OAC): fit V(s_t) to the per-token MC return on Grow data.
 
     Trains `value_model` from `params` for `num_steps` with the shared train step and loop
-    (`heads.make_value_loss_fn`, the registered `value` loss) on shuffled batches of `data`.
+    (`losses.make_value_loss_fn`, the registered `value` loss) on shuffled batches of `data`.
 
     Args:
       value_model: A `heads.ValueNetwork`.
@@ -307,7 +308,7 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: improve_data.
     initial = mse(state.params)
     summary: dict[str, Any] = {"steps": int(num_steps), "rows": int(n), "initial_mse": initial}
     if num_steps > 0:
-        step_fn = train_lib.make_train_step(optimizer, heads.make_value_loss_fn(value_model), mesh=mesh, rules=rules,
+        step_fn = train_lib.make_train_step(optimizer, losses.make_value_loss_fn(value_model), mesh=mesh, rules=rules,
                                             state_shardings=shardings, dropout_seed=seed)
         shard_fn = lambda b: partitioning.shard_batch(b, mesh, rules)  # noqa: E731
         batches = improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed, shard)
@@ -335,7 +336,7 @@ def _value_network(policy_params: PyTree, value_model: Any, data: improve_data.G
     ckpt_dir, summary_path = os.path.join(value_dir, "checkpoints"), os.path.join(value_dir, "pretrain.json")
     abstract = _abstract(value_model, mesh, rules)
     if epath.Path(summary_path).exists():
-        summary = report.read_json(summary_path)
+        summary = atomic.read_json(summary_path)
         if summary.get("steps") == num_steps:
             logging.info("Improve: reusing the pre-trained value network in %s.", ckpt_dir)
             params = ckpt_lib.load_params(ckpt_dir, target=nn.unbox(abstract))
@@ -350,7 +351,7 @@ def _value_network(policy_params: PyTree, value_model: Any, data: improve_data.G
     manager = ckpt_lib.CheckpointManager(ckpt_dir, keep=1, period=1)
     manager.save(max(num_steps, 1), {"params": params}, force=True, metadata={"value_pretrain": summary})
     manager.close()
-    report.write_json(summary_path, summary)  # written last: its presence says the checkpoint is whole
+    atomic.write_json(summary_path, summary)  # written last: its presence says the checkpoint is whole
     return params, summary
 
 
@@ -447,7 +448,7 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
     frozen: dict[str, Any] = {}
     value_model, value_summary, anchor_is_bc = None, None, False
     if needs.value:
-        value_model = heads.build_value_network(config=model.config)
+        value_model = heads.build_value_network(model.config)
         # 'grow': the behaviour policy's data, unfiltered (BVE); 'filtered': the rows this step trains on.
         value_rows = improve_data.Selection(improve_index, include_references, None) \
             if value_pretrain_data == "grow" else selection
@@ -568,11 +569,13 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
 
 
 @gin.configurable
+@gin_utils.sets_knobs({"improve_step.reward": "set improve.reward_name instead",
+                       "improve_step.seed": "set improve.seed instead"})
 def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin.REQUIRED,
             task: str = gin.REQUIRED, checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED,
             improve_index: int = 1, validation_split: str = "validation",
             num_validation_sources: int | None = 500, reward_name: str = "chrf", bc_checkpoint: str | None = None,
-            feature_lengths: Mapping[str, int] | None = None, seed: int = 0,
+            seed: int = 0,
             prior_improves: int | None = None) -> dict[str, Any]:
     """The `rest_jax improve` subcommand: one Improve step from a checkpoint.
 
@@ -588,7 +591,6 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
       validation_split, num_validation_sources: Validation split and its first K sources (None: all).
       reward_name: Registered reward for validation (should be the one the store was scored with).
       bc_checkpoint: The BC policy for BVMPO's KL term (start of the Grow sequence); None: the loaded policy.
-      feature_lengths: Override of `improve_step.feature_lengths`.
       seed: Data order and dropout.
       prior_improves: Improve steps the loaded policy has been through since BC (the learning rate is
         `improve_step.lr_decay` to that power); None: `improve_index`.
@@ -602,11 +604,10 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
         store_lib.GrowStore(store).check_compatible(vocab=vocabulary, model_config=policy.config)
     data = improve_data.GrowData.open(stores)
     validation = evaluate.read_split(task, validation_split, num_validation_sources)
-    extra = {"feature_lengths": dict(feature_lengths)} if feature_lengths else {}
     _, result = improve_step(policy, data, model_dir, improve_index, validation, reward=rewards_lib.get(reward_name),
-                             seed=seed, bc_policy=bc_checkpoint, prior_improves=prior_improves, **extra)
+                             seed=seed, bc_policy=bc_checkpoint, prior_improves=prior_improves)
     result.update(start=checkpoint, grow_store=stores, task=task,
                   validation_split=validation_split, reward=reward_name)
-    report.write_json(os.path.join(model_dir, "improve.json"), result)
+    atomic.write_json(os.path.join(model_dir, "improve.json"), result)
     print(json.dumps(result, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
     return result

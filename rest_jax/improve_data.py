@@ -23,7 +23,6 @@ store's size (the RSS benchmark in benchmarks/README.md measures it).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -35,6 +34,7 @@ from rest_jax import evaluate
 from rest_jax import filters as filters_lib
 from rest_jax import partitioning
 from rest_jax.data import grow_store as store_lib
+from rest_jax.data.vocab import EOS_ID
 
 Batch = dict[str, np.ndarray]
 Columns = dict[str, np.ndarray]
@@ -230,8 +230,8 @@ def make_batch(rows: Mapping[str, Sequence[Any]], feature_lengths: Mapping[str, 
     """A T5X-style batch of Grow rows (`TRAIN_COLUMNS`, one entry per row), with what the RL losses need."""
     li, lt = int(feature_lengths["inputs"]), int(feature_lengths["targets"])
     # Trimmed rows keep their last token as EOS, as the seqio pipeline does.
-    src = [s if len(s) <= li else np.concatenate([s[:li - 1], [evaluate.EOS_ID]]) for s in rows["source_tokens"]]
-    tgt = [t if len(t) <= lt else np.concatenate([t[:lt - 1], [evaluate.EOS_ID]])
+    src = [s if len(s) <= li else np.concatenate([s[:li - 1], [EOS_ID]]) for s in rows["source_tokens"]]
+    tgt = [t if len(t) <= lt else np.concatenate([t[:lt - 1], [EOS_ID]])
            for t in rows["candidate_tokens"]]
     targets = _pad(tgt, lt, np.int32)
     decoder_inputs = np.concatenate([np.zeros((len(tgt), 1), np.int32), targets[:, :-1]], axis=1)

@@ -34,6 +34,7 @@ from etils import epath
 
 from rest_jax import gin_utils
 from rest_jax import report
+from rest_jax.io import atomic
 
 CONFIG_FILES = ("config.gin", "operative_config.gin")
 CHECKPOINTS_DIR = "checkpoints"
@@ -233,7 +234,7 @@ def load_run_config(run_dir: str | os.PathLike, bindings: Sequence[str] = ()) ->
     """Parses the run's saved gin config (clearing any other), so models are built as in the run.
 
     The saved config is the fully resolved one (includes expanded, `import` lines at the top), so it
-    needs no search path. `bindings` are extra gin lines applied after it, e.g. "generate.batch_size = 8".
+    needs no search path. `bindings` are extra gin lines applied after it, e.g. "train.batch_size = 8".
     The run's own vocabulary is bound to `get_task.vocabulary`, as `run_rest` does.
 
     Returns:
@@ -445,8 +446,8 @@ def saved_outputs(run_dir: str | os.PathLike, stage: str, split: str = "validati
 def run_task(run_dir: str | os.PathLike) -> str:
     """The run's task name (report.json, else the gin config's `run_rest.task`)."""
     path = epath.Path(run_dir) / "report.json"
-    if path.exists() and report.read_json(path).get("task"):
-        return str(report.read_json(path)["task"])
+    if path.exists() and atomic.read_json(path).get("task"):
+        return str(atomic.read_json(path)["task"])
     ensure_run_config(run_dir)
     task = gin.query_parameter("run_rest.task")
     if not isinstance(task, str):  # a macro reference such as %TASK
@@ -470,7 +471,7 @@ def run_reward(run_dir: str | os.PathLike) -> Any:
     from rest_jax import rewards as rewards_lib  # pylint: disable=import-outside-toplevel
 
     path = epath.Path(run_dir) / "report.json"
-    name = report.read_json(path).get("reward", "chrf") if path.exists() else "chrf"
+    name = atomic.read_json(path).get("reward", "chrf") if path.exists() else "chrf"
     return rewards_lib.get(name)
 
 
@@ -528,7 +529,7 @@ def validation_curves(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, f
             curves[s.name] = [(int(a), float(b)) for a, b in s.result["curve"]]
     path = epath.Path(run_dir) / "report.json"
     if path.exists():
-        for st in report.read_json(path).get("stages", []):
+        for st in atomic.read_json(path).get("stages", []):
             if st.get("curve") and st.get("name") not in curves:
                 curves[st["name"]] = [(int(a), float(b)) for a, b in st["curve"]]
     return curves
@@ -537,24 +538,13 @@ def validation_curves(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, f
 def report_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The report table (`report.json` rows: name, reward, BLEU, chrF, kept fraction, threshold)."""
     path = epath.Path(run_dir) / "report.json"
-    return list(report.read_json(path)["rows"]) if path.exists() else []
-
-
-def _figure(ax: Any, size: tuple[float, float]) -> tuple[Any, Any]:
-    # matplotlib.figure.Figure, not pyplot: no global figure state, works under any backend and in a
-    # notebook (the inline backend displays a returned Figure).
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-
-    fig = Figure(figsize=size)
-    return fig, fig.add_subplot()
+    return list(atomic.read_json(path)["rows"]) if path.exists() else []
 
 
 def plot_grow_rewards(rewards: Mapping[str, np.ndarray], thresholds: Mapping[str, float] | None = None,
                       bins: int = 20, ax: Any = None) -> Any:
     """Histogram (counts) of sample rewards per Grow, Improve thresholds as dashed lines; returns the Figure."""
-    fig, ax = _figure(ax, (6, 3.5))
+    fig, ax = report.figure(ax, (6, 3.5))
     for name, values in rewards.items():
         ax.hist(np.asarray(values, np.float64), bins=bins, range=(0.0, 1.0), alpha=0.5, label=name)
     for label, tau in (thresholds or {}).items():
@@ -571,34 +561,8 @@ def plot_grow_rewards(rewards: Mapping[str, np.ndarray], thresholds: Mapping[str
     return fig
 
 
-def plot_validation_curves(curves: Mapping[str, Sequence[tuple[int, float]]], baseline: float | None = None,
-                           ax: Any = None) -> Any:
-    """Validation reward (0-100) against training step, Improve steps laid end to end; returns the Figure.
-
-    Each Improve step starts at its own step 0 (the policy it warm-starts from); the best point of each,
-    the checkpoint it keeps (ReST Sec. 3), is circled. `baseline` (e.g. the BC policy's validation reward)
-    is drawn as a dotted horizontal line.
-    """
-    fig, ax = _figure(ax, (6, 3.5))
-    offset = 0
-    for name, points in curves.items():
-        if not points:
-            continue
-        steps = np.array([p[0] for p in points]) + offset
-        values = 100.0 * np.array([p[1] for p in points])
-        line, = ax.plot(steps, values, marker=".", label=name)
-        best = int(np.argmax(values))
-        ax.plot(steps[best], values[best], "o", markersize=10, markerfacecolor="none", color=line.get_color())
-        offset = int(steps.max())
-    if baseline is not None:
-        ax.axhline(100.0 * baseline, linestyle=":", color="gray", label="BC")
-    ax.set_xlabel("training step (Improve steps laid end to end)")
-    ax.set_ylabel("validation reward (0-100)")
-    ax.set_title("Validation reward during Improve (circle: kept checkpoint)")
-    if curves or baseline is not None:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+# One figure for the notebook and for the run's plots/validation_reward.png.
+plot_validation_curves = report.validation_curves
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from rest_jax import console
+from rest_jax.io import console
 from rest_jax.partitioning import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 
 EXIT_USAGE = 2

@@ -334,7 +334,7 @@ def gold_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Ar
                   "return": _mean_over_tokens(q, weights), "num_tokens": jnp.sum(weights)}
 
 
-@gin.configurable
+@gin.configurable(denylist=["step", "num_steps"])
 def bc_kl_weight(step: Array | int, num_steps: Array | int | None = None, start: float = 1.0, end: float = 1e-5,
                  decay_steps: int | None = None) -> Array:
     """λ(step) of BVMPO's λ·KL(π_BC ‖ π): geometric from `start` to `end` over `decay_steps`, then `end`.
@@ -484,3 +484,23 @@ def oac_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Arr
     loss = policy + value_loss_coef * v_loss
     return loss, {"loss": loss, "policy_loss": policy, "value_mse": v_loss,
                   "advantage": _mean_over_tokens(adv, weights), "num_tokens": jnp.sum(weights)}
+
+
+def make_value_loss_fn(value_model: Any, loss: Any = None) -> Any:
+    """`(params, batch, rng) -> (loss, aux)` for `train.make_train_step`: training a `model.heads.ValueNetwork`.
+
+    Behaviour value estimation (ReST Sec. 5, BVMPO/OAC): regress V(s_t) on the Monte-Carlo return of the
+    sequence reward over Grow data. `batch` holds T5X's features plus `reward` [B] (the Grow store's field);
+    `loss` is a loss of this module taking `outputs['values']`, by default the registered 'value' loss.
+    """
+    loss = loss if loss is not None else get_loss("value")
+
+    def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array | None):
+        values = value_model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                                   enable_dropout=rng is not None, rngs=None if rng is None else {"dropout": rng})
+        value, metrics = loss(batch, {"values": values})
+        metrics = dict(metrics)
+        metrics.pop("loss", None)
+        return value, metrics
+
+    return loss_fn

@@ -40,10 +40,10 @@ from typing import Any, Callable, Sequence
 # TensorFlow (used by SeqIO for data only) logs device probing at start-up; keep the console for the run.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from rest_jax import console  # noqa: E402
 from rest_jax import gin_utils  # noqa: E402
 from rest_jax import rerun  # noqa: E402
 from rest_jax.gin_utils import Binding, GinConfigError  # noqa: E402
+from rest_jax.io import console  # noqa: E402
 
 PROG = "rest_jax"
 CONFIG_FILENAME = "config.gin"
@@ -85,7 +85,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "infer": Subcommand("rest_jax.evaluate:infer", "Translate inputs with a checkpoint."),
     "score": Subcommand("rest_jax.evaluate:score", "Score (source, translation) pairs with a reward model."),
     "convert": Subcommand("rest_jax.convert:convert", "Convert checkpoints: HF <-> rest_jax, T5X -> rest_jax."),
-    "vocab": Subcommand("rest_jax.data.vocab:train_task_vocabulary", "Train a SentencePiece vocabulary."),
+    "vocab": Subcommand("rest_jax.data.task_vocab:train_task_vocabulary", "Train a SentencePiece vocabulary."),
     "reward-model": Subcommand("rest_jax.rewards.learned:train_learned_reward",
                                "Train a learned (e.g. reference-free) reward model."),
 }
@@ -321,10 +321,10 @@ def load_entry(sub: Subcommand) -> Callable[[], Any]:
 # not depend on which modules a subcommand happens to import first (gin refuses to register a configurable
 # once the config is finalised). tests/test_main_cli.py checks that the list is complete.
 CONFIGURABLE_MODULES = (
-    "rest_jax.checkpoints", "rest_jax.convert", "rest_jax.decoding", "rest_jax.evaluate", "rest_jax.filters",
+    "rest_jax.checkpoints", "rest_jax.convert", "rest_jax.evaluate", "rest_jax.filters",
     "rest_jax.grow", "rest_jax.improve", "rest_jax.improve_data", "rest_jax.losses", "rest_jax.metrics",
     "rest_jax.optim", "rest_jax.partitioning", "rest_jax.rest", "rest_jax.train",
-    "rest_jax.data.demo_corpus", "rest_jax.data.grow_store", "rest_jax.data.pipeline", "rest_jax.data.tasks",
+    "rest_jax.data.demo_corpus", "rest_jax.data.grow_store", "rest_jax.data.task_vocab", "rest_jax.data.tasks",
     "rest_jax.data.vocab", "rest_jax.model.heads", "rest_jax.model.t5",
     "rest_jax.rewards.learned", "rest_jax.rewards.metricx", "rest_jax.rewards.sacrebleu_rewards",
 )

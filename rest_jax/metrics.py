@@ -31,7 +31,7 @@ from etils import epath
 from tensorboardX import SummaryWriter
 from tensorboardX import record_writer
 
-from rest_jax import console
+from rest_jax.io import console
 
 logger = logging.getLogger(__name__)
 

@@ -146,7 +146,7 @@ class Optimizer:
         return self.schedule(counts[0])
 
 
-@gin.configurable
+@gin.configurable(denylist=["lr_scale"])
 def create_optimizer(optimizer: str | Callable[..., optax.GradientTransformation] = "adafactor",
                      schedule: Schedule | None = None, lr_scale: float = 1.0,
                      max_grad_norm: float | None = None) -> Optimizer:
@@ -169,7 +169,7 @@ def create_optimizer(optimizer: str | Callable[..., optax.GradientTransformation
                              "or a callable taking learning_rate=.")
         optimizer = _OPTIMIZERS[optimizer]
     if lr_scale <= 0:
-        raise ValueError(f"create_optimizer.lr_scale={lr_scale} must be positive.")
+        raise ValueError(f"lr_scale={lr_scale} must be positive.")
     base_schedule = schedule if schedule is not None else learning_rate_schedule()
     scaled = base_schedule if lr_scale == 1.0 else (lambda count: lr_scale * base_schedule(count))
     tx = optimizer(learning_rate=scaled)

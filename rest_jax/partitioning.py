@@ -38,6 +38,8 @@ from flax.core import meta
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from rest_jax import tree as tree_lib
+
 logger = logging.getLogger(__name__)
 
 PyTree = Any
@@ -395,10 +397,6 @@ def _fit_to_shape(mesh_spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, 
     return PartitionSpec(*fitted)
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def get_param_shardings(abstract_tree: PyTree, mesh: Mesh, rules: LogicalRules | None = None) -> PyTree:
     """NamedShardings for a (boxed) pytree, e.g. `jax.eval_shape(model.init, ...)` or a train state.
 
@@ -427,7 +425,7 @@ def get_param_shardings(abstract_tree: PyTree, mesh: Mesh, rules: LogicalRules |
         else:
             value, mesh_spec = leaf, PartitionSpec()
         shape = tuple(getattr(value, "shape", ()))
-        return NamedSharding(mesh, _fit_to_shape(mesh_spec, shape, mesh, _path_str(path)))
+        return NamedSharding(mesh, _fit_to_shape(mesh_spec, shape, mesh, tree_lib.path_str(path)))
 
     return jax.tree_util.tree_map_with_path(
         leaf_sharding, abstract_tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
@@ -658,7 +656,7 @@ def shard_batch(batch: PyTree, mesh: Mesh, rules: LogicalRules | None = None) ->
             return _put(local, replicated(mesh))
         global_shape = (local.shape[0] * num_shards,) + local.shape[1:]
         if global_shape[0] % ways:
-            raise ValueError(f"Batch feature '{_path_str(path)}': global batch size {global_shape[0]} "
+            raise ValueError(f"Batch feature '{tree_lib.path_str(path)}': global batch size {global_shape[0]} "
                              f"({local.shape[0]} rows on each of {num_shards} host shard(s)) is not "
                              f"divisible by the {ways}-way batch mesh axes {batch_axes}.")
         sharding = NamedSharding(mesh, PartitionSpec(row_axes, *([None] * (local.ndim - 1))))

@@ -7,61 +7,28 @@ through files, see ARCHITECTURE.md).
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 from etils import epath
 
+from rest_jax.io import atomic
+
 STAGE_FILE = "stage.json"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary name and a rename, so readers never see half a file."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)  # rename() refuses to overwrite; a rerun rewrites its outputs
-    except BaseException:
-        # The old file (if any) is untouched; do not leave a half-written temporary behind (e.g. disk full).
-        if tmp.exists():
-            tmp.unlink()
-        raise
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
-
-
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    return str(x)
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Parses a JSON file; an unparsable one (copied partly or damaged: our writes are atomic) names itself."""
-    text = epath.Path(path).read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): the file is truncated or damaged. Delete it and "
-                         "rerun the same command to redo what wrote it (finished BC checkpoints and Grow "
-                         "shards are reused).") from e
 
 
 def stage_result(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The recorded result of a finished stage, or None if it has not finished."""
     path = epath.Path(stage_dir) / STAGE_FILE
-    return read_json(path) if path.exists() else None
+    return atomic.read_json(path) if path.exists() else None
 
 
 def finish_stage(stage_dir: str | os.PathLike, result: Mapping[str, Any]) -> dict[str, Any]:
     result = dict(result)
-    write_json(epath.Path(stage_dir) / STAGE_FILE, result)
+    atomic.write_json(epath.Path(stage_dir) / STAGE_FILE, result)
     return result
 
 
@@ -144,26 +111,50 @@ def plot_reward_distributions(rewards_per_grow: Mapping[str, Sequence[float]], t
     _save(fig, path)
 
 
-def plot_validation_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike) -> None:
-    """Validation reward against training step, one line per Improve step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure(ax: Any = None, size: tuple[float, float] = (6, 4)) -> tuple[Any, Any]:
+    """(Figure, Axes): `ax`'s, or a new matplotlib.figure.Figure (no pyplot state: any backend, notebooks)."""
+    if ax is not None:
+        return ax.figure, ax
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=size)
+    return fig, fig.add_subplot()
+
+
+def validation_curves(curves: Mapping[str, Sequence[tuple[int, float]]], baseline: float | None = None,
+                           ax: Any = None) -> Any:
+    """Validation reward (0-100) against training step, Improve steps laid end to end; returns the Figure.
+
+    Each Improve step starts at its own step 0 (the policy it warm-starts from); the best point of each,
+    the checkpoint it keeps (ReST Sec. 3), is circled. `baseline` (e.g. the BC policy's validation reward)
+    is drawn as a dotted horizontal line.
+    """
+    fig, ax = figure(ax, (6, 3.5))
     offset = 0
     for name, points in curves.items():
         if not points:
             continue
-        steps, values = zip(*points)
-        ax.plot([offset + s for s in steps], [100 * v for v in values], marker="o", label=name)
-        offset += max(steps)
+        steps = np.array([p[0] for p in points]) + offset
+        values = 100.0 * np.array([p[1] for p in points])
+        line, = ax.plot(steps, values, marker=".", label=name)
+        best = int(np.argmax(values))
+        ax.plot(steps[best], values[best], "o", markersize=10, markerfacecolor="none", color=line.get_color())
+        offset = int(steps.max())
+    if baseline is not None:
+        ax.axhline(100.0 * baseline, linestyle=":", color="gray", label="BC")
     ax.set_xlabel("training step (Improve steps laid end to end)")
     ax.set_ylabel("validation reward (0-100)")
-    ax.set_title("Validation reward during Improve")
-    ax.legend(fontsize=7)
+    ax.set_title("Validation reward during Improve (circle: kept checkpoint)")
+    if curves or baseline is not None:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    return fig
+
+
+def plot_validation_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike,
+                           baseline: float | None = None) -> None:
+    """Writes `validation_curves` to `path`."""
+    _save(validation_curves(curves, baseline), path)
 
 
 def plot_best_of_n(table: Sequence[Mapping[str, float]], path: str | os.PathLike) -> None:
@@ -189,12 +180,10 @@ def plot_best_of_n(table: Sequence[Mapping[str, float]], path: str | os.PathLike
 
 
 def _save(fig: Any, path: str | os.PathLike) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}{path.suffix}"
-    with tmp.open("wb") as f:
-        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120)
+    buf = io.BytesIO()
+    suffix = os.path.splitext(os.fspath(path))[1].lstrip(".")
+    fig.savefig(buf, format=suffix or "png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
+    atomic.write_bytes(path, buf.getvalue())

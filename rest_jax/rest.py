@@ -21,14 +21,13 @@ import os
 from typing import Any, Sequence
 
 import gin
-import jax
 import numpy as np
 from etils import epath
 
 # Every module with gin configurables a ReST config may bind must be imported before gin parses it.
 from rest_jax import checkpoints  # noqa: F401  pylint: disable=unused-import
-from rest_jax import console
 from rest_jax import evaluate
+from rest_jax import gin_utils
 from rest_jax import grow as grow_lib
 from rest_jax import improve as improve_lib
 from rest_jax import improve_data
@@ -39,8 +38,11 @@ from rest_jax import significance
 from rest_jax import train as train_lib
 from rest_jax.data import demo_corpus  # noqa: F401  pylint: disable=unused-import
 from rest_jax.data import grow_store as store_lib
+from rest_jax.data import task_vocab
 from rest_jax.data import tasks  # noqa: F401  pylint: disable=unused-import
 from rest_jax.data import vocab as vocab_lib
+from rest_jax.io import atomic
+from rest_jax.io import console
 from rest_jax.model import t5
 
 
@@ -74,9 +76,9 @@ def _vocabulary(model_dir: str, task: str, vocab_path: str | None, vocab_size: i
     if vocab_path is None:
         # Process 0 trains it; the others wait, then find it (one file, however many processes share MODEL_DIR).
         if partitioning.is_chief():
-            vocab_lib.ensure_vocabulary(task, os.path.join(model_dir, "vocab"), vocab_size=vocab_size)
+            task_vocab.ensure_vocabulary(task, os.path.join(model_dir, "vocab"), vocab_size=vocab_size)
         partitioning.sync_processes("rest_jax: vocabulary trained")
-        vocab_path = vocab_lib.ensure_vocabulary(task, os.path.join(model_dir, "vocab"), vocab_size=vocab_size)
+        vocab_path = task_vocab.ensure_vocabulary(task, os.path.join(model_dir, "vocab"), vocab_size=vocab_size)
     with gin.unlock_config():
         gin.bind_parameter("get_task.vocabulary", vocab_path)
     return vocab_path
@@ -155,7 +157,23 @@ def _grown(g: int, grow_dir: str, store_dir: str, policy_checkpoint: str, vocab_
     return improve_data.GrowData.open(stores[-1 - replay_grow_steps:])
 
 
+_FROM_LENGTHS = "set run_rest.feature_lengths instead"
+_FROM_SEED = "set run_rest.seed instead (each stage derives its own seed from it)"
+
+
 @gin.configurable
+@gin_utils.sets_knobs({
+    "train.model_dir": "BC runs in <run_rest.model_dir>/bc", "train.task": "set run_rest.task instead",
+    "train.feature_lengths": _FROM_LENGTHS, "train.seed": _FROM_SEED,
+    "grow_dataset.reward": "set run_rest.reward_name instead", "grow_dataset.max_input_length": _FROM_LENGTHS,
+    "grow_dataset.max_decode_length": _FROM_LENGTHS, "grow_dataset.seed": _FROM_SEED,
+    "grow_dataset.checkpoint": "Grow samples the latest policy", "grow_dataset.vocab_path": "set run_rest.vocab_path",
+    "improve_step.reward": "set run_rest.reward_name instead", "improve_step.feature_lengths": _FROM_LENGTHS,
+    "improve_step.seed": _FROM_SEED,
+    "train_task_vocabulary.task_name": "the vocabulary is trained on run_rest.task",
+    "train_task_vocabulary.output_dir": "the vocabulary goes to <run_rest.model_dir>/vocab",
+    "train_vocabulary.vocab_size": "set run_rest.vocab_size instead",
+})
 def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_path: str | None = None,
              vocab_size: int = 32000, reward_name: str = "chrf", num_grow_steps: int = 1,
              num_improve_steps: int = 3, include_unfiltered_step: bool = True, grow_split: str = "train",
@@ -284,9 +302,9 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         if not epath.Path(bc_scores).exists():
             found = scores(_policy_from(bc["checkpoint"], vocab_path), eval_splits, os.path.join(model_dir, "bc"))
             if partitioning.is_chief():
-                report.write_json(bc_scores, found)
+                atomic.write_json(bc_scores, found)
             partitioning.sync_processes("rest_jax: BC rescored")
-        rows[0] = dict(bc, scores=report.read_json(bc_scores))
+        rows[0] = dict(bc, scores=atomic.read_json(bc_scores))
     _compare_to_bc(rows, report_split, eval_splits[report_split], reward, seed)
     table_rows = []
     for r in rows:
@@ -306,7 +324,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         report.plot_validation_curves(curves, os.path.join(plots, "validation_reward.png"))
     if best_of_n_ns:
         bon_path = os.path.join(model_dir, "best_of_n.json")
-        bon = report.read_json(bon_path) if os.path.exists(bon_path) else None
+        bon = atomic.read_json(bon_path) if os.path.exists(bon_path) else None
         if bon is None:
             bon = []
             srcs, refs = eval_splits[report_split]
@@ -319,7 +337,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                                               max_decode_length=eval_lengths["targets"]):
                     bon.append(dict(row, policy=name))
             if chief:
-                report.write_json(bon_path, bon)
+                atomic.write_json(bon_path, bon)
         if chief:
             report.plot_best_of_n(bon, os.path.join(plots, "best_of_n.png"))
         out["best_of_n"] = bon
@@ -337,7 +355,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         md.append("| policy | N | reward | BLEU |\n| --- | ---: | ---: | ---: |\n")
         md.extend(f"| {r['policy']} | {r['n']} | {100 * r['reward']:.1f} | {r['bleu']:.1f} |\n" for r in out["best_of_n"])
     if chief:
-        report.write_json(os.path.join(model_dir, "report.json"), out)
-        report.atomic_write_text(os.path.join(model_dir, "report.md"), "".join(md))
+        atomic.write_json(os.path.join(model_dir, "report.json"), out)
+        atomic.write_text(os.path.join(model_dir, "report.md"), "".join(md))
         print("".join(md))
     return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,15 +33,16 @@ import optax
 from jax.sharding import Mesh
 
 from rest_jax import checkpoints as ckpt_lib
-from rest_jax import console
 from rest_jax import losses
 from rest_jax import metrics as metrics_lib
 from rest_jax import optim
 from rest_jax import partitioning
+from rest_jax.io import console
 # Imported for their gin configurables too: `rest_jax train` parses gin after importing this module.
 from rest_jax.data import pipeline
 from rest_jax.data import tasks
 from rest_jax.data import vocab as vocab_lib
+from rest_jax.io import atomic
 from rest_jax.model import t5
 
 PyTree = Any
@@ -230,9 +230,7 @@ def _describe_last_checkpoint(manager: ckpt_lib.CheckpointManager | None, restar
     return text
 
 
-@gin.configurable(denylist=["state", "batches", "train_step", "num_steps", "eval_fn", "checkpoint_manager",
-                            "metric_writer", "eval_metric_writer", "shard_fn", "checkpoint_metadata",
-                            "flops_per_step", "memory_knobs", "restart_hint"])
+@gin.configurable(allowlist=["skip_nonfinite_updates"])  # The callers pass the rest (their own knobs).
 def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable, num_steps: int, *,
                eval_fn: EvalFn | None = None, eval_period: int = 0,
                checkpoint_manager: ckpt_lib.CheckpointManager | None = None,
@@ -495,7 +493,8 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
           eval_period: int = 1000, checkpoint_period: int = 1000, keep_checkpoints: int | None = 3,
           seed: int = 0, optimizer: optim.Optimizer | None = None, mesh: Mesh | None = None,
           loss_fn: LossFn | None = None, eval_callbacks: Sequence[Callable[..., Mapping[str, float]]] = (),
-          shuffle: bool = True, pack: bool = False, init_checkpoint: str | None = None) -> TrainState:
+          shuffle: bool = True, pack: bool = False, init_checkpoint: str | None = None,
+          log_period: int = 50) -> TrainState:
     """Supervised (behaviour cloning) training from gin: the `rest_jax train` subcommand.
 
     Resumes from the latest complete checkpoint in `model_dir/checkpoints` when there is one, with
@@ -525,6 +524,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
       init_checkpoint: Fine-tuning: start from the parameters of this checkpoint (a directory of steps
         or one step) with a fresh optimizer and step 0, unless `model_dir` already has a checkpoint of
         its own to resume from.
+      log_period: Steps between logged train metrics.
 
     Returns:
       The final train state.
@@ -588,10 +588,11 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     config = model.config
     flops = metrics_lib.estimate_flops_per_example(config, lengths["inputs"], lengths["targets"]) * batch_size
     meta = {"task": task, "train_split": train_split, "seed": seed, "batch_size": batch_size,
-            "feature_lengths": lengths, "model_config": _jsonable(dataclasses.asdict(config)),
+            "feature_lengths": lengths, "model_config": atomic.jsonable(dataclasses.asdict(config)),
             "vocabulary": vocabulary}
     with metrics_lib.MetricWriter(model_dir, "train") as writer, metrics_lib.MetricWriter(model_dir, "eval") as ev:
         state, summary = train_loop(state, batches, train_step, num_steps, eval_fn=eval_fn, eval_period=eval_period,
+                                    log_period=log_period,
                                     checkpoint_manager=manager, metric_writer=writer, eval_metric_writer=ev,
                                     shard_fn=shard_fn, checkpoint_metadata=meta, flops_per_step=flops)
     manager.close()
@@ -611,13 +612,3 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
 def finished_work(model_dir: str) -> list[str]:
     """What a rerun of `train` in `model_dir` would resume from: its committed checkpoints (relative paths)."""
     return [f"checkpoints/{step}" for step in ckpt_lib.committed_steps(os.path.join(model_dir, "checkpoints"))]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

@@ -16,9 +16,9 @@ import time
 import pytest
 
 from rest_jax import checkpoints
-from rest_jax import console
 from rest_jax import report
 from rest_jax.data import demo_corpus, text_files, vocab
+from rest_jax.io import console
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 96

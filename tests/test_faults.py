@@ -34,6 +34,7 @@ from etils import epath
 
 from rest_jax import checkpoints, evaluate, report, rest, train
 from rest_jax.data import demo_corpus, grow_store, text_files, vocab
+from rest_jax.io import atomic
 from rest_jax.model import t5
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -268,8 +269,8 @@ def test_stage_markers_and_reports_are_atomic(tmp_path, monkeypatch):
     report.finish_stage(stage, {"name": "Grow 1", "store": "s"})
     assert report.stage_result(stage) == {"name": "Grow 1", "store": "s"}
     # A stage redone after a kill (outputs written, marker not yet) rewrites its files in place.
-    report.atomic_write_text(stage / "validation.greedy.txt", "a\n")
-    report.atomic_write_text(stage / "validation.greedy.txt", "b\n")
+    atomic.write_text(stage / "validation.greedy.txt", "a\n")
+    atomic.write_text(stage / "validation.greedy.txt", "b\n")
     report.finish_stage(stage, {"name": "Grow 1", "store": "t"})
     assert (stage / "validation.greedy.txt").read_text() == "b\n"
     assert report.stage_result(stage) == {"name": "Grow 1", "store": "t"}
@@ -282,7 +283,7 @@ def test_stage_markers_and_reports_are_atomic(tmp_path, monkeypatch):
 
     # Disk full while rewriting report.json: the previous report is intact and no temporary is left.
     path = tmp_path / "report.json"
-    report.write_json(path, {"rows": [1, 2]})
+    atomic.write_json(path, {"rows": [1, 2]})
     path_type = type(epath.Path(path))
     real_write = path_type.write_text
 
@@ -292,10 +293,10 @@ def test_stage_markers_and_reports_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(path_type, "write_text", full_disk)
     with pytest.raises(OSError) as info:
-        report.write_json(path, {"rows": [1, 2, 3]})
+        atomic.write_json(path, {"rows": [1, 2, 3]})
     assert info.value.errno == errno.ENOSPC
     monkeypatch.undo()
-    assert report.read_json(path) == {"rows": [1, 2]}
+    assert atomic.read_json(path) == {"rows": [1, 2]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grow_1", "report.json"]
 
 

@@ -282,7 +282,7 @@ def test_improve_subcommand_end_to_end(tmp_path):
             "--gin.TASK='parallel_text'", "--gin.IMPROVE_INDEX=0",
             f"--gin.parallel_text_source.files={{'validation': '{tmp_path / 'val.tsv'}'}}",
             f"--gin.CHECKPOINT='{tmp_path / 'bc' / 'checkpoints'}'", f"--gin.VOCABULARY='{vocab_path}'",
-            "--gin.improve.feature_lengths={'inputs': 8, 'targets': 8}",
+            "--gin.improve_step.feature_lengths={'inputs': 8, 'targets': 8}",
             "--gin.improve_step.loss_name='oac'", "--gin.improve_step.num_steps=2",
             "--gin.improve_step.eval_period=2", "--gin.improve_step.batch_size=8",
             "--gin.improve_step.value_pretrain_steps=2"]

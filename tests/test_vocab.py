@@ -9,6 +9,7 @@ import pytest
 import sentencepiece as spm
 import tensorflow as tf
 
+from rest_jax.data import task_vocab
 from rest_jax.data import vocab
 
 VOCAB_SIZE = 400
@@ -73,7 +74,7 @@ def test_directory_path_is_accepted(multi30k_vocab):
 
 
 def test_missing_model_error_says_how_to_train(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m rest_jax.data.vocab"):
+    with pytest.raises(FileNotFoundError, match="python -m rest_jax.data.task_vocab"):
         vocab.load_vocabulary(str(tmp_path / "none.model"))
 
 
@@ -109,7 +110,7 @@ def test_command_trains_on_a_task_and_ensure_reuses(tmp_path):
     out = tmp_path / "run" / "vocab"
     binding = f"parallel_text_source.files = {{'train': ('{src}', '{tgt}')}}"
     try:
-        path = vocab.main(
+        path = task_vocab.main(
             ["--task=parallel_text", f"--output={out}", "--vocab_size=50", f"--gin={binding}"]
         )
         v = vocab.load_vocabulary(path)
@@ -117,7 +118,7 @@ def test_command_trains_on_a_task_and_ensure_reuses(tmp_path):
         # Joint vocabulary: both languages' words are covered without unk.
         assert 2 not in v.encode("das haus") and 2 not in v.encode("the house")
         mtime = os.path.getmtime(path)
-        assert vocab.ensure_vocabulary("parallel_text", str(out)) == path
+        assert task_vocab.ensure_vocabulary("parallel_text", str(out)) == path
         assert os.path.getmtime(path) == mtime
     finally:
         gin.clear_config()

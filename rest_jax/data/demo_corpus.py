@@ -42,7 +42,7 @@ from typing import Callable, Optional, Sequence
 
 import gin
 
-from rest_jax import console
+from rest_jax.io import console
 
 # ---------------------------------------------------------------------------
 # Source lexicon (English-like). Surface forms of different words never

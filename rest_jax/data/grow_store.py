@@ -51,7 +51,6 @@ import math
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -61,6 +60,7 @@ import seqio
 import tensorflow as tf
 
 from rest_jax.data.vocab import vocab_fingerprint
+from rest_jax.io import atomic
 
 REFERENCE_SAMPLE_ID = -1
 METADATA_FILE = "metadata.json"
@@ -138,28 +138,13 @@ def _is_out_of_space(exc: BaseException) -> bool:
 # Fingerprints.
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    try:  # dtypes (jnp.bfloat16, np.float32, 'float32') compare by name.
-        return np.dtype(value).name
-    except TypeError:
-        return getattr(value, "__name__", str(value))
-
-
 def model_config_dict(model_config: Any) -> dict[str, Any]:
     """A JSON-able dict of a model config (a dataclass such as T5Config, or a mapping)."""
     if dataclasses.is_dataclass(model_config) and not isinstance(model_config, type):
         model_config = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config)}
     if not isinstance(model_config, Mapping):
         raise TypeError(f"model_config must be a dataclass or a mapping, got {type(model_config).__name__}")
-    return _jsonable(model_config)
+    return atomic.jsonable(model_config)
 
 
 def model_config_fingerprint(model_config: Any,
@@ -175,14 +160,6 @@ def model_config_fingerprint(model_config: Any,
 
 def _join(directory: str, name: str) -> str:
     return os.path.join(directory, name)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}{TMP_SUFFIX}-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=False))
-    _fsync_local(tmp)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def _fsync_local(path: str) -> None:
@@ -537,7 +514,7 @@ def _prepare_batch(cols: dict[str, list], n: int, grow_index: int, where: str) -
 # Writer.
 
 
-@gin.configurable
+@gin.configurable(allowlist=["encode_batch_size"])  # The rest is passed by Grow.
 class GrowStoreWriter:
     """Writes a Grow store shard by shard, resumably (ReST Sec. 3, Grow).
 
@@ -583,7 +560,7 @@ class GrowStoreWriter:
                     "kept and checked again against the new layout.") from e
             self._check_same_layout(existing, layout_path)
         else:
-            _write_json_atomic(layout_path, self.layout.to_json())
+            atomic.write_json(layout_path, self.layout.to_json(), indent=1, sort_keys=False)
         foreign = _foreign_shards(self.directory, self.num_shards)
         if foreign:
             raise GrowStoreMismatchError(
@@ -746,7 +723,7 @@ class GrowStoreWriter:
             "reward_stats": {"all": reward_stats(rewards_all), "samples": reward_stats(rewards_all[~ref_all]),
                              "references": reward_stats(rewards_all[ref_all])},
             "checkpoint": None if checkpoint is None else os.fspath(checkpoint),
-            "config": _jsonable(config),
+            "config": atomic.jsonable(config),
             "vocab": None if vocab is None else {
                 "path": os.fspath(getattr(vocab, "sentencepiece_model_file", vocab)),
                 "sha256": vocab_fingerprint(vocab)},
@@ -754,9 +731,9 @@ class GrowStoreWriter:
                 "fields": model_config_dict(model_config),
                 "ignored_fields": list(DEFAULT_IGNORED_MODEL_FIELDS),
                 "sha256": model_config_fingerprint(model_config)},
-            "extra": _jsonable(dict(extra or {})),
+            "extra": atomic.jsonable(dict(extra or {})),
         }
-        _write_json_atomic(_join(self.directory, METADATA_FILE), metadata)
+        atomic.write_json(_join(self.directory, METADATA_FILE), metadata, indent=1, sort_keys=False)
         return metadata
 
 
@@ -1031,7 +1008,6 @@ def default_task_name(store: GrowStore) -> str:
     return f"grow_store_g{store.grow_index}_{tail}_{digest}"
 
 
-@gin.configurable
 def register_seqio_task(store: GrowStore | str | os.PathLike, vocabulary: seqio.Vocabulary,
                         name: str | None = None, model_config: Any = None,
                         preprocessors: Sequence[Callable[..., Any]] = (), split: str = "train",

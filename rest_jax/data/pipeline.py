@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Iterator, Mapping, Optional, Union
 
-import gin
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -49,10 +48,10 @@ def _host_batch_size(batch_size: int, shard: seqio.ShardInfo) -> int:
     return batch_size // shard.num_shards
 
 
-def _check_lengths(feature_lengths: Mapping[str, int]) -> dict[str, int]:
-    if set(feature_lengths) != {"inputs", "targets"}:
+def _check_lengths(feature_lengths: Mapping[str, int] | None) -> dict[str, int]:
+    if feature_lengths is None or set(feature_lengths) != {"inputs", "targets"}:
         raise ValueError(
-            f"feature_lengths needs exactly 'inputs' and 'targets'; got {dict(feature_lengths)}."
+            f"feature_lengths needs exactly 'inputs' and 'targets'; got {feature_lengths}."
         )
     return {k: int(v) for k, v in feature_lengths.items()}
 
@@ -63,12 +62,11 @@ def _to_numpy(batch: Mapping[str, np.ndarray]) -> Batch:
     return out
 
 
-@gin.configurable(denylist=["task", "split"])
 def get_batches(
     task: Union[str, seqio.Task],
     split: str = "train",
     batch_size: int = 64,
-    feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    feature_lengths: Mapping[str, int] | None = None,
     shuffle: bool = True,
     seed: int = 0,
     start_step: int = 0,
@@ -187,12 +185,11 @@ def _pad_batch(batch: Batch, rows: int) -> Batch:
     return out
 
 
-@gin.configurable(denylist=["task", "split"])
 def get_eval_batches(
     task: Union[str, seqio.Task],
     split: str = "validation",
     batch_size: int = 64,
-    feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    feature_lengths: Mapping[str, int] | None = None,
     shard_index: Optional[int] = None,
     num_shards: Optional[int] = None,
 ) -> Iterator[Batch]:

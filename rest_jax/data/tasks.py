@@ -294,7 +294,7 @@ def _require_dir(data_dir: Optional[str], knob: str, what: str, how: str) -> str
     return data_dir
 
 
-@gin.configurable
+@gin.configurable(denylist=["source_lang", "target_lang"])
 def multi30k_source(
     source_lang: str = "de",
     target_lang: str = "en",
@@ -326,7 +326,7 @@ IWSLT14_PREPARE_HINT = (
 )
 
 
-@gin.configurable
+@gin.configurable(denylist=["source_lang", "target_lang"])
 def iwslt14_source(
     source_lang: str = "de", target_lang: str = "en", data_dir: Optional[str] = None
 ) -> ParallelTextSource:
@@ -372,7 +372,7 @@ def parallel_text_source(
     return ParallelTextSource(files, swap=reverse)
 
 
-@gin.configurable
+@gin.configurable(allowlist=["data_dir", "shuffle_buffer_size"])
 def tfds_translation_source(
     tfds_name: str,
     source_lang: str,
@@ -486,7 +486,7 @@ def get_task(
     if vocabulary is None:
         raise ValueError(
             f"Task {name!r} needs a vocabulary: set gin `get_task.vocabulary = "
-            "'/path/sentencepiece.model'`, or train one with `python -m rest_jax.data.vocab "
+            "'/path/sentencepiece.model'`, or train one with `python -m rest_jax.data.task_vocab "
             f"--task={name} --output=DIR --vocab_size=N`."
         )
     if isinstance(vocabulary, str):

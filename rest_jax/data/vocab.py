@@ -1,4 +1,4 @@
-"""SentencePiece vocabularies: train one on a task's text, or load an existing one.
+"""SentencePiece vocabularies: train one on sentences, or load an existing one.
 
 ReST (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 4) trains its translation
 policies from scratch on each task with a joint source-target SentencePiece
@@ -6,20 +6,14 @@ vocabulary of 32k pieces. The ids follow T5: pad=0, eos=1, unk=2 and no BOS, so
 models and checkpoints interoperate with T5X and with T5/mT5 `.model` files,
 which `load_vocabulary` accepts by path (local or gs://).
 
-Command line:
-
-  python -m rest_jax.data.vocab --task=multi30k_de_en --output=/tmp/run/vocab \\
-      --vocab_size=8000 --gin='multi30k_source.data_dir="/data/multi30k"'
+A task's vocabulary (its text, the `vocab` subcommand, a run's own copy) is `rest_jax.data.task_vocab`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
 import random
-import time
 from typing import Iterable, Optional, Sequence
 
 import gin
@@ -28,7 +22,8 @@ import sentencepiece as spm
 import tensorflow as tf
 from sentencepiece import sentencepiece_model_pb2
 
-from rest_jax import console
+from rest_jax.io import atomic
+
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 DEFAULT_MODEL_NAME = "sentencepiece.model"
@@ -53,14 +48,7 @@ def _sample_sentences(sentences: Iterable[str], max_sentences: int, seed: int) -
     return reservoir, count
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-@gin.configurable(denylist=["sentences", "output_dir"])
+@gin.configurable(denylist=["sentences", "output_dir", "metadata"])
 def train_vocabulary(
     sentences: Iterable[str],
     output_dir: str,
@@ -119,9 +107,9 @@ def train_vocabulary(
         **(metadata or {}),
     }
     # The model goes last: its presence tells `ensure_vocabulary` all is written.
-    _atomic_write(base + ".vocab", listing.encode("utf-8"))
-    _atomic_write(base + ".json", json.dumps(info, indent=2).encode("utf-8"))
-    _atomic_write(path, model)
+    atomic.write_text(base + ".vocab", listing)
+    atomic.write_json(base + ".json", info, sort_keys=False)
+    atomic.write_bytes(path, model)
     return path
 
 
@@ -168,49 +156,7 @@ class _BytesWriter:
         self.data += data
 
 
-def task_training_text(task_name: str, split: str = "train") -> Iterable[str]:
-    """Yields source and target sentences of a task's split (joint vocabulary)."""
-    from rest_jax.data import tasks  # Local import: tasks imports this module.
-
-    source = tasks.get_source(task_name)
-    for ex in source.get_dataset(split=split, shuffle=False).as_numpy_iterator():
-        yield ex["inputs"].decode("utf-8")
-        yield ex["targets"].decode("utf-8")
-
-
-@gin.configurable
-def train_task_vocabulary(
-    task_name: str = gin.REQUIRED, output_dir: str = gin.REQUIRED, split: str = "train", **kwargs
-) -> str:
-    """Trains a joint vocabulary on `task_name`'s `split`; returns the model path.
-
-    Gin-callable as a whole (`train_task_vocabulary.task_name = %TASK`,
-    `.output_dir = ...`); the size and other knobs are `train_vocabulary`'s.
-    """
-    return train_vocabulary(
-        task_training_text(task_name, split),
-        output_dir,
-        metadata={"task": task_name, "split": split},
-        **kwargs,
-    )
-
-
-def ensure_vocabulary(task_name: str, output_dir: str, **kwargs) -> str:
-    """Returns the vocabulary in `output_dir`, training it first if absent.
-
-    A run stores its vocabulary in its model directory; a rerun after a kill
-    reuses it instead of training a (possibly different) one again.
-    """
-    path = os.path.join(output_dir, kwargs.get("model_name", DEFAULT_MODEL_NAME))
-    if tf.io.gfile.exists(path):
-        return path
-    started = time.perf_counter()
-    path = train_task_vocabulary(task_name, output_dir, **kwargs)
-    console.stage_done("vocabulary", time.perf_counter() - started, f"trained on {task_name}: {path}")
-    return path
-
-
-@gin.configurable
+@gin.configurable(denylist=["path"])
 def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
     """Loads a SentencePiece model by path (local or gs://), checking T5 ids.
 
@@ -227,7 +173,7 @@ def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabul
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(
             f"SentencePiece model not found: {path}. Train one with "
-            "`python -m rest_jax.data.vocab --task=NAME --output=DIR --vocab_size=N`, "
+            "`python -m rest_jax.data.task_vocab --task=NAME --output=DIR --vocab_size=N`, "
             "or give the path of an existing T5/mT5 .model file."
         )
     vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
@@ -245,30 +191,6 @@ def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabul
             f"needs ({PAD_ID}, {EOS_ID}, {UNK_ID}); retrain with pad_id=0 eos_id=1 unk_id=2."
         )
     return vocab
-
-
-def main(argv: Optional[Sequence[str]] = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", required=True, help="registered task name, e.g. multi30k_de_en")
-    parser.add_argument("--output", required=True, help="directory for the model (local or gs://)")
-    parser.add_argument("--vocab_size", type=int, default=None, help="default: gin (32000)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--character_coverage", type=float, default=None)
-    parser.add_argument("--gin_file", action="append", default=[])
-    parser.add_argument("--gin", action="append", default=[], help="gin binding, repeatable")
-    args = parser.parse_args(argv)
-    from rest_jax.data import tasks  # noqa: F401  Registers the gin configurables.
-
-    gin.parse_config_files_and_bindings(args.gin_file, args.gin)
-    kwargs = {}
-    if args.vocab_size is not None:
-        kwargs["vocab_size"] = args.vocab_size
-    if args.character_coverage is not None:
-        kwargs["character_coverage"] = args.character_coverage
-    path = train_task_vocabulary(args.task, args.output, split=args.split, **kwargs)
-    vocab = load_vocabulary(path)
-    print(f"Wrote {path} ({vocab.vocab_size} pieces).")
-    return path
 
 
 def check_fits_model(vocabulary: seqio.Vocabulary, model_vocab_size: int, what: str, advice: str) -> None:
@@ -293,6 +215,3 @@ def vocab_fingerprint(vocab: str | os.PathLike | seqio.Vocabulary) -> str:
     with tf.io.gfile.GFile(os.fspath(path), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
-
-if __name__ == "__main__":
-    main()

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rest_jax import partitioning
+from rest_jax import tree as tree_lib
 from rest_jax.model.t5 import T5Config, Transformer
 
 Array = jax.Array
@@ -155,17 +156,19 @@ class RegressionModel(_Trunk):
         return self.regression_head(self.pooled(encoder_input_tokens, enable_dropout))
 
 
-@gin.configurable
-def build_value_network(config: T5Config | None = None, output: str = "sigmoid",
-                        head_bias: bool = True) -> ValueNetwork:
+@gin.configurable(denylist=["policy_config"])
+def build_value_network(policy_config: T5Config | None = None, config: T5Config | None = None,
+                        output: str = "sigmoid", head_bias: bool = True) -> ValueNetwork:
     """The value network from gin (`build_value_network.config = @value/T5Config()` for its own shape).
 
     Args:
-      config: T5 shape; `T5Config()` with its gin bindings (i.e. the policy's shape) by default.
+      policy_config: The policy's shape, used when `config` is not bound (`T5Config()` if None too).
+      config: T5 shape of the value network; default: the policy's.
       output: 'sigmoid' (V in [0, 1]) or 'linear' (unbounded).
       head_bias: Whether the value head has a bias.
     """
-    return ValueNetwork(config if config is not None else T5Config(), output=output, head_bias=head_bias)
+    config = config if config is not None else policy_config if policy_config is not None else T5Config()
+    return ValueNetwork(config, output=output, head_bias=head_bias)
 
 
 @gin.configurable
@@ -174,28 +177,6 @@ def build_regression_model(config: T5Config | None = None, pooling: str = "mean"
     """A regression model from gin; see `RegressionModel` for the knobs."""
     return RegressionModel(config if config is not None else T5Config(), pooling=pooling, output=output,
                            head_bias=head_bias)
-
-
-def make_value_loss_fn(value_model: ValueNetwork, loss: Any = None) -> Any:
-    """`(params, batch, rng) -> (loss, aux)` for `rest_jax.train.make_train_step`: value-network training.
-
-    Behaviour value estimation (ReST Sec. 5, BVMPO/OAC): regress V(s_t) on the Monte-Carlo return of the
-    sequence reward over Grow data. `batch` holds T5X's features plus `reward` [B] (the Grow store's field);
-    `loss` is a `rest_jax.losses` loss taking `outputs['values']`, by default the registered 'value' loss.
-    """
-    from rest_jax import losses  # pylint: disable=import-outside-toplevel
-
-    loss = loss if loss is not None else losses.get_loss("value")
-
-    def loss_fn(params: PyTree, batch: Mapping[str, Array], rng: Array | None):
-        values = value_model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                                   enable_dropout=rng is not None, rngs=None if rng is None else {"dropout": rng})
-        value, metrics = loss(batch, {"values": values})
-        metrics = dict(metrics)
-        metrics.pop("loss", None)
-        return value, metrics
-
-    return loss_fn
 
 
 def init_params(model: nn.Module, rng: Array, batch_size: int = 1, input_length: int = 8,
@@ -211,31 +192,10 @@ def abstract_params(model: nn.Module) -> PyTree:
     return jax.eval_shape(lambda: init_params(model, jax.random.key(0), input_length=2, target_length=2))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def check_param_tree(expected: PyTree, got: Mapping[str, Any], source: str) -> None:
     """Raises ValueError naming every missing, unexpected or misshapen parameter of `got`."""
-    want = {k: tuple(np.shape(v)) for k, v in _flatten(nn.unbox(expected)).items()}
-    have = {k: tuple(np.shape(v)) for k, v in _flatten(got).items()}
+    want = {k: tuple(np.shape(v)) for k, v in tree_lib.flatten(nn.unbox(expected)).items()}
+    have = {k: tuple(np.shape(v)) for k, v in tree_lib.flatten(got).items()}
     problems = [f"missing {k} {want[k]}" for k in sorted(want) if k not in have]
     problems += [f"unexpected {k} {have[k]}" for k in sorted(have) if k not in want]
     problems += [f"{k}: shape {have[k]}, expected {want[k]}" for k in sorted(want) if k in have and have[k] != want[k]]
@@ -255,7 +215,7 @@ def transplant_trunk(source: Mapping[str, Any], target: Mapping[str, Any],
     Returns:
       A new nested dict; `target` is not modified.
     """
-    src, tgt = _flatten(source), _flatten(target)
+    src, tgt = tree_lib.flatten(source), tree_lib.flatten(target)
     out = dict(tgt)
     copied = 0
     for name, value in tgt.items():
@@ -271,7 +231,7 @@ def transplant_trunk(source: Mapping[str, Any], target: Mapping[str, Any],
     if copied == 0:
         raise ValueError("transplant_trunk: the source shares no parameter with the target "
                          f"(source has e.g. {sorted(src)[:3]}).")
-    return _unflatten(out)
+    return tree_lib.unflatten(out)
 
 
 def shard_params(model: nn.Module, params: Mapping[str, Any], mesh: jax.sharding.Mesh,

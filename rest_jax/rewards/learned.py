@@ -53,6 +53,8 @@ from rest_jax import train as train_lib
 # Imported here, not on first use: gin locks its registry when the command line starts the entry point.
 from rest_jax.data import grow_store as store_lib
 from rest_jax.data import tasks
+from rest_jax.data import vocab as vocab_lib
+from rest_jax.io import atomic
 from rest_jax.model import heads
 from rest_jax.model.t5 import T5Config
 from rest_jax.rewards import base as rewards_base
@@ -63,7 +65,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "reward_model.json"
 VOCAB_FILE = "vocab.model"
 CHECKPOINT_DIR = "checkpoints"
-EOS_ID = 1
 
 PyTree = Any
 
@@ -85,7 +86,7 @@ def encode_inputs(vocab: seqio.SentencePieceVocabulary, sources: Sequence[str], 
     refs = [None] * len(candidates) if references is None else references
     texts = [format_input(s, c, r) for s, c, r in zip(sources, candidates, refs)]
     ids = vocab.tokenizer.encode(texts, out_type=int)
-    return [list(row[:max_input_length - 1]) + [EOS_ID] for row in ids]
+    return [list(row[:max_input_length - 1]) + [vocab_lib.EOS_ID] for row in ids]
 
 
 def _pad(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
@@ -335,12 +336,6 @@ def make_predict_fn(model: heads.RegressionModel, mesh: jax.sharding.Mesh, rules
     return predict
 
 
-def _write_json_atomic(path: epath.Path, obj: Any) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(os.fspath(tmp), os.fspath(path))
-
-
 def _config_dict(config: T5Config) -> dict[str, Any]:
     fields = dataclasses.asdict(config)
     fields["mlp_activations"] = list(fields["mlp_activations"])
@@ -426,7 +421,7 @@ def train_reward_model(examples: RewardExamples, vocabulary: str, output_dir: st
                  "num_heldout": int(len(eval_idx)), "mean_score": float(np.mean(examples.scores))},
         "training": {"num_steps": int(num_steps), "batch_size": int(batch_size), "seed": int(seed)},
     }
-    _write_json_atomic(out / CONFIG_FILE, description)
+    atomic.write_json(out / CONFIG_FILE, description)
 
     init_key = jax.random.key(seed)
     abstract, shardings = train_lib.init_train_state(model, optimizer, init_key, mesh, rules,
@@ -469,7 +464,7 @@ def train_reward_model(examples: RewardExamples, vocabulary: str, output_dir: st
               "heldout_initial": initial,
               "train": {k: v for k, v in summary.items() if isinstance(v, (int, float))}}
     description["result"] = result
-    _write_json_atomic(out / CONFIG_FILE, description)
+    atomic.write_json(out / CONFIG_FILE, description)
     logging.info("learned reward: %s trained to step %d; held-out %s", out, result["step"], result["heldout"])
     return result
 

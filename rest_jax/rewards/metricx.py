@@ -130,7 +130,6 @@ def _score_vector(config: T5Config, params: dict[str, Any], hf_config: dict[str,
     return row
 
 
-@gin.configurable
 def load_metricx_model(checkpoint_path: str, score_token_id: int = METRICX_SCORE_TOKEN_ID,
                        dtype: str = "float32") -> tuple[heads.RegressionModel, dict[str, Any]]:
     """A MetricX HF folder as (RegressionModel with first-decoder-step pooling, plain parameters).
