@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from rest_jax import inspect as run_inspect
+from rest_jax import inspection as run_inspect
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MULTI30K_DIR = REPO.parent / "shared" / "data" / "multi30k"

@@ -1,4 +1,4 @@
-"""rest_jax.inspect on a hand-built run directory: every expected value is written down by hand here.
+"""rest_jax.inspection on a hand-built run directory: every expected value is written down by hand here.
 
 The real run (and the notebook on it) is tested in test_notebook.py; these tests need no model and run in
 seconds.
@@ -13,7 +13,7 @@ import pytest
 import sacrebleu
 
 from rest_jax import filters
-from rest_jax import inspect as ri
+from rest_jax import inspection as ri
 from rest_jax.data import grow_store as gs
 
 # Grow 1 store: 3 sources x (N=2 samples + reference). Rewards chosen by hand around τ = 0.5.

@@ -1,6 +1,6 @@
 """The ReST loop as several JAX processes gives what one process gives (issue 12, item 3).
 
-Runs the tiny demo loop (`rest_jax.inspect.TINY_RUN_OVERRIDES`: BC, one Grow, Improve I=0 and I=1, the
+Runs the tiny demo loop (`rest_jax.inspection.TINY_RUN_OVERRIDES`: BC, one Grow, Improve I=0 and I=1, the
 report) with `rest_jax launch` as P processes × K devices and as one process with P×K devices, the
 reference, and compares the report table to the printed digit, the kept fractions, and the Grow store.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from rest_jax import checkpoints
-from rest_jax import inspect as run_inspect
+from rest_jax import inspection as run_inspect
 from rest_jax.data import grow_store as store_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

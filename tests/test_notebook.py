@@ -1,6 +1,6 @@
-"""notebooks/inspect_checkpoint.ipynb executed end to end on a tiny ReST run, and rest_jax.inspect on that run.
+"""notebooks/inspect_checkpoint.ipynb executed end to end on a tiny ReST run, and rest_jax.inspection on that run.
 
-The run is the small demo loop of tests/test_rest_loop.py (`rest_jax.inspect.TINY_RUN_OVERRIDES`), made once
+The run is the small demo loop of tests/test_rest_loop.py (`rest_jax.inspection.TINY_RUN_OVERRIDES`), made once
 per session in a subprocess (~1-2 minutes on two CPU cores); the notebook then takes ~30 s. The kernel is
 ipykernel on this interpreter, through a kernel spec written for the test (first on JUPYTER_PATH), so a fresh
 venv with `pip install -e .[test]` needs no `ipykernel install`, and a user's own `python3` kernel spec
@@ -19,7 +19,7 @@ import nbclient
 import nbformat
 import pytest
 
-from rest_jax import inspect as ri
+from rest_jax import inspection as ri
 from rest_jax.data import grow_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from rest_jax import checkpoints, decoding, evaluate
-from rest_jax import inspect as run_inspect
+from rest_jax import inspection as run_inspect
 from rest_jax.data import grow_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -15,13 +15,13 @@ import time
 import numpy as np
 import pytest
 
-from rest_jax import inspect
+from rest_jax import inspection
 from rest_jax.data import grow_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The small demo setting shared with the notebook: BC 40 steps, Grow 48 sources x N=2, I=0 and I=1.
-SMALL = list(inspect.TINY_RUN_OVERRIDES)
+SMALL = list(inspection.TINY_RUN_OVERRIDES)
 
 
 def _command(model_dir, demo_dir):
@@ -100,7 +100,7 @@ def test_rest_loop_end_to_end_and_kill_resume(tmp_path):
 
     from rest_jax import evaluate  # pylint: disable=import-outside-toplevel
 
-    inspect.load_run_config(plain)
+    inspection.load_run_config(plain)
     try:
         _, refs = evaluate.read_split("demo_synthetic", "test", 16)
     finally:

@@ -96,7 +96,6 @@ _REQUIRED = ("source_id", "sample_id", "source_text", "candidate_text", "referen
 _FIELD_SET = frozenset(FIELDS)
 _REQUIRED_SET = frozenset(_REQUIRED)
 TEXT_FIELDS = tuple(k for k, v in FIELDS.items() if v == "bytes")
-LIST_FIELDS = tuple(k for k, v in FIELDS.items() if v.endswith("_list"))
 
 
 class GrowStoreError(Exception):

@@ -439,11 +439,6 @@ _SOURCES: dict[str, Callable[[], seqio.DataSource]] = {
 }
 
 
-def register_source(name: str, factory: Callable[[], seqio.DataSource]) -> None:
-    """Adds a task name whose raw pairs come from `factory()` (e.g. a second text corpus)."""
-    _SOURCES[name] = factory
-
-
 def task_names() -> list[str]:
     """Names `get_task` accepts: ours plus any task registered in seqio directly."""
     return sorted(set(_SOURCES) | set(seqio.TaskRegistry.names()))

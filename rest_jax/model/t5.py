@@ -20,7 +20,6 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 Cache = Mapping[str, Array]
@@ -565,7 +564,3 @@ def init_params(model: Transformer, rng: Array, batch_size: int = 1, input_lengt
     enc = jnp.ones((batch_size, input_length), jnp.int32)
     dec = jnp.ones((batch_size, target_length), jnp.int32)
     return model.init(rng, enc, dec)["params"]
-
-
-def count_params(params: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))

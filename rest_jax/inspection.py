@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect as stdlib_inspect  # this module is rest_jax.inspect; absolute imports reach the stdlib
+import inspect
 import os
 import re
 import subprocess
@@ -308,7 +308,7 @@ def _run_rest_setting(name: str, fallback: Any) -> Any:
     except ValueError:
         from rest_jax import rest  # pylint: disable=import-outside-toplevel
 
-        param = stdlib_inspect.signature(rest.run_rest).parameters.get(name)
+        param = inspect.signature(rest.run_rest).parameters.get(name)
         return fallback if param is None or param.default is param.empty else param.default
     scopes = getattr(value, "scopes", None)  # a %MACRO reference
     return gin_utils.macro_value("/".join(scopes), fallback) if scopes else value
