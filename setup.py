@@ -43,7 +43,11 @@ setuptools.setup(
     name="rest_jax",
     version="0.1.0",
     description="Reinforced Self-Training (ReST) for machine translation, T5X-compatible, in JAX/Flax.",
-    packages=setuptools.find_packages(include=["rest_jax", "rest_jax.*"]),
+    # configs/ ships inside the package as rest_jax/configs, so an installed wheel finds its gin files
+    # from any directory (gin_utils.default_search_paths).
+    packages=setuptools.find_packages(include=["rest_jax", "rest_jax.*"]) + ["rest_jax.configs"],
+    package_dir={"rest_jax.configs": "configs"},
+    package_data={"rest_jax.configs": ["*.gin", "**/*.gin"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
