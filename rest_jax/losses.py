@@ -12,7 +12,7 @@ share one signature,
 
 and are already normalised, because V-MPO's top-half selection and softmax weights are batch-level and do
 not decompose into per-example sums. They are registered by name (`bc`, `rwbc`, `gold`, `bvmpo`, `oac`,
-plus `value` for value-network training) and every knob is gin-configurable; `improve_loss()` picks one.
+plus `value` for value-network training) and every knob is gin-configurable; `improve_step.loss_name` picks one.
 
 Batch keys: `decoder_target_tokens`, `decoder_loss_weights`, optional `example_weights` [B] (multiplied
 into the token weights; 0 drops an example, e.g. the filter mask), `reward` [B] (sequence reward R(x, y) in
@@ -193,12 +193,6 @@ def get_loss(name: str) -> LossFn:
         hint = f" Did you mean {close}?" if close else ""
         raise KeyError(f"unknown Improve loss {name!r}.{hint} Known losses: {loss_names()}")
     return _LOSSES[name]
-
-
-@gin.configurable
-def improve_loss(name: str = "bc") -> LossFn:
-    """The Improve loss picked by gin (`improve_loss.name = 'gold'`); BC is the paper's best in every experiment."""
-    return get_loss(name)
 
 
 def _need(mapping: Mapping[str, Any], key: str, loss: str, where: str, what: str) -> Array:

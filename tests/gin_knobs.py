@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 @dataclasses.dataclass(frozen=True)
 class Configurable:
     module: str            # rest_jax.losses
-    name: str              # improve_loss (the Python name; the gin name may differ)
+    name: str              # bc_kl_weight (the Python name; the gin name may differ)
     gin_name: str          # what a binding uses
     params: tuple[str, ...]   # every parameter, in order (self dropped)
     bindable: frozenset[str]  # those a binding may set
@@ -180,6 +180,23 @@ def overridden_knobs(trees: dict[str, ast.Module]) -> list[Override]:
             if hit:
                 found.append(Override(f"{tree.filename}:{node.lineno}", callee.gin_name, hit))
     return found
+
+
+def unreferenced_configurables(trees: dict[str, ast.Module], entry_points: Iterable[str]) -> list[str]:
+    """Configurables nothing in the package names (so a binding of them changes nothing): neither an
+    entry point ('module:function'), nor referenced by name outside their own definition, nor put in a
+    registry by another decorator (`@register_loss('bc')`)."""
+    known = configurables(trees)
+    used = {tuple(e.split(":", 1)) for e in entry_points}
+    for module, tree in trees.items():
+        imports = _imports(module, tree, trees)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Name, ast.Attribute)):
+                c = _resolve(node, module, imports, known)
+                if c is not None:
+                    used.add((c.module, c.name))
+    return sorted(f"{c.module}.{c.name}" for key, c in known.items()
+                  if key not in used and len(c.node.decorator_list) == 1)
 
 
 def unread_knobs(trees: dict[str, ast.Module]) -> list[str]:

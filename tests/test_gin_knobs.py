@@ -73,6 +73,14 @@ def test_no_configurable_ignores_a_bindable_parameter():
     assert gin_knobs.unread_knobs(gin_knobs.load(PACKAGE)) == []
 
 
+def test_every_configurable_is_reached_by_an_entry_point_a_registry_or_a_caller():
+    # Before: `improve_loss.name = 'gold'` parsed and validated, but Improve never called improve_loss.
+    from rest_jax import main  # pylint: disable=import-outside-toplevel
+
+    entries = [sub.entry for sub in main.SUBCOMMANDS.values()]
+    assert gin_knobs.unreferenced_configurables(gin_knobs.load(PACKAGE), entries) == []
+
+
 def test_the_checks_find_overrides_and_unread_knobs_in_a_made_up_package():
     trees = _trees({
         "pkg.lib": """
@@ -108,6 +116,8 @@ def test_the_checks_find_overrides_and_unread_knobs_in_a_made_up_package():
     assert found == [("pkg/stage.py:10", "Shape", ("heads",)), ("pkg/stage.py:7", "decode", ("temperature",)),
                      ("pkg/stage.py:8", "decode", ("top_k",)), ("pkg/stage.py:9", "decode", ("width",))]
     assert gin_knobs.unread_knobs(trees) == ["pkg.lib.unread: b"]
+    assert gin_knobs.unreferenced_configurables(trees, []) == ["pkg.lib.unread"]
+    assert gin_knobs.unreferenced_configurables(trees, ["pkg.lib:unread"]) == []
 
 
 def _dry_run(*flags):

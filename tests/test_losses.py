@@ -410,7 +410,6 @@ def test_bvmpo_all_padding_batch_is_finite(data):
 
 def test_registry_names_errors_and_jit(data):
     assert set(losses.loss_names()) >= {"bc", "rwbc", "gold", "bvmpo", "oac", "value"}
-    assert losses.improve_loss() is losses.get_loss("bc")
     with pytest.raises(KeyError, match=r"'gld'.*Did you mean \['gold'\]"):
         losses.get_loss("gld")
     batch = batch_of(data)
@@ -426,13 +425,12 @@ def test_registry_names_errors_and_jit(data):
         assert float(metrics["loss"]) == pytest.approx(float(loss)), name
 
 
-def test_improve_loss_and_knobs_are_gin_configurable():
+def test_loss_knobs_are_gin_configurable():
     import gin
 
     with gin.unlock_config():
-        gin.parse_config("improve_loss.name = 'oac'\nbc_kl_weight.decay_steps = 100")
+        gin.parse_config("bc_kl_weight.decay_steps = 100")
     try:
-        assert losses.improve_loss() is losses.get_loss("oac")
         assert float(losses.bc_kl_weight(100)) == pytest.approx(1e-5, rel=1e-5)
     finally:
         gin.clear_config()

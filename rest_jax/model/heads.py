@@ -171,14 +171,6 @@ def build_value_network(policy_config: T5Config | None = None, config: T5Config 
     return ValueNetwork(config, output=output, head_bias=head_bias)
 
 
-@gin.configurable
-def build_regression_model(config: T5Config | None = None, pooling: str = "mean", output: str = "sigmoid",
-                           head_bias: bool = True) -> RegressionModel:
-    """A regression model from gin; see `RegressionModel` for the knobs."""
-    return RegressionModel(config if config is not None else T5Config(), pooling=pooling, output=output,
-                           head_bias=head_bias)
-
-
 def init_params(model: nn.Module, rng: Array, batch_size: int = 1, input_length: int = 8,
                 target_length: int = 8) -> PyTree:
     """Boxed (logically partitioned) parameters of a `ValueNetwork` or `RegressionModel`."""

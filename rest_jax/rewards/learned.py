@@ -361,7 +361,7 @@ def train_reward_model(examples: RewardExamples, vocabulary: str, output_dir: st
       examples: Training data (split here into train / held-out by source).
       vocabulary: SentencePiece model path (copied into `output_dir`).
       output_dir: The reward model directory (module docstring); a rerun resumes from its latest checkpoint.
-      model: The regression model (`heads.build_regression_model`).
+      model: The regression model (`heads.RegressionModel`).
       use_reference: Feed the reference too (a reference-based model); False gives a QE model.
       max_input_length: Tokens per input (EOS kept); longer inputs are trimmed.
       batch_size: Global batch (rounded up to a multiple of the data-parallel size).
