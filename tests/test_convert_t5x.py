@@ -22,6 +22,7 @@ import tensorstore as ts
 from flax import serialization
 
 from rest_jax import convert
+from rest_jax import tree as tree_lib
 from rest_jax.model.t5 import T5Config, Transformer
 
 CONFIG = T5Config(vocab_size=53, emb_dim=16, num_heads=2, num_encoder_layers=2, num_decoder_layers=3,
@@ -32,7 +33,7 @@ def _init(config: T5Config, seed: int) -> dict:
     """Random parameters of every name and shape the model has (all distinct, so a mix-up is visible)."""
     rng = np.random.RandomState(seed)
     shapes = convert.expected_param_shapes(config)
-    return convert._unflatten(  # pylint: disable=protected-access
+    return tree_lib.unflatten(
         {name: rng.normal(0.0, 0.5, shape).astype(np.float32) for name, shape in shapes.items()})
 
 
@@ -98,8 +99,8 @@ def _state(params: dict, step: int) -> dict:
 
 
 def _assert_params_equal(got: dict, expected: dict) -> None:
-    got_flat = convert._flatten(got)  # pylint: disable=protected-access
-    expected_flat = convert._flatten(expected)  # pylint: disable=protected-access
+    got_flat = tree_lib.flatten(got)
+    expected_flat = tree_lib.flatten(expected)
     assert sorted(got_flat) == sorted(expected_flat)
     for name, value in expected_flat.items():
         assert got_flat[name].dtype == jnp.float32, name
@@ -193,13 +194,13 @@ def test_early_orbax_placeholder_layout(tmp_path):
     params = _init(CONFIG, 4)
     step_dir = tmp_path / "checkpoint_2"
     step_dir.mkdir()
-    flat = convert._flatten({"target": params})  # pylint: disable=protected-access
+    flat = tree_lib.flatten({"target": params})
     tree = {}
     for name, value in flat.items():
         rel = "_optimizer." + name.replace("/", ".")
         _write_zarr(step_dir, rel, np.asarray(value), "float32")
         tree[name] = "PLACEHOLDER://" + rel
-    contents = {"_optimizer": convert._unflatten(tree), "flax_mutables": None}  # pylint: disable=protected-access
+    contents = {"_optimizer": tree_lib.unflatten(tree), "flax_mutables": None}
     (step_dir / "checkpoint").write_bytes(serialization.msgpack_serialize(contents))
     _, imported = convert.load_t5x_checkpoint(tmp_path)
     _assert_params_equal(imported, params)

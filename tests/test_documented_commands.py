@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 
 from rest_jax import inspection as run_inspect
+from rest_jax import tree as tree_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MULTI30K_DIR = REPO.parent / "shared" / "data" / "multi30k"
@@ -266,7 +267,7 @@ def check_hf_round_trip(work, proc):
     config_a, original = convert.load_rest_jax(work / "runs/demo/bc/checkpoints")
     config_b, round_trip = convert.load_rest_jax(work / "runs/demo/bc_from_hf")
     assert config_a == config_b
-    flat_a, flat_b = convert._flatten(original), convert._flatten(round_trip)  # pylint: disable=protected-access
+    flat_a, flat_b = tree_lib.flatten(original), tree_lib.flatten(round_trip)
     assert flat_a.keys() == flat_b.keys()
     for name in flat_a:
         np.testing.assert_array_equal(np.asarray(flat_a[name]), np.asarray(flat_b[name]), err_msg=name)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from rest_jax import losses, optim, partitioning, train
+from rest_jax import tree as tree_lib
 from rest_jax.model import heads
 from rest_jax.model.t5 import T5Config, Transformer
 
@@ -22,7 +23,7 @@ DEC = np.array([[0, 5, 6, 7, 1], [0, 9, 1, 0, 0], [0, 11, 12, 13, 14]], np.int32
 
 
 def _flat(tree):
-    return heads._flatten(nn.unbox(tree))  # pylint: disable=protected-access
+    return tree_lib.flatten(nn.unbox(tree))
 
 
 def _sigmoid(x):
@@ -43,7 +44,7 @@ def _policy_params_with_column(trunk, kernel_column):
     dense = np.zeros((CONFIG.emb_dim, CONFIG.vocab_size), np.float32)
     dense[:, 0] = np.asarray(kernel_column)
     policy["decoder/logits_dense/kernel"] = jnp.asarray(dense)
-    return heads._unflatten(policy)  # pylint: disable=protected-access
+    return tree_lib.unflatten(policy)
 
 
 def test_value_network_parameter_names_and_axes():
@@ -53,8 +54,8 @@ def test_value_network_parameter_names_and_axes():
     assert names == (policy_names - {"decoder/logits_dense/kernel"}) | {"value_head/kernel", "value_head/bias"}
     shapes = {k: v.shape for k, v in _flat(boxed).items()}
     assert shapes["value_head/kernel"] == (CONFIG.emb_dim, 1) and shapes["value_head/bias"] == (1,)
-    specs = heads._flatten(nn.get_partition_spec(boxed))  # pylint: disable=protected-access
-    policy_specs = heads._flatten(nn.get_partition_spec(policy))  # pylint: disable=protected-access
+    specs = tree_lib.flatten(nn.get_partition_spec(boxed))
+    policy_specs = tree_lib.flatten(nn.get_partition_spec(policy))
     assert tuple(specs["value_head/kernel"]) == ("embed", None)
     assert tuple(specs["value_head/bias"]) == (None,)
     for name in names & policy_names:
