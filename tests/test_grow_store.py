@@ -394,10 +394,3 @@ def test_references_may_be_excluded_and_logprobs_omitted(tmp_path):
     w2 = gs.GrowStoreWriter(tmp_path / "x", 1, [0, 1], N, sources_per_shard=4, include_references=False)
     with pytest.raises(gs.GrowStoreCorruptError, match=r"sample_id\(s\) \[-1\] outside"):
         w2.write_shard(0, make_records([0, 1]))
-
-
-def test_varint_encoding_against_hand_computed_bytes():
-    buf, sizes = gs._varint_array(np.array([0, 1, 127, 128, 300, 2**31 - 1, -1], np.int64))
-    assert sizes.tolist() == [1, 1, 1, 2, 2, 5, 10]
-    assert buf == (b"\x00" + b"\x01" + b"\x7f" + b"\x80\x01" + b"\xac\x02" + b"\xff\xff\xff\xff\x07"
-                   + b"\xff" * 9 + b"\x01")

@@ -298,118 +298,29 @@ def _check_coverage(layout: ShardLayout, shard: int, source_ids: np.ndarray, sam
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fast batch serialisation of tf.train.Example.
-#
-# Building tf.train.Example protos field by field costs ~30 us a record in Python; a Grow step of IWSLT size
-# writes ~16M records. The wire format is simple (Example{Features{map<string, Feature>}}), so records are
-# encoded here directly: numeric lists of a whole batch are varint/float32-encoded at once with NumPy and the
-# per-field headers, which depend only on (field, payload length), are cached. TF's own parser reads the
-# result (the tests check values through tf.io.parse_example).
-
-_KIND_TAG = {"bytes": b"\x0a", "bytes_list": b"\x0a", "float": b"\x12", "float_list": b"\x12",
-             "int": b"\x1a", "int_list": b"\x1a"}
+# Serialisation: tf.train.Example protos. At ~40 us a record (measured on this project's 2-core machine)
+# this is 0.4% of a Grow step's time per sample (8.9 ms per Multi30k sample, ~10 ms at the IWSLT shape).
 
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-class _VarintCache(dict):
-    def __missing__(self, n: int) -> bytes:
-        v = self[n] = _varint(n)
-        return v
-
-
-_VARINT = _VarintCache()
-
-
-class _PrefixCache(dict):
-    """(field, payload length) -> bytes of the map entry that precede the payload."""
-
-    def __missing__(self, key: tuple[str, int]) -> bytes:
-        name, p = key
-        kind = FIELDS[name]
-        # A bytes feature holds one (possibly empty) value; an empty packed numeric list is omitted.
-        inner = (b"\x0a" + _VARINT[p]) if (kind == "bytes" or p) else b""
-        inner_len = len(inner) + p
-        feature_head = _KIND_TAG[kind] + _VARINT[inner_len] + inner
-        feature_len = len(feature_head) + p
-        key_part = b"\x0a" + _VARINT[len(name)] + name.encode()
-        entry_len = len(key_part) + 1 + len(_VARINT[feature_len]) + feature_len
-        v = self[key] = b"\x0a" + _VARINT[entry_len] + key_part + b"\x12" + _VARINT[feature_len] + feature_head
-        return v
-
-
-_PREFIX = _PrefixCache()
-
-
-def _varint_array(values: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """Varint bytes of int64 ``values`` (two's complement, like protobuf int64) and each value's size."""
-    v = np.asarray(values, np.int64).view(np.uint64)
-    sizes = np.ones(len(v), np.int64)
-    for k in range(1, 10):
-        sizes += v >= np.uint64(1 << (7 * k))
-    width = int(sizes.max()) if len(v) else 1
-    shifts = np.arange(width, dtype=np.uint64) * np.uint64(7)
-    groups = ((v[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
-    col = np.arange(width)[None, :]
-    groups |= np.where(col < sizes[:, None] - 1, np.uint8(0x80), np.uint8(0))
-    return groups[col < sizes[:, None]].tobytes(), sizes
-
-
-def _split_bytes(buf: bytes, byte_sizes: np.ndarray) -> list[bytes]:
-    ends = np.cumsum(byte_sizes).tolist()
-    starts = [0] + ends[:-1]
-    return [buf[a:b] for a, b in zip(starts, ends)]
-
-
-def _encode_int_lists(lists: Sequence[np.ndarray]) -> list[bytes]:
-    lengths = np.fromiter((len(x) for x in lists), np.int64, len(lists))
-    flat = np.concatenate(lists) if len(lists) else np.zeros(0, np.int64)
-    buf, sizes = _varint_array(flat)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])[np.concatenate([[0], np.cumsum(lengths)])]
-    return _split_bytes(buf, np.diff(bounds))
-
-
-def _encode_float_lists(lists: Sequence[np.ndarray]) -> list[bytes]:
-    lengths = np.fromiter((len(x) for x in lists), np.int64, len(lists))
-    flat = np.concatenate(lists).astype("<f4") if len(lists) else np.zeros(0, "<f4")
-    return _split_bytes(flat.tobytes(), 4 * lengths)
+def _feature(kind: str, value: Any) -> tf.train.Feature:
+    if kind == "int":
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+    if kind == "float":
+        return tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
+    if kind == "bytes":
+        return tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[value.encode("utf-8") if isinstance(value, str) else bytes(value)]))
+    if kind == "int_list":
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(value, np.int64).tolist()))
+    return tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(value, np.float32).tolist()))
 
 
 def serialize_batch(columns: Mapping[str, Any]) -> list[bytes]:
     """Serialised tf.train.Example records of a complete, validated column batch (see ``FIELDS``)."""
-    payloads: dict[str, list[bytes]] = {}
-    for name, kind in FIELDS.items():
-        col = columns[name]
-        if kind == "int":
-            payloads[name] = _split_bytes(*_varint_array(np.asarray(col, np.int64)))
-        elif kind == "float":
-            payloads[name] = _split_bytes(np.asarray(col, "<f4").tobytes(), np.full(len(col), 4))
-        elif kind == "bytes":
-            payloads[name] = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in col]
-        elif kind == "int_list":
-            payloads[name] = _encode_int_lists(col)
-        else:
-            payloads[name] = _encode_float_lists(col)
     out = []
-    prefix = _PREFIX
-    names = list(FIELDS)
-    for parts in zip(*(payloads[n] for n in names)):
-        pieces = []
-        for name, p in zip(names, parts):
-            pieces.append(prefix[(name, len(p))])
-            pieces.append(p)
-        body = b"".join(pieces)
-        out.append(b"\x0a" + _VARINT[len(body)] + body)
+    for i in range(len(columns["source_id"])):
+        feature = {name: _feature(kind, columns[name][i]) for name, kind in FIELDS.items()}
+        out.append(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
     return out
 
 
