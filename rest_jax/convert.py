@@ -1,4 +1,4 @@
-"""Checkpoint conversion: Hugging Face T5/mT5 <-> rest_jax, and T5X -> rest_jax.
+"""Checkpoint conversion: Hugging Face T5/mT5 <-> rest_jax <-> T5X.
 
 rest_jax's parameter tree is T5X's (`t5x/examples/t5/network.py`), so a T5X `target` tree is used as is and
 only the on-disk container differs. Hugging Face stores the same network (Raffel et al. 2020, Sec. 2.1;
@@ -11,6 +11,9 @@ Formats:
     msgpack of {'version', 'optimizer': {'target', 'state'}} whose big arrays are TensorStore zarr specs
     pointing at sibling directories) or the Orbax layout (`checkpoint_<step>/state/`, a
     `PyTreeCheckpointHandler` item holding {'target', 'state'}).
+    Written (`save_t5x`) in the legacy layout with the arrays inline in the msgpack, which every T5X
+    version reads (`t5x.checkpoints.load_t5x_checkpoint`, or `INITIAL_CHECKPOINT_PATH` with a fresh
+    optimizer state); the T5Config goes beside it in `rest_jax_export.json` (T5X keeps shapes in gin).
   * 'rest_jax': a `rest_jax.checkpoints` directory, `<dir>/<step>/state/` holding {'params': ...} with
     the T5Config in `<step>/metadata`; `checkpoints.load_params` and `evaluate.load_policy` read it.
 
@@ -115,7 +118,8 @@ def _to_jax(tree: Mapping[str, Any]) -> Params:
 # wrote them: only such a folder is replaced; a model from elsewhere with the same two files is not.
 _HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors"})
 _EXPORT_MARK = "rest_jax_export"
-_KIND_LABELS = {"hf": "Hugging Face", "rest_jax": "rest_jax checkpoint"}
+_KIND_LABELS = {"hf": "Hugging Face", "rest_jax": "rest_jax checkpoint", "t5x": "T5X"}
+_T5X_MARK_FILE = "rest_jax_export.json"
 
 
 def _is_previous_export(path: epath.Path, kind: str, names: set[str]) -> bool:
@@ -128,6 +132,12 @@ def _is_previous_export(path: epath.Path, kind: str, names: set[str]) -> bool:
                 return (f.metadata() or {}).get(_EXPORT_MARK) == "hf"
         except Exception:  # noqa: BLE001 - an unreadable file is not recognisably ours
             return False
+    if kind == "t5x":  # checkpoint_<step> folders and the mark file that says `save_t5x` wrote them
+        try:
+            marked = json.loads((path / _T5X_MARK_FILE).read_text()).get(_EXPORT_MARK) == "t5x"
+        except (OSError, ValueError):
+            return False
+        return marked and all(n == _T5X_MARK_FILE or _STEP_DIR.match(n) for n in names)
     # rest_jax: step directories only, each written by `save_rest_jax` (its metadata names the source).
     for name in names:
         meta = path / name / "metadata" / "metadata"
@@ -140,7 +150,7 @@ def _is_previous_export(path: epath.Path, kind: str, names: set[str]) -> bool:
 
 
 def check_output_path(path: str | os.PathLike, kind: str) -> bool:
-    """Whether writing a `kind` ('hf' or 'rest_jax') export to `path` replaces a previous one.
+    """Whether writing a `kind` ('hf', 'rest_jax' or 't5x') export to `path` replaces a previous one.
 
     A missing or empty folder is written into; a folder holding nothing but an earlier export of the
     same kind by this module is replaced (True).
@@ -489,7 +499,7 @@ def save_hf_checkpoint(config: T5Config, params: Mapping[str, Any], path: str | 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# T5X -> rest_jax
+# T5X <-> rest_jax
 # ---------------------------------------------------------------------------------------------------------
 
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
@@ -623,6 +633,27 @@ def read_t5x_state(path: str | os.PathLike, step: int | None = None, target_only
     return {"target": state["target"]} if target_only else state
 
 
+def save_t5x(config: T5Config, params: Mapping[str, Any], path: str | os.PathLike, step: int = 0) -> epath.Path:
+    """Writes a T5X model dir: `<path>/checkpoint_<step>/checkpoint`, T5X's legacy msgpack state dict.
+
+    {'version': 3, 'optimizer': {'target': params, 'state': {'step': step, 'param_states': {}}}}, the arrays
+    float32 and inline (T5X restores inline arrays as they are and TensorStore specs lazily). T5X reads it
+    with `checkpoints.load_t5x_checkpoint(path)` or as `INITIAL_CHECKPOINT_PATH` (parameters; the optimizer
+    starts fresh). `path` must be new, empty or a previous T5X export of this function (`check_output_path`).
+    """
+    target = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), nn.unbox(dict(params)))
+    state = {"version": 3, "optimizer": {"target": target,
+                                         "state": {"step": np.asarray(step, np.int64), "param_states": {}}}}
+    out = epath.Path(path)
+    with _atomic_dir(out, "t5x") as tmp:
+        (tmp / f"checkpoint_{step}").mkdir()
+        (tmp / f"checkpoint_{step}" / "checkpoint").write_bytes(serialization.msgpack_serialize(state))
+        (tmp / _T5X_MARK_FILE).write_text(json.dumps(
+            {_EXPORT_MARK: "t5x", "step": step, "model_config": _config_fields(config)}, indent=2, sort_keys=True)
+            + "\n")
+    return out
+
+
 def config_from_params(params: Mapping[str, Any], **overrides: Any) -> T5Config:
     """A T5Config inferred from parameter shapes; `overrides` (and gin bindings of T5Config) fill the rest.
 
@@ -666,13 +697,17 @@ def load_t5x_checkpoint(path: str | os.PathLike, step: int | None = None,
     Args:
       path: see `read_t5x_state`.
       step: see `read_t5x_state`.
-      config: the model the parameters must fit; None infers it from the shapes (`config_from_params`).
+      config: the model the parameters must fit; None: the T5Config `save_t5x` wrote beside an export of
+        ours, else inferred from the shapes (`config_from_params`).
 
     Returns:
       (T5Config, params) with params as float32 jax arrays (bfloat16 checkpoints are upcast).
     """
     target = read_t5x_state(path, step, target_only=True)["target"]
     target = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), target)
+    mark = epath.Path(path) / _T5X_MARK_FILE
+    if config is None and mark.exists():
+        config = T5Config(**json.loads(mark.read_text())["model_config"])
     config = config if config is not None else config_from_params(target)
     check_params(config, target, f"T5X checkpoint {os.fspath(path)}")
     return config, _to_jax(target)
@@ -761,6 +796,7 @@ _LOADERS: dict[str, Callable[..., tuple[T5Config, Params]]] = {
 }
 _SAVERS: dict[str, Callable[..., epath.Path]] = {
     "hf": save_hf_checkpoint,
+    "t5x": lambda config, params, path: save_t5x(config, params, path),
     "rest_jax": save_rest_jax,
 }
 
@@ -774,7 +810,7 @@ def convert(source_format: str = "hf", source_path: str | None = None, target_fo
     Args:
       source_format: 'hf', 't5x' or 'rest_jax'.
       source_path: the HF folder, T5X model/step dir or file, or rest_jax folder to read.
-      target_format: 'rest_jax' or 'hf'.
+      target_format: 'rest_jax', 'hf' or 't5x'.
       output_path: the folder to write (a checkpoint dir with step 0 for 'rest_jax'): new, empty, or holding
         only a previous export of the same kind by `convert`, which is replaced atomically. Anything else
         (a user's files, a run directory) is refused with OutputPathError before the source is read.

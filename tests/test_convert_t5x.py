@@ -261,3 +261,32 @@ def test_gin_convert_t5x_to_rest_jax(tmp_path, capsys):
     assert "replaced the previous export there" in capsys.readouterr().out
     _assert_params_equal(convert.load_rest_jax(tmp_path / "out")[1], _init(CONFIG, 7))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0"]
+
+
+def test_export_to_t5x_is_the_legacy_state_dict_and_reads_back_exactly(tmp_path):
+    # rest_jax -> T5X (issue 14): a model trained here loads in T5X from disk. T5X is not installable here, so
+    # the file is checked against T5X's state-dict layout by hand (the module docstring), then read back.
+    config = T5Config(vocab_size=53, emb_dim=16, num_heads=2, num_encoder_layers=2, num_decoder_layers=1,
+                      head_dim=8, mlp_dim=24, mlp_activations=("relu",), logits_via_embedding=True,
+                      dropout_rate=0.05)
+    params = _init(config, 3)
+    out = tmp_path / "t5x_export"
+    convert.save_t5x(config, params, out, step=7)
+    contents = serialization.msgpack_restore((out / "checkpoint_7" / "checkpoint").read_bytes())
+    assert contents["version"] == 3 and set(contents["optimizer"]) == {"target", "state"}
+    assert int(contents["optimizer"]["state"]["step"]) == 7
+    written = tree_lib.flatten(contents["optimizer"]["target"])
+    assert written.keys() == tree_lib.flatten(params).keys()
+    assert all(np.array_equal(written[k], v) for k, v in tree_lib.flatten(params).items())
+    read_config, read = convert.load_t5x_checkpoint(out)
+    assert read_config == config  # dropout and activations from the file beside it, not guessed from shapes
+    assert all(np.array_equal(np.asarray(tree_lib.flatten(read)[k]), v) for k, v in tree_lib.flatten(params).items())
+    # A second export replaces the first; a folder that is not one of ours is refused and kept.
+    convert.save_t5x(config, _init(config, 4), out, step=9)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint_9", "rest_jax_export.json"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(convert.OutputPathError, match="not a previous T5X export"):
+        convert.save_t5x(config, params, mine)
+    assert (mine / "notes.txt").read_text() == "keep me"

@@ -273,6 +273,18 @@ def check_hf_round_trip(work, proc):
         np.testing.assert_array_equal(np.asarray(flat_a[name]), np.asarray(flat_b[name]), err_msg=name)
 
 
+def check_t5x_export(work, proc):
+    from rest_jax import convert  # pylint: disable=import-outside-toplevel
+
+    config_a, original = convert.load_rest_jax(work / "runs/demo/bc/checkpoints")
+    config_b, exported = convert.load_t5x_checkpoint(work / "runs/demo/bc_t5x")
+    assert config_a == config_b and (work / "runs/demo/bc_t5x/checkpoint_0/checkpoint").is_file()
+    flat_a, flat_b = tree_lib.flatten(original), tree_lib.flatten(exported)
+    assert flat_a.keys() == flat_b.keys()
+    for name in flat_a:
+        np.testing.assert_array_equal(np.asarray(flat_a[name]), np.asarray(flat_b[name]), err_msg=name)
+
+
 def check_vocab(work, proc):
     import sentencepiece  # pylint: disable=import-outside-toplevel
 
@@ -386,6 +398,8 @@ RULES: list[tuple[str, Rule]] = [
      Rule("run", after=(README_MAIN,), check=check_hf_export)),
     (r"^rest_jax convert .*--gin\.SOURCE_FORMAT=\"'hf'\"",
      Rule("run", after=(r"^rest_jax convert .*--gin\.TARGET_FORMAT=\"'hf'\"",), check=check_hf_round_trip)),
+    (r"^rest_jax convert .*--gin\.TARGET_FORMAT=\"'t5x'\"",
+     Rule("run", after=(README_MAIN,), check=check_t5x_export)),
     (r"^rest_jax vocab ", Rule("run", check=check_vocab)),
     (r"^rest_jax reward-model --gin_file=rewards/train_learned_qe\.gin ",
      Rule("run", extra=("--gin.train_learned_reward.num_steps=4", "--gin.train_learned_reward.eval_period=2",
