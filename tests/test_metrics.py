@@ -177,11 +177,3 @@ def test_peak_flops_and_mfu():
     assert metrics.peak_flops_per_device("cpu") is None
     assert metrics.mfu(275e12, 2.0, 4, 275e12) == pytest.approx(0.125)
     assert metrics.mfu(1.0, 1.0, 1, None) is None
-
-
-def test_metrics_table_lists_every_stage():
-    table = metrics.metrics_markdown()
-    for stage in ["train", "eval", "grow", "improve"]:
-        assert f"| {stage} |" in table
-    for tag in ["kept_fraction", "threshold", "distinct_1", "mfu", "tokens_per_sec", "bleu", "chrf"]:
-        assert tag in table

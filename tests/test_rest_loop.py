@@ -4,6 +4,7 @@ The killed run is SIGKILLed in the middle of Grow (after its first shard is comm
 same command; its Grow store, Improve results and report must equal those of an uninterrupted run.
 """
 
+import collections
 import json
 import os
 import pathlib
@@ -14,8 +15,10 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from rest_jax import inspection
+from rest_jax import metrics
 from rest_jax.data import grow_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -92,6 +95,15 @@ def test_rest_loop_end_to_end_and_kill_resume(tmp_path):
     a, b = _store_columns(plain), _store_columns(killed)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+    # The TensorBoard tags the run wrote, per folder, are the ones `metrics.METRICS` documents.
+    written = collections.defaultdict(set)
+    for events in plain.rglob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(events)):
+            written[events.parent.name] |= {v.tag for v in tf.compat.v1.Event.FromString(record.numpy()).summary.value}
+    documented = {folder: set(tags) - {t for f, t in metrics.CONDITIONAL_METRICS if f == folder}
+                  for folder, tags in metrics.METRICS.items()}
+    assert dict(written) == documented
 
     # The report compares every row with BC by paired bootstrap; its differences are those of the saved
     # translations, rescored here with sacreBLEU's sentence chrF (the reward).
