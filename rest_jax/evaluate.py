@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
 from typing import Any, Sequence
 
@@ -189,9 +188,6 @@ def mean_reward(reward: Any, sources: Sequence[str], hypotheses: Sequence[str],
     return float(np.mean(scores))
 
 
-_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
-
-
 def read_split(task: str, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
     """Raw (sources, references) of a task split, in order.
 
@@ -200,16 +196,13 @@ def read_split(task: str, split: str, limit: int | None = None) -> tuple[list[st
     """
     from rest_jax.data import tasks  # pylint: disable=import-outside-toplevel
 
-    sliced = _SLICE.match(split)
-    if sliced:
-        srcs, refs = read_split(task, sliced["name"])
-        part = slice(*(int(sliced[k]) if sliced[k] else None for k in ("start", "stop")))
-        srcs, refs = srcs[part], refs[part]
-        return (srcs[:limit], refs[:limit]) if limit is not None else (srcs, refs)
-
     source = tasks.get_source(task)
+    name, part = tasks.split_slice(split)
     if hasattr(source, "pairs"):
         srcs, refs = source.pairs(split)
+    elif part != slice(None):
+        srcs, refs = read_split(task, name)
+        srcs, refs = srcs[part], refs[part]
     else:
         srcs, refs = [], []
         for ex in source.get_dataset(split=split, shuffle=False).as_numpy_iterator():

@@ -409,3 +409,21 @@ def test_task_gin_files_bind_existing_knobs(name, multi30k_dir, tmp_path):
             assert all(p.startswith(folder) for pair in source._split_files.values() for p in pair)
     finally:
         gin.clear_config()
+
+
+def test_a_slice_of_a_split_is_that_part_of_its_lines_for_training_and_for_grow(multi30k, vocab_path):
+    # Issue 13's held-out Grow: BC on train[:14500], Grow on train[14500:] (sources BC never saw).
+    sp = spm.SentencePieceProcessor(model_file=vocab_path)
+    de, en = _lines(multi30k / "train.de"), _lines(multi30k / "train.en")
+    source = tasks.get_source("multi30k_de_en")
+    assert source.pairs("train[:14500]") == (de[:14500], en[:14500])
+    assert source.pairs("train[14500:]") == (de[14500:], en[14500:])
+    from rest_jax import evaluate  # pylint: disable=import-outside-toplevel
+
+    assert evaluate.read_split("multi30k_de_en", "train[28990:]") == (de[28990:], en[28990:])
+    batch = next(pipeline.get_batches("multi30k_de_en", "train[14500:14516]", batch_size=16,
+                                      feature_lengths=LENGTHS, shuffle=False, shard_index=0, num_shards=1))
+    expected = [_brute_force_row(sp, s, LENGTHS["inputs"]) for s in de[14500:14516]]
+    np.testing.assert_array_equal(batch["encoder_input_tokens"], np.array(expected))
+    with pytest.raises(ValueError, match="Unknown split 'tran\\[:10\\]'"):
+        source.pairs("tran[:10]")

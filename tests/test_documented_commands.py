@@ -43,7 +43,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 MULTI30K_DIR = REPO.parent / "shared" / "data" / "multi30k"
 TIMEOUT_S = 1200
 _PROGRAMS = ("rest_jax ", "python ", "python3 ", "pip ", "scripts/", "tfds ", "huggingface-cli ", "tensorboard ",
-             "jupyter ", "export ", "REST_JAX_RUN_DIR=", "gcloud ")
+             "jupyter ", "export ", "REST_JAX_RUN_DIR=", "gcloud ", "BC=")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -344,6 +344,24 @@ def check_study(work, proc):
             assert rows[0]["name"] == "BC G=0 I=0" and "vs_bc" in rows[1], (seed, row)
 
 
+def check_half_study(work, proc):
+    """BC saw train[:14500] only; half_same grew on sources from that half, half_new on the other half."""
+    from rest_jax.data import grow_store  # pylint: disable=import-outside-toplevel
+
+    de = (MULTI30K_DIR / "train.de").read_text(encoding="utf-8").split("\n")[:29000]
+    steps = sorted((work / "runs/m30k_study/s0/bc_half/bc/checkpoints").iterdir(), key=lambda p: int(p.name))
+    meta = json.loads((steps[-1] / "metadata" / "metadata").read_text())
+    assert meta["train_split"] == "train[:14500]"
+    for row, part in (("half_same", de[:14500]), ("half_new", de[14500:])):
+        run = work / f"runs/m30k_study/s0/{row}"
+        assert json.loads((run / "report.json").read_text())["rows"][0]["name"] == "BC G=0 I=0"
+        data = grow_store.GrowStore(str(run / "grow_1" / "store")).as_numpy(["source_id", "source_text"])
+        ids = sorted(set(int(i) for i in data["source_id"]))
+        texts = {int(i): t.decode() if isinstance(t, bytes) else str(t)
+                 for i, t in zip(data["source_id"], data["source_text"])}
+        assert [texts[i] for i in ids] == part[:len(ids)], row  # the first K sources of its half, in order
+
+
 def check_study_table(work, proc):
     """The BC row of the printed table: mean ± t-interval of the three seeds' BC rewards, by hand."""
     rewards = [100 * json.loads((work / f"runs/m30k_study/s{s}/bc/report.json").read_text())["rows"][0]["reward"]
@@ -374,6 +392,9 @@ RULES: list[tuple[str, Rule]] = [
      Rule("run", "real data (../shared), tiny sizes", extra=_small_multi30k(), check=check_multi30k, slow=True)),
     (r"^scripts/multi30k_study\.sh 0 1 2$",
      Rule("run", "real data (../shared), tiny sizes", extra=_small_study(), check=check_study, slow=True,
+          substitute=(("scripts/", "{repo}/scripts/"),))),
+    (r"^BC=bc_half ROWS=\"half_same half_new\" scripts/multi30k_study\.sh 0$",
+     Rule("run", "real data (../shared), tiny sizes", extra=_small_study(), check=check_half_study, slow=True,
           substitute=(("scripts/", "{repo}/scripts/"),))),
     (r"^python scripts/study_table\.py runs/m30k_study$",
      Rule("run", after=(r"^scripts/multi30k_study\.sh 0 1 2$",), check=check_study_table, slow=True,

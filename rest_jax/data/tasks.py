@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import gin
@@ -90,6 +91,21 @@ def _read_split(files: SplitFiles, swap: bool) -> tuple[list[str], list[str]]:
     return _PAIRS_CACHE[key]
 
 
+_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def split_slice(split: str) -> tuple[str, slice]:
+    """'train[:14500]' -> ('train', slice(None, 14500)); a plain split name -> (name, slice(None)).
+
+    A Python slice of a split names a part of it: two disjoint halves of `train` (BC on one, Grow on the
+    other), or of a held-out split (select checkpoints on one part, report on the other).
+    """
+    sliced = _SLICE.match(split)
+    if not sliced:
+        return split, slice(None)
+    return sliced["name"], slice(*(int(sliced[k]) if sliced[k] else None for k in ("start", "stop")))
+
+
 class ParallelTextSource(seqio.DataSource):
     """Pairs from line files or TSVs, validated in full before any is used.
 
@@ -122,12 +138,14 @@ class ParallelTextSource(seqio.DataSource):
         return [split]
 
     def pairs(self, split: str) -> tuple[list[str], list[str]]:
-        """(sources, targets) of `split`, validated; do not modify the lists."""
-        if split not in self._split_files:
+        """(sources, targets) of `split` (or of a slice of it, `split_slice`), validated; do not modify them."""
+        name, part = split_slice(split)
+        if name not in self._split_files:
             raise ValueError(f"Unknown split {split!r}; this task has splits {list(self.splits)}.")
         if self._check is not None:
             self._check()
-        return _read_split(self._split_files[split], self._swap)
+        src, tgt = _read_split(self._split_files[name], self._swap)
+        return (src, tgt) if part == slice(None) else (src[part], tgt[part])
 
     def num_input_examples(self, split: str) -> int:
         return len(self.pairs(split)[0])
