@@ -30,7 +30,6 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
-from etils import epath
 
 from rest_jax import checkpoints, evaluate, report, rest, train
 from rest_jax.data import demo_corpus, grow_store, text_files, vocab
@@ -284,14 +283,14 @@ def test_stage_markers_and_reports_are_atomic(tmp_path, monkeypatch):
     # Disk full while rewriting report.json: the previous report is intact and no temporary is left.
     path = tmp_path / "report.json"
     atomic.write_json(path, {"rows": [1, 2]})
-    path_type = type(epath.Path(path))
-    real_write = path_type.write_text
+    real_gfile = tf.io.gfile.GFile
 
-    def full_disk(self, text, *args, **kwargs):
-        real_write(self, text[: len(text) // 2], *args, **kwargs)
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    class FullDisk(real_gfile):  # the first half reaches the file, then the disk is full
+        def write(self, data):
+            super().write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(path_type, "write_text", full_disk)
+    monkeypatch.setattr(tf.io.gfile, "GFile", FullDisk)
     with pytest.raises(OSError) as info:
         atomic.write_json(path, {"rows": [1, 2, 3]})
     assert info.value.errno == errno.ENOSPC
