@@ -11,9 +11,9 @@ Formats:
     msgpack of {'version', 'optimizer': {'target', 'state'}} whose big arrays are TensorStore zarr specs
     pointing at sibling directories) or the Orbax layout (`checkpoint_<step>/state/`, a
     `PyTreeCheckpointHandler` item holding {'target', 'state'}).
-    Written (`save_t5x`) in the legacy layout with the arrays inline in the msgpack, which every T5X
-    version reads (`t5x.checkpoints.load_t5x_checkpoint`, or `INITIAL_CHECKPOINT_PATH` with a fresh
-    optimizer state); the T5Config goes beside it in `rest_jax_export.json` (T5X keeps shapes in gin).
+    Written (`save_t5x`) in the legacy layout with the arrays inline in the msgpack, which
+    `t5x.checkpoints.load_t5x_checkpoint` reads (parameters only, no optimizer state); the T5Config goes
+    beside it in `rest_jax_export.json` (T5X keeps shapes in gin).
   * 'rest_jax': a `rest_jax.checkpoints` directory, `<dir>/<step>/state/` holding {'params': ...} with
     the T5Config in `<step>/metadata`; `checkpoints.load_params` and `evaluate.load_policy` read it.
 
@@ -636,14 +636,15 @@ def read_t5x_state(path: str | os.PathLike, step: int | None = None, target_only
 def save_t5x(config: T5Config, params: Mapping[str, Any], path: str | os.PathLike, step: int = 0) -> epath.Path:
     """Writes a T5X model dir: `<path>/checkpoint_<step>/checkpoint`, T5X's legacy msgpack state dict.
 
-    {'version': 3, 'optimizer': {'target': params, 'state': {'step': step, 'param_states': {}}}}, the arrays
-    float32 and inline (T5X restores inline arrays as they are and TensorStore specs lazily). T5X reads it
-    with `checkpoints.load_t5x_checkpoint(path)` or as `INITIAL_CHECKPOINT_PATH` (parameters; the optimizer
-    starts fresh). `path` must be new, empty or a previous T5X export of this function (`check_output_path`).
+    {'version': 3, 'optimizer': {'target': params, 'state': {'step': step}}}, the arrays float32 and inline
+    (T5X restores inline arrays as they are, TensorStore specs lazily). T5X's `checkpoints.load_t5x_checkpoint`
+    reads it; there is no optimizer state (no empty `param_states`, which T5X's flattening would keep as an
+    empty node), so a T5X training run starting from it needs `RestoreCheckpointConfig(fallback_to_scratch=True)`.
+    `path` must be new, empty or a previous T5X export of this function (`check_output_path`).
     """
     target = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), nn.unbox(dict(params)))
     state = {"version": 3, "optimizer": {"target": target,
-                                         "state": {"step": np.asarray(step, np.int64), "param_states": {}}}}
+                                         "state": {"step": np.asarray(step, np.int64)}}}
     out = epath.Path(path)
     with _atomic_dir(out, "t5x") as tmp:
         (tmp / f"checkpoint_{step}").mkdir()
