@@ -292,8 +292,8 @@ def test_gin_convert_entry_hf_to_rest_jax_to_hf(tmp_path):
 
     with pytest.raises(ValueError, match="convert.source_path is required"):
         convert.convert(source_format="hf", output_path=str(tmp_path / "x"))
-    with pytest.raises(ValueError, match="convert.target_format='t5x'"):
-        convert.convert(source_path=str(tmp_path / "hf"), target_format="t5x", output_path=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="convert.target_format='onnx'"):
+        convert.convert(source_path=str(tmp_path / "hf"), target_format="onnx", output_path=str(tmp_path / "x"))
 
 
 # -- output_path: only a new or empty folder, or a previous export of the same kind, is written -----------
