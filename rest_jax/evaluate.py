@@ -307,9 +307,8 @@ def evaluate(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, out
     reward = rewards_lib.get(reward_name) if reward_name else None
     out = epath.Path(output_dir)
     decode = dict(batch_size=batch_size, max_input_length=max_input_length, max_decode_length=max_decode_length)
-    beam = dict(beam_size=beam_size, alpha=alpha) if method == "beam" else {}
     result = evaluate_policy(policy, sources, references, reward=reward, method=method,
-                             output_prefix=out / f"{split}.{method}", **decode, **beam)
+                             output_prefix=out / f"{split}.{method}", beam_size=beam_size, alpha=alpha, **decode)
     logging.info("%s %s: BLEU %.2f chrF %.2f (%s | %s)", split, method, result["bleu"], result["chrf"],
                  result["bleu_signature"], result["chrf_signature"])
     chief = partitioning.is_chief()  # every process has all the translations; process 0 reports
@@ -344,10 +343,9 @@ def infer(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, input_
 
     policy = load_policy(checkpoint, vocabulary, step)
     sources = list(text_files.read_lines(input_file))
-    beam = dict(beam_size=beam_size, alpha=alpha) if method == "beam" else {}
     hyps = generate(policy, sources, method=method, progress_desc="translate", split_across_processes=True,
                     batch_size=batch_size, max_input_length=max_input_length, max_decode_length=max_decode_length,
-                    **beam).first()
+                    beam_size=beam_size, alpha=alpha).first()
     atomic.write_text(output_file, "".join(h + "\n" for h in hyps))
 
 
