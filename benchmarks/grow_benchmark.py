@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args()
 
-    from rest_jax import decoding, evaluate, grow
+    from rest_jax import decoding, grow
+    from rest_jax import policy as policy_lib
     from rest_jax.data import demo_corpus, vocab as vocab_lib
     from rest_jax.model import t5
 
@@ -41,7 +42,7 @@ def main() -> None:
                                             vocab_size=min(1000, model.config.vocab_size))
     vocab = vocab_lib.load_vocabulary(vocab_path)
     params = jax.device_get(__import__("flax").linen.unbox(t5.init_params(model, jax.random.PRNGKey(0))))
-    policy = evaluate.Policy(model, params, vocab)
+    policy = policy_lib.Policy(model, params, vocab)
     sources = [p[0] for p in pairs[:args.sources]]
     references = [p[1] for p in pairs[:args.sources]]
 

@@ -33,7 +33,8 @@ def child(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
-    from rest_jax import decoding, evaluate, grow, optim, train
+    from rest_jax import decoding, grow, optim, trainer
+    from rest_jax import policy as policy_lib
     from rest_jax.data import demo_corpus
     from rest_jax.data import vocab as vocab_lib
     from rest_jax.model import t5
@@ -50,7 +51,7 @@ def child(args: argparse.Namespace) -> None:
     vocab = vocab_lib.load_vocabulary(os.path.join(args.workdir, "sentencepiece.model"))
     part = partitioning.Partitioner.create()
     params, _ = part.init(lambda key: t5.init_params(model, key), jax.random.key(0))
-    policy = evaluate.Policy(model, part.gather(params), vocab)
+    policy = policy_lib.Policy(model, part.gather(params), vocab)
     sources, references = [p[0] for p in pairs[:args.sources]], [p[1] for p in pairs[:args.sources]]
     original = decoding.sample  # exactly `length` tokens per sample: a worst-case Grow step
     decoding.sample = lambda *a, **k: original(*a, **dict(k, ignore_eos=True))
@@ -76,8 +77,8 @@ def child(args: argparse.Namespace) -> None:
     device_batch = part.shard_batch({k: v[rows] for k, v in batch.items()})
     opt = optim.create_optimizer(lambda learning_rate: optim.adamw(learning_rate),
                                  schedule=optim.learning_rate_schedule("constant", 1e-4, 0))
-    state, shardings = train.init_train_state(model, opt, jax.random.key(0), part.mesh, part.rules)
-    step = train.make_train_step(opt, train.make_loss_fn(model), mesh=part.mesh, rules=part.rules,
+    state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), part.mesh, part.rules)
+    step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model), mesh=part.mesh, rules=part.rules,
                                  state_shardings=shardings)
     for _ in range(2):
         state, metrics = step(state, device_batch)

@@ -77,7 +77,8 @@ def worker_jax(shape: str, batch: int, src: int, tgt: int, warmup: int, steps: i
     import jax
     import numpy as np
 
-    from rest_jax import metrics, optim, partitioning, train
+    from rest_jax import metrics, optim, partitioning, trainer
+    from rest_jax import policy as policy_lib
     from rest_jax.model import t5
 
     os.chdir(REPO)
@@ -91,8 +92,8 @@ def worker_jax(shape: str, batch: int, src: int, tgt: int, warmup: int, steps: i
     opt = optim.create_optimizer(
         lambda learning_rate: optim.adamw(learning_rate, eps=EPS, weight_decay=WEIGHT_DECAY, decay_matrices_only=False),
         schedule=optim.learning_rate_schedule("constant", LR, 0))
-    state, shardings = train.init_train_state(model, opt, jax.random.key(0), mesh, rules)
-    step = train.make_train_step(opt, train.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0), mesh=mesh,
+    state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), mesh, rules)
+    step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0), mesh=mesh,
                                  rules=rules, state_shardings=shardings)
     host = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": targets,
             "decoder_loss_weights": np.ones(targets.shape, np.float32)}

@@ -15,7 +15,7 @@ Formats:
     `t5x.checkpoints.load_t5x_checkpoint` reads (parameters only, no optimizer state); the T5Config goes
     beside it in `rest_jax_export.json` (T5X keeps shapes in gin).
   * 'rest_jax': a `rest_jax.checkpoints` directory, `<dir>/<step>/state/` holding {'params': ...} with
-    the T5Config in `<step>/metadata`; `checkpoints.load_params` and `evaluate.load_policy` read it.
+    the T5Config in `<step>/metadata`; `checkpoints.load_params` and `policy.load_policy` read it.
 
 Every loader returns `(T5Config, params)` with params a plain nested dict of float32 jax arrays with the
 structure of `nn.unbox(Transformer(config).init(...)['params'])`, checked against the model so that a
@@ -729,7 +729,7 @@ def save_rest_jax(config: T5Config, params: Mapping[str, Any], path: str | os.Pa
                   source: str | None = None) -> epath.Path:
     """Writes a rest_jax checkpoint: `<path>/<step>/state/` = {'params': ...} and its metadata.
 
-    The layout is `rest_jax.checkpoints`', so `checkpoints.load_params(path)` (and `evaluate.load_policy`,
+    The layout is `rest_jax.checkpoints`', so `checkpoints.load_params(path)` (and `policy.load_policy`,
     Grow and Improve through it) read the converted model; `metadata['model_config']` records the T5Config.
     `path` must be new, empty or a previous rest_jax export of this function, which is replaced; anything
     else (e.g. a run's checkpoints) raises OutputPathError. Locally the export is written to a temporary

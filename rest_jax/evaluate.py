@@ -7,7 +7,6 @@ N = 200"): sample N candidates, keep the one the reward model likes most.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -15,161 +14,17 @@ import time
 from typing import Any, Sequence
 
 import gin
-import jax
 import numpy as np
 import sacrebleu
 from etils import epath
 
-from rest_jax import decoding
-from rest_jax import metrics as metrics_lib
 from rest_jax import partitioning
+from rest_jax import policy as policy_lib
 from rest_jax import report
 from rest_jax import rewards as rewards_lib
-from rest_jax.data import vocab as vocab_lib
-from rest_jax.data.vocab import EOS_ID
 from rest_jax.io import atomic
 from rest_jax.io import console
-from rest_jax.model import t5
 
-
-
-@dataclasses.dataclass
-class Policy:
-    """A model with its parameters and vocabulary: everything needed to translate."""
-
-    model: t5.Transformer
-    params: Any
-    vocab: Any
-
-    def __post_init__(self):
-        vocab_lib.check_fits_model(self.vocab, self.model.config.vocab_size, "The vocabulary",
-                                   "use the policy's own vocabulary or set T5Config.vocab_size (VOCAB_SIZE) to "
-                                   "match the checkpoint.")
-
-    @property
-    def config(self) -> t5.T5Config:
-        return self.model.config
-
-
-def load_policy(checkpoint: str, vocabulary: str, step: int | None = None) -> Policy:
-    """Loads the parameters of `checkpoint` (a run's `checkpoints/` dir or one step) for the gin model.
-
-    Not a gin configurable: the subcommands take `checkpoint` and `vocabulary` as their own knobs (e.g.
-    `evaluate.checkpoint = %CHECKPOINT` in configs/runs/eval.gin) and pass them here, so that one binding,
-    not two, says which checkpoint runs.
-    """
-    from rest_jax import checkpoints  # pylint: disable=import-outside-toplevel
-
-    model = t5.build_model()
-    abstract = jax.eval_shape(lambda: jax.tree.map(lambda x: x, t5.init_params(model, jax.random.PRNGKey(0))))
-    import flax.linen as nn  # pylint: disable=import-outside-toplevel
-    params = checkpoints.load_params(checkpoint, target=nn.unbox(abstract), step=step)
-    return Policy(model, params, vocab_lib.load_vocabulary(vocabulary))
-
-
-def tokenize(vocab: Any, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids with EOS appended, trimmed to `max_length` (EOS kept); also returns how many were trimmed."""
-    out, trimmed = [], 0
-    for text in texts:
-        ids = list(vocab.encode(text))
-        if len(ids) + 1 > max_length:
-            trimmed += 1
-            ids = ids[:max_length - 1]
-        out.append(ids + [EOS_ID])
-    return out, trimmed
-
-
-def detokenize(vocab: Any, ids: Sequence[int]) -> str:
-    """Text of `ids` up to (not including) the first EOS."""
-    ids = list(np.asarray(ids).tolist())
-    if EOS_ID in ids:
-        ids = ids[:ids.index(EOS_ID)]
-    return vocab.decode([i for i in ids if i > 0])
-
-
-@dataclasses.dataclass
-class Generations:
-    """N candidates per source: texts [num_sources][N], token ids and per-token log-probs (unpadded)."""
-
-    texts: list[list[str]]
-    tokens: list[list[np.ndarray]]
-    token_log_probs: list[list[np.ndarray]]
-
-    def first(self) -> list[str]:
-        return [c[0] for c in self.texts]
-
-
-def generate(policy: Policy, sources: Sequence[str], *, method: str = "greedy", num_samples: int = 1,
-             batch_size: int = 64, max_input_length: int = 128, max_decode_length: int = 128,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, beam_size: int = 4,
-             alpha: float = 0.6, seed: int = 0, progress_desc: str | None = None,
-             source_tokens: Sequence[Sequence[int]] | None = None,
-             split_across_processes: bool = False) -> Generations:
-    """Translates `sources` with greedy decoding, beam search or temperature sampling (N per source).
-
-    Sources are processed in batches of `batch_size`, padded to a few bucketed lengths so that XLA compiles
-    few programs; the last batch is padded with empty rows that are dropped afterwards. Sampling keys are
-    folded from `seed` and the batch index, so a given source's samples do not depend on the batch it falls
-    in... only on its position in `sources` (deterministic for a seed).
-
-    With `split_across_processes` (evaluation, best-of-N, Improve's validation), every process of a
-    multi-process job must call this with the same sources: process i decodes batches i, i + P, ... and
-    every process gets all results, the same as one process would make them (same batches, same keys).
-    Grow, whose processes decode different sources, leaves it off.
-
-    Not gin-configurable: each entry point owns its decoding knobs (`evaluate.beam_size`,
-    `grow_dataset.temperature`, ...) and passes them, so no binding here could be silently overridden.
-    """
-    if method not in ("greedy", "beam", "sample"):
-        raise ValueError(f"The decoding method must be 'greedy', 'beam' or 'sample', got {method!r}.")
-    if source_tokens is None:
-        source_tokens, trimmed = tokenize(policy.vocab, sources, max_input_length)
-        if trimmed:
-            logging.info("%d of %d sources trimmed to %d tokens.", trimmed, len(sources), max_input_length)
-    n = num_samples if method == "sample" else 1
-    base_key = jax.random.PRNGKey(seed)
-    split = split_across_processes and jax.process_count() > 1
-    if split and any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(policy.params)):
-        # Parameters on the global mesh (Improve's validation) would make every process join each batch's
-        # program; each decodes its own batches with a local copy instead.
-        policy = Policy(policy.model, partitioning.Partitioner.gather(policy.params), policy.vocab)
-    mine = lambda b: not split or b % jax.process_count() == jax.process_index()  # noqa: E731
-    starts = list(range(0, len(source_tokens), batch_size))
-    per_batch: dict[int, tuple[list, list, list]] = {}
-    bar = metrics_lib.progress(len(sources) * n, desc=progress_desc, unit="samples") if progress_desc else None
-    for b, start in enumerate(starts):
-        if not mine(b):
-            continue
-        texts, tokens, logps = per_batch.setdefault(b, ([], [], []))
-        chunk = list(source_tokens[start:start + batch_size])
-        rows = len(chunk)
-        chunk += [[EOS_ID]] * (batch_size - rows)  # Fixed batch shape: one compiled program.
-        enc = decoding.pad_to_bucket(chunk)
-        if method == "beam":
-            out = decoding.beam_search(policy.params, policy.model, enc, beam_size=beam_size, alpha=alpha,
-                                       max_decode_len=max_decode_length)
-            toks = np.asarray(out.tokens)[:, :1]
-            lengths = np.asarray(out.lengths)[:, :1]
-            lp = np.zeros(toks.shape, np.float32)
-        else:
-            out = decoding.sample(policy.params, policy.model, enc, jax.random.fold_in(base_key, b),
-                                  num_samples=n, max_decode_len=max_decode_length,
-                                  temperature=0.0 if method == "greedy" else temperature, top_k=top_k, top_p=top_p)
-            toks, lengths, lp = (np.asarray(x) for x in (out.tokens, out.lengths, out.token_log_probs))
-        for i in range(rows):
-            row_toks = [toks[i, j, :lengths[i, j]] for j in range(n)]
-            tokens.append(row_toks)
-            logps.append([lp[i, j, :lengths[i, j]] for j in range(n)])
-            texts.append([detokenize(policy.vocab, t) for t in row_toks])
-        if bar is not None:
-            bar.update(rows * n)
-    if bar is not None:
-        bar.close()
-    if split:
-        per_batch = {b: out for gathered in partitioning.allgather_objects(per_batch) for b, out in gathered.items()}
-    ordered = [per_batch[b] for b in range(len(starts))]
-    return Generations([t for o in ordered for t in o[0]], [t for o in ordered for t in o[1]],
-                       [t for o in ordered for t in o[2]])
 
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
@@ -214,14 +69,14 @@ def read_split(task: str, split: str, limit: int | None = None) -> tuple[list[st
     return srcs, refs
 
 
-def evaluate_policy(policy: Policy, sources: Sequence[str], references: Sequence[str], *, reward: Any = None,
+def evaluate_policy(policy: policy_lib.Policy, sources: Sequence[str], references: Sequence[str], *, reward: Any = None,
                     method: str = "greedy", output_prefix: str | os.PathLike | None = None,
                     **generate_kwargs: Any) -> dict[str, Any]:
     """BLEU, chrF and mean reward of `policy`'s translations; writes `<prefix>.txt` and `<prefix>.json`."""
     started = time.perf_counter()
     name = "eval" if output_prefix is None else f"eval {os.fspath(output_prefix)}"
     generate_kwargs.setdefault("progress_desc", name)
-    hyps = generate(policy, sources, method=method, split_across_processes=True, **generate_kwargs).first()
+    hyps = policy.generate(sources, method=method, split_across_processes=True, **generate_kwargs).first()
     result = corpus_scores(hyps, references)
     result["method"] = method
     result["num_sentences"] = len(hyps)
@@ -239,19 +94,19 @@ def evaluate_policy(policy: Policy, sources: Sequence[str], references: Sequence
     return result
 
 
-def sample_reward(policy: Policy, sources: Sequence[str], references: Sequence[str], reward: Any, *,
+def sample_reward(policy: policy_lib.Policy, sources: Sequence[str], references: Sequence[str], reward: Any, *,
                   num_samples: int = 4, seed: int = 0, temperature: float = 0.8, **generate_kwargs: Any) -> float:
     """Mean reward over `num_samples` samples per source at `temperature`: the measure of ReST's Table 1
     (the policy's expected reward), beside the greedy translation's."""
     generate_kwargs.setdefault("progress_desc", f"{num_samples} samples")
-    gens = generate(policy, sources, method="sample", num_samples=num_samples, seed=seed, temperature=temperature,
-                    split_across_processes=True, **generate_kwargs)
+    gens = policy.generate(sources, method="sample", num_samples=num_samples, seed=seed, temperature=temperature,
+                           split_across_processes=True, **generate_kwargs)
     flat_src = [s for s in sources for _ in range(num_samples)]
     flat_ref = [r for r in references for _ in range(num_samples)] if reward.needs_reference else None
     return float(np.mean(rewards_lib.score_pairs(reward, flat_src, [h for c in gens.texts for h in c], flat_ref)))
 
 
-def best_of_n(policy: Policy, sources: Sequence[str], references: Sequence[str], reward: Any, *,
+def best_of_n(policy: policy_lib.Policy, sources: Sequence[str], references: Sequence[str], reward: Any, *,
               ns: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), seed: int = 0, temperature: float = 0.8,
               **generate_kwargs: Any) -> list[dict[str, float]]:
     """Reward (and BLEU) of the reward-best of the first N samples, for each N in `ns` (ReST Sec. 5).
@@ -262,9 +117,8 @@ def best_of_n(policy: Policy, sources: Sequence[str], references: Sequence[str],
     started = time.perf_counter()
     n_max = max(ns)
     generate_kwargs.setdefault("progress_desc", f"best-of-{n_max}")
-    gens = generate(policy, sources, method="sample", num_samples=n_max, seed=seed, temperature=temperature,
-                    split_across_processes=True,
-                    **generate_kwargs)
+    gens = policy.generate(sources, method="sample", num_samples=n_max, seed=seed, temperature=temperature,
+                           split_across_processes=True, **generate_kwargs)
     flat_src = [s for s in sources for _ in range(n_max)]
     flat_ref = [r for r in references for _ in range(n_max)] if reward.needs_reference else None
     flat_hyp = [h for cands in gens.texts for h in cands]
@@ -302,7 +156,7 @@ def evaluate(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, out
       batch_size, max_input_length, max_decode_length: Sources per decoding batch; token limits.
       beam_size, alpha: Beam width and GNMT length penalty (method 'beam').
     """
-    policy = load_policy(checkpoint, vocabulary, step)
+    policy = policy_lib.load_policy(checkpoint, vocabulary, step)
     sources, references = read_split(task, split, limit)
     reward = rewards_lib.get(reward_name) if reward_name else None
     out = epath.Path(output_dir)
@@ -341,11 +195,11 @@ def infer(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, input_
     """
     from rest_jax.data import text_files  # pylint: disable=import-outside-toplevel
 
-    policy = load_policy(checkpoint, vocabulary, step)
+    policy = policy_lib.load_policy(checkpoint, vocabulary, step)
     sources = list(text_files.read_lines(input_file))
-    hyps = generate(policy, sources, method=method, progress_desc="translate", split_across_processes=True,
-                    batch_size=batch_size, max_input_length=max_input_length, max_decode_length=max_decode_length,
-                    beam_size=beam_size, alpha=alpha).first()
+    hyps = policy.generate(sources, method=method, progress_desc="translate", split_across_processes=True,
+                           batch_size=batch_size, max_input_length=max_input_length,
+                           max_decode_length=max_decode_length, beam_size=beam_size, alpha=alpha).first()
     atomic.write_text(output_file, "".join(h + "\n" for h in hyps))
 
 

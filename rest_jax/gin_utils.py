@@ -105,6 +105,68 @@ class _StaticReference:
         return self.text  # as written in gin: `%MACRO`, `@fn()`
 
 
+# --------------------------------------------------------------------------------------------------------
+# The gin internals used, all here. gin's public API can query or bind one parameter (`gin.query_parameter`,
+# `gin.bind_parameter`) but not list the registered configurables or the bindings of the parsed config, which
+# the checks below (typos, types, unused and overridden bindings) need. These four functions read them and one
+# patches a file reader that raises where it should answer "not here"; tests/test_gin_utils.py compares them
+# with gin's public answers, so an upgrade of gin that moves them fails there.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _registered() -> list[tuple[str, Any]]:
+    """(complete selector, configurable) of every registered configurable (gin's own `gin.*` ones too)."""
+    return list(gin_config._REGISTRY.items())  # pylint: disable=protected-access
+
+
+def _configurable(selector: str) -> Any:
+    """The configurable a (partial) selector names; None when none or several match."""
+    try:
+        return gin_config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+    except KeyError:  # ambiguous
+        return None
+
+
+def _short_selector(selector: str) -> str:
+    """The shortest unambiguous form of a complete selector (`rest_jax.train.train` -> `train`)."""
+    try:
+        return gin_config._REGISTRY.minimal_selector(selector)  # pylint: disable=protected-access
+    except KeyError:
+        return selector  # not registered in this process: as written
+
+
+def _parsed_bindings() -> list[tuple[str, str, dict[str, Any]]]:
+    """(scope, complete selector, {param: value}) of every binding of the parsed config; macros are
+    (NAME, 'gin.macro', {'value': ...})."""
+    return [(scope, selector, dict(params))
+            for (scope, selector), params in gin_config._CONFIG.items()]  # pylint: disable=protected-access
+
+
+def _guard_package_resource_reader() -> None:
+    """Makes gin's package-resource reader answer "not here" instead of raising.
+
+    For `include 'runs/rest.gin'` gin asks, under each search path in turn starting with the working
+    directory, whether `runs` is an importable package holding rest.gin. A `runs/` folder in the working
+    directory (the README's first command writes `runs/demo`) is a namespace package without a file, and
+    gin's check then raises TypeError, which ended the search before `configs/` was tried.
+    """
+    readers = gin_config._FILE_READERS  # pylint: disable=protected-access
+    for i, (reader, exists) in enumerate(readers):
+        if exists is not gin_resource_reader.system_path_file_exists:
+            continue
+
+        def safe_exists(path: str, _exists: Callable[[str], bool] = exists) -> bool:
+            try:
+                return _exists(path)
+            except TypeError:
+                return False
+
+        readers[i] = (reader, safe_exists)
+
+
+_guard_package_resource_reader()
+
+
 def is_gin_value(text: str) -> bool:
     """Whether `text` parses as exactly one gin value (literal, container, @reference or %macro)."""
     try:
@@ -165,7 +227,7 @@ def _did_you_mean(matches: Sequence[str]) -> str:
 def configurable_names(qualified: bool = False) -> list[str]:
     """Registered configurables: short names (`train`), or complete selectors (`rest_jax.train.train`)."""
     names = set()
-    for selector, configurable in gin_config._REGISTRY.items():  # pylint: disable=protected-access
+    for selector, configurable in _registered():
         if not selector.startswith("gin."):
             names.add(selector if qualified else configurable.name)
     return sorted(names)
@@ -173,7 +235,7 @@ def configurable_names(qualified: bool = False) -> list[str]:
 
 def parameter_names(configurable_name: str) -> list[str]:
     """Parameters gin may bind on `configurable_name` (empty when unknown or `**kwargs`-only)."""
-    configurable = gin_config._REGISTRY.get_match(configurable_name)  # pylint: disable=protected-access
+    configurable = _configurable(configurable_name)
     if configurable is None:
         return []
     fn = configurable.wrapped
@@ -260,11 +322,14 @@ def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
                          + _did_you_mean(matches))
 
 
+_ADDED_SEARCH_PATHS: set[str] = set()
+
+
 def _register_search_paths(search_paths: Sequence[str]) -> None:
-    prefixes = gin_config._LOCATION_PREFIXES  # pylint: disable=protected-access
     for p in search_paths:
-        if p not in prefixes:
+        if p not in _ADDED_SEARCH_PATHS:  # gin keeps every addition, duplicates too, and searches them all
             gin.add_config_file_search_path(p)
+            _ADDED_SEARCH_PATHS.add(p)
 
 
 def _epath_reader(path: str):
@@ -279,29 +344,6 @@ def _is_remote_file(path: str) -> bool:
 gin_config.register_file_reader(_epath_reader, _is_remote_file)
 
 
-def _guard_package_resource_reader() -> None:
-    """Makes gin's package-resource reader answer "not here" instead of raising.
-
-    For `include 'runs/rest.gin'` gin asks, under each search path in turn starting with the working
-    directory, whether `runs` is an importable package holding rest.gin. A `runs/` folder in the working
-    directory (the README's first command writes `runs/demo`) is a namespace package without a file, and
-    gin's check then raises TypeError, which ended the search before `configs/` was tried.
-    """
-    readers = gin_config._FILE_READERS  # pylint: disable=protected-access
-    for i, (reader, exists) in enumerate(readers):
-        if exists is not gin_resource_reader.system_path_file_exists:
-            continue
-
-        def safe_exists(path: str, _exists: Callable[[str], bool] = exists) -> bool:
-            try:
-                return _exists(path)
-            except TypeError:
-                return False
-
-        readers[i] = (reader, safe_exists)
-
-
-_guard_package_resource_reader()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -459,8 +501,8 @@ def expand_user_paths() -> None:
     `~/run` and created a folder named `~`.  Any string that starts with `~/` is taken for a home-relative
     path; `gs://...` and other strings are left alone.
     """
-    for (scope, selector), params in list(gin_config._CONFIG.items()):  # pylint: disable=protected-access
-        for param, value in list(params.items()):
+    for scope, selector, params in _parsed_bindings():
+        for param, value in params.items():
             expanded = _map_strings(value, _expand_user)
             if expanded != value:
                 gin.bind_parameter((scope, selector, param), expanded)  # a macro: (NAME, 'gin.macro', 'value')
@@ -480,21 +522,27 @@ def _is_required(value: Any) -> bool:
             and value.configurable.selector == "gin.constant" and value.scopes == ["gin.REQUIRED"])
 
 
-def _flatten(value: Any) -> Iterable[Any]:
-    return gin_config._iterate_flattened_values(value)  # pylint: disable=protected-access
+def _flatten(value: Any) -> Iterator[Any]:
+    """Every value nested in `value` (containers' items, then the container itself), strings not split."""
+    if isinstance(value, collections.abc.Mapping):
+        for item in value.values():
+            yield from _flatten(item)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _flatten(item)
+    yield value
 
 
 def _binding_name(scope: str, selector: str, param: str) -> str:
     if selector == "gin.macro":
         return f"macro {scope}"
-    short = gin_config._REGISTRY.minimal_selector(selector)  # pylint: disable=protected-access
-    return f"{scope + '/' if scope else ''}{short}.{param}"
+    return f"{scope + '/' if scope else ''}{_short_selector(selector)}.{param}"
 
 
 def macro_references() -> dict[str, list[str]]:
     """Macro name -> the bindings that use it, over the whole parsed config."""
     refs: dict[str, list[str]] = {}
-    for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    for scope, selector, params in _parsed_bindings():
         for param, value in params.items():
             for v in _flatten(value):
                 if _is_macro(v):
@@ -505,8 +553,7 @@ def macro_references() -> dict[str, list[str]]:
 def bound_macros() -> dict[str, Any]:
     """Macro name -> bound value (gin references unevaluated)."""
     return {scope: params["value"]
-            for (scope, selector), params in gin_config._CONFIG.items()  # pylint: disable=protected-access
-            if selector == "gin.macro" and "value" in params}
+            for scope, selector, params in _parsed_bindings() if selector == "gin.macro" and "value" in params}
 
 
 def macro_value(name: str, default: Any = None) -> Any:
@@ -647,10 +694,7 @@ def _canonical_key(scope: str, selector: str, param: str) -> tuple[str, str, str
     """(scope, complete selector, param) as gin stores a binding; a macro is (NAME, 'gin.macro', 'value')."""
     if not param:
         return (f"{scope}/{selector}" if scope else selector), "gin.macro", "value"
-    try:
-        configurable = gin_config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
-    except KeyError:  # ambiguous
-        configurable = None
+    configurable = _configurable(selector)
     return scope, configurable.selector if configurable is not None else selector, param
 
 
@@ -694,10 +738,10 @@ def _type_problems() -> list[str]:
     """`source: configurable.param expects T, got V` for each bound value its parameter's hint rules out."""
     macros = bound_macros()
     problems = []
-    for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    for scope, selector, params in _parsed_bindings():
         if selector.startswith("gin."):
             continue
-        configurable = gin_config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+        configurable = _configurable(selector)
         types_ = _parameter_types(configurable) if configurable is not None else {}
         for param, value in params.items():
             if param not in types_:
@@ -743,7 +787,7 @@ def _overridden_bindings(entry: Callable[..., Any] | None) -> list[str]:
     knobs = getattr(entry, "sets_knobs", None) or {}
     name = getattr(entry, "__name__", "the entry")
     problems = []
-    for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    for scope, selector, params in _parsed_bindings():
         if selector == "gin.macro":
             continue
         for param in params:
@@ -779,7 +823,7 @@ def validate(entry: Callable[..., Any] | None = None, cli_bindings: Sequence[Bin
         if _is_required(value):
             problems.append(f"macro {name} is required (%gin.REQUIRED) but not set. Set it with "
                             f"{_how_to_set(name)}" + _did_you_mean(close_matches(name, set(bound) - {name})))
-    for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    for scope, selector, params in _parsed_bindings():
         if selector == "gin.macro":
             continue
         for param, value in params.items():
@@ -891,7 +935,7 @@ _NO_DEFAULT = object()
 
 
 def _default(key: tuple[str, str, str]) -> Any:
-    configurable = gin_config._REGISTRY.get_match(key[1])  # pylint: disable=protected-access
+    configurable = _configurable(key[1])
     if configurable is None:
         return _NO_DEFAULT
     try:
@@ -936,11 +980,7 @@ def _lookup(bindings: Mapping[tuple[str, str, str], Any], key: tuple[str, str, s
 
 def _display_key(key: tuple[str, str, str]) -> str:
     scope, selector, param = key
-    try:
-        selector = gin_config._REGISTRY.minimal_selector(selector)  # pylint: disable=protected-access
-    except KeyError:
-        pass  # not registered in this process: as written
-    return f"{scope + '/' if scope else ''}{selector}.{param}"
+    return f"{scope + '/' if scope else ''}{_short_selector(selector)}.{param}"
 
 
 # --------------------------------------------------------------------------------------------------------

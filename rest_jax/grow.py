@@ -17,37 +17,18 @@ import gin
 import jax
 import numpy as np
 
-from rest_jax import decoding
 from rest_jax import evaluate
 from rest_jax import gin_utils
+from rest_jax import policy as policy_lib
 from rest_jax import metrics as metrics_lib
 from rest_jax import partitioning
 from rest_jax import rewards as rewards_lib
 from rest_jax.data import grow_store as store_lib
-from rest_jax.data.vocab import EOS_ID
 from rest_jax.io import console
 
 
-def _reference_log_probs(policy: evaluate.Policy, source_tokens: Sequence[Sequence[int]],
-                         target_tokens: Sequence[Sequence[int]], batch_size: int) -> list[np.ndarray]:
-    """Per-token log-probs of the references under the policy (the behaviour policy's view of D)."""
-    out: list[np.ndarray] = []
-    for start in range(0, len(source_tokens), batch_size):
-        src = list(source_tokens[start:start + batch_size])
-        tgt = list(target_tokens[start:start + batch_size])
-        rows = len(src)
-        src += [[EOS_ID]] * (batch_size - rows)
-        tgt += [[EOS_ID]] * (batch_size - rows)
-        scores = np.asarray(decoding.token_scores(
-            policy.params, policy.model,
-            {"encoder_input_tokens": decoding.pad_to_bucket(src),
-             "decoder_target_tokens": decoding.pad_to_bucket(tgt)}))
-        out.extend(scores[i, :len(tgt[i])].astype(np.float32) for i in range(rows))
-    return out
-
-
 @gin.configurable(denylist=["policy", "sources", "references", "store_dir", "grow_index"])
-def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Sequence[str], store_dir: str,
+def grow_dataset(policy: policy_lib.Policy, sources: Sequence[str], references: Sequence[str], store_dir: str,
                  grow_index: int, *, reward: Any = None, reward_name: str = "chrf", num_samples: int = 8,
                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
                  max_input_length: int = 128, max_decode_length: int = 128, sources_per_shard: int = 1024,
@@ -100,18 +81,18 @@ def grow_dataset(policy: evaluate.Policy, sources: Sequence[str], references: Se
         ids = list(writer.shard_source_ids(shard))
         src = [sources[i] for i in ids]
         ref = [references[i] for i in ids]
-        src_tok, _ = evaluate.tokenize(policy.vocab, src, max_input_length)
+        src_tok, _ = policy_lib.tokenize(policy.vocab, src, max_input_length)
 
         t0 = time.perf_counter()
         shard_seed = int(np.random.SeedSequence([seed, grow_index, shard]).generate_state(1)[0] % (2**31))
-        gens = evaluate.generate(policy, src, method="sample", num_samples=num_samples, batch_size=batch_size,
-                                 max_input_length=max_input_length, max_decode_length=max_decode_length,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=shard_seed,
-                                 source_tokens=src_tok)
+        gens = policy.generate(src, method="sample", num_samples=num_samples, batch_size=batch_size,
+                               max_input_length=max_input_length, max_decode_length=max_decode_length,
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=shard_seed,
+                               source_tokens=src_tok)
         ref_tok = ref_lp = None
         if include_references:
-            ref_tok, _ = evaluate.tokenize(policy.vocab, ref, max_decode_length)
-            ref_lp = _reference_log_probs(policy, src_tok, ref_tok, batch_size)
+            ref_tok, _ = policy_lib.tokenize(policy.vocab, ref, max_decode_length)
+            ref_lp = policy.score(src_tok, ref_tok, batch_size)
         t1 = time.perf_counter()
 
         cand = [c for cands in gens.texts for c in cands]
@@ -229,7 +210,7 @@ def grow(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, checkpoint: st
       checkpoint, vocabulary: The policy that samples (its latest step).
       grow_index: g, the Grow step's number (the store's folder and its records).
     """
-    policy = evaluate.load_policy(checkpoint, vocabulary)
+    policy = policy_lib.load_policy(checkpoint, vocabulary)
     sources, references = evaluate.read_split(task, split, max_sources)
     store_dir = os.path.join(model_dir, f"grow_{grow_index}", "store")
     return grow_dataset(policy, sources, references, store_dir, grow_index, checkpoint=checkpoint,

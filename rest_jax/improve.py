@@ -54,13 +54,14 @@ from etils import epath
 from rest_jax import checkpoints as ckpt_lib
 from rest_jax import evaluate
 from rest_jax import gin_utils
+from rest_jax import policy as policy_lib
 from rest_jax import improve_data
 from rest_jax import losses
 from rest_jax import metrics as metrics_lib
 from rest_jax import optim
 from rest_jax import partitioning
 from rest_jax import rewards as rewards_lib
-from rest_jax import train as train_lib
+from rest_jax import trainer
 from rest_jax.data import grow_store as store_lib
 from rest_jax.io import atomic
 from rest_jax.io import console
@@ -98,6 +99,7 @@ class LossNeeds:
       bc: `outputs['bc_logits']` [B, T, V] from the frozen BC policy.
       anchor: `outputs['old_logits']` [B, T, V] from the trust-region anchor (policy at the start of the step).
       vmpo: `outputs['vmpo_eta']`, `outputs['vmpo_alpha']`: trainable V-MPO multipliers.
+      pairs: Batches of preference pairs with the behaviour log-probs (`improve_data.Pairing`).
       value_training: 'frozen' or 'joint', the default way of treating the value net during Improve.
     """
 
@@ -105,6 +107,7 @@ class LossNeeds:
     bc: bool = False
     anchor: bool = False
     vmpo: bool = False
+    pairs: bool = False
     value_training: str = "frozen"
 
 
@@ -114,6 +117,8 @@ _LOSS_NEEDS = {
     "gold": LossNeeds(bc=True),
     "oac": LossNeeds(value=True, value_training="frozen"),
     "bvmpo": LossNeeds(value=True, bc=True, anchor=True, vmpo=True, value_training="joint"),
+    "dpo": LossNeeds(pairs=True),
+    "ipo": LossNeeds(pairs=True),
 }
 
 
@@ -133,7 +138,7 @@ def _resolve_value_training(value_training: str | None, needs: LossNeeds, loss_n
 def make_improve_loss_fn(model: Any, loss: Callable[..., Any], value_model: Any = None, *,
                          needs: LossNeeds | None = None, value_training: str = "frozen",
                          anchor_is_bc: bool = False) -> Callable[..., Any]:
-    """`(params, batch, rng) -> (loss, aux)` for `train.make_train_step`, around an Improve loss.
+    """`(params, batch, rng) -> (loss, aux)` for `trainer.make_train_step`, around an Improve loss.
 
     With the default `needs` (BC-like losses) `params` is the policy's tree and the loss sees
     `{'logits'}`. Otherwise `params` is `{'policy', ['value'], ['vmpo']}` and the loss also gets what `needs`
@@ -199,13 +204,13 @@ def make_improve_loss_fn(model: Any, loss: Callable[..., Any], value_model: Any 
 
 
 def _create_state(boxed_abstract: PyTree, params: PyTree, optimizer: optim.Optimizer, mesh: Any,
-                  rules: Any) -> tuple[train_lib.TrainState, PyTree]:
+                  rules: Any) -> tuple[trainer.TrainState, PyTree]:
     """A train state of `params` (already placed), its optimizer state sharded by the parameters' logical axes.
 
     The state is built by a jit, so its buffers are new: donating them in the train step leaves `params`
     (and any frozen network sharing their buffers) intact.
     """
-    create = lambda p: train_lib.TrainState.create(p, optimizer)  # noqa: E731
+    create = lambda p: trainer.TrainState.create(p, optimizer)  # noqa: E731
     return partitioning.Partitioner.create(mesh, rules).init(create, params, like=(boxed_abstract,))
 
 
@@ -308,15 +313,17 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: improve_data.
     initial = mse(state.params)
     summary: dict[str, Any] = {"steps": int(num_steps), "rows": int(n), "initial_mse": initial}
     if num_steps > 0:
-        step_fn = train_lib.make_train_step(optimizer, losses.make_value_loss_fn(value_model), mesh=mesh, rules=rules,
+        step_fn = trainer.make_train_step(optimizer, losses.make_value_loss_fn(value_model), mesh=mesh, rules=rules,
                                             state_shardings=shardings, dropout_seed=seed)
         shard_fn = lambda b: partitioning.shard_batch(b, mesh, rules)  # noqa: E731
         batches = improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed, shard)
         writer = metrics_lib.MetricWriter(out_dir, "value_pretrain") if out_dir else None
         try:
-            state, loop = train_lib.train_loop(state, batches, step_fn, num_steps, shard_fn=shard_fn,
-                                               metric_writer=writer, final_checkpoint=False, stage="value_pretrain",
-                                               log_period=log_period, memory_knobs=MEMORY_KNOBS)
+            with trainer.error_advice(memory_knobs=MEMORY_KNOBS,
+                                      last_checkpoint=lambda: "none (value pre-training saves no checkpoints)"):
+                state, loop = trainer.train_loop(state, batches, step_fn, num_steps, shard_fn=shard_fn,
+                                                 hooks=[trainer.LogMetrics(writer, log_period)],
+                                                 stage="value_pretrain")
         finally:
             if writer is not None:
                 writer.close()
@@ -360,9 +367,47 @@ def _value_network(policy_params: PyTree, value_model: Any, data: improve_data.G
 # ----------------------------------------------------------------------------------------------------
 
 
+def _check_arguments(value_pretrain_data: str, reference_fraction: float | None, include_references: bool,
+                     anchor_period: int | None, patience: int, needs: LossNeeds) -> None:
+    if value_pretrain_data not in ("grow", "filtered"):
+        raise ValueError(f"improve_step.value_pretrain_data={value_pretrain_data!r}; expected 'grow' or 'filtered'.")
+    if reference_fraction is not None and reference_fraction > 0 and not include_references:
+        raise ValueError(f"improve_step.reference_fraction={reference_fraction} needs "
+                         "improve_step.include_references=True.")
+    if anchor_period is not None and anchor_period < 1:
+        raise ValueError(f"improve_step.anchor_period={anchor_period}; expected a positive number of updates or None.")
+    if patience < 1:
+        raise ValueError(f"improve_step.patience={patience}; expected at least 1 evaluation.")
+    if needs.pairs and reference_fraction is not None:
+        raise ValueError(f"improve_step.reference_fraction={reference_fraction}: a preference loss trains on pairs of "
+                         "one source's rows, not on a mix of references and samples; set it to None.")
+
+
+def _frozen_policies(model: Any, policy_params: PyTree, bc_policy: PyTree | str | None, needs: LossNeeds,
+                     moving_anchor: bool, mesh: Any, rules: Any) -> tuple[dict[str, Any], bool]:
+    """The fixed policies a loss reads: BVMPO's/GOLD's BC policy and BVMPO's trust-region anchor.
+
+    Returns ({'bc': ..., 'anchor': ...} as the loss needs them, whether the anchor is the BC policy itself).
+    """
+    frozen: dict[str, Any] = {}
+    if not (needs.bc or needs.anchor):
+        return frozen, False
+    if bc_policy is None:
+        frozen["bc"] = policy_params
+        if moving_anchor:  # The anchor is the BC policy until it first moves; then it needs its own parameters.
+            frozen["anchor"] = policy_params
+        return frozen, needs.anchor and not moving_anchor
+    bc_params = _load_policy_params(model, bc_policy, mesh, rules) if isinstance(bc_policy, str) else bc_policy
+    what = f"the BC policy {bc_policy}" if isinstance(bc_policy, str) else "the BC policy"
+    frozen["bc"] = _place(model, bc_params, mesh, rules, what)
+    if needs.anchor:
+        frozen["anchor"] = policy_params
+    return frozen, False
+
+
 @gin.configurable(denylist=["policy", "data", "out_dir", "improve_index", "validation", "bc_policy",
                             "prior_improves"])
-def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: str, improve_index: int,
+def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir: str, improve_index: int,
                  validation: tuple[Sequence[str], Sequence[str]], *, reward: Any, prior_improves: int | None = None,
                  loss_name: str = "bc", filter_method: str = "threshold", include_references: bool = True,
                  max_per_source: int | None = None, lr_decay: float = 0.5, num_steps: int = 1000,
@@ -385,7 +430,8 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
       reward: The reward model used for validation (and the one the Grow data was scored with).
       prior_improves: k, the Improve steps `policy` has already been through since BC, counted across Grow
         steps (the learning rate is `lr_decay ** k` times the base); None: `improve_index` (one Grow).
-      loss_name: Improve loss ('bc' default; 'rwbc', 'gold', 'oac', 'bvmpo'; see `rest_jax.losses`).
+      loss_name: Improve loss ('bc' default; 'rwbc', 'gold', 'oac', 'bvmpo', and the preference losses 'dpo',
+        'ipo' on pairs of one source's rows, `improve_data.Pairing`; see `rest_jax.losses`).
       filter_method: 'threshold' (paper), 'percentile', 'gamma', 'top_k' or 'none'.
       include_references: Train on the references of D too (ReST: yes; ReST-EM: no).
       reference_fraction: None: references and samples in the proportion the filter keeps them; f: a fixed
@@ -417,36 +463,32 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
     started = time.perf_counter()
     feature_lengths = dict(feature_lengths or {"inputs": 128, "targets": 128})
     selection = improve_data.Selection(improve_index, include_references, filter_method, max_per_source)
-    counts = improve_data.filter_counts(data, selection)
-    fres = counts.filter
-    logging.info("Improve %d: filter kept %d of %d examples (%.3f); %d sources left without data.",
-                 improve_index, fres.num_kept, fres.num_examples, fres.kept_fraction,
-                 fres.num_sources_without_data)
-    if value_pretrain_data not in ("grow", "filtered"):
-        raise ValueError(f"improve_step.value_pretrain_data={value_pretrain_data!r}; expected 'grow' or 'filtered'.")
     loss = losses.get_loss(loss_name)
     needs = loss_needs(loss_name)
+    _check_arguments(value_pretrain_data, reference_fraction, include_references, anchor_period, patience, needs)
+    pairing = improve_data.Pairing() if needs.pairs else None  # gin: Pairing.rule, Pairing.min_margin
+    counts = improve_data.filter_counts(data, selection, pairing)
+    fres = counts.filter
+    logging.info("Improve %d: filter kept %d of %d examples (%.3f); %d sources left without data.%s",
+                 improve_index, fres.num_kept, fres.num_examples, fres.kept_fraction,
+                 fres.num_sources_without_data, "" if pairing is None else f" {counts.num_kept} preference pairs.")
     value_mode = _resolve_value_training(value_training, needs, loss_name)
     composite = needs.value or needs.vmpo
     mesh = mesh if mesh is not None else partitioning.create_mesh()
     rules = partitioning.standard_logical_axis_rules()
-    # Scoped like T5X's fine-tuning configs: `improve/learning_rate_schedule.*` overrides the BC schedule for
-    # Improve only (e.g. a constant rate near BC's last one); unscoped bindings still apply otherwise.
-    if reference_fraction is not None and reference_fraction > 0 and not include_references:
-        raise ValueError(f"improve_step.reference_fraction={reference_fraction} needs "
-                         "improve_step.include_references=True.")
-    if anchor_period is not None and anchor_period < 1:
-        raise ValueError(f"improve_step.anchor_period={anchor_period}; expected a positive number of updates or None.")
     decay_power = improve_index if prior_improves is None else prior_improves
     lr_scale = lr_decay ** decay_power
+    # Scoped like T5X's fine-tuning configs: `improve/learning_rate_schedule.*` overrides the BC schedule for
+    # Improve only (e.g. a constant rate near BC's last one); unscoped bindings still apply otherwise.
     with gin.config_scope(OPTIMIZER_SCOPE):
         optimizer = optim.create_optimizer(lr_scale=lr_scale)
     model = policy.model
     policy_params = _place(model, policy.params, mesh, rules, "the Improve start policy")
     trainable: dict[str, Any] = {"policy": policy_params}
     boxed: dict[str, Any] = {"policy": _abstract(model, mesh, rules)}
-    frozen: dict[str, Any] = {}
-    value_model, value_summary, anchor_is_bc = None, None, False
+    moving_anchor = needs.anchor and anchor_period is not None and anchor_period < num_steps
+    frozen, anchor_is_bc = _frozen_policies(model, policy_params, bc_policy, needs, moving_anchor, mesh, rules)
+    value_model, value_summary = None, None
     if needs.value:
         value_model = heads.build_value_network(model.config)
         # 'grow': the behaviour policy's data, unfiltered (BVE); 'filtered': the rows this step trains on.
@@ -459,20 +501,6 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
             trainable["value"], boxed["value"] = value_params, _abstract(value_model, mesh, rules)
         else:
             frozen["value"] = value_params
-    moving_anchor = needs.anchor and anchor_period is not None and anchor_period < num_steps
-    if needs.bc or needs.anchor:
-        if bc_policy is None:
-            frozen["bc"] = policy_params
-            # The anchor is the BC policy until it first moves; a moving anchor needs its own parameters.
-            anchor_is_bc = needs.anchor and not moving_anchor
-            if moving_anchor:
-                frozen["anchor"] = policy_params
-        else:
-            bc_params = _load_policy_params(model, bc_policy, mesh, rules) if isinstance(bc_policy, str) else bc_policy
-            what = f"the BC policy {bc_policy}" if isinstance(bc_policy, str) else "the BC policy"
-            frozen["bc"] = _place(model, bc_params, mesh, rules, what)
-            if needs.anchor:
-                frozen["anchor"] = policy_params
     if needs.vmpo:
         vmpo = losses.init_vmpo_params(vmpo_init_eta, vmpo_init_alpha)
         trainable["vmpo"] = partitioning.Partitioner.create(mesh, rules).place(vmpo)[0]
@@ -484,11 +512,12 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
     state, shardings = _create_state(boxed, trainable, optimizer, mesh, rules)
     loss_fn = make_improve_loss_fn(model, loss, value_model, needs=needs, value_training=value_mode,
                                    anchor_is_bc=anchor_is_bc)
-    train_step = train_lib.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
+    train_step = trainer.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
                                            dropout_seed=seed)
     data_shard = partitioning.data_shard_info(mesh, rules)
     if reference_fraction is None:
-        stream = improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed, data_shard)
+        stream = improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed, data_shard,
+                                             pairing=pairing)
     else:
         stream = improve_data.mixed_batches(data, selection, reference_fraction, batch_size, feature_lengths, seed,
                                             data_shard)
@@ -502,53 +531,45 @@ def improve_step(policy: evaluate.Policy, data: improve_data.GrowData, out_dir: 
         return out
 
     val_sources, val_refs = validation
-    restart_hint = (f"none in {out_dir} (an Improve stage saves its best policy only when it ends); the stage's "
-                    "starting policy is intact and rerunning the same command restarts this stage from it")
 
     def validation_reward(params: Any) -> float:
-        val_policy = evaluate.Policy(model, params, policy.vocab)
-        hyps = evaluate.generate(val_policy, val_sources, method=validation_method, split_across_processes=True,
-                                 max_input_length=feature_lengths["inputs"],
-                                 max_decode_length=feature_lengths["targets"]).first()
+        hyps = policy.replace(params).generate(
+            val_sources, method=validation_method, split_across_processes=True,
+            max_input_length=feature_lengths["inputs"], max_decode_length=feature_lengths["targets"]).first()
         return evaluate.mean_reward(reward, val_sources, hyps, val_refs)
 
-    best_params = jax.device_get(policy.params)
+    best = {"params": jax.device_get(policy.params)}
+
+    def keep_best(st: trainer.TrainState, step: int) -> None:
+        del step  # On the host, the same on every process (a model axis may split them across processes).
+        best["params"] = partitioning.Partitioner.create(mesh, rules).gather(policy_of(st.params))
+
+    def move_anchor(loop: trainer.Loop) -> None:
+        frozen["anchor"] = copy_params(policy_of(loop.state.params))
+
     # The placed copy: the same layout as the trained parameters, so decoding compiles once.
-    best_reward = validation_reward(policy_params)
-    best_step, curve, since_best = 0, [(0, best_reward)], 0
-    step = 0
-    last_loss = float("nan")
-    with metrics_lib.MetricWriter(out_dir, "improve") as writer:
-        writer.write_scalars(0, {"validation_reward": best_reward, "kept_fraction": fres.kept_fraction,
+    initial = validation_reward(policy_params)
+    restart = (f"none in {out_dir} (an Improve stage saves its best policy only when it ends); the stage's "
+               "starting policy is intact and rerunning the same command restarts this stage from it")
+    with metrics_lib.MetricWriter(out_dir, "improve") as writer, \
+            trainer.error_advice(memory_knobs=MEMORY_KNOBS, last_checkpoint=lambda: restart):
+        writer.write_scalars(0, {"validation_reward": initial, "kept_fraction": fres.kept_fraction,
                                  "num_kept": fres.num_kept,
                                  "filter_value": float("nan") if fres.value is None else float(fres.value)})
-        while step < num_steps and since_best < patience:
-            target = min(step + eval_period, num_steps)
-            while step < target:
-                leg = min(target, (step // anchor_period + 1) * anchor_period) if moving_anchor else target
-                state, summary = train_lib.train_loop(state, batches, train_step, leg, shard_fn=shard_fn,
-                                                      metric_writer=writer, final_checkpoint=False,
-                                                      stage=f"improve_{improve_index}", log_period=eval_period,
-                                                      memory_knobs=MEMORY_KNOBS, restart_hint=restart_hint)
-                step = int(jax.device_get(state.step))
-                if moving_anchor and step % anchor_period == 0:
-                    frozen["anchor"] = copy_params(policy_of(state.params))
-            last_loss = summary.get("loss", float("nan"))
-            value = validation_reward(policy_of(state.params))
-            curve.append((step, value))
-            writer.write_scalars(step, {"validation_reward": value})
-            logging.info("Improve %d: step %d validation reward %.4f (best %.4f at %d), loss %.4f", improve_index,
-                         step, value, best_reward, best_step, last_loss)
-            if value > best_reward:
-                best_reward, best_step, since_best = value, step, 0
-                # On the host, the same on every process (a model axis may split them across processes).
-                best_params = partitioning.Partitioner.create(mesh, rules).gather(policy_of(state.params))
-            else:
-                since_best += 1
+        validate = trainer.Evaluate(lambda st, _: {"validation_reward": validation_reward(policy_of(st.params))},
+                                    eval_period, writer, monitor="validation_reward", patience=patience,
+                                    initial=initial, on_best=keep_best)
+        hooks = [trainer.LogMetrics(writer, eval_period),
+                 *([trainer.Every(anchor_period, move_anchor)] if moving_anchor else []), validate]
+        state, summary = trainer.train_loop(state, batches, train_step, num_steps, hooks=hooks, shard_fn=shard_fn,
+                                            stage=f"improve_{improve_index}")
+    step, last_loss = int(jax.device_get(state.step)), summary.get("loss", float("nan"))
+    best_params, best_reward, best_step = best["params"], validate.best_value, validate.best_step or 0
+    curve = [(0, initial), *validate.curve]
     # Only the policy is saved: evaluation and Grow load it as any T5X-named policy checkpoint.
     manager = ckpt_lib.CheckpointManager(os.path.join(out_dir, "checkpoints"), keep=1, period=1)
     # Placed on the mesh: a multi-process save takes global arrays only (each process writes its part).
-    saved, _ = partitioning.Partitioner.create(mesh, rules).place(train_lib.TrainState.create(best_params, optimizer))
+    saved, _ = partitioning.Partitioner.create(mesh, rules).place(trainer.TrainState.create(best_params, optimizer))
     manager.save(max(best_step, 1), saved, force=True,
                  metadata={"improve_index": improve_index, "validation_reward": best_reward, "loss": loss_name})
     manager.close()
@@ -598,7 +619,7 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
     Returns:
       The result dict.
     """
-    policy = evaluate.load_policy(checkpoint, vocabulary)
+    policy = policy_lib.load_policy(checkpoint, vocabulary)
     stores = [grow_store] if isinstance(grow_store, str) else list(grow_store)
     for store in stores:
         store_lib.GrowStore(store).check_compatible(vocab=vocabulary, model_config=policy.config)

@@ -30,7 +30,7 @@ import gin
 import jax
 import numpy as np
 
-from rest_jax import evaluate
+from rest_jax import policy as policy_lib
 from rest_jax import filters as filters_lib
 from rest_jax import partitioning
 from rest_jax.data import grow_store as store_lib
@@ -41,6 +41,8 @@ Columns = dict[str, np.ndarray]
 
 FILTER_COLUMNS = ("source_id", "is_reference", "reward", "source_text", "candidate_text", "reference_text")
 TRAIN_COLUMNS = ("source_tokens", "candidate_tokens", "reward")
+PAIR_COLUMNS = TRAIN_COLUMNS + ("behaviour_logprobs",)  # DPO/IPO's reference is the policy that grew the data
+PAIRINGS = ("best_worst", "all")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,8 +111,8 @@ class GrowData:
         """
         if len(sources) != len(references):
             raise ValueError(f"from_pairs: {len(sources)} sources but {len(references)} references")
-        src_tok, _ = evaluate.tokenize(vocab, sources, int(feature_lengths["inputs"]))
-        ref_tok, _ = evaluate.tokenize(vocab, references, int(feature_lengths["targets"]))
+        src_tok, _ = policy_lib.tokenize(vocab, sources, int(feature_lengths["inputs"]))
+        ref_tok, _ = policy_lib.tokenize(vocab, references, int(feature_lengths["targets"]))
 
         def ragged(lists: Sequence[Sequence[int]]) -> np.ndarray:
             out = np.empty(len(lists), object)
@@ -173,11 +175,48 @@ class Selection:
         return rows[result.mask], result.counts()
 
 
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Pairing:
+    """How the preference losses (DPO, IPO) pair one source's selected rows: (chosen, rejected) by reward.
+
+    Attributes:
+      rule: 'best_worst': the source's highest- against its lowest-reward row (one pair per source, ties to the
+        first row); 'all': every two rows whose rewards differ by more than `min_margin` (up to N(N-1)/2 pairs).
+      min_margin: A pair's rewards must differ by more than this (0: any strict preference; equal rewards never
+        pair).
+    """
+
+    rule: str = "best_worst"
+    min_margin: float = 0.0
+
+    def __post_init__(self):
+        if self.rule not in PAIRINGS:
+            raise ValueError(f"Pairing.rule={self.rule!r}; expected one of {PAIRINGS}.")
+        if self.min_margin < 0:
+            raise ValueError(f"Pairing.min_margin={self.min_margin}; expected >= 0.")
+
+    def pairs(self, source_ids: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        """int [K, 2] (chosen, rejected) row indices, sources in order of first appearance."""
+        source_ids, rewards = np.asarray(source_ids), np.asarray(rewards, np.float64)
+        out = []
+        for sid in dict.fromkeys(source_ids.tolist()):
+            rows = np.flatnonzero(source_ids == sid)
+            r = rewards[rows]
+            if self.rule == "best_worst":
+                best, worst = rows[np.argmax(r)], rows[np.argmin(r)]
+                if rewards[best] - rewards[worst] > self.min_margin:
+                    out.append((best, worst))
+            else:
+                out += [(a, b) for a in rows for b in rows if rewards[a] - rewards[b] > self.min_margin]
+        return np.asarray(out, np.int64).reshape(-1, 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class Counts:
     """What the first pass found, the same on every process."""
 
-    kept_per_unit: tuple[int, ...]
+    kept_per_unit: tuple[int, ...]  # Rows, or pairs when counted with a `Pairing`.
     filter: filters_lib.FilterCounts
     mean_sample_reward: float  # Over the samples (not the references) of the usable rows.
 
@@ -186,8 +225,10 @@ class Counts:
         return sum(self.kept_per_unit)
 
 
-def filter_counts(data: GrowData, selection: Selection) -> Counts:
+def filter_counts(data: GrowData, selection: Selection, pairing: Pairing | None = None) -> Counts:
     """First pass: each process filters units u ≡ process (mod P); the counts are gathered to all.
+
+    With a `pairing`, `kept_per_unit` counts the preference pairs of the kept rows instead of the rows.
 
     Warns (`filters.check_first_threshold`) when τ_1 is not above the mean *sample* reward: the references'
     reward of 1 under reference-based rewards says nothing about the policy's samples.
@@ -198,7 +239,8 @@ def filter_counts(data: GrowData, selection: Selection) -> Counts:
         cols = data.read(unit, FILTER_COLUMNS)
         kept, counts = selection.apply(cols)
         samples = cols["reward"][selection.usable(cols) & ~np.asarray(cols["is_reference"], bool)].astype(np.float64)
-        mine[unit] = (len(kept), counts, float(samples.sum()), len(samples))
+        items = len(kept) if pairing is None else len(pairing.pairs(cols["source_id"][kept], cols["reward"][kept]))
+        mine[unit] = (items, counts, float(samples.sum()), len(samples))
     found: dict[int, Any] = {}
     for part in partitioning.allgather_objects(mine):
         found.update(part)
@@ -235,13 +277,21 @@ def make_batch(rows: Mapping[str, Sequence[Any]], feature_lengths: Mapping[str, 
            for t in rows["candidate_tokens"]]
     targets = _pad(tgt, lt, np.int32)
     decoder_inputs = np.concatenate([np.zeros((len(tgt), 1), np.int32), targets[:, :-1]], axis=1)
-    return {
+    batch = {
         "encoder_input_tokens": _pad(src, li, np.int32),
         "decoder_input_tokens": decoder_inputs,
         "decoder_target_tokens": targets,
         "decoder_loss_weights": (targets > 0).astype(np.float32),
         "reward": np.asarray(rows["reward"], np.float32),
     }
+    if "behaviour_logprobs" in rows:
+        for lp, t in zip(rows["behaviour_logprobs"], rows["candidate_tokens"]):
+            if len(lp) != len(t):
+                raise ValueError(f"a Grow row has {len(lp)} behaviour log-probs for {len(t)} candidate tokens: the "
+                                 "preference losses need the log-probs Grow stores with every sample and reference "
+                                 "(a store written without them cannot serve DPO/IPO).")
+        batch["behaviour_log_probs"] = _pad(rows["behaviour_logprobs"], lt, np.float32)
+    return batch
 
 
 def _num_readers(wanted: int, batch_size: int, num_shards: int, num_kept: int) -> int:
@@ -291,11 +341,24 @@ def _own(column: np.ndarray) -> np.ndarray:
     return out
 
 
-def _reader(data: GrowData, selection: Selection, pieces: Sequence[tuple[int, int, int]], rows_per_epoch: int,
-            seed: int, reader: int, shuffle_buffer: int) -> Iterator[tuple[Any, ...]]:
-    """Endless rows (`TRAIN_COLUMNS` tuples) of one reader: pieces in a new order each epoch, buffer-shuffled.
+def _items(cols: Columns, kept: np.ndarray, pairing: Pairing | None) -> list[tuple[Any, ...]]:
+    """A unit's items: kept rows as `TRAIN_COLUMNS` tuples, or pairs as (chosen, rejected) of `PAIR_COLUMNS`."""
+    if pairing is None:
+        # Copies: a row read from a shard is a view of the whole shard's values, which a row that lingers in
+        # the buffer would keep alive.
+        own = {c: _own(cols[c][kept]) for c in TRAIN_COLUMNS}
+        return list(zip(*(own[c] for c in TRAIN_COLUMNS)))
+    pairs = kept[pairing.pairs(cols["source_id"][kept], cols["reward"][kept])]
+    own = {c: _own(cols[c][pairs.reshape(-1)]) for c in PAIR_COLUMNS}
+    rows = list(zip(*(own[c] for c in PAIR_COLUMNS)))
+    return list(zip(rows[0::2], rows[1::2]))
 
-    The buffer holds at most one epoch of this reader's rows, so a small reader is shuffled per epoch.
+
+def _reader(data: GrowData, selection: Selection, pieces: Sequence[tuple[int, int, int]], rows_per_epoch: int,
+            seed: int, reader: int, shuffle_buffer: int, pairing: Pairing | None = None) -> Iterator[tuple[Any, ...]]:
+    """Endless items (`_items`: rows or pairs) of one reader: pieces in a new order each epoch, buffer-shuffled.
+
+    The buffer holds at most one epoch of this reader's items, so a small reader is shuffled per epoch.
     """
     size = max(1, min(shuffle_buffer, rows_per_epoch))
     rng = np.random.default_rng([seed, reader, 0x5B])
@@ -306,14 +369,13 @@ def _reader(data: GrowData, selection: Selection, pieces: Sequence[tuple[int, in
         for p in np.random.default_rng([seed, reader, epoch]).permutation(len(pieces)):
             unit, j, m = pieces[p]
             if cache is None or cache[0] != unit:
-                cols = data.read(unit, tuple(dict.fromkeys(FILTER_COLUMNS + TRAIN_COLUMNS)))
+                columns = FILTER_COLUMNS + (TRAIN_COLUMNS if pairing is None else PAIR_COLUMNS)
+                cols = data.read(unit, tuple(dict.fromkeys(columns)))
                 kept, _ = selection.apply(cols)
-                # Copies: a row read from a shard is a view of the whole shard's values, which a row that
-                # lingers in the buffer would keep alive.
-                cache = (unit, {c: _own(cols[c][kept]) for c in TRAIN_COLUMNS})
-            cols = cache[1]
-            for r in range(j, len(cols["reward"]), m):
-                row = tuple(cols[c][r] for c in TRAIN_COLUMNS)
+                cache = (unit, _items(cols, kept, pairing))
+            items = cache[1]
+            for r in range(j, len(items), m):
+                row = items[r]
                 if len(buffer) < size:
                     buffer.append(row)
                     continue
@@ -323,39 +385,50 @@ def _reader(data: GrowData, selection: Selection, pieces: Sequence[tuple[int, in
         epoch += 1
 
 
-@gin.configurable(denylist=["data", "selection", "counts", "batch_size", "feature_lengths", "seed", "shard"])
+@gin.configurable(denylist=["data", "selection", "counts", "batch_size", "feature_lengths", "seed", "shard",
+                            "pairing"])
 def stream_batches(data: GrowData, selection: Selection, counts: Counts, batch_size: int,
                    feature_lengths: Mapping[str, int], seed: int, shard: tuple[int, int] = (0, 1), *,
-                   num_readers: int = 8, shuffle_buffer: int = 4096) -> Iterator[Batch]:
+                   pairing: Pairing | None = None, num_readers: int = 8, shuffle_buffer: int = 4096
+                   ) -> Iterator[Batch]:
     """Endless batches of the selected rows; this process's block of every global batch (see module doc).
 
+    With a `pairing` (DPO, IPO) the items are preference pairs of one source instead of rows: a batch of B rows
+    holds B/2 pairs, rows 2k (chosen) and 2k + 1 (rejected) interleaved, with the behaviour log-probs.
+
     Args:
-      data, selection, counts: The Grow data, the rows to use, and the first pass's `filter_counts`.
+      data, selection, counts: The Grow data, the rows to use, and the first pass's `filter_counts` (with the
+        same `pairing`).
       batch_size: Global rows per batch; this process yields `batch_size // shard[1]` of them.
       feature_lengths: Batch shape (`make_batch`).
       seed: Data order: the same seed gives the same global batches on any number of processes.
       shard: (i, n) from `partitioning.data_shard_info`: this process's block of each batch.
+      pairing: Pair the rows (see above); None: rows.
       num_readers: V, virtual readers (a multiple of the processes that divides the batch; fewer when the
         filter keeps fewer rows). Changing it changes the data order, not what an epoch holds.
       shuffle_buffer: Rows each reader shuffles among (memory: V/P buffers per process).
     """
     if counts.num_kept == 0:
-        raise ValueError(f"Improve: the filter kept no Grow examples of {data.description}; lower the "
+        what = "examples" if pairing is None else f"pairs ({pairing.rule}, reward margin > {pairing.min_margin})"
+        raise ValueError(f"Improve: the filter kept no Grow {what} of {data.description}; lower the "
                          "threshold (filters schedule).")
     index, num_shards = shard
-    if batch_size % num_shards:
+    per_item = 1 if pairing is None else 2
+    if batch_size % (num_shards * per_item):
         raise ValueError(f"Improve: batch size {batch_size} is not divisible by the {num_shards} data shards "
-                         "(hosts).")
-    v = _num_readers(num_readers, batch_size, num_shards, counts.num_kept)
+                         f"(hosts){'' if pairing is None else ' times 2 rows per pair'}.")
+    v = _num_readers(num_readers, batch_size // per_item, num_shards, counts.num_kept)
     assignment = _pieces(counts.kept_per_unit, v)
-    per_reader = batch_size // v
+    per_reader = batch_size // per_item // v
     mine = range(index * v // num_shards, (index + 1) * v // num_shards)
     readers = [_reader(data, selection, assignment[r],
                        sum(-(-(counts.kept_per_unit[u] - j) // m) for u, j, m in assignment[r]), seed, r,
-                       shuffle_buffer) for r in mine]
+                       shuffle_buffer, pairing) for r in mine]
+    columns = TRAIN_COLUMNS if pairing is None else PAIR_COLUMNS
     while True:
-        rows = [next(reader) for reader in readers for _ in range(per_reader)]
-        yield make_batch({c: [row[i] for row in rows] for i, c in enumerate(TRAIN_COLUMNS)}, feature_lengths)
+        items = [next(reader) for reader in readers for _ in range(per_reader)]
+        rows = items if pairing is None else [row for pair in items for row in pair]
+        yield make_batch({c: [row[i] for row in rows] for i, c in enumerate(columns)}, feature_lengths)
 
 
 def mixed_batches(data: GrowData, selection: Selection, reference_fraction: float, batch_size: int,

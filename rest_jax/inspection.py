@@ -33,6 +33,7 @@ import numpy as np
 from etils import epath
 
 from rest_jax import gin_utils
+from rest_jax import policy as policy_lib
 from rest_jax import report
 from rest_jax.io import atomic
 
@@ -316,7 +317,7 @@ def _run_rest_setting(name: str, fallback: Any) -> Any:
 
 def load_stage_policy(run_dir: str | os.PathLike, stage: str = FINAL, step: int | None = None,
                       configure: bool = True) -> Any:
-    """Loads a stage's policy (`rest_jax.evaluate.Policy`): model from the run's gin config, its vocabulary.
+    """Loads a stage's policy (`rest_jax.policy.Policy`): model from the run's gin config, its vocabulary.
 
     Args:
       run_dir: The run directory.
@@ -325,26 +326,22 @@ def load_stage_policy(run_dir: str | os.PathLike, stage: str = FINAL, step: int 
       configure: Make sure the run's gin config is loaded (`ensure_run_config`); False keeps the current
         gin state as it is.
     """
-    from rest_jax import evaluate  # pylint: disable=import-outside-toplevel
-
     found = find_stage(run_dir, stage)
     if found.checkpoint_dir is None:
         raise ValueError(f"Stage {found.key} ({found.name}) is a Grow step and has no policy checkpoint; "
                          f"its policy is the one it sampled from: {(found.result or {}).get('policy')}.")
     if configure:
         ensure_run_config(run_dir)
-    return evaluate.load_policy(checkpoint=found.checkpoint_dir, vocabulary=vocabulary_path(run_dir), step=step)
+    return policy_lib.load_policy(checkpoint=found.checkpoint_dir, vocabulary=vocabulary_path(run_dir), step=step)
 
 
 def translate(policy: Any, sources: Sequence[str], method: str = "greedy", **generate_kwargs: Any) -> list[str]:
     """First translation of each source (greedy by default), with the token limits of the run's saved
     translations (`translation_lengths`); pass max_input_length / max_decode_length to change them."""
-    from rest_jax import evaluate  # pylint: disable=import-outside-toplevel
-
     lengths = translation_lengths()
     generate_kwargs.setdefault("max_input_length", lengths["inputs"])
     generate_kwargs.setdefault("max_decode_length", lengths["targets"])
-    return evaluate.generate(policy, list(sources), method=method, **generate_kwargs).first()
+    return policy.generate(list(sources), method=method, **generate_kwargs).first()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -11,12 +11,14 @@ share one signature,
     loss_fn(batch, outputs, step=0) -> (scalar loss, metrics dict)
 
 and are already normalised, because V-MPO's top-half selection and softmax weights are batch-level and do
-not decompose into per-example sums. They are registered by name (`bc`, `rwbc`, `gold`, `bvmpo`, `oac`,
-plus `value` for value-network training) and every knob is gin-configurable; `improve_step.loss_name` picks one.
+not decompose into per-example sums. They are registered by name (`bc`, `rwbc`, `gold`, `bvmpo`, `oac`, the
+preference losses `dpo` and `ipo`, plus `value` for value-network training) and every knob is gin-configurable;
+`improve_step.loss_name` picks one.
 
 Batch keys: `decoder_target_tokens`, `decoder_loss_weights`, optional `example_weights` [B] (multiplied
 into the token weights; 0 drops an example, e.g. the filter mask), `reward` [B] (sequence reward R(x, y) in
-[0, 1], the Grow store's field), `num_steps` [] (the run's number of updates; BVMPO anneals λ over it).
+[0, 1], the Grow store's field), `num_steps` [] (the run's number of updates; BVMPO anneals λ over it),
+`behaviour_log_probs` [B, T] (the Grow policy's per-token log-probs; DPO/IPO, whose batches are pairs).
 Outputs keys: `logits` (policy), `values` [B, T] (value network), `bc_logits` [B, T, V] (the frozen BC
 policy: BVMPO's KL term, GOLD's p_MLE), `old_logits` [B, T, V] (BVMPO's trust-region anchor), `vmpo_eta`
 and `vmpo_alpha` (unconstrained scalars, BVMPO; see `init_vmpo_params`).
@@ -480,8 +482,79 @@ def oac_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Arr
                   "advantage": _mean_over_tokens(adv, weights), "num_tokens": jnp.sum(weights)}
 
 
+# ---------------------------------------------------------------------------------- preference losses
+
+BEHAVIOUR_LOG_PROBS = "behaviour_log_probs"
+
+
+def _pair_log_ratios(batch: Mapping[str, Array], outputs: Mapping[str, Array], loss: str) -> tuple[Array, Array]:
+    """h_k = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)] per pair, and the pairs' mask.
+
+    Rows 2k and 2k + 1 are pair k: the chosen (preferred) candidate y_w and the rejected y_l of one source
+    (`rest_jax.improve_data.stream_batches` with a `Pairing`; interleaved, so any even block of rows, e.g. one
+    process's share, holds whole pairs); π_ref is the policy that grew the data, whose per-token
+    log-probabilities the Grow store holds (`batch['behaviour_log_probs']` [B, T], untempered). Sums run over
+    the tokens with weight, so a trimmed candidate counts the same tokens under both policies.
+    """
+    targets, weights = _targets_and_weights(batch, loss)
+    logits = _need(outputs, "logits", loss, "outputs", "[B, T, V] policy logits")
+    _check_shapes(logits, targets, weights)
+    ref = _wide(jnp.asarray(_need(batch, BEHAVIOUR_LOG_PROBS, loss, "batch",
+                                  "[B, T] per-token log-probs of the policy that grew the data")))
+    if targets.shape[0] % 2:
+        raise ValueError(f"loss {loss!r} takes pairs (chosen, rejected rows interleaved); got {targets.shape[0]} rows.")
+    mask = (weights > 0).astype(ref.dtype)
+    ratio = jnp.sum((token_log_probs(logits, targets) - ref) * mask, -1).reshape(-1, 2)
+    present = jnp.all(jnp.sum(mask, -1).reshape(-1, 2) > 0, -1)
+    return ratio[:, 0] - ratio[:, 1], present.astype(ref.dtype)
+
+
+def _pair_metrics(h: Array, present: Array, loss: Array, weights: Array) -> Metrics:
+    n = jnp.sum(present)
+    return {"loss": loss, "log_ratio_margin": _safe_div(jnp.sum(h * present), n),
+            "pair_accuracy": _safe_div(jnp.sum((h > 0) * present), n), "num_pairs": n,
+            "num_tokens": jnp.sum(weights)}
+
+
+@register_loss("dpo")
+@gin.configurable(denylist=["batch", "outputs", "step"])
+def dpo_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Array, Metrics]:
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7) on pairs of Grow samples of one source.
+
+    loss = −mean_k [(1 − ε) log σ(β h_k) + ε log σ(−β h_k)], h_k the log-ratio margin of `_pair_log_ratios`
+    (reference: the policy that grew the data); ε = `label_smoothing` is conservative DPO's assumed rate of
+    flipped preferences (0: plain DPO).
+    """
+    del step
+    if beta <= 0 or not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo_loss: beta must be > 0 and label_smoothing in [0, 0.5); got {beta}, {label_smoothing}")
+    h, present = _pair_log_ratios(batch, outputs, "dpo")
+    per_pair = -((1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+                 + label_smoothing * jax.nn.log_sigmoid(-beta * h))
+    loss = _safe_div(jnp.sum(per_pair * present), jnp.sum(present))
+    return loss, _pair_metrics(h, present, loss, batch[WEIGHTS])
+
+
+@register_loss("ipo")
+@gin.configurable(denylist=["batch", "outputs", "step"])
+def ipo_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
+             tau: float = 0.1) -> tuple[Array, Metrics]:
+    """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17): mean_k (h_k − 1/(2τ))², h_k as for DPO.
+
+    The squared loss pulls the margin to 1/(2τ) instead of pushing it to infinity, so it does not overfit
+    deterministic preferences (a Grow source's best sample beats its worst by construction).
+    """
+    del step
+    if tau <= 0:
+        raise ValueError(f"ipo_loss.tau must be > 0, got {tau}")
+    h, present = _pair_log_ratios(batch, outputs, "ipo")
+    loss = _safe_div(jnp.sum(jnp.square(h - 1.0 / (2.0 * tau)) * present), jnp.sum(present))
+    return loss, _pair_metrics(h, present, loss, batch[WEIGHTS])
+
+
 def make_value_loss_fn(value_model: Any, loss: Any = None) -> Any:
-    """`(params, batch, rng) -> (loss, aux)` for `train.make_train_step`: training a `model.heads.ValueNetwork`.
+    """`(params, batch, rng) -> (loss, aux)` for `trainer.make_train_step`: training a `model.heads.ValueNetwork`.
 
     Behaviour value estimation (ReST Sec. 5, BVMPO/OAC): regress V(s_t) on the Monte-Carlo return of the
     sequence reward over Grow data. `batch` holds T5X's features plus `reward` [B] (the Grow store's field);

@@ -86,7 +86,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "score": Subcommand("rest_jax.evaluate:score", "Score (source, translation) pairs with a reward model."),
     "convert": Subcommand("rest_jax.convert:convert", "Convert checkpoints: HF <-> rest_jax, T5X -> rest_jax."),
     "vocab": Subcommand("rest_jax.data.task_vocab:train_task_vocabulary", "Train a SentencePiece vocabulary."),
-    "reward-model": Subcommand("rest_jax.rewards.learned:train_learned_reward",
+    "reward-model": Subcommand("rest_jax.reward_model:train_learned_reward",
                                "Train a learned (e.g. reference-free) reward model."),
 }
 
@@ -323,8 +323,10 @@ def load_entry(sub: Subcommand) -> Callable[[], Any]:
 CONFIGURABLE_MODULES = (
     "rest_jax.checkpoints", "rest_jax.convert", "rest_jax.evaluate", "rest_jax.filters",
     "rest_jax.grow", "rest_jax.improve", "rest_jax.improve_data", "rest_jax.losses", "rest_jax.metrics",
-    "rest_jax.optim", "rest_jax.partitioning", "rest_jax.rest", "rest_jax.train",
-    "rest_jax.data.demo_corpus", "rest_jax.data.grow_store", "rest_jax.data.task_vocab", "rest_jax.data.tasks",
+    "rest_jax.optim", "rest_jax.partitioning", "rest_jax.policy", "rest_jax.rest", "rest_jax.reward_model",
+    "rest_jax.train", "rest_jax.trainer",
+    "rest_jax.data.demo_corpus", "rest_jax.data.grow_store.writer", "rest_jax.data.task_vocab",
+    "rest_jax.data.tasks",
     "rest_jax.data.vocab", "rest_jax.model.heads", "rest_jax.model.t5",
     "rest_jax.rewards.learned", "rest_jax.rewards.metricx", "rest_jax.rewards.sacrebleu_rewards",
 )

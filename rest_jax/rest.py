@@ -18,7 +18,7 @@ the command line refuses one with other settings: `rest_jax.rerun`):
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import gin
 import numpy as np
@@ -28,11 +28,13 @@ from etils import epath
 from rest_jax import checkpoints  # noqa: F401  pylint: disable=unused-import
 from rest_jax import evaluate
 from rest_jax import gin_utils
+from rest_jax import policy as policy_lib
 from rest_jax import grow as grow_lib
 from rest_jax import improve as improve_lib
 from rest_jax import improve_data
 from rest_jax import partitioning
 from rest_jax import report
+from rest_jax import reward_model as reward_model_lib
 from rest_jax import rewards as rewards_lib
 from rest_jax import significance
 from rest_jax import train as train_lib
@@ -84,14 +86,14 @@ def _vocabulary(model_dir: str, task: str, vocab_path: str | None, vocab_size: i
     return vocab_path
 
 
-def _policy_from(checkpoint_dir: str, vocab_path: str) -> evaluate.Policy:
-    return evaluate.load_policy(checkpoint=checkpoint_dir, vocabulary=vocab_path)
+def _policy_from(checkpoint_dir: str, vocab_path: str) -> policy_lib.Policy:
+    return policy_lib.load_policy(checkpoint=checkpoint_dir, vocabulary=vocab_path)
 
 
 SCORE_KEYS = ("reward", "bleu", "chrf", "ter", "bleu_signature", "chrf_signature", "ter_signature")
 
 
-def _scores(policy: evaluate.Policy, reward: Any, split_data: dict[str, tuple[list[str], list[str]]],
+def _scores(policy: policy_lib.Policy, reward: Any, split_data: dict[str, tuple[list[str], list[str]]],
             stage_dir: str, lengths: dict[str, int], sample_split: str, sample_n: int, temperature: float,
             seed: int) -> dict[str, Any]:
     """Reward, BLEU, chrF and TER of greedy translations on each split (saved in the stage dir as
@@ -161,6 +163,58 @@ _FROM_LENGTHS = "set run_rest.feature_lengths instead"
 _FROM_SEED = "set run_rest.seed instead (each stage derives its own seed from it)"
 
 
+def _refreshed_reward(g: int, model_dir: str, reward: Any, stores: Sequence[str], seed: int) -> dict[str, Any]:
+    """The reward-model stage after Grow g (`run_rest.refresh_reward_model`), unless finished: its stage result."""
+    out_dir = os.path.join(model_dir, f"reward_{g}")
+    done = report.stage_result(out_dir)
+    if done is None:
+        result = reward_model_lib.refresh_reward_model(reward.model_dir, list(stores), out_dir, seed=seed)
+        done = report.finish_stage(out_dir, {"name": f"Reward model after Grow {g}", "dir": out_dir,
+                                             "from": reward.model_dir, "stores": list(stores),
+                                             "heldout_initial": result["heldout_initial"],
+                                             "heldout": result["heldout"]})
+    return done
+
+
+def _best_of_n(model_dir: str, policies: Mapping[str, str], vocab_path: str,
+               split: tuple[list[str], list[str]], reward: Any, ns: Sequence[int], seed: int,
+               lengths: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Best-of-N rows of each named policy checkpoint (a final policy that is still BC's is skipped), cached in
+    `best_of_n.json` so that a rerun does not sample again."""
+    path = os.path.join(model_dir, "best_of_n.json")
+    if os.path.exists(path):
+        return atomic.read_json(path)
+    rows, (srcs, refs) = [], split
+    for name, ckpt in policies.items():
+        if name != "BC" and ckpt == policies["BC"]:
+            continue
+        for row in evaluate.best_of_n(_policy_from(ckpt, vocab_path), srcs, refs, reward, ns=ns, seed=seed,
+                                      max_input_length=lengths["inputs"], max_decode_length=lengths["targets"]):
+            rows.append(dict(row, policy=name))
+    if partitioning.is_chief():
+        atomic.write_json(path, rows)
+    return rows
+
+
+def _markdown(out: Mapping[str, Any], seed: int, reward: Any, sample_eval_n: int,
+              sample_eval_temperature: float) -> list[str]:
+    """report.md: the table, what is significant, and the best-of-N rows (labelled oracle when they are)."""
+    md = [f"# ReST on {out['task']} ({out['reward']} reward, {out['split']} split, seed {seed})\n",
+          report.markdown_table(out["rows"], out["split"]), "\n",
+          report.significance_notes(out["rows"], out["reward"])]
+    if sample_eval_n:
+        md.append(f"\nSample reward: mean over {sample_eval_n} samples per source at temperature "
+                  f"{sample_eval_temperature} (ReST Table 1); the other columns decode greedily.\n")
+    if "best_of_n" in out:
+        oracle = (" The reward reads the reference, so this reranker is an **oracle** (it cannot be used at test "
+                  "time); it bounds what a reference-free reranker could reach." if reward.needs_reference else "")
+        md.append(f"\nBest-of-N (reward of the reward-best of N samples, temperature 0.8).{oracle}\n")
+        md.append("| policy | N | reward | BLEU |\n| --- | ---: | ---: | ---: |\n")
+        md.extend(f"| {r['policy']} | {r['n']} | {100 * r['reward']:.1f} | {r['bleu']:.1f} |\n"
+                  for r in out["best_of_n"])
+    return md
+
+
 @gin.configurable
 @gin_utils.sets_knobs({
     "train.model_dir": "BC runs in <run_rest.model_dir>/bc", "train.task": "set run_rest.task instead",
@@ -182,8 +236,8 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
              num_test_sources: int | None = None, feature_lengths: dict[str, int] | None = None,
              restart_from_base: bool = False, best_of_n_ns: Sequence[int] = (1, 2, 4, 8, 16),
              eval_max_length: int = 128, seed: int = 0, bc_run: str | None = None, control: bool = False,
-             replay_grow_steps: int = 0, sample_eval_n: int = 4, sample_eval_temperature: float = 0.8
-             ) -> dict[str, Any]:
+             replay_grow_steps: int = 0, sample_eval_n: int = 4, sample_eval_temperature: float = 0.8,
+             refresh_reward_model: bool = False) -> dict[str, Any]:
     """ReST: BC → Grow → Improve ×I → Grow ...; prints and writes the paper's table (the `rest` command).
 
     Args:
@@ -219,6 +273,11 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
       sample_eval_n, sample_eval_temperature: Each policy's mean reward over this many samples per test
         source at this temperature (ReST's Table 1 measure; keep it at the Grow temperature), beside greedy.
         0: greedy only.
+      refresh_reward_model: Before every Grow after the first, retrain the learned reward model on the Grow
+        stores so far (`reward_model.refresh_reward_model`; ReST Sec. 6 names this as future work) and score that
+        Grow with it; its held-out agreement with the teacher, before and after, goes into the report. Needs
+        reward_name='learned'. Validation, checkpoint selection and the report keep the original reward, so
+        that every row is measured alike. Off by default.
 
     Returns:
       The report (also in `<model_dir>/report.json`).
@@ -238,7 +297,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         eval_splits[test_split] = evaluate.read_split(task, test_split, num_test_sources)
     report_split = test_split or validation_split
 
-    def scores(policy: evaluate.Policy, splits: dict[str, tuple[list[str], list[str]]], out_dir: str) -> dict:
+    def scores(policy: policy_lib.Policy, splits: dict[str, tuple[list[str], list[str]]], out_dir: str) -> dict:
         return _scores(policy, reward, splits, out_dir, eval_lengths, report_split, sample_eval_n,
                        sample_eval_temperature, seed)
 
@@ -266,15 +325,21 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         original = improve_data.GrowData.from_pairs(_policy_from(base_checkpoint, vocab_path).vocab, srcs, refs,
                                                     lengths)
     stores: list[str] = []
+    grow_reward, refreshes = reward, []
+    if refresh_reward_model and not isinstance(getattr(reward, "model_dir", None), str):
+        raise ValueError(f"run_rest.refresh_reward_model=True needs a learned reward model (reward_name='learned' "
+                         f"with LearnedReward.model_dir); the reward is {reward_name!r}.")
     for g in range(1, num_grow_steps + 1):
         grow_dir = os.path.join(model_dir, f"grow_{g}")
         store_dir = os.path.join(grow_dir, "store")
+        if refresh_reward_model and g > 1:
+            refreshes.append(_refreshed_reward(g - 1, model_dir, grow_reward, stores, seed + g))
+            grow_reward = rewards_lib.get("learned", model_dir=refreshes[-1]["dir"])
         if control:
             data = original
         else:
             data = _grown(g, grow_dir, store_dir, latest_checkpoint, vocab_path, task, grow_split,
-                                    max_grow_sources, lengths, seed, reward, stores, replay_grow_steps,
-                                    grow_rewards)
+                          max_grow_sources, lengths, seed, grow_reward, stores, replay_grow_steps, grow_rewards)
         for i in improve_indices:
             stage_dir = os.path.join(grow_dir, f"improve_{i}")
             done = report.stage_result(stage_dir)
@@ -285,7 +350,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                     policy, data, stage_dir, i, val, reward=reward, feature_lengths=lengths, seed=seed + 1000 * g + i,
                     prior_improves=0 if restart_from_base else improves_done,
                     bc_policy=None if start == base_checkpoint else base_checkpoint)  # BVMPO/GOLD's frozen π_BC
-                best = evaluate.Policy(policy.model, params, policy.vocab)
+                best = policy.replace(params)
                 result.update(name=f"{'Control' if control else 'ReST'} G={g} I={i}", start=start,
                               scores=scores(best, eval_splits, stage_dir))
                 done = report.finish_stage(stage_dir, result)
@@ -314,6 +379,8 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                            "vs_bc": r.get("vs_bc"), "held_out_drops": r.get("held_out_drops"),
                            "kept_fraction": r.get("kept_fraction"), "threshold": r.get("threshold")})
     out = {"task": task, "reward": reward_name, "split": report_split, "rows": table_rows, "stages": rows}
+    if refreshes:
+        out["reward_refreshes"] = refreshes
 
     # Every process computes the same report (each evaluates the same sentences); process 0 writes and prints it.
     chief = partitioning.is_chief()
@@ -323,37 +390,11 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
     if curves and chief:
         report.plot_validation_curves(curves, os.path.join(plots, "validation_reward.png"))
     if best_of_n_ns:
-        bon_path = os.path.join(model_dir, "best_of_n.json")
-        bon = atomic.read_json(bon_path) if os.path.exists(bon_path) else None
-        if bon is None:
-            bon = []
-            srcs, refs = eval_splits[report_split]
-            for name, ckpt in {"BC": base_checkpoint, "ReST (final)": latest_checkpoint}.items():
-                if name != "BC" and ckpt == base_checkpoint:
-                    continue
-                policy = _policy_from(ckpt, vocab_path)
-                for row in evaluate.best_of_n(policy, srcs, refs, reward, ns=best_of_n_ns, seed=seed,
-                                              max_input_length=eval_lengths["inputs"],
-                                              max_decode_length=eval_lengths["targets"]):
-                    bon.append(dict(row, policy=name))
-            if chief:
-                atomic.write_json(bon_path, bon)
+        out["best_of_n"] = _best_of_n(model_dir, {"BC": base_checkpoint, "ReST (final)": latest_checkpoint},
+                                      vocab_path, eval_splits[report_split], reward, best_of_n_ns, seed, eval_lengths)
         if chief:
-            report.plot_best_of_n(bon, os.path.join(plots, "best_of_n.png"))
-        out["best_of_n"] = bon
-
-    md = [f"# ReST on {task} ({reward_name} reward, {report_split} split, seed {seed})\n",
-          report.markdown_table(table_rows, report_split), "\n",
-          report.significance_notes(table_rows, reward_name)]
-    if sample_eval_n:
-        md.append(f"\nSample reward: mean over {sample_eval_n} samples per source at temperature "
-                  f"{sample_eval_temperature} (ReST Table 1); the other columns decode greedily.\n")
-    if best_of_n_ns:
-        oracle = (" The reward reads the reference, so this reranker is an **oracle** (it cannot be used at test "
-                  "time); it bounds what a reference-free reranker could reach." if reward.needs_reference else "")
-        md.append(f"\nBest-of-N (reward of the reward-best of N samples, temperature 0.8).{oracle}\n")
-        md.append("| policy | N | reward | BLEU |\n| --- | ---: | ---: | ---: |\n")
-        md.extend(f"| {r['policy']} | {r['n']} | {100 * r['reward']:.1f} | {r['bleu']:.1f} |\n" for r in out["best_of_n"])
+            report.plot_best_of_n(out["best_of_n"], os.path.join(plots, "best_of_n.png"))
+    md = _markdown(out, seed, reward, sample_eval_n, sample_eval_temperature)
     if chief:
         atomic.write_json(os.path.join(model_dir, "report.json"), out)
         atomic.write_text(os.path.join(model_dir, "report.md"), "".join(md))

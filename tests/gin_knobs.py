@@ -142,6 +142,18 @@ def _resolve(func: ast.AST, module: str, imports: dict[str, tuple[str, str | Non
     return None
 
 
+def _with_reexports(trees: dict[str, ast.Module], known: dict[tuple[str, str], Configurable]
+                    ) -> dict[tuple[str, str], Configurable]:
+    """`known` plus (module, name) for every module that imports a configurable under `name` (a package's
+    `__init__` re-exporting its submodules' names: `grow_store.GrowStoreWriter` is `grow_store.writer`'s)."""
+    table = dict(known)
+    for module, tree in trees.items():
+        for local, target in _imports(module, tree, trees).items():
+            if target[1] is not None and target in known:
+                table.setdefault((module, local), known[target])
+    return table
+
+
 def _is_partial(func: ast.AST) -> bool:
     return (isinstance(func, ast.Name) and func.id == "partial") or \
         (isinstance(func, ast.Attribute) and func.attr == "partial")
@@ -160,7 +172,7 @@ def load(package_dir: str) -> dict[str, ast.Module]:
 
 def overridden_knobs(trees: dict[str, ast.Module]) -> list[Override]:
     """Calls (direct or through functools.partial) that pass a bindable parameter of a configurable."""
-    known = configurables(trees)
+    known = _with_reexports(trees, configurables(trees))
     found = []
     for module, tree in trees.items():
         imports = _imports(module, tree, trees)
@@ -187,12 +199,13 @@ def unreferenced_configurables(trees: dict[str, ast.Module], entry_points: Itera
     entry point ('module:function'), nor referenced by name outside their own definition, nor put in a
     registry by another decorator (`@register_loss('bc')`)."""
     known = configurables(trees)
+    table = _with_reexports(trees, known)
     used = {tuple(e.split(":", 1)) for e in entry_points}
     for module, tree in trees.items():
         imports = _imports(module, tree, trees)
         for node in ast.walk(tree):
             if isinstance(node, (ast.Name, ast.Attribute)):
-                c = _resolve(node, module, imports, known)
+                c = _resolve(node, module, imports, table)
                 if c is not None:
                     used.add((c.module, c.name))
     return sorted(f"{c.module}.{c.name}" for key, c in known.items()

@@ -38,7 +38,7 @@ if scenario == "generate":
     # Evaluation split across processes: every process gets what one process decoding everything gets.
     import gin
 
-    from rest_jax import evaluate
+    from rest_jax import policy as policy_lib
     from rest_jax.model import t5
 
     from rest_jax import gin_utils
@@ -56,11 +56,11 @@ if scenario == "generate":
         def decode(self, ids):
             return " ".join(str(i) for i in ids)
 
-    policy = evaluate.Policy(model, params, Bytes())
+    policy = policy_lib.Policy(model, params, Bytes())
     sources = [f"source sentence number {i}" * (1 + i % 3) for i in range(7)]
     kwargs = dict(method="sample", num_samples=2, batch_size=2, max_decode_length=6, temperature=1.0, seed=3)
-    split = evaluate.generate(policy, sources, split_across_processes=True, **kwargs)
-    whole = evaluate.generate(policy, sources, **kwargs)
+    split = policy.generate(sources, split_across_processes=True, **kwargs)
+    whole = policy.generate(sources, **kwargs)
     same = split.texts == whole.texts and all(
         np.array_equal(a, b) for x, y in zip(split.tokens, whole.tokens) for a, b in zip(x, y))
     print(f"process {index}: split generate equals whole: {same} ({len(split.texts)} sources)", flush=True)

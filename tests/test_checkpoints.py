@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rest_jax import checkpoints, optim, partitioning, train
+from rest_jax import checkpoints, optim, partitioning, trainer
 from rest_jax.model import t5
 
 TINY = t5.T5Config(vocab_size=64, emb_dim=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
@@ -32,7 +32,7 @@ def _state(config=TINY, mesh_shape=(8, 1), optimizer="adamw", abstract=False):
     """A train state (or its abstract twin); cached, since compiling the init dominates the test time."""
     model = t5.Transformer(config)
     opt = optim.create_optimizer(optimizer, schedule=optim.learning_rate_schedule("constant", 1e-3, 0))
-    return train.init_train_state(model, opt, jax.random.key(0), _mesh(mesh_shape), abstract_only=abstract)
+    return trainer.init_train_state(model, opt, jax.random.key(0), _mesh(mesh_shape), abstract_only=abstract)
 
 
 def _host(tree):

@@ -325,6 +325,13 @@ def check_rest_em(work, proc):
     assert names[0] == "BC G=0 I=0" and len(names) >= 2
 
 
+def check_dpo(work, proc):
+    report = json.loads((work / "runs/demo_dpo/report.json").read_text())
+    assert [r["name"] for r in report["rows"]][:2] == ["BC G=0 I=0", "ReST G=1 I=1"]
+    improve = json.loads((work / "runs/demo_dpo/grow_1/improve_1/stage.json").read_text())
+    assert improve["loss"] == "dpo" and improve["filter"]["method"] == "none"
+
+
 def check_multi30k(work, proc):
     report = json.loads((work / "runs/m30k/report.json").read_text())
     assert report["rows"][0]["name"] == "BC G=0 I=0"
@@ -432,6 +439,8 @@ RULES: list[tuple[str, Rule]] = [
      # Without references, the tiny BC policy's samples (chrF ~0.1) are all below the 0.7 threshold.
      Rule("run", extra=(*SMALL_REST, "--gin.NUM_ITERATIONS=1", "--gin.threshold_for_step.schedule=[0.0, 0.05]"),
           check=check_rest_em, slow=True)),
+    (r"^python -m rest_jax\.main rest --gin_file=experiments/demo\.gin --gin_file=runs/dpo\.gin ",
+     Rule("run", extra=(*SMALL_REST, "--gin.run_rest.num_grow_steps=1"), check=check_dpo, slow=True)),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/(iwslt14_de_en|wmt_zh_en)\.gin ",
      Rule("dry_run", "the paper's tasks: a TPU pod, GCS paths and downloaded data")),
     (r"^python scripts/prepare_iwslt14\.py --output=DIR$", Rule("help", "downloads IWSLT14")),

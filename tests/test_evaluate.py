@@ -4,6 +4,7 @@ import numpy as np
 import sacrebleu
 
 from rest_jax import evaluate
+from rest_jax import policy as policy_lib
 from rest_jax import rewards
 
 
@@ -29,26 +30,26 @@ def test_corpus_scores_equal_sacrebleu():
 
 def test_tokenize_trims_keeping_eos_and_detokenize_stops_at_eos():
     vocab = _CharVocab()
-    ids, trimmed = evaluate.tokenize(vocab, ["abc", "abcdefgh"], max_length=5)
+    ids, trimmed = policy_lib.tokenize(vocab, ["abc", "abcdefgh"], max_length=5)
     assert trimmed == 1
     assert ids[0] == [3, 4, 5, 1]
     assert ids[1] == [3, 4, 5, 6, 1]
-    assert evaluate.detokenize(vocab, [3, 4, 1, 5, 0, 0]) == "ab"
-    assert evaluate.detokenize(vocab, [3, 4, 5]) == "abc"
+    assert policy_lib.detokenize(vocab, [3, 4, 1, 5, 0, 0]) == "ab"
+    assert policy_lib.detokenize(vocab, [3, 4, 5]) == "abc"
 
 
-def test_best_of_n_picks_reward_argmax_among_first_n(monkeypatch):
+def test_best_of_n_picks_reward_argmax_among_first_n():
     sources = ["s0", "s1"]
     references = ["good answer", "fine reply"]
     candidates = [["bad", "good answ", "good answer", "xx"], ["fine", "zzz", "fine rep", "fine reply"]]
 
-    def fake_generate(policy, srcs, *, method, num_samples, **kwargs):
-        assert method == "sample" and num_samples == 4
-        return evaluate.Generations([list(c) for c in candidates], [], [])
+    class FakePolicy:  # samples fixed candidates: the reranking alone is under test
+        def generate(self, srcs, *, method, num_samples, **kwargs):
+            assert method == "sample" and num_samples == 4 and list(srcs) == sources
+            return policy_lib.Generations([list(c) for c in candidates], [], [])
 
-    monkeypatch.setattr(evaluate, "generate", fake_generate)
     reward = rewards.get("chrf")
-    table = evaluate.best_of_n(None, sources, references, reward, ns=(1, 2, 4))
+    table = evaluate.best_of_n(FakePolicy(), sources, references, reward, ns=(1, 2, 4))
     for row in table:
         n = row["n"]
         expected = []
@@ -73,9 +74,9 @@ def test_policy_with_a_vocabulary_larger_than_the_model_is_refused():
     model = t5.Transformer(t5.T5Config(vocab_size=512))
     with pytest.raises(ValueError, match=r"vocabulary /runs/x/vocab/sentencepiece.model has 600 ids but the model "
                                          r"has vocab_size=512"):
-        evaluate.Policy(model, None, Sized())
+        policy_lib.Policy(model, None, Sized())
     Sized.vocab_size = 512
-    assert evaluate.Policy(model, None, Sized()).vocab.vocab_size == 512
+    assert policy_lib.Policy(model, None, Sized()).vocab.vocab_size == 512
 
 
 def test_read_split_takes_a_slice_of_a_split(tmp_path):

@@ -31,7 +31,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from rest_jax import checkpoints, evaluate, report, rest, train
+from rest_jax import checkpoints, report, rest, train, trainer
+from rest_jax import policy as policy_lib
 from rest_jax.data import demo_corpus, grow_store, text_files, vocab
 from rest_jax.io import atomic
 from rest_jax.model import t5
@@ -350,8 +351,8 @@ def test_damaged_checkpoint_is_never_used_by_train_or_a_policy(demo, tmp_path, c
     assert f"rm -r {ckpt / '2'}" in msg and "previous complete step 1" in msg
     assert checkpoints.CheckpointManager(ckpt).all_steps() == [1, 2]  # nothing was written
     with pytest.raises(checkpoints.CheckpointCorruptError, match="--gin.evaluate.step=1"):
-        evaluate.load_policy(checkpoint=str(ckpt), vocabulary=demo["vocab"])
-    evaluate.load_policy(checkpoint=str(ckpt), vocabulary=demo["vocab"], step=1)  # way forward 1: the step knob
+        policy_lib.load_policy(checkpoint=str(ckpt), vocabulary=demo["vocab"])
+    policy_lib.load_policy(checkpoint=str(ckpt), vocabulary=demo["vocab"], step=1)  # way forward 1: the step knob
 
 
 @pytest.mark.slow
@@ -465,7 +466,7 @@ def test_disk_full_while_writing_a_shard_keeps_finished_shards(tmp_path, monkeyp
         def close(self):
             self._inner.close()
 
-    monkeypatch.setattr(grow_store.tf.io, "TFRecordWriter", FullDisk)
+    monkeypatch.setattr(grow_store.writer.tf.io, "TFRecordWriter", FullDisk)
     with pytest.raises(grow_store.GrowStoreDiskFullError) as info:
         writer.write_shard(1, _records(writer.shard_source_ids(1), seed=1))
     msg = str(info.value)
@@ -498,14 +499,15 @@ def test_out_of_device_memory_names_the_step_and_the_batch_knob(tmp_path, scope)
         huge = jnp.broadcast_to(params["w"] * jnp.sum(batch["x"]), (rows << 40,))  # 2^40 floats per row
         return jnp.mean(jnp.cumsum(huge)), {}
 
-    state = train.TrainState.create({"w": jnp.ones(())}, optimizer)
+    state = trainer.TrainState.create({"w": jnp.ones(())}, optimizer)
     manager = checkpoints.CheckpointManager(tmp_path, period=1)
     manager.save(0, {"params": state.params})  # the last good checkpoint must survive the failure
     batches = iter([{"x": np.ones((4, 3), np.float32)}] * 3)
-    with pytest.raises(train.OutOfMemoryError) as info:
-        train.train_loop(state, batches, train.make_train_step(optimizer, loss_fn), 3, checkpoint_manager=manager,
-                         show_progress=False,
-                         memory_knobs=(f"{scope}.batch_size", f"{scope}.feature_lengths"))
+    with pytest.raises(trainer.OutOfMemoryError) as info:
+        with trainer.error_advice(memory_knobs=(f"{scope}.batch_size", f"{scope}.feature_lengths"),
+                                  last_checkpoint=lambda: trainer.describe_last_checkpoint(manager)):
+            trainer.train_loop(state, batches, trainer.make_train_step(optimizer, loss_fn), 3, show_progress=False,
+                               hooks=[trainer.Checkpoint(manager)])
     msg = str(info.value)
     assert "step 0 does not fit in device memory" in msg and "RESOURCE_EXHAUSTED" in msg
     assert f"{scope}.batch_size" in msg and f"{scope}.feature_lengths" in msg
@@ -560,7 +562,7 @@ def test_checkpoint_of_another_model_is_named_when_loading_a_policy(demo, tmp_pa
     manager.close()
     _bind_model(num_heads=4)
     with pytest.raises(checkpoints.CheckpointMismatchError) as info:
-        evaluate.load_policy(checkpoint=str(tmp_path), vocabulary=demo["vocab"])
+        policy_lib.load_policy(checkpoint=str(tmp_path), vocabulary=demo["vocab"])
     msg = str(info.value)
     assert f"Checkpoint {tmp_path / '7'} does not fit" in msg
     assert "params/encoder/layers_0/attention/query/kernel: model expects shape (32, 64), checkpoint has (32, 32)" in msg

@@ -10,6 +10,8 @@ import sentencepiece as spm
 import tensorflow as tf
 
 from rest_jax.data import grow_store as gs
+from rest_jax.data.grow_store import records as gs_records
+from rest_jax.data.grow_store import writer as gs_writer
 
 N = 3  # samples per source
 SOURCES = (7, 3, 11, 42, 5)  # not sorted, not contiguous: exercises the id mapping
@@ -106,7 +108,7 @@ def test_round_trip_values_match_input(tmp_path):
     assert_columns_equal_records(cols, records)
     # Shard i holds exactly the sources of chunk i of the ordered list.
     for i, path in enumerate(store.shard_paths):
-        ids = gs._read_columns(path, ("source_id",))["source_id"]
+        ids = gs_records._read_columns(path, ("source_id",))["source_id"]
         assert set(ids.tolist()) == set(SOURCES[i * PER_SHARD:(i + 1) * PER_SHARD])
     # Metadata: counts and reward statistics against float64 NumPy on the float32-rounded input.
     assert meta["counts"] == {"sources": 5, "records": 20, "samples": 15, "references": 5}
@@ -179,7 +181,7 @@ def test_crash_mid_shard_leaves_no_complete_shard_and_rerun_matches(tmp_path):
     clean.write_shard(1, recs)
     assert open(w.shard_path(1), "rb").read() == open(clean.shard_path(1), "rb").read()
     assert not os.path.exists(w.shard_path(1) + gs.TMP_SUFFIX)
-    assert_columns_equal_records(gs._read_columns(w.shard_path(1), tuple(gs.FIELDS)), recs)
+    assert_columns_equal_records(gs_records._read_columns(w.shard_path(1), tuple(gs.FIELDS)), recs)
 
 
 def test_resume_pending_shards_and_incomplete_store(tmp_path):
@@ -217,7 +219,7 @@ def test_duplicate_missing_and_foreign_records_refused(tmp_path):
         w.write_shard(0, recs + [dict(recs[0], sample_id=N)])
     assert w.pending_shards() == [0, 1, 2]
     # A duplicate that bypassed the writer (a shard file written by other means) is caught on read.
-    batch = gs._prepare_batch({k: [r[k] for r in recs + recs[:1]] for k in recs[0]}, len(recs) + 1, 1, "t")
+    batch = gs_writer._prepare_batch({k: [r[k] for r in recs + recs[:1]] for k in recs[0]}, len(recs) + 1, 1, "t")
     with tf.io.TFRecordWriter(w.shard_path(0)) as f:
         for x in gs.serialize_batch(batch):
             f.write(x)
@@ -261,7 +263,7 @@ def test_truncated_and_corrupt_shards_give_clear_errors(tmp_path):
     assert path in str(e.value) and "delete it and rerun Grow to regenerate it" in str(e.value)
     # ... and by the reader itself (TF's DataLossError rethrown with the file name).
     with pytest.raises(gs.GrowStoreCorruptError) as e:
-        gs._read_columns(path, ("reward",))
+        gs_records._read_columns(path, ("reward",))
     assert path in str(e.value) and "shard is corrupt" in str(e.value)
     # A flipped byte (same size): CRC failure while reading, naming the file.
     flipped = bytearray(data)

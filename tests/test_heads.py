@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rest_jax import losses, optim, partitioning, train
+from rest_jax import losses, optim, partitioning, trainer
 from rest_jax import tree as tree_lib
 from rest_jax.model import heads
 from rest_jax.model.t5 import T5Config, Transformer
@@ -191,8 +191,8 @@ def test_value_pretraining_with_the_shared_train_step_fits_returns():
     net = heads.ValueNetwork(CONFIG)
     mesh = partitioning.create_mesh((4, 2))
     opt = optim.create_optimizer("adamw", schedule=optim.learning_rate_schedule("constant", 3e-3, warmup_steps=0))
-    state, shardings = train.init_train_state(net, opt, jax.random.key(0), mesh)
-    step = train.make_train_step(opt, losses.make_value_loss_fn(net), mesh=mesh, state_shardings=shardings)
+    state, shardings = trainer.init_train_state(net, opt, jax.random.key(0), mesh)
+    step = trainer.make_train_step(opt, losses.make_value_loss_fn(net), mesh=mesh, state_shardings=shardings)
     enc = np.concatenate([ENC, ENC[:1]])
     dec = np.concatenate([DEC, DEC[:1]])
     weights = (dec > 0).astype(np.float32)

@@ -275,3 +275,78 @@ def test_original_pairs_as_grow_rows_for_the_control():
     np.testing.assert_array_equal(cols["source_tokens"][0], [3, 4, 1])  # EOS-terminated, as Grow stores them
     np.testing.assert_array_equal(cols["candidate_tokens"][0], [4, 3, 1])
     assert cols["is_reference"].all() and (cols["reward"] == 1.0).all() and cols["reference_text"][0] == "dd e"
+
+
+# ---------------------------------------------------------------------------------------- preference pairs
+
+
+def test_pairing_rules_by_hand():
+    ids = np.array([5, 5, 5, 9, 9, 7])
+    rewards = np.array([0.2, 0.9, 0.2, 0.4, 0.4, 0.8])
+    best_worst = improve_data.Pairing("best_worst").pairs(ids, rewards)
+    assert best_worst.tolist() == [[1, 0]]  # source 9 ties, source 7 has one row; ties go to the first row
+    every = improve_data.Pairing("all").pairs(ids, rewards)
+    assert every.tolist() == [[1, 0], [1, 2]]
+    assert improve_data.Pairing("all", min_margin=0.6).pairs(ids, rewards).tolist() == [[1, 0], [1, 2]]
+    assert improve_data.Pairing("all", min_margin=0.8).pairs(ids, rewards).shape == (0, 2)
+    with pytest.raises(ValueError, match="rule='best'"):
+        improve_data.Pairing("best")
+
+
+def _pair_keys(batch):
+    """(chosen reward, rejected reward, chosen targets, rejected targets) of each interleaved pair."""
+    rows = _rows(batch)
+    return [(rows[2 * k][0], rows[2 * k + 1][0], rows[2 * k][1], rows[2 * k + 1][1]) for k in range(len(rows) // 2)]
+
+
+@pytest.mark.parametrize("rule, margin", [("best_worst", 0.0), ("all", 0.3)])
+def test_pair_stream_holds_exactly_each_sources_pairs(store, rule, margin):
+    """Every pair the stream yields is one the whole store's samples give by hand, and all of them come."""
+    data = improve_data.GrowData.open(store)
+    pairing = improve_data.Pairing(rule, margin)
+    selection = improve_data.Selection(0, include_references=False, method=None)
+    cols = grow_store.GrowStore(store).as_numpy()
+    samples = ~cols["is_reference"].astype(bool)
+    expected = set()
+    for sid in np.unique(cols["source_id"]):
+        rows = np.flatnonzero(samples & (cols["source_id"] == sid))
+        r = cols["reward"][rows].astype(np.float64)
+        if rule == "best_worst":
+            chosen = [(rows[np.argmax(r)], rows[np.argmin(r)])] if r.max() - r.min() > margin else []
+        else:
+            chosen = [(a, b) for a in rows for b in rows if cols["reward"][a] - cols["reward"][b] > margin]
+        expected |= {(float(np.float32(cols["reward"][a])), float(np.float32(cols["reward"][b])),
+                      tuple(cols["candidate_tokens"][a][:8]), tuple(cols["candidate_tokens"][b][:8]))
+                     for a, b in chosen}
+    counts = improve_data.filter_counts(data, selection, pairing)
+    assert counts.num_kept == len(expected) > 0
+    stream = improve_data.stream_batches(data, selection, counts, 8, LENGTHS, 0, pairing=pairing, num_readers=2)
+    seen = set()
+    for _ in range(40 * len(expected) // 4):
+        batch = next(stream)
+        assert batch["behaviour_log_probs"].shape == batch["decoder_target_tokens"].shape
+        seen |= {(c, r, tuple(int(x) for x in tc if x), tuple(int(x) for x in tr if x))
+                 for c, r, tc, tr in _pair_keys(batch)}
+    assert seen == expected
+
+
+def test_pair_batches_carry_the_stored_behaviour_log_probs_and_split_over_hosts(store):
+    data = improve_data.GrowData.open(store)
+    pairing = improve_data.Pairing()
+    selection = improve_data.Selection(0, include_references=True, method=None)
+    counts = improve_data.filter_counts(data, selection, pairing)
+    one = improve_data.stream_batches(data, selection, counts, 8, LENGTHS, 3, pairing=pairing, num_readers=4)
+    hosts = [improve_data.stream_batches(data, selection, counts, 8, LENGTHS, 3, (i, 2), pairing=pairing,
+                                         num_readers=4) for i in range(2)]
+    cols = grow_store.GrowStore(store).as_numpy()
+    stored = {tuple(t[:8]): np.asarray(lp[:8], np.float32)
+              for t, lp in zip(cols["candidate_tokens"], cols["behaviour_logprobs"])}
+    for _ in range(6):
+        want, parts = next(one), [next(h) for h in hosts]
+        for key in want:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+        for targets, lp in zip(want["decoder_target_tokens"], want["behaviour_log_probs"]):
+            n = int((targets > 0).sum())
+            np.testing.assert_array_equal(lp[:n], stored[tuple(int(x) for x in targets[:n])][:n])
+    with pytest.raises(ValueError, match="times 2 rows per pair"):
+        next(improve_data.stream_batches(data, selection, counts, 6, LENGTHS, 3, (0, 2), pairing=pairing))

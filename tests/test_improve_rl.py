@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rest_jax import checkpoints, evaluate, improve, improve_data, losses, optim, partitioning, rewards, train
+from rest_jax import checkpoints, improve, improve_data, losses, optim, partitioning, rewards, trainer
+from rest_jax import policy as policy_lib
 from rest_jax.model import heads
 from rest_jax.model.t5 import T5Config, Transformer
 
@@ -218,7 +219,7 @@ def test_improve_step_with_rl_loss_saves_a_plain_policy(tmp_path, mesh, policy_p
     rng = np.random.default_rng(3)
     data = _grow_data(rng.uniform(size=16), seed=3)
     data["is_reference"][::4] = True
-    policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    policy = policy_lib.Policy(Transformer(CONFIG), policy_params, _CharVocab())
     bc = None  # OAC needs no BC policy
     if loss_name == "bvmpo":  # a BC policy other than the start policy, loaded from its checkpoint path
         manager = checkpoints.CheckpointManager(str(tmp_path / "bc"), keep=1, period=1)
@@ -256,7 +257,7 @@ def test_improve_subcommand_end_to_end(tmp_path):
     model = Transformer(CONFIG)
     params = nn.unbox(heads.init_params(model, jax.random.key(0)))
     manager = checkpoints.CheckpointManager(str(tmp_path / "bc" / "checkpoints"), keep=1, period=1)
-    manager.save(1, train.TrainState.create(params, optim.create_optimizer("adamw")), force=True)
+    manager.save(1, trainer.TrainState.create(params, optim.create_optimizer("adamw")), force=True)
     manager.close()
     writer = grow_store.GrowStoreWriter(str(tmp_path / "store"), grow_index=1, source_ids=4, num_samples=2,
                                         sources_per_shard=4)
@@ -303,8 +304,8 @@ def test_nonfinite_loss_in_improve_names_the_restart_point(tmp_path, mesh, polic
     gin.bind_parameter("learning_rate_schedule.name", "constant")
     gin.bind_parameter("learning_rate_schedule.base_learning_rate", 1e30)
     data = _grow_data(np.linspace(0.1, 0.9, 8), seed=4)
-    policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
-    with pytest.raises(train.NonFiniteLossError) as info:
+    policy = policy_lib.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    with pytest.raises(trainer.NonFiniteLossError) as info:
         improve.improve_step(policy, improve_data.GrowData.from_columns(data), str(tmp_path), 1, (["abc"], ["abc"]),
                              reward=rewards.get("chrf"),
                              num_steps=4, eval_period=4, batch_size=4, feature_lengths=LENGTHS, mesh=mesh,
@@ -330,7 +331,7 @@ def test_improve_learning_rate_scope_overrides_bc_schedule(tmp_path, mesh, polic
 
     monkeypatch.setattr(improve.optim, "create_optimizer", spy)
     data = _grow_data(np.linspace(0.1, 0.9, 8), seed=5)
-    policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    policy = policy_lib.Policy(Transformer(CONFIG), policy_params, _CharVocab())
     improve.improve_step(policy, improve_data.GrowData.from_columns(data), str(tmp_path), 2, (["abc"], ["abc"]),
                          reward=rewards.get("chrf"),
                          num_steps=1, eval_period=1, batch_size=8, feature_lengths=LENGTHS, mesh=mesh,
@@ -374,7 +375,7 @@ def test_bvmpo_anchor_moves_every_period_and_lambda_spans_the_step(tmp_path, mes
     import dataclasses  # pylint: disable=import-outside-toplevel
 
     model = Transformer(dataclasses.replace(CONFIG, dropout_rate=0.0))
-    policy = evaluate.Policy(model, policy_params, _CharVocab())
+    policy = policy_lib.Policy(model, policy_params, _CharVocab())
     seen = []
     bvmpo = losses.get_loss("bvmpo")
 
@@ -402,7 +403,7 @@ def test_bvmpo_anchor_moves_every_period_and_lambda_spans_the_step(tmp_path, mes
 
 
 def test_reference_fraction_needs_the_references(tmp_path, mesh, policy_params):
-    policy = evaluate.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    policy = policy_lib.Policy(Transformer(CONFIG), policy_params, _CharVocab())
     data = improve_data.GrowData.from_columns(_grow_data([0.9, 0.2, 0.5, 0.7]))
     with pytest.raises(ValueError, match="reference_fraction=0.5 needs improve_step.include_references=True"):
         improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
@@ -410,3 +411,46 @@ def test_reference_fraction_needs_the_references(tmp_path, mesh, policy_params):
     with pytest.raises(ValueError, match="anchor_period=0"):
         improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
                              loss_name="bvmpo", anchor_period=0, mesh=mesh, filter_method="none")
+
+
+@pytest.mark.parametrize("loss_name", ["dpo", "ipo"])
+def test_preference_improve_step_raises_the_chosen_over_rejected_log_ratio(tmp_path, mesh, policy_params, adamw,
+                                                                           loss_name):
+    """DPO/IPO from a Grow store's pairs, reference = the growing policy (its stored log-probs, here exact).
+
+    At the start the policy is its own reference, so every margin h is 0 (DPO's loss log 2, IPO's 1/(4τ²)); the
+    training pairs' mean margin, computed afterwards by an independent forward pass (`Policy.score`), must rise.
+    """
+    gin.bind_parameter("learning_rate_schedule.name", "constant")
+    gin.bind_parameter("learning_rate_schedule.base_learning_rate", 0.01)
+    gin.bind_parameter("learning_rate_schedule.warmup_steps", 0)
+    data = _grow_data(np.random.default_rng(8).uniform(size=16), seed=8)  # 8 sources of 2 samples: 8 pairs
+    policy = policy_lib.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    data["behaviour_logprobs"][:] = policy.score(list(data["source_tokens"]), list(data["candidate_tokens"]))
+
+    def mean_margin(params):
+        lp = [float(x.sum()) for x in policy.replace(params).score(list(data["source_tokens"]),
+                                                                   list(data["candidate_tokens"]))]
+        ratio = np.asarray(lp) - np.asarray([float(x.sum()) for x in data["behaviour_logprobs"]])
+        chosen = np.where(data["reward"][0::2] > data["reward"][1::2], 0, 1) + np.arange(0, 16, 2)
+        return float(np.mean(ratio[chosen] - ratio[chosen ^ 1]))
+
+    assert abs(mean_margin(policy_params)) < 1e-5
+    # The last of 24 updates is evaluated alone: patience 1 with the start's reward kept as the best would
+    # otherwise return the start policy; the margin is read from the trained parameters of the final state.
+    trained = {}
+    real = improve.trainer.train_loop
+
+    def spy(state, *args, **kwargs):
+        state, summary = real(state, *args, **kwargs)
+        trained["params"] = jax.device_get(state.params)
+        return state, summary
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(improve.trainer, "train_loop", spy)
+        _, result = improve.improve_step(
+            policy, improve_data.GrowData.from_columns(data), str(tmp_path), 0, (["abc"], ["abc"]),
+            reward=rewards.get("chrf"), loss_name=loss_name, num_steps=24, eval_period=24, batch_size=8,
+            feature_lengths=LENGTHS, mesh=mesh, filter_method="none", include_references=False)
+    assert result["num_kept"] == 16 and result["loss"] == loss_name
+    assert mean_margin(trained["params"]) > 1.0, mean_margin(trained["params"])

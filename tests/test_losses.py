@@ -409,7 +409,7 @@ def test_bvmpo_all_padding_batch_is_finite(data):
 
 
 def test_registry_names_errors_and_jit(data):
-    assert set(losses.loss_names()) >= {"bc", "rwbc", "gold", "bvmpo", "oac", "value"}
+    assert set(losses.loss_names()) >= {"bc", "rwbc", "gold", "bvmpo", "oac", "value", "dpo", "ipo"}
     with pytest.raises(KeyError, match=r"'gld'.*Did you mean \['gold'\]"):
         losses.get_loss("gld")
     batch = batch_of(data)
@@ -434,3 +434,84 @@ def test_loss_knobs_are_gin_configurable():
         assert float(losses.bc_kl_weight(100)) == pytest.approx(1e-5, rel=1e-5)
     finally:
         gin.clear_config()
+
+
+# ------------------------------------------------------------------------------------------ DPO and IPO
+
+
+PAIR_WEIGHTS = np.array([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+
+
+@pytest.fixture
+def pairs():
+    rng = np.random.default_rng(77)
+    return {"logits": rng.normal(size=(4, T, V)) * 2, "targets": rng.integers(0, V, size=(4, T)),
+            "behaviour": -rng.uniform(0.1, 3.0, size=(4, T))}
+
+
+def np_pair_margins(logits, targets, weights, behaviour):
+    """h_k = Σ_t [log π − log π_ref](chosen 2k) − Σ_t [log π − log π_ref](rejected 2k+1), token by token."""
+    ratios = []
+    for b in range(logits.shape[0]):
+        ratios.append(sum(np_log_softmax(logits[b, t])[targets[b, t]] - behaviour[b, t]
+                          for t in range(logits.shape[1]) if weights[b, t] > 0))
+    return [ratios[2 * k] - ratios[2 * k + 1] for k in range(len(ratios) // 2)]
+
+
+def np_log_sigmoid(x):
+    return -np_softplus(-x)
+
+
+def np_dpo(logits, targets, weights, behaviour, beta, eps):
+    h = np_pair_margins(logits, targets, weights, behaviour)
+    return float(np.mean([-((1 - eps) * np_log_sigmoid(beta * x) + eps * np_log_sigmoid(-beta * x)) for x in h]))
+
+
+def np_ipo(logits, targets, weights, behaviour, tau):
+    h = np_pair_margins(logits, targets, weights, behaviour)
+    return float(np.mean([(x - 1 / (2 * tau)) ** 2 for x in h]))
+
+
+def _pair_batch(p):
+    return {losses.TARGETS: jnp.asarray(p["targets"]), losses.WEIGHTS: jnp.asarray(PAIR_WEIGHTS),
+            losses.BEHAVIOUR_LOG_PROBS: jnp.asarray(p["behaviour"])}
+
+
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.0), (0.3, 0.2)])
+def test_dpo_value_and_gradient_vs_numpy(pairs, beta, eps):
+    with jax.enable_x64(True):
+        batch = _pair_batch(pairs)
+        f = lambda x: losses.dpo_loss(batch, {"logits": x}, beta=beta, label_smoothing=eps)[0]  # noqa: E731
+        ref = lambda x: np_dpo(x, pairs["targets"], PAIR_WEIGHTS, pairs["behaviour"], beta, eps)  # noqa: E731
+        value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(pairs["logits"]))
+        assert float(value) == pytest.approx(ref(pairs["logits"]), rel=1e-10)
+        np.testing.assert_allclose(np.asarray(grad), central_difference(ref, pairs["logits"]), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+def test_ipo_value_and_gradient_vs_numpy(pairs, tau):
+    with jax.enable_x64(True):
+        batch = _pair_batch(pairs)
+        f = lambda x: losses.ipo_loss(batch, {"logits": x}, tau=tau)[0]  # noqa: E731
+        ref = lambda x: np_ipo(x, pairs["targets"], PAIR_WEIGHTS, pairs["behaviour"], tau)  # noqa: E731
+        value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(pairs["logits"]))
+        assert float(value) == pytest.approx(ref(pairs["logits"]), rel=1e-10)
+        np.testing.assert_allclose(np.asarray(grad), central_difference(ref, pairs["logits"]), rtol=1e-6, atol=1e-8)
+
+
+def test_dpo_hand_computed_and_metrics():
+    """One pair, uniform policy over 2 tokens (log π = log 1/2 per token), chosen 1 token, rejected 2 tokens."""
+    logits = jnp.zeros((2, 2, 2))
+    batch = {losses.TARGETS: jnp.asarray([[1, 0], [0, 1]]), losses.WEIGHTS: jnp.asarray([[1.0, 0.0], [1.0, 1.0]]),
+             losses.BEHAVIOUR_LOG_PROBS: jnp.asarray([[-2.0, 0.0], [-0.5, -0.5]])}
+    h = (math.log(0.5) + 2.0) - (2 * math.log(0.5) + 1.0)  # = 1 + log 2
+    loss, metrics = losses.dpo_loss(batch, {"logits": logits}, beta=0.5)
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-0.5 * h)), rel=1e-6)
+    assert float(metrics["log_ratio_margin"]) == pytest.approx(h, rel=1e-6)
+    assert float(metrics["pair_accuracy"]) == 1.0 and float(metrics["num_pairs"]) == 1.0
+    loss, _ = losses.ipo_loss(batch, {"logits": logits}, tau=0.25)
+    assert float(loss) == pytest.approx((h - 2.0) ** 2, rel=1e-6)
+    with pytest.raises(ValueError, match="pairs"):
+        losses.dpo_loss({k: v[:1] for k, v in batch.items()}, {"logits": logits[:1]})
+    with pytest.raises(KeyError, match="behaviour_log_probs"):
+        losses.dpo_loss({k: v for k, v in batch.items() if k != losses.BEHAVIOUR_LOG_PROBS}, {"logits": logits})

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from rest_jax import checkpoints, decoding, evaluate
+from rest_jax import checkpoints, decoding
+from rest_jax import policy as policy_lib
 from rest_jax import inspection as run_inspect
 from rest_jax.data import grow_store
 
@@ -73,7 +74,7 @@ def _check_grow_2_policy(run: pathlib.Path, latest: str) -> None:
         vocab = str(run / "vocab" / "sentencepiece.model")
 
         def logprobs(checkpoint: str) -> list[np.ndarray]:
-            policy = evaluate.load_policy(checkpoint, vocab)
+            policy = policy_lib.load_policy(checkpoint, vocab)
             out = []
             for r in rows:
                 scores = decoding.token_scores(policy.params, policy.model, {

@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from rest_jax import checkpoints, optim, partitioning, train
+from rest_jax import checkpoints, optim, partitioning, train, trainer
+from rest_jax import policy as policy_lib
 from rest_jax.model import t5
 
 # Dropout on: the per-step dropout keys are part of what resuming must reproduce.
@@ -56,8 +57,8 @@ def _compiled(config, mesh_shape, optimizer_kind, label_smoothing, z_loss):
     mesh = partitioning.create_mesh(mesh_shape, devices=devices)
     rules = partitioning.standard_logical_axis_rules()
     model = t5.Transformer(config)
-    state, shardings = train.init_train_state(model, opt, jax.random.key(0), mesh, rules)
-    step = train.make_train_step(opt, train.make_loss_fn(model, label_smoothing=label_smoothing, z_loss=z_loss),
+    state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), mesh, rules)
+    step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model, label_smoothing=label_smoothing, z_loss=z_loss),
                                  mesh=mesh, rules=rules, state_shardings=shardings, dropout_seed=0)
     shard = lambda b: partitioning.shard_batch(b, mesh, rules)  # noqa: E731
     return model, opt, state, shardings, step, shard
@@ -143,8 +144,8 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
             state, meta = manager.restore(jax.tree.map(lambda x: x, state), shardings=shardings)
             assert meta["data_step"] == int(state.step) == 4
         start = int(state.step)
-        state, _ = train.train_loop(state, copy_batches(start), step, stop_at, checkpoint_manager=manager,
-                                    shard_fn=shard, final_checkpoint=(stop_at == num_steps), show_progress=False)
+        state, _ = trainer.train_loop(state, copy_batches(start), step, stop_at, shard_fn=shard, show_progress=False,
+                                      hooks=[trainer.Checkpoint(manager, final=(stop_at == num_steps))])
         manager.close()
         return jax.tree.map(np.asarray, state.params), state
 
@@ -169,12 +170,19 @@ def _nan_at(step_with_nan):
     return gen()
 
 
+def _loop_with_checkpoints(state, batches, step, num_steps, manager, shard):
+    """The loop as `train.train` runs it: checkpoints, and the typed errors completed with the caller's advice."""
+    with trainer.error_advice(memory_knobs=("train.batch_size", "train.feature_lengths"),
+                              last_checkpoint=lambda: trainer.describe_last_checkpoint(manager)):
+        return trainer.train_loop(state, batches, step, num_steps, shard_fn=shard, show_progress=False,
+                                  hooks=[trainer.Checkpoint(manager)])
+
+
 def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path):
     *_, state, _, step, shard = _setup()
     manager = checkpoints.CheckpointManager(tmp_path, period=2)
-    with pytest.raises(train.NonFiniteLossError) as info:
-        train.train_loop(state, _nan_at(5), step, 10, checkpoint_manager=manager, shard_fn=shard,
-                         show_progress=False)
+    with pytest.raises(trainer.NonFiniteLossError) as info:
+        _loop_with_checkpoints(state, _nan_at(5), step, 10, manager, shard)
     msg = str(info.value)
     assert "at step 5" in msg
     assert f"{tmp_path / '4'} (step 4)" in msg
@@ -197,9 +205,8 @@ def test_nan_loss_does_not_name_a_damaged_checkpoint_as_good(tmp_path):
                 data.write_bytes(bytes(raw))
             yield batch
 
-    with pytest.raises(train.NonFiniteLossError) as info:
-        train.train_loop(state, batches(), step, 10, checkpoint_manager=manager, shard_fn=shard,
-                         show_progress=False)
+    with pytest.raises(trainer.NonFiniteLossError) as info:
+        _loop_with_checkpoints(state, batches(), step, 10, manager, shard)
     msg = str(info.value)
     assert (f"Last good checkpoint: {tmp_path / '2'} (step 2); damaged, delete before rerunning: {tmp_path / '4'} ("
             in msg)
@@ -218,7 +225,7 @@ def test_nan_update_skipped_and_counted_with_knob():
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, (state.params, state.opt_state)))
     # Through the loop with the knob: training carries on and counts the skipped update.
     *_, state, _, step, shard = _setup()
-    state, summary = train.train_loop(state, _nan_at(2), step, 6, shard_fn=shard, skip_nonfinite_updates=True,
+    state, summary = trainer.train_loop(state, _nan_at(2), step, 6, shard_fn=shard, skip_nonfinite_updates=True,
                                       show_progress=False)
     assert int(state.step) == 6 and summary["skipped_updates"] == 1 and int(state.skipped_updates) == 1
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.tree.map(np.asarray, state.params)))
@@ -236,14 +243,31 @@ def test_eval_callback_and_metric_writer_are_called():
         calls.append((s, int(st.step)))
         return {"score": float(s)}
 
-    train.train_loop(state, copy_batches(), step, 6, eval_fn=eval_fn, eval_period=2, metric_writer=Writer(),
-                     shard_fn=shard, log_period=3, show_progress=False)
+    writer = Writer()
+    trainer.train_loop(state, copy_batches(), step, 6, shard_fn=shard, show_progress=False,
+                       hooks=[trainer.LogMetrics(writer, 3), trainer.Evaluate(eval_fn, 2, writer, prefix="eval/")])
     assert calls == [(2, 2), (4, 4), (6, 6)]
     train_scalars = [w for w in written if "loss" in w[1]]
     assert [s for s, _ in train_scalars] == [3, 6]
     assert {"loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_sec"} <= set(
         train_scalars[-1][1])
     assert (6, {"eval/score": 6.0}) in written
+
+
+def test_evaluate_hook_stops_early_and_keeps_the_best_step():
+    """Monitored scores 0.3, 0.5, 0.4, 0.2 (patience 2) after steps 2, 4, 6, 8: best at 4, stop after 8 of 20."""
+    *_, state, _, step, shard = _setup()
+    scores = iter([0.3, 0.5, 0.4, 0.2, 0.9])
+    best_calls, every = [], []
+    evaluate = trainer.Evaluate(lambda st, s: {"score": next(scores)}, 2, monitor="score", patience=2, initial=0.1,
+                                on_best=lambda st, s: best_calls.append((s, int(st.step))))
+    hooks = [trainer.Every(3, lambda loop: every.append(loop.step)), evaluate]
+    state, summary = trainer.train_loop(state, copy_batches(), step, 20, shard_fn=shard, hooks=hooks,
+                                        show_progress=False)
+    assert int(state.step) == 8 and summary["steps_run"] == 8
+    assert evaluate.curve == [(2, 0.3), (4, 0.5), (6, 0.4), (8, 0.2)]  # not evaluated again at the end
+    assert (evaluate.best_step, evaluate.best_value) == (4, 0.5) and best_calls == [(2, 2), (4, 4)]
+    assert every == [3, 6] and summary["eval"] == {"score": 0.2}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,10 +303,10 @@ def test_loss_falls_on_multi30k(multi30k_dir, multi30k_vocab):
         batches = pipeline.get_batches("multi30k_de_en", "train", batch_size=32,
                                        feature_lengths={"inputs": 24, "targets": 24}, seed=0, shard_index=0,
                                        num_shards=1)
-        state, _ = train.train_loop(state, batches, step, 1, shard_fn=shard, show_progress=False)
+        state, _ = trainer.train_loop(state, batches, step, 1, shard_fn=shard, show_progress=False)
         losses = []
         for i, batch in zip(range(40), batches):
-            state, metrics = step(state, shard(train._numeric(batch)))
+            state, metrics = step(state, shard(trainer.token_features(batch)))
             losses.append(float(metrics["loss"]))
     finally:
         gin.clear_config()
@@ -384,10 +408,12 @@ def test_out_of_memory_names_the_knobs():
     def oom_step(state, batch):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 bytes.")
 
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params={}, opt_state=(),
+    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params={}, opt_state=(),
                              skipped_updates=jnp.zeros((), jnp.int32))
-    with pytest.raises(train.OutOfMemoryError, match=r"step 0 does not fit.*train\.batch_size.*feature_lengths"):
-        train.train_loop(state, copy_batches(), oom_step, 2, show_progress=False)
+    with pytest.raises(trainer.OutOfMemoryError, match=r"step 0 does not fit.*train\.batch_size.*feature_lengths"):
+        with trainer.error_advice(memory_knobs=("train.batch_size", "train.feature_lengths"),
+                                  last_checkpoint=lambda: "none"):
+            trainer.train_loop(state, copy_batches(), oom_step, 2, show_progress=False)
     with pytest.raises(RuntimeError, match="other"):  # anything else propagates unchanged
-        train.train_loop(state, copy_batches(), lambda s, b: (_ for _ in ()).throw(RuntimeError("other")), 2,
+        trainer.train_loop(state, copy_batches(), lambda s, b: (_ for _ in ()).throw(RuntimeError("other")), 2,
                          show_progress=False)

@@ -119,7 +119,7 @@ class RegressionModel(_Trunk):
     """A scalar score of an input sequence: T5 trunk + regression head (for learned rewards and MetricX).
 
     `__call__(encoder_input_tokens, decoder_input_tokens=None)` -> float32 [b]. The second argument is ignored
-    (the signature matches `Transformer`'s so that `rest_jax.train.init_train_state` can initialise it).
+    (the signature matches `Transformer`'s so that `rest_jax.trainer.init_train_state` can initialise it).
 
     Attributes:
       config: The T5 shape.
@@ -197,12 +197,14 @@ def check_param_tree(expected: PyTree, got: Mapping[str, Any], source: str) -> N
 
 
 def transplant_trunk(source: Mapping[str, Any], target: Mapping[str, Any],
-                     skip: Sequence[str] = ("decoder/logits_dense",)) -> dict[str, Any]:
+                     skip: Sequence[str] = ("decoder/logits_dense",), with_heads: bool = False) -> dict[str, Any]:
     """`target` (plain parameters) with every trunk parameter that `source` also has replaced by source's.
 
     Use to start a value network or reward model from the BC policy (ReST Sec. 5 initialises the value
     network from the policy's pre-training). Heads and `skip` prefixes are left as in `target`; a shared
     parameter with a different shape is an error naming it. `source` may hold more (e.g. `logits_dense`).
+    `with_heads` copies the heads too (a model of the same kind, e.g. a reward model refreshed from its last
+    version).
 
     Returns:
       A new nested dict; `target` is not modified.
@@ -211,7 +213,8 @@ def transplant_trunk(source: Mapping[str, Any], target: Mapping[str, Any],
     out = dict(tgt)
     copied = 0
     for name, value in tgt.items():
-        if name.startswith(("value_head/", "regression_head/")) or any(name.startswith(s) for s in skip):
+        is_head = name.startswith(("value_head/", "regression_head/"))
+        if (is_head and not with_heads) or any(name.startswith(s) for s in skip):
             continue
         if name not in src:
             continue

@@ -1,0 +1,235 @@
+"""The policy π_θ(y|x): a translation network with its vocabulary and parameters (ReST Sec. 2).
+
+One object for what every stage does with the model: Grow samples from it and scores the references under it
+(`generate`, `score`), Improve fine-tunes it (`replace` with the trained parameters; its losses call the same
+network, plus the value heads of `rest_jax.model.heads`), evaluation and best-of-N decode with it (`generate`).
+BC's loss on the network is `make_loss_fn` here; parameters are initialised by `trainer.init_train_state`,
+directly in their shards (a policy too large for one device is never whole on one).
+
+    policy = load_policy(checkpoint, vocabulary)          # the gin model, a checkpoint's parameters
+    out = policy.generate(sources, method="sample", num_samples=8, temperature=0.8)
+    log_probs = policy.score(source_tokens, reference_tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rest_jax import checkpoints
+from rest_jax import decoding
+from rest_jax import losses
+from rest_jax import metrics as metrics_lib
+from rest_jax import partitioning
+from rest_jax import trainer
+from rest_jax.data import vocab as vocab_lib
+from rest_jax.data.vocab import EOS_ID
+from rest_jax.model import t5
+
+PyTree = Any
+
+
+@gin.configurable(denylist=["model"])
+def make_loss_fn(model: nn.Module, label_smoothing: float = 0.0, z_loss: float = 1e-4) -> trainer.LossFn:
+    """Token-level NLL (behaviour cloning, ReST Sec. 2) normalised per target token.
+
+    Args:
+      model: The encoder-decoder.
+      label_smoothing: Mass spread over the other tokens (T5X convention: a perfect prediction of the
+        smoothed target costs 0).
+      z_loss: Coefficient of log(Z)^2, which keeps the softmax normaliser near 1 (T5X default 1e-4).
+
+    Returns:
+      `loss_fn(params, batch, rng) -> (loss, aux)`, aux holding z_loss, accuracy and num_tokens.
+    """
+    def loss_fn(params: PyTree, batch: trainer.Batch, rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        logits = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                             enable_dropout=rng is not None, rngs=None if rng is None else {"dropout": rng},
+                             encoder_segment_ids=batch.get("encoder_segment_ids"),
+                             decoder_segment_ids=batch.get("decoder_segment_ids"))
+        targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        total, total_z, num_tokens = losses.cross_entropy_loss(logits, targets, weights, label_smoothing, z_loss)
+        denom = jnp.maximum(num_tokens, 1.0)
+        # "Target logit is the largest" rather than argmax: the same except for exact ties, and XLA CPU
+        # lowers argmax over a 32k vocabulary to a slow (value, index) reduction (~5% of a step).
+        target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        correct = jnp.sum((target_logits >= jnp.max(logits, axis=-1)) * weights)
+        return total / denom, {"z_loss": total_z / denom, "accuracy": correct / denom, "num_tokens": num_tokens}
+
+    return loss_fn
+
+
+def tokenize(vocab: Any, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids with EOS appended, trimmed to `max_length` (EOS kept); also returns how many were trimmed."""
+    out, trimmed = [], 0
+    for text in texts:
+        ids = list(vocab.encode(text))
+        if len(ids) + 1 > max_length:
+            trimmed += 1
+            ids = ids[:max_length - 1]
+        out.append(ids + [EOS_ID])
+    return out, trimmed
+
+
+def detokenize(vocab: Any, ids: Sequence[int]) -> str:
+    """Text of `ids` up to (not including) the first EOS."""
+    ids = list(np.asarray(ids).tolist())
+    if EOS_ID in ids:
+        ids = ids[:ids.index(EOS_ID)]
+    return vocab.decode([i for i in ids if i > 0])
+
+
+@dataclasses.dataclass
+class Generations:
+    """N candidates per source: texts [num_sources][N], token ids and per-token log-probs (unpadded)."""
+
+    texts: list[list[str]]
+    tokens: list[list[np.ndarray]]
+    token_log_probs: list[list[np.ndarray]]
+
+    def first(self) -> list[str]:
+        return [c[0] for c in self.texts]
+
+
+@dataclasses.dataclass
+class Policy:
+    """A network with its parameters and vocabulary: everything needed to translate and score.
+
+    Attributes:
+      model: The encoder-decoder (`rest_jax.model.t5.Transformer`, T5X parameter names).
+      params: Its parameters (host or placed arrays).
+      vocab: The SentencePiece (or any seqio) vocabulary of sources and targets.
+    """
+
+    model: t5.Transformer
+    params: Any
+    vocab: Any
+
+    def __post_init__(self):
+        vocab_lib.check_fits_model(self.vocab, self.model.config.vocab_size, "The vocabulary",
+                                   "use the policy's own vocabulary or set T5Config.vocab_size (VOCAB_SIZE) to "
+                                   "match the checkpoint.")
+
+    @property
+    def config(self) -> t5.T5Config:
+        return self.model.config
+
+    def replace(self, params: Any) -> "Policy":
+        """The same network and vocabulary with other parameters (e.g. a training step's)."""
+        return dataclasses.replace(self, params=params)
+
+    def score(self, source_tokens: Sequence[Sequence[int]], target_tokens: Sequence[Sequence[int]],
+              batch_size: int = 64) -> list[np.ndarray]:
+        """Per-token log π(y_t | y_<t, x) of given targets (ids with EOS), unpadded, float32.
+
+        Grow uses it for the references (the behaviour policy's view of D, which offline-RL losses need).
+        """
+        out: list[np.ndarray] = []
+        for start in range(0, len(source_tokens), batch_size):
+            src = list(source_tokens[start:start + batch_size])
+            tgt = list(target_tokens[start:start + batch_size])
+            rows = len(src)
+            src += [[EOS_ID]] * (batch_size - rows)  # Fixed batch shape: one compiled program.
+            tgt += [[EOS_ID]] * (batch_size - rows)
+            scores = np.asarray(decoding.token_scores(
+                self.params, self.model,
+                {"encoder_input_tokens": decoding.pad_to_bucket(src),
+                 "decoder_target_tokens": decoding.pad_to_bucket(tgt)}))
+            out.extend(scores[i, :len(tgt[i])].astype(np.float32) for i in range(rows))
+        return out
+
+    def generate(self, sources: Sequence[str], *, method: str = "greedy", num_samples: int = 1,
+                 batch_size: int = 64, max_input_length: int = 128, max_decode_length: int = 128,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, beam_size: int = 4,
+                 alpha: float = 0.6, seed: int = 0, progress_desc: str | None = None,
+                 source_tokens: Sequence[Sequence[int]] | None = None,
+                 split_across_processes: bool = False) -> Generations:
+        """Translates `sources` with greedy decoding, beam search or temperature sampling (N per source).
+
+        Sources are processed in batches of `batch_size`, padded to a few bucketed lengths so that XLA compiles
+        few programs; the last batch is padded with empty rows that are dropped afterwards. Sampling keys are
+        folded from `seed` and the batch index, so a given source's samples depend only on its position in
+        `sources` (deterministic for a seed), not on the other sources.
+
+        With `split_across_processes` (evaluation, best-of-N, Improve's validation), every process of a
+        multi-process job must call this with the same sources: process i decodes batches i, i + P, ... and
+        every process gets all results, the same as one process would make them (same batches, same keys).
+        Grow, whose processes decode different sources, leaves it off.
+
+        Not gin-configurable: each entry point owns its decoding knobs (`evaluate.beam_size`,
+        `grow_dataset.temperature`, ...) and passes them, so no binding here could be silently overridden.
+        """
+        if method not in ("greedy", "beam", "sample"):
+            raise ValueError(f"The decoding method must be 'greedy', 'beam' or 'sample', got {method!r}.")
+        if source_tokens is None:
+            source_tokens, trimmed = tokenize(self.vocab, sources, max_input_length)
+            if trimmed:
+                logging.info("%d of %d sources trimmed to %d tokens.", trimmed, len(sources), max_input_length)
+        n = num_samples if method == "sample" else 1
+        base_key = jax.random.PRNGKey(seed)
+        split = split_across_processes and jax.process_count() > 1
+        params = self.params
+        if split and any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
+            # Parameters on the global mesh (Improve's validation) would make every process join each batch's
+            # program; each decodes its own batches with a local copy instead.
+            params = partitioning.Partitioner.gather(params)
+        mine = lambda b: not split or b % jax.process_count() == jax.process_index()  # noqa: E731
+        starts = list(range(0, len(source_tokens), batch_size))
+        per_batch: dict[int, tuple[list, list, list]] = {}
+        bar = metrics_lib.progress(len(sources) * n, desc=progress_desc, unit="samples") if progress_desc else None
+        for b, start in enumerate(starts):
+            if not mine(b):
+                continue
+            texts, tokens, logps = per_batch.setdefault(b, ([], [], []))
+            chunk = list(source_tokens[start:start + batch_size])
+            rows = len(chunk)
+            chunk += [[EOS_ID]] * (batch_size - rows)  # Fixed batch shape: one compiled program.
+            enc = decoding.pad_to_bucket(chunk)
+            if method == "beam":
+                out = decoding.beam_search(params, self.model, enc, beam_size=beam_size, alpha=alpha,
+                                           max_decode_len=max_decode_length)
+                toks = np.asarray(out.tokens)[:, :1]
+                lengths = np.asarray(out.lengths)[:, :1]
+                lp = np.zeros(toks.shape, np.float32)
+            else:
+                out = decoding.sample(params, self.model, enc, jax.random.fold_in(base_key, b),
+                                      num_samples=n, max_decode_len=max_decode_length,
+                                      temperature=0.0 if method == "greedy" else temperature, top_k=top_k,
+                                      top_p=top_p)
+                toks, lengths, lp = (np.asarray(x) for x in (out.tokens, out.lengths, out.token_log_probs))
+            for i in range(rows):
+                row_toks = [toks[i, j, :lengths[i, j]] for j in range(n)]
+                tokens.append(row_toks)
+                logps.append([lp[i, j, :lengths[i, j]] for j in range(n)])
+                texts.append([detokenize(self.vocab, t) for t in row_toks])
+            if bar is not None:
+                bar.update(rows * n)
+        if bar is not None:
+            bar.close()
+        if split:
+            per_batch = {b: out for gathered in partitioning.allgather_objects(per_batch)
+                         for b, out in gathered.items()}
+        ordered = [per_batch[b] for b in range(len(starts))]
+        return Generations([t for o in ordered for t in o[0]], [t for o in ordered for t in o[1]],
+                           [t for o in ordered for t in o[2]])
+
+
+def load_policy(checkpoint: str, vocabulary: str, step: int | None = None) -> Policy:
+    """The gin model with the parameters of `checkpoint` (a run's `checkpoints/` dir or one step).
+
+    Not a gin configurable: the subcommands take `checkpoint` and `vocabulary` as their own knobs (e.g.
+    `evaluate.checkpoint = %CHECKPOINT` in configs/runs/eval.gin) and pass them here, so that one binding,
+    not two, says which checkpoint runs.
+    """
+    model = t5.build_model()
+    abstract = jax.eval_shape(lambda: nn.unbox(t5.init_params(model, jax.random.PRNGKey(0))))
+    params = checkpoints.load_params(checkpoint, target=abstract, step=step)
+    return Policy(model, params, vocab_lib.load_vocabulary(vocabulary))
