@@ -151,6 +151,13 @@ def central_difference(f, x, eps=1e-6):
     return grad
 
 
+def assert_value_and_gradient(f, ref, x):
+    """The JAX loss `f` and its gradient (jitted) against the NumPy reference and its central differences."""
+    value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(x))
+    assert float(value) == pytest.approx(ref(x), rel=1e-10)
+    np.testing.assert_allclose(np.asarray(grad), central_difference(ref, x), rtol=1e-6, atol=1e-8)
+
+
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
@@ -274,9 +281,7 @@ def test_rwbc_value_and_gradient_vs_numpy(data, weighting, beta):
         batch = batch_of(data)
         f = lambda x: losses.rwbc_loss(batch, {"logits": x}, weighting=weighting, beta=beta)[0]  # noqa: E731
         ref = lambda x: np_rwbc(x, data["targets"], WEIGHTS, data["rewards"], weighting, beta)  # noqa: E731
-        value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(data["logits"]))
-        assert float(value) == pytest.approx(ref(data["logits"]), rel=1e-10)
-        np.testing.assert_allclose(np.asarray(grad), central_difference(ref, data["logits"]), rtol=1e-6, atol=1e-8)
+        assert_value_and_gradient(f, ref, data["logits"])
 
 
 @pytest.mark.parametrize("reward_type,horizon,discount,use_old", [
@@ -300,9 +305,7 @@ def test_gold_value_and_gradient_vs_numpy(data, reward_type, horizon, discount, 
             return np_gold(x, frozen, data["targets"], WEIGHTS, data["bc_logits"], reward_type, horizon, discount,
                            u, floor, baseline)
 
-        value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(data["logits"]))
-        assert float(value) == pytest.approx(ref(data["logits"]), rel=1e-10)
-        np.testing.assert_allclose(np.asarray(grad), central_difference(ref, data["logits"]), rtol=1e-6, atol=1e-8)
+        assert_value_and_gradient(f, ref, data["logits"])
 
 
 def test_gold_importance_weight_is_clipped_and_stop_gradient():
@@ -477,26 +480,20 @@ def _pair_batch(p):
             losses.BEHAVIOUR_LOG_PROBS: jnp.asarray(p["behaviour"])}
 
 
-@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.0), (0.3, 0.2)])
-def test_dpo_value_and_gradient_vs_numpy(pairs, beta, eps):
+@pytest.mark.parametrize("name,knobs", [("dpo", {"beta": 0.1}), ("dpo", {"beta": 0.5}),
+                                        ("dpo", {"beta": 0.3, "label_smoothing": 0.2}), ("ipo", {"tau": 0.1}),
+                                        ("ipo", {"tau": 1.0})])
+def test_preference_losses_value_and_gradient_vs_numpy(pairs, name, knobs):
+    def ref(x):
+        if name == "ipo":
+            return np_ipo(x, pairs["targets"], PAIR_WEIGHTS, pairs["behaviour"], knobs["tau"])
+        return np_dpo(x, pairs["targets"], PAIR_WEIGHTS, pairs["behaviour"], knobs["beta"],
+                      knobs.get("label_smoothing", 0.0))
+
     with jax.enable_x64(True):
         batch = _pair_batch(pairs)
-        f = lambda x: losses.dpo_loss(batch, {"logits": x}, beta=beta, label_smoothing=eps)[0]  # noqa: E731
-        ref = lambda x: np_dpo(x, pairs["targets"], PAIR_WEIGHTS, pairs["behaviour"], beta, eps)  # noqa: E731
-        value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(pairs["logits"]))
-        assert float(value) == pytest.approx(ref(pairs["logits"]), rel=1e-10)
-        np.testing.assert_allclose(np.asarray(grad), central_difference(ref, pairs["logits"]), rtol=1e-6, atol=1e-8)
-
-
-@pytest.mark.parametrize("tau", [0.1, 1.0])
-def test_ipo_value_and_gradient_vs_numpy(pairs, tau):
-    with jax.enable_x64(True):
-        batch = _pair_batch(pairs)
-        f = lambda x: losses.ipo_loss(batch, {"logits": x}, tau=tau)[0]  # noqa: E731
-        ref = lambda x: np_ipo(x, pairs["targets"], PAIR_WEIGHTS, pairs["behaviour"], tau)  # noqa: E731
-        value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(pairs["logits"]))
-        assert float(value) == pytest.approx(ref(pairs["logits"]), rel=1e-10)
-        np.testing.assert_allclose(np.asarray(grad), central_difference(ref, pairs["logits"]), rtol=1e-6, atol=1e-8)
+        assert_value_and_gradient(lambda x: losses.get_loss(name)(batch, {"logits": x}, **knobs)[0], ref,
+                                  pairs["logits"])
 
 
 def test_dpo_hand_computed_and_metrics():
