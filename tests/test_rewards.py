@@ -140,9 +140,9 @@ def test_process_pool_matches_in_process(monkeypatch):
 
 
 def test_model_rewards_load_after_the_command_line_locks_gin(tmp_path):
-    """`rest_jax ...` finalizes gin before the entry runs; a reward module imported on first `get` (and the Grow
-    store module the learned reward reads) must still register its configurables. A fresh process, so that no
-    other test has imported them yet."""
+    """`rest_jax ...` finalizes gin before the entry runs; a reward module imported on first `get` must still
+    register its configurables. A fresh process, so that no other test has imported them yet. Scoring with a
+    learned reward does not pull in reward-model training (`rest_jax.reward_model`, the trainer)."""
     import subprocess
     import sys
 
@@ -156,7 +156,7 @@ def test_model_rewards_load_after_the_command_line_locks_gin(tmp_path):
         "        rewards.get(name)\n"
         "    except (FileNotFoundError, ValueError, TypeError) as e:  # imported; no model given\n"
         "        print(name, 'needs a model:', type(e).__name__)\n"
-        "assert 'rest_jax.data.grow_store' in sys.modules\n"
+        "assert 'rest_jax.reward_model' not in sys.modules and 'rest_jax.trainer' not in sys.modules\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
