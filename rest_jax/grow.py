@@ -19,9 +19,9 @@ import numpy as np
 
 from rest_jax import evaluate
 from rest_jax import gin_utils
-from rest_jax import policy as policy_lib
 from rest_jax import metrics as metrics_lib
 from rest_jax import partitioning
+from rest_jax import policy as policy_lib
 from rest_jax import rewards as rewards_lib
 from rest_jax.data import grow_store as store_lib
 from rest_jax.io import console

@@ -54,12 +54,12 @@ from etils import epath
 from rest_jax import checkpoints as ckpt_lib
 from rest_jax import evaluate
 from rest_jax import gin_utils
-from rest_jax import policy as policy_lib
 from rest_jax import improve_data
 from rest_jax import losses
 from rest_jax import metrics as metrics_lib
 from rest_jax import optim
 from rest_jax import partitioning
+from rest_jax import policy as policy_lib
 from rest_jax import rewards as rewards_lib
 from rest_jax import trainer
 from rest_jax.data import grow_store as store_lib
@@ -314,7 +314,7 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: improve_data.
     summary: dict[str, Any] = {"steps": int(num_steps), "rows": int(n), "initial_mse": initial}
     if num_steps > 0:
         step_fn = trainer.make_train_step(optimizer, losses.make_value_loss_fn(value_model), mesh=mesh, rules=rules,
-                                            state_shardings=shardings, dropout_seed=seed)
+                                          state_shardings=shardings, dropout_seed=seed)
         shard_fn = lambda b: partitioning.shard_batch(b, mesh, rules)  # noqa: E731
         batches = improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed, shard)
         writer = metrics_lib.MetricWriter(out_dir, "value_pretrain") if out_dir else None
@@ -513,7 +513,7 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
     loss_fn = make_improve_loss_fn(model, loss, value_model, needs=needs, value_training=value_mode,
                                    anchor_is_bc=anchor_is_bc)
     train_step = trainer.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
-                                           dropout_seed=seed)
+                                         dropout_seed=seed)
     data_shard = partitioning.data_shard_info(mesh, rules)
     if reference_fraction is None:
         stream = improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed, data_shard,

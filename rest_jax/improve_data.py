@@ -30,9 +30,9 @@ import gin
 import jax
 import numpy as np
 
-from rest_jax import policy as policy_lib
 from rest_jax import filters as filters_lib
 from rest_jax import partitioning
+from rest_jax import policy as policy_lib
 from rest_jax.data import grow_store as store_lib
 from rest_jax.data.vocab import EOS_ID
 

@@ -28,11 +28,11 @@ from etils import epath
 from rest_jax import checkpoints  # noqa: F401  pylint: disable=unused-import
 from rest_jax import evaluate
 from rest_jax import gin_utils
-from rest_jax import policy as policy_lib
 from rest_jax import grow as grow_lib
 from rest_jax import improve as improve_lib
 from rest_jax import improve_data
 from rest_jax import partitioning
+from rest_jax import policy as policy_lib
 from rest_jax import report
 from rest_jax import reward_model as reward_model_lib
 from rest_jax import rewards as rewards_lib

@@ -389,7 +389,7 @@ def train_reward_model(examples: RewardExamples, vocabulary: str, output_dir: st
 
     init_key = jax.random.key(seed)
     abstract, shardings = trainer.init_train_state(model, optimizer, init_key, mesh, rules,
-                                                     input_length=max_input_length, abstract_only=True)
+                                                   input_length=max_input_length, abstract_only=True)
     manager = ckpt_lib.CheckpointManager(os.fspath(out / CHECKPOINT_DIR), keep=keep_checkpoints,
                                          keep_knob="train_learned_reward.keep_checkpoints",
                                          period=checkpoint_period)
@@ -415,7 +415,7 @@ def train_reward_model(examples: RewardExamples, vocabulary: str, output_dir: st
     initial = eval_fn(state, start) if start == 0 else {}
     loss_fn = make_regression_loss_fn(model)
     step_fn = trainer.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
-                                        dropout_seed=seed)
+                                      dropout_seed=seed)
     batches = _batches(train_tokens, train_scores, batch_size, seed, start)
     hooks = [trainer.LogMetrics(None, log_period),
              *([trainer.Evaluate(eval_fn, eval_period)] if len(eval_idx) else []),

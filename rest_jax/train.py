@@ -154,7 +154,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     shard_fn = lambda b: partitioning.shard_batch(trainer.token_features(b), mesh, rules)  # noqa: E731
     loss_fn = loss_fn if loss_fn is not None else policy_lib.make_loss_fn(model)
     train_step = trainer.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
-                                 dropout_seed=seed)
+                                         dropout_seed=seed)
 
     eval_fn = None
     if eval_split is not None or eval_callbacks:
