@@ -286,6 +286,9 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
     eval_lengths = {k: max(v, eval_max_length) for k, v in lengths.items()}
     if replay_grow_steps < 0:
         raise ValueError(f"run_rest.replay_grow_steps={replay_grow_steps}; expected >= 0.")
+    if refresh_reward_model and reward_name != "learned":
+        raise ValueError(f"run_rest.refresh_reward_model=True needs a learned reward model (reward_name='learned' "
+                         f"with LearnedReward.model_dir); the reward is {reward_name!r}.")
     if bc_run and not epath.Path(bc_run, "bc", report.STAGE_FILE).exists():
         raise FileNotFoundError(f"run_rest.bc_run={bc_run!r} has no finished BC stage (bc/{report.STAGE_FILE}); "
                                 "run its BC first (configs/experiments/multi30k_study/bc.gin shows how).")
@@ -326,9 +329,6 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                                                     lengths)
     stores: list[str] = []
     grow_reward, refreshes = reward, []
-    if refresh_reward_model and not isinstance(getattr(reward, "model_dir", None), str):
-        raise ValueError(f"run_rest.refresh_reward_model=True needs a learned reward model (reward_name='learned' "
-                         f"with LearnedReward.model_dir); the reward is {reward_name!r}.")
     for g in range(1, num_grow_steps + 1):
         grow_dir = os.path.join(model_dir, f"grow_{g}")
         store_dir = os.path.join(grow_dir, "store")

@@ -254,3 +254,13 @@ def test_rest_with_reward_model_refresh_scores_the_next_grow_with_the_refreshed_
     old_scores = rewards.score_pairs(rewards.get("learned", model_dir=old, mesh=mesh), *pairs)
     np.testing.assert_allclose(data["reward"], new_scores, atol=1e-5)
     assert np.abs(data["reward"] - old_scores).max() > 1e-3
+
+
+def test_reward_refresh_without_a_learned_reward_fails_before_training(tmp_path):
+    """A refresh needs a model to refresh: with chrF the run stops at once, before BC trains or a vocabulary."""
+    from rest_jax import rest  # pylint: disable=import-outside-toplevel
+
+    with pytest.raises(ValueError, match="refresh_reward_model=True needs a learned reward model.*'chrf'"):
+        rest.run_rest(model_dir=str(tmp_path / "run"), task="demo_synthetic", reward_name="chrf",
+                      refresh_reward_model=True)
+    assert not (tmp_path / "run").exists()
