@@ -203,17 +203,6 @@ def make_improve_loss_fn(model: Any, loss: Callable[..., Any], value_model: Any 
 # ----------------------------------------------------------------------------------------------------
 
 
-def _create_state(boxed_abstract: PyTree, params: PyTree, optimizer: optim.Optimizer, mesh: Any,
-                  rules: Any) -> tuple[trainer.TrainState, PyTree]:
-    """A train state of `params` (already placed), its optimizer state sharded by the parameters' logical axes.
-
-    The state is built by a jit, so its buffers are new: donating them in the train step leaves `params`
-    (and any frozen network sharing their buffers) intact.
-    """
-    create = lambda p: trainer.TrainState.create(p, optimizer)  # noqa: E731
-    return partitioning.Partitioner.create(mesh, rules).init(create, params, like=(boxed_abstract,))
-
-
 def _abstract(model: Any, mesh: Any, rules: Any) -> PyTree:
     with partitioning.mesh_context(mesh, rules):
         return heads.abstract_params(model)
@@ -306,7 +295,8 @@ def pretrain_value_network(value_model: Any, params: PyTree, data: improve_data.
         raise ValueError("pretrain_value_network: no Grow rows to train the value network on.")
     shard = partitioning.data_shard_info(mesh, rules)
     placed = _place(value_model, params, mesh, rules, "value-network parameters")
-    state, shardings = _create_state(_abstract(value_model, mesh, rules), placed, optimizer, mesh, rules)
+    state, shardings = trainer.state_from_params(placed, optimizer, _abstract(value_model, mesh, rules),
+                                                 partitioning.Partitioner.create(mesh, rules))
     measured = _measured_batches(data, selection, counts, eval_rows, batch_size, feature_lengths, seed + 0x76, shard)
     mse_fn = _value_mse_fn(value_model, mesh, rules)
     mse = lambda p: mse_fn(p, measured)  # noqa: E731
@@ -509,7 +499,8 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
         trainable, boxed = trainable["policy"], boxed["policy"]
     policy_of = (lambda p: p["policy"]) if composite else (lambda p: p)  # noqa: E731
 
-    state, shardings = _create_state(boxed, trainable, optimizer, mesh, rules)
+    state, shardings = trainer.state_from_params(trainable, optimizer, boxed,
+                                                 partitioning.Partitioner.create(mesh, rules))
     loss_fn = make_improve_loss_fn(model, loss, value_model, needs=needs, value_training=value_mode,
                                    anchor_is_bc=anchor_is_bc)
     train_step = trainer.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,

@@ -152,8 +152,12 @@ def monte_carlo_returns(rewards: Array, weights: Array, discount: float = 1.0) -
     return is R (REST.md "BVMPO": the value net predicts this per token). Padding positions get 0.
     """
     mask = (weights > 0).astype(_wide(rewards).dtype)
-    after = jnp.flip(jnp.cumsum(jnp.flip(mask, -1), -1), -1) - mask  # Valid tokens strictly after t.
-    return mask * jnp.power(discount, after) * _wide(rewards)[:, None]
+    return mask * jnp.power(discount, _tokens_after(mask)) * _wide(rewards)[:, None]
+
+
+def _tokens_after(mask: Array) -> Array:
+    """Valid tokens strictly after each position, [B, T]."""
+    return jnp.flip(jnp.cumsum(jnp.flip(mask, -1), -1), -1) - mask
 
 
 def kl_divergence(p_logits: Array, q_logits: Array) -> Array:
@@ -571,3 +575,133 @@ def make_value_loss_fn(value_model: Any, loss: Any = None) -> Any:
         return value, metrics
 
     return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------ online RL
+# The online baselines ReST is measured against (ReST Sec. 5: online PPO): PPO with a value network and GAE,
+# and the group-relative variants without one (GRPO, RLOO). `rest_jax.online` computes the advantages once
+# per batch of fresh samples and then takes several updates of `policy_gradient_loss` on them.
+
+ADVANTAGES = "advantages"
+RETURNS = "returns"
+OLD_VALUES = "old_values"
+REFERENCE_LOG_PROBS = "reference_log_probs"
+KL_COEF = "kl_coef"
+GROUP_ESTIMATORS = ("grpo", "rloo")
+
+
+def terminal_rewards(rewards: Array, weights: Array) -> Array:
+    """[B, T]: the sequence reward R(x, y) at each row's last non-padding token, 0 elsewhere."""
+    mask = (weights > 0).astype(_wide(rewards).dtype)
+    return mask * (_tokens_after(mask) == 0) * _wide(rewards)[:, None]
+
+
+def generalized_advantages(rewards: Array, values: Array, weights: Array, discount: float = 1.0,
+                           lam: float = 0.95) -> tuple[Array, Array]:
+    """GAE (Schulman et al. 2016, arXiv 1506.02438, Eq. 16) over each row's tokens: (advantages, returns).
+
+    δ_t = r_t + γ V(s_{t+1}) − V(s_t), Â_t = Σ_l (γλ)^l δ_{t+l}, the value after the last token being 0 (the
+    translation is over); returns = Â + V are the value network's targets. λ = 1 gives the Monte-Carlo
+    return minus V. `rewards`, `values`, `weights` are [B, T]; padding positions get 0.
+    """
+    mask = (weights > 0).astype(_wide(values).dtype)
+    v = _wide(values) * mask
+    next_v = jnp.pad(v[:, 1:], ((0, 0), (0, 1)))
+    delta = (_wide(rewards) + discount * next_v - v) * mask
+
+    def back(carry: Array, x: tuple[Array, Array]) -> tuple[Array, Array]:
+        d, m = x
+        a = (d + discount * lam * carry) * m
+        return a, a
+
+    _, adv = jax.lax.scan(back, jnp.zeros_like(v[:, 0]), (delta.T, mask.T), reverse=True)
+    adv = adv.T
+    return adv, (adv + v) * mask
+
+
+def group_advantages(rewards: Array, group_size: int, estimator: str = "grpo", eps: float = 1e-4) -> Array:
+    """Per-sequence advantages with the other samples of the same source as the baseline, [B].
+
+    Rows come in groups of `group_size` consecutive samples of one source (as `Policy.generate` orders them).
+    'grpo' (Shao et al. 2024, arXiv 2402.03300, Sec. 4.1.2): (r − mean_group) / (std_group + eps), std with
+    Bessel's correction as TRL computes it; 'rloo' (Ahmadian et al. 2024, arXiv 2402.14740): r minus the mean
+    of the group's other samples.
+    """
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"group_advantages: estimator must be one of {GROUP_ESTIMATORS}, got {estimator!r}")
+    if group_size < 2 or rewards.shape[0] % group_size:
+        raise ValueError(f"group_advantages needs groups of >= 2 samples dividing the batch; got group_size="
+                         f"{group_size} for {rewards.shape[0]} rows.")
+    r = _wide(rewards).reshape(-1, group_size)
+    mean = jnp.mean(r, -1, keepdims=True)
+    if estimator == "rloo":
+        adv = (r - mean) * group_size / (group_size - 1)  # = r_i − mean_{j≠i} r_j
+    else:
+        adv = (r - mean) / (jnp.std(r, -1, keepdims=True, ddof=1) + eps)
+    return adv.reshape(-1)
+
+
+def whiten(x: Array, weights: Array, eps: float = 1e-8) -> Array:
+    """(x − mean) / std over the positions with weight (PPO's advantage normalisation); 0 elsewhere."""
+    mask = (weights > 0).astype(_wide(x).dtype)
+    mean = _mean_over_tokens(x, mask)
+    var = _mean_over_tokens(jnp.square(x - mean), mask)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * mask
+
+
+def k3_kl(log_probs: Array, reference_log_probs: Array) -> Array:
+    """Per-token unbiased, non-negative estimate of KL(π ‖ π_ref) from π's own samples (Schulman's k3):
+    exp(log π_ref − log π) − (log π_ref − log π) − 1."""
+    d = _wide(reference_log_probs) - _wide(log_probs)
+    return jnp.exp(d) - d - 1.0
+
+
+@gin.configurable(denylist=["batch", "outputs", "step"])
+def policy_gradient_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Array | int = 0,
+                         clip_epsilon: float = 0.2, value_coef: float = 0.5, value_clip: float | None = 0.2
+                         ) -> tuple[Array, Metrics]:
+    """PPO's clipped surrogate (Schulman et al. 2017, arXiv 1707.06347, Eq. 7) per token, plus what applies.
+
+    loss = mean_t −min(ρ_t Â_t, clip(ρ_t, 1 ± ε) Â_t)            ρ_t = π(a_t|s_t) / π_old(a_t|s_t)
+         + β · mean_t k3(π, π_BC)         when the batch has `reference_log_probs` (GRPO's KL in the loss)
+         + c_V · mean_t ½ max((V − G)², (V_clip − G)²)   when `outputs` has `values` (PPO's value network),
+    means over all the batch's tokens with weight (token-level, as DAPO and Dr. GRPO recommend).
+
+    Batch: `decoder_target_tokens`, `decoder_loss_weights`, `behaviour_log_probs` [B, T] (π_old at sampling),
+    `advantages` [B, T]; optional `reference_log_probs` [B, T] with `kl_coef` [] (β), `returns` [B, T] with
+    `old_values` [B, T] (G and the values at sampling; V_clip = V_old + clip(V − V_old, ±value_clip)).
+    """
+    del step
+    name = "policy_gradient"
+    targets, weights = _targets_and_weights(batch, name)
+    logits = _need(outputs, "logits", name, "outputs", "[B, T, V] policy logits")
+    _check_shapes(logits, targets, weights)
+    old = _wide(jnp.asarray(_need(batch, BEHAVIOUR_LOG_PROBS, name, "batch", "[B, T] log-probs at sampling")))
+    adv = _wide(jnp.asarray(_need(batch, ADVANTAGES, name, "batch", "[B, T] advantages")))
+    log_probs = token_log_probs(logits, targets)
+    ratio = jnp.exp(log_probs - old)
+    surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon) * adv)
+    policy = -_mean_over_tokens(surrogate, weights)
+    loss = policy
+    metrics: Metrics = {
+        "policy_loss": policy,
+        "clip_fraction": _mean_over_tokens((jnp.abs(ratio - 1.0) > clip_epsilon).astype(ratio.dtype), weights),
+        "approx_kl_to_old": _mean_over_tokens(old - log_probs, weights),
+        "num_tokens": jnp.sum(weights)}
+    if REFERENCE_LOG_PROBS in batch:
+        kl = _mean_over_tokens(k3_kl(log_probs, batch[REFERENCE_LOG_PROBS]), weights)
+        loss = loss + _wide(jnp.asarray(_need(batch, KL_COEF, name, "batch", "[] KL coefficient β"))) * kl
+        metrics["kl_to_reference"] = kl
+    if "values" in outputs:
+        values = _wide(outputs["values"])
+        returns = _wide(jnp.asarray(_need(batch, RETURNS, name, "batch", "[B, T] value targets")))
+        err = jnp.square(values - returns)
+        if value_clip is not None:
+            old_values = _wide(jnp.asarray(_need(batch, OLD_VALUES, name, "batch", "[B, T] values at sampling")))
+            clipped = old_values + jnp.clip(values - old_values, -value_clip, value_clip)
+            err = jnp.maximum(err, jnp.square(clipped - returns))
+        v_loss = 0.5 * _mean_over_tokens(err, weights)
+        loss = loss + value_coef * v_loss
+        metrics["value_loss"] = v_loss
+    metrics["loss"] = loss
+    return loss, metrics

@@ -80,6 +80,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "improve": Subcommand("rest_jax.improve:improve",
                           "Improve step (Sec. 2): filter a Grow store by reward threshold and fine-tune."),
     "rest": Subcommand("rest_jax.rest:run_rest", "Full ReST loop (Algorithm 1): G Grow steps, I Improve steps each."),
+    "online": Subcommand("rest_jax.online:online",
+                         "Online RL baseline (Sec. 5): PPO, GRPO or RLOO from the BC policy, with its cost."),
     "eval": Subcommand("rest_jax.evaluate:evaluate", "Evaluate a checkpoint: BLEU, chrF, reward, best-of-N.",
                        ("runs/eval.gin", "runs/evaluate.gin")),
     "infer": Subcommand("rest_jax.evaluate:infer", "Translate inputs with a checkpoint."),
@@ -323,7 +325,8 @@ def load_entry(sub: Subcommand) -> Callable[[], Any]:
 CONFIGURABLE_MODULES = (
     "rest_jax.checkpoints", "rest_jax.convert", "rest_jax.evaluate", "rest_jax.filters",
     "rest_jax.grow", "rest_jax.improve", "rest_jax.improve_data", "rest_jax.losses", "rest_jax.metrics",
-    "rest_jax.optim", "rest_jax.partitioning", "rest_jax.policy", "rest_jax.rest", "rest_jax.reward_model",
+    "rest_jax.online", "rest_jax.optim", "rest_jax.partitioning", "rest_jax.policy", "rest_jax.rest",
+    "rest_jax.reward_model",
     "rest_jax.train", "rest_jax.trainer",
     "rest_jax.data.demo_corpus", "rest_jax.data.grow_store.writer", "rest_jax.data.task_vocab",
     "rest_jax.data.tasks",

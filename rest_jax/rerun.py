@@ -5,7 +5,7 @@ would leave that work as it was while `config.gin`, rewritten before the run, cl
 it.  The rule, checked by the command line before it saves `config.gin` (also with --dry_run):
 
   When MODEL_DIR holds finished work (`rest`: the trained vocabulary, a finished stage, BC checkpoints;
-  `train`: a committed checkpoint) and has a `config.gin`, the new config must give every binding the value
+  `online`: those of BC and a checkpoint or the finished online stage; `train`: a committed checkpoint) and has a `config.gin`, the new config must give every binding the value
   that `config.gin` gives it (macros compared through the bindings that use them; MODEL_DIR itself is
   not compared, so a moved run directory still resumes).  Only knobs that cannot change finished work may
   differ: how processes start (`initialize_multihost.*`) and how progress is logged
@@ -48,6 +48,7 @@ SAFE_KNOBS = ("initialize_multihost.*", "progress.log_every_secs")
 
 RESUMABLE: dict[str, Resumable] = {
     "rest": Resumable("rest_jax.rest:finished_work"),
+    "online": Resumable("rest_jax.online:finished_work"),
     "train": Resumable("rest_jax.train:finished_work",
                        ("train.num_steps", "train.checkpoint_period", "train.keep_checkpoints", "train.eval_period")),
 }

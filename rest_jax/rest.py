@@ -18,7 +18,7 @@ the command line refuses one with other settings: `rest_jax.rerun`):
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 import numpy as np
@@ -74,7 +74,9 @@ def finished_work(model_dir: str) -> list[str]:
     return found
 
 
-def _vocabulary(model_dir: str, task: str, vocab_path: str | None, vocab_size: int) -> str:
+def run_vocabulary(model_dir: str, task: str, vocab_path: str | None, vocab_size: int) -> str:
+    """The run's vocabulary: `vocab_path`, else one trained on `task` in `<model_dir>/vocab` (once); bound as
+    `get_task.vocabulary` so that the task's pipeline tokenises with it."""
     if vocab_path is None:
         # Process 0 trains it; the others wait, then find it (one file, however many processes share MODEL_DIR).
         if partitioning.is_chief():
@@ -93,7 +95,7 @@ def _policy_from(checkpoint_dir: str, vocab_path: str) -> policy_lib.Policy:
 SCORE_KEYS = ("reward", "bleu", "chrf", "ter", "bleu_signature", "chrf_signature", "ter_signature")
 
 
-def _scores(policy: policy_lib.Policy, reward: Any, split_data: dict[str, tuple[list[str], list[str]]],
+def stage_scores(policy: policy_lib.Policy, reward: Any, split_data: dict[str, tuple[list[str], list[str]]],
             stage_dir: str, lengths: dict[str, int], sample_split: str, sample_n: int, temperature: float,
             seed: int) -> dict[str, Any]:
     """Reward, BLEU, chrF and TER of greedy translations on each split (saved in the stage dir as
@@ -112,7 +114,7 @@ def _scores(policy: policy_lib.Policy, reward: Any, split_data: dict[str, tuple[
     return out
 
 
-def _compare_to_bc(rows: list[dict[str, Any]], split: str, data: tuple[list[str], list[str]], reward: Any,
+def compare_to_bc(rows: list[dict[str, Any]], split: str, data: tuple[list[str], list[str]], reward: Any,
                    seed: int) -> None:
     """Adds to each row but BC `vs_bc` (paired bootstrap on `split`) and `held_out_drops` (see significance)."""
     srcs, refs = data
@@ -157,6 +159,43 @@ def _grown(g: int, grow_dir: str, store_dir: str, policy_checkpoint: str, vocab_
     grow_rewards[f"Grow {g}"] = scored["reward"][~scored["is_reference"]]
     stores.append(store_dir)
     return improve_data.GrowData.open(stores[-1 - replay_grow_steps:])
+
+
+def check_bc_run(bc_run: str | None, knob: str) -> None:
+    """A run named as the source of the BC policy must have finished its BC stage."""
+    if bc_run and not epath.Path(bc_run, "bc", report.STAGE_FILE).exists():
+        raise FileNotFoundError(f"{knob}={bc_run!r} has no finished BC stage (bc/{report.STAGE_FILE}); "
+                                "run its BC first (configs/experiments/multi30k_study/bc.gin shows how).")
+
+
+def behaviour_cloning(run_dir: str, task: str, *, lengths: Mapping[str, int], seed: int, vocab_path: str,
+                      scores: Callable[[policy_lib.Policy, str], dict[str, Any]]) -> dict[str, Any]:
+    """"BC G=0 I=0" (ReST Sec. 2): the stage result of `<run_dir>/bc`, trained and scored unless finished."""
+    bc_dir = os.path.join(run_dir, "bc")
+    bc = report.stage_result(bc_dir)
+    if bc is None:
+        console.logger.info("Behaviour cloning in %s", bc_dir)
+        train_lib.train(model_dir=bc_dir, task=task, feature_lengths=dict(lengths), seed=seed)
+        policy = _policy_from(os.path.join(bc_dir, "checkpoints"), vocab_path)
+        bc = report.finish_stage(bc_dir, {"name": "BC G=0 I=0", "checkpoint": os.path.join(bc_dir, "checkpoints"),
+                                          "scores": scores(policy, bc_dir)})
+    return bc
+
+
+def scored_here(bc: dict[str, Any], model_dir: str, split: str, sample_eval_n: int, vocab_path: str,
+                scores: Callable[[policy_lib.Policy, str], dict[str, Any]]) -> dict[str, Any]:
+    """The BC row with this run's measures on `split`: a BC shared through `bc_run` may have been scored on
+    other splits or measures; it is then scored again once (cached in `<model_dir>/bc_scores.json`)."""
+    wanted = set(SCORE_KEYS) | ({"sample_reward"} if sample_eval_n else set())
+    if wanted <= set(bc["scores"].get(split, {})):
+        return bc
+    bc_scores = os.path.join(model_dir, "bc_scores.json")
+    if not epath.Path(bc_scores).exists():
+        found = scores(_policy_from(bc["checkpoint"], vocab_path), os.path.join(model_dir, "bc"))
+        if partitioning.is_chief():
+            atomic.write_json(bc_scores, found)
+        partitioning.sync_processes("rest_jax: BC rescored")
+    return dict(bc, scores=atomic.read_json(bc_scores))
 
 
 _FROM_LENGTHS = "set run_rest.feature_lengths instead"
@@ -215,8 +254,19 @@ def _markdown(out: Mapping[str, Any], seed: int, reward: Any, sample_eval_n: int
     return md
 
 
+# What the BC stage and the vocabulary of a run (`behaviour_cloning`, `run_vocabulary`) set themselves.
+BC_KNOBS = {
+    "train.model_dir": "BC runs in <model_dir>/bc", "train.task": "set the run's task instead",
+    "train.feature_lengths": "set the run's feature_lengths instead", "train.seed": "set the run's seed instead",
+    "train_task_vocabulary.task_name": "the vocabulary is trained on the run's task",
+    "train_task_vocabulary.output_dir": "the vocabulary goes to <model_dir>/vocab",
+    "train_vocabulary.vocab_size": "set the run's vocab_size instead",
+}
+
+
 @gin.configurable
 @gin_utils.sets_knobs({
+    **BC_KNOBS,
     "train.model_dir": "BC runs in <run_rest.model_dir>/bc", "train.task": "set run_rest.task instead",
     "train.feature_lengths": _FROM_LENGTHS, "train.seed": _FROM_SEED,
     "grow_dataset.reward": "set run_rest.reward_name instead", "grow_dataset.max_input_length": _FROM_LENGTHS,
@@ -225,7 +275,6 @@ def _markdown(out: Mapping[str, Any], seed: int, reward: Any, sample_eval_n: int
     "improve_step.reward": "set run_rest.reward_name instead", "improve_step.feature_lengths": _FROM_LENGTHS,
     "improve_step.seed": _FROM_SEED,
     "train_task_vocabulary.task_name": "the vocabulary is trained on run_rest.task",
-    "train_task_vocabulary.output_dir": "the vocabulary goes to <run_rest.model_dir>/vocab",
     "train_vocabulary.vocab_size": "set run_rest.vocab_size instead",
 })
 def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_path: str | None = None,
@@ -289,10 +338,8 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
     if refresh_reward_model and reward_name != "learned":
         raise ValueError(f"run_rest.refresh_reward_model=True needs a learned reward model (reward_name='learned' "
                          f"with LearnedReward.model_dir); the reward is {reward_name!r}.")
-    if bc_run and not epath.Path(bc_run, "bc", report.STAGE_FILE).exists():
-        raise FileNotFoundError(f"run_rest.bc_run={bc_run!r} has no finished BC stage (bc/{report.STAGE_FILE}); "
-                                "run its BC first (configs/experiments/multi30k_study/bc.gin shows how).")
-    vocab_path = _vocabulary(bc_run or model_dir, task, vocab_path, vocab_size)
+    check_bc_run(bc_run, "run_rest.bc_run")
+    vocab_path = run_vocabulary(bc_run or model_dir, task, vocab_path, vocab_size)
     reward = rewards_lib.get(reward_name)
     val = evaluate.read_split(task, validation_split, num_validation_sources)
     eval_splits = {validation_split: val}
@@ -301,18 +348,11 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
     report_split = test_split or validation_split
 
     def scores(policy: policy_lib.Policy, splits: dict[str, tuple[list[str], list[str]]], out_dir: str) -> dict:
-        return _scores(policy, reward, splits, out_dir, eval_lengths, report_split, sample_eval_n,
+        return stage_scores(policy, reward, splits, out_dir, eval_lengths, report_split, sample_eval_n,
                        sample_eval_temperature, seed)
 
-    # -- BC G=0 I=0 -------------------------------------------------------------------------------------
-    bc_dir = os.path.join(bc_run or model_dir, "bc")
-    bc = report.stage_result(bc_dir)
-    if bc is None:
-        console.logger.info("ReST: behaviour cloning in %s", bc_dir)
-        train_lib.train(model_dir=bc_dir, task=task, feature_lengths=lengths, seed=seed)
-        policy = _policy_from(os.path.join(bc_dir, "checkpoints"), vocab_path)
-        bc = report.finish_stage(bc_dir, {"name": "BC G=0 I=0", "checkpoint": os.path.join(bc_dir, "checkpoints"),
-                                          "scores": scores(policy, eval_splits, bc_dir)})
+    bc = behaviour_cloning(bc_run or model_dir, task, lengths=lengths, seed=seed, vocab_path=vocab_path,
+                           scores=lambda policy, out_dir: scores(policy, eval_splits, out_dir))
     rows = [bc]
     base_checkpoint = bc["checkpoint"]
     latest_checkpoint = base_checkpoint
@@ -361,16 +401,9 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
             latest_checkpoint = done["checkpoint"]
             improves_done += 1
 
-    wanted = set(SCORE_KEYS) | ({"sample_reward"} if sample_eval_n else set())
-    if not wanted <= set(bc["scores"].get(report_split, {})):  # a shared BC scored on other splits or measures
-        bc_scores = os.path.join(model_dir, "bc_scores.json")
-        if not epath.Path(bc_scores).exists():
-            found = scores(_policy_from(bc["checkpoint"], vocab_path), eval_splits, os.path.join(model_dir, "bc"))
-            if partitioning.is_chief():
-                atomic.write_json(bc_scores, found)
-            partitioning.sync_processes("rest_jax: BC rescored")
-        rows[0] = dict(bc, scores=atomic.read_json(bc_scores))
-    _compare_to_bc(rows, report_split, eval_splits[report_split], reward, seed)
+    rows[0] = scored_here(bc, model_dir, report_split, sample_eval_n, vocab_path,
+                          lambda policy, out_dir: scores(policy, eval_splits, out_dir))
+    compare_to_bc(rows, report_split, eval_splits[report_split], reward, seed)
     table_rows = []
     for r in rows:
         s = r["scores"][report_split]

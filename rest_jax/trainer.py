@@ -156,6 +156,17 @@ def init_train_state(model: nn.Module, optimizer: optim.Optimizer, rng: jax.Arra
     return partitioning.Partitioner.create(mesh, rules).init(boxed_init, rng, abstract_only=abstract_only)
 
 
+def state_from_params(params: PyTree, optimizer: optim.Optimizer | optax.GradientTransformation, like: PyTree,
+                      partitioner: partitioning.Partitioner) -> tuple[TrainState, PyTree]:
+    """A train state around `params` already on the mesh (e.g. a policy to fine-tune), with (state, shardings).
+
+    The optimizer state is sharded by the parameters' logical axes (`like`: the boxed abstract parameters).
+    The state is built by a jit, so its buffers are new: donating them in the train step leaves `params`
+    (and any frozen network sharing their buffers) intact.
+    """
+    return partitioner.init(lambda p: TrainState.create(p, optimizer), params, like=(like,))
+
+
 def make_train_step(optimizer: optim.Optimizer | optax.GradientTransformation, loss_fn: LossFn, *,
                     mesh: Mesh | None = None, rules: Any = None, state_shardings: PyTree | None = None,
                     dropout_seed: int = 0, donate: bool = True) -> partitioning.Partitioned:

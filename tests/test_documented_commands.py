@@ -332,6 +332,25 @@ def check_dpo(work, proc):
     assert improve["loss"] == "dpo" and improve["filter"]["method"] == "none"
 
 
+def check_online(algorithm):
+    def check(work, proc):
+        report = json.loads((work / f"runs/demo_{algorithm}/report.json").read_text())
+        assert report["algorithm"] == algorithm
+        assert [r["name"] for r in report["rows"]] == ["BC G=0 I=0", f"{algorithm.upper()} (2 it.)"]
+        # Two iterations of 8 sources x 4 samples, each sample scored once; the policy starts from runs/demo's BC.
+        assert report["cost"]["reward_calls"] == 2 * 8 * 4
+        stage = json.loads((work / f"runs/demo_{algorithm}/online/stage.json").read_text())
+        assert [c[0] for c in stage["curve"]] == [0, 1, 2]
+        bc = json.loads((work / "runs/demo/bc/stage.json").read_text())
+        assert report["stages"][0]["checkpoint"] == bc["checkpoint"]
+    return check
+
+
+SMALL_ONLINE = ("--gin.online.num_iterations=2", "--gin.online.sources_per_iteration=8",
+                "--gin.online.minibatch_size=16", "--gin.online.eval_period=1",
+                "--gin.online.num_validation_sources=16", "--gin.online.num_test_sources=16")
+
+
 def check_multi30k(work, proc):
     report = json.loads((work / "runs/m30k/report.json").read_text())
     assert report["rows"][0]["name"] == "BC G=0 I=0"
@@ -441,6 +460,10 @@ RULES: list[tuple[str, Rule]] = [
           check=check_rest_em, slow=True)),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/demo\.gin --gin_file=runs/dpo\.gin ",
      Rule("run", extra=(*SMALL_REST, "--gin.run_rest.num_grow_steps=1"), check=check_dpo, slow=True)),
+    (r"^python -m rest_jax\.main online --gin_file=experiments/demo\.gin --gin_file=runs/grpo\.gin ",
+     Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE), after=(README_MAIN,), check=check_online("grpo"))),
+    (r"^python -m rest_jax\.main online --gin_file=experiments/demo\.gin --gin_file=runs/ppo\.gin ",
+     Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE), after=(README_MAIN,), check=check_online("ppo"), slow=True)),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/(iwslt14_de_en|wmt_zh_en)\.gin ",
      Rule("dry_run", "the paper's tasks: a TPU pod, GCS paths and downloaded data")),
     (r"^python scripts/prepare_iwslt14\.py --output=DIR$", Rule("help", "downloads IWSLT14")),

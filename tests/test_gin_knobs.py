@@ -28,13 +28,36 @@ EXEMPT = {
 
 
 def _declared_knobs(trees) -> set[str]:
-    """Keys of every `gin_utils.sets_knobs({...})` in the package: callee parameters an entry passes itself."""
+    """Keys of every `gin_utils.sets_knobs(...)` in the package: callee parameters an entry passes itself.
+
+    The argument is a dict literal, a module-level dict constant (`sets_knobs(rest.BC_KNOBS)`), or a literal
+    that unpacks one (`{**BC_KNOBS, ...}`).
+    """
+    constants = {}
+    for tree in trees.values():
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+                for target in node.targets:
+                    if isinstance(target, ast.Name):
+                        constants[target.id] = node.value
+
+    def keys_of(node) -> set[str]:
+        if isinstance(node, (ast.Name, ast.Attribute)):
+            name = node.id if isinstance(node, ast.Name) else node.attr
+            return keys_of(constants[name]) if name in constants else set()
+        if not isinstance(node, ast.Dict):
+            return set()
+        out = set()
+        for k, v in zip(node.keys, node.values):
+            out |= {k.value} if isinstance(k, ast.Constant) else keys_of(v) if k is None else set()
+        return out
+
     keys = set()
     for tree in trees.values():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "sets_knobs" \
-                    and node.args and isinstance(node.args[0], ast.Dict):
-                keys |= {k.value for k in node.args[0].keys if isinstance(k, ast.Constant)}
+                    and node.args:
+                keys |= keys_of(node.args[0])
     return keys
 
 

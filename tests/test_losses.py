@@ -512,3 +512,150 @@ def test_dpo_hand_computed_and_metrics():
         losses.dpo_loss({k: v[:1] for k, v in batch.items()}, {"logits": logits[:1]})
     with pytest.raises(KeyError, match="behaviour_log_probs"):
         losses.dpo_loss({k: v for k, v in batch.items() if k != losses.BEHAVIOUR_LOG_PROBS}, {"logits": logits})
+
+
+# ---------------------------------------------------------------------------------------------- online RL
+
+
+def np_gae(rewards, values, weights, discount, lam):
+    """GAE by its definition Â_t = Σ_l (γλ)^l δ_{t+l} over each row's valid tokens, V after the last = 0."""
+    adv = np.zeros_like(values)
+    for b in range(values.shape[0]):
+        valid = [t for t in range(values.shape[1]) if weights[b, t] > 0]
+        deltas = {}
+        for i, t in enumerate(valid):
+            next_v = values[b, valid[i + 1]] if i + 1 < len(valid) else 0.0
+            deltas[t] = rewards[b, t] + discount * next_v - values[b, t]
+        for i, t in enumerate(valid):
+            adv[b, t] = sum((discount * lam) ** j * deltas[u] for j, u in enumerate(valid[i:]))
+    returns = np.where(weights > 0, adv + values, 0.0)
+    return adv, returns
+
+
+def np_policy_gradient(logits, targets, weights, old, adv, eps, ref=None, kl_coef=0.0, values=None,
+                       returns=None, old_values=None, value_coef=0.0, value_clip=None):
+    n = weights.sum()
+    policy = kl = v_loss = 0.0
+    for b in range(weights.shape[0]):
+        for t in range(weights.shape[1]):
+            if weights[b, t] == 0:
+                continue
+            lp = np_token_log_prob(logits, targets, b, t)
+            ratio = math.exp(lp - old[b, t])
+            clipped = min(max(ratio, 1 - eps), 1 + eps)
+            policy -= weights[b, t] * min(ratio * adv[b, t], clipped * adv[b, t])
+            if ref is not None:
+                d = ref[b, t] - lp
+                kl += weights[b, t] * (math.exp(d) - d - 1)
+            if values is not None:
+                err = (values[b, t] - returns[b, t]) ** 2
+                if value_clip is not None:
+                    vc = old_values[b, t] + min(max(values[b, t] - old_values[b, t], -value_clip), value_clip)
+                    err = max(err, (vc - returns[b, t]) ** 2)
+                v_loss += weights[b, t] * 0.5 * err
+    return policy / n + kl_coef * kl / n + value_coef * v_loss / n
+
+
+def test_gae_vs_definition_and_monte_carlo_at_lambda_one(data):
+    rng = np.random.default_rng(7)
+    token_rewards = rng.normal(size=(B, T)) * WEIGHTS
+    with jax.enable_x64(True):
+        for discount, lam in [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)]:
+            adv, ret = losses.generalized_advantages(jnp.asarray(token_rewards), jnp.asarray(data["values"]),
+                                                     jnp.asarray(WEIGHTS), discount, lam)
+            ref_adv, ref_ret = np_gae(token_rewards, data["values"], WEIGHTS, discount, lam)
+            np.testing.assert_allclose(np.asarray(adv), ref_adv * WEIGHTS, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(ret), ref_ret, rtol=1e-12, atol=1e-12)
+        # λ = γ = 1 with the terminal reward: the return of every token is R (the Monte-Carlo return).
+        terminal = losses.terminal_rewards(jnp.asarray(data["rewards"]), jnp.asarray(WEIGHTS))
+        _, ret = losses.generalized_advantages(terminal, jnp.asarray(data["values"]), jnp.asarray(WEIGHTS), 1.0, 1.0)
+        np.testing.assert_allclose(np.asarray(ret), np_returns(data["rewards"], WEIGHTS, 1.0), atol=1e-12)
+    assert np.asarray(terminal)[1].tolist() == [0.0, data["rewards"][1], 0.0, 0.0]
+
+
+def test_group_advantages_hand_computed():
+    r = np.array([0.2, 0.4, 0.9, 0.5, 0.5, 0.5])
+    with jax.enable_x64(True):
+        grpo = np.asarray(losses.group_advantages(jnp.asarray(r), 3, "grpo", eps=0.0))
+        rloo = np.asarray(losses.group_advantages(jnp.asarray(r), 3, "rloo"))
+    first = r[:3]
+    np.testing.assert_allclose(grpo[:3], (first - first.mean()) / first.std(ddof=1), rtol=1e-12)
+    assert np.all(np.isnan(grpo[3:])) or np.allclose(grpo[3:], 0.0)  # eps=0 and no spread: 0/0
+    np.testing.assert_allclose(rloo[:3], [0.2 - 0.65, 0.4 - 0.55, 0.9 - 0.3], rtol=1e-12)
+    np.testing.assert_allclose(rloo[3:], 0.0, atol=1e-15)
+    with pytest.raises(ValueError, match="groups of >= 2"):
+        losses.group_advantages(jnp.asarray(r), 4)
+    with pytest.raises(ValueError, match="estimator"):
+        losses.group_advantages(jnp.asarray(r), 3, "ppo")
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5, -0.5])
+@pytest.mark.parametrize("extras", ["none", "kl", "value"])
+def test_policy_gradient_loss_value_and_gradients_vs_numpy(data, shift, extras):
+    """Both clipping branches: `shift` moves π_old so that the ratios leave [1 − ε, 1 + ε] on either side,
+    with advantages of both signs, so the clipped term is active for some tokens and not for others."""
+    rng = np.random.default_rng(3)
+    logits, targets = data["logits"], data["targets"]
+    own = np_log_softmax(logits)[np.arange(B)[:, None], np.arange(T)[None, :], targets]
+    old = own + shift + rng.normal(size=(B, T)) * 0.3
+    adv = rng.normal(size=(B, T))
+    eps = 0.2
+    ref = own + rng.normal(size=(B, T)) * 0.5
+    returns, old_values = rng.uniform(size=(B, T)), rng.uniform(size=(B, T))
+    ratios = np.exp(own - old)[WEIGHTS > 0]
+    if shift:
+        assert np.any(np.abs(ratios - 1) > eps) and np.any(np.abs(ratios - 1) <= eps + 0.5)
+
+    with jax.enable_x64(True):
+        batch = batch_of(data, behaviour_log_probs=old, advantages=adv)
+        kw = {}
+        if extras == "kl":
+            batch.update(reference_log_probs=jnp.asarray(ref), kl_coef=jnp.asarray(0.3))
+            kw = {"ref": ref, "kl_coef": 0.3}
+        if extras == "value":
+            batch.update(returns=jnp.asarray(returns), old_values=jnp.asarray(old_values))
+            kw = {"returns": returns, "old_values": old_values, "value_coef": 0.5, "value_clip": 0.1}
+        if extras == "value":
+            f = lambda x: losses.policy_gradient_loss(  # noqa: E731
+                batch, {"logits": x[:B * T * V].reshape(B, T, V), "values": x[B * T * V:].reshape(B, T)},
+                clip_epsilon=eps, value_coef=0.5, value_clip=0.1)[0]
+            ref_f = lambda x: np_policy_gradient(  # noqa: E731
+                x[:B * T * V].reshape(B, T, V), targets, WEIGHTS, old, adv, eps,
+                values=x[B * T * V:].reshape(B, T), **kw)
+            x = np.concatenate([logits.reshape(-1), data["values"].reshape(-1)])
+        else:
+            f = lambda x: losses.policy_gradient_loss(batch, {"logits": x}, clip_epsilon=eps)[0]  # noqa: E731
+            ref_f = lambda x: np_policy_gradient(x, targets, WEIGHTS, old, adv, eps, **kw)  # noqa: E731
+            x = logits
+        assert_value_and_gradient(f, ref_f, x)
+
+
+def test_policy_gradient_loss_clipped_tokens_have_no_policy_gradient(data):
+    """A token whose ratio is above 1 + ε with a positive advantage (or below 1 − ε with a negative one)
+    contributes nothing to the gradient: PPO's pessimistic bound."""
+    logits, targets = jnp.asarray(data["logits"]), data["targets"]
+    own = np.asarray(losses.token_log_probs(logits, jnp.asarray(targets)))
+    old = own - 1.0  # ratio e ≈ 2.7 > 1.2 everywhere
+    w = np.zeros((B, T))
+    w[0, 0] = 1.0
+    batch = {losses.TARGETS: jnp.asarray(targets), losses.WEIGHTS: jnp.asarray(w),
+             "behaviour_log_probs": jnp.asarray(old), "advantages": jnp.ones((B, T))}
+    loss_fn = lambda x: losses.policy_gradient_loss(batch, {"logits": x})[0]  # noqa: E731
+    value, grad = jax.value_and_grad(loss_fn)(logits)
+    assert float(value) == pytest.approx(-1.2, rel=1e-6)
+    assert float(jnp.max(jnp.abs(grad))) == 0.0
+    batch["advantages"] = -jnp.ones((B, T))  # negative advantage: the unclipped (larger penalty) term is used
+    value, grad = jax.value_and_grad(loss_fn)(logits)
+    assert float(value) == pytest.approx(math.e, rel=1e-5)
+    assert float(jnp.max(jnp.abs(grad))) > 0.0
+
+
+def test_whiten_and_k3_kl():
+    x = np.array([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 0.0, 0.0]])
+    with jax.enable_x64(True):
+        white = np.asarray(losses.whiten(jnp.asarray(x), jnp.asarray(WEIGHTS), eps=0.0))
+        k3 = np.asarray(losses.k3_kl(jnp.asarray([-1.0, -2.0]), jnp.asarray([-1.5, -2.0])))
+    valid = x[WEIGHTS > 0]
+    np.testing.assert_allclose(white[WEIGHTS > 0], (valid - valid.mean()) / valid.std(), rtol=1e-12)
+    assert np.all(white[WEIGHTS == 0] == 0)
+    np.testing.assert_allclose(k3, [math.exp(-0.5) + 0.5 - 1, 0.0], atol=1e-15)
