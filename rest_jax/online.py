@@ -207,7 +207,8 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
            vocab_path: str | None = None, vocab_size: int = 32000, reward_name: str = "chrf",
            bc_run: str | None = None, grow_split: str = "train", max_sources: int | None = None,
            num_iterations: int = 100, sources_per_iteration: int = 32, num_samples: int = 4,
-           temperature: float = 1.0, truncated_reward: float | None = 0.0, epochs_per_iteration: int = 1, minibatch_size: int = 64,
+           temperature: float = 1.0, truncated_reward: float | None = 0.0, epochs_per_iteration: int = 1,
+           minibatch_size: int = 64,
            kl_coef: float = 0.05, kl_target: float | None = None, kl_horizon: int = 10000,
            discount: float = 1.0, gae_lambda: float = 0.95, eval_period: int = 10, checkpoint_period: int = 10,
            validation_split: str = "validation", num_validation_sources: int | None = 200,
@@ -258,11 +259,8 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
     _check(algorithm, sources_per_iteration, num_samples, minibatch_size, num_shards, kl_target)
     vocab_path = rest_lib.run_vocabulary(bc_run or model_dir, task, vocab_path, vocab_size)
     reward = rewards_lib.get(reward_name)
-    val = evaluate.read_split(task, validation_split, num_validation_sources)
-    eval_splits = {validation_split: val}
-    if test_split:
-        eval_splits[test_split] = evaluate.read_split(task, test_split, num_test_sources)
-    report_split = test_split or validation_split
+    eval_splits, report_split = rest_lib.evaluation_splits(task, validation_split, num_validation_sources, test_split,
+                                                           num_test_sources)
 
     def scores(policy: policy_lib.Policy, out_dir: str) -> dict[str, Any]:
         return rest_lib.stage_scores(policy, reward, eval_splits, out_dir, eval_lengths, report_split,
@@ -275,7 +273,8 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
     if done is None:
         bc_policy = policy_lib.load_policy(bc["checkpoint"], vocab_path)
         sources, references = evaluate.read_split(task, grow_split, max_sources)
-        result = _train(bc_policy, sources, references, val, reward, stage_dir, algorithm=algorithm,
+        result = _train(bc_policy, sources, references, eval_splits[validation_split], reward, stage_dir,
+                        algorithm=algorithm,
                         num_iterations=num_iterations, sources_per_iteration=sources_per_iteration,
                         num_samples=num_samples, temperature=temperature, truncated_reward=truncated_reward,
                         epochs_per_iteration=epochs_per_iteration, minibatch_size=minibatch_size, kl_coef=kl_coef,
@@ -310,7 +309,8 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
 def _train(bc_policy: policy_lib.Policy, sources: list[str], references: list[str],
            validation: tuple[list[str], list[str]], reward: Any, stage_dir: str, *, algorithm: str,
            num_iterations: int, sources_per_iteration: int, num_samples: int, temperature: float,
-           truncated_reward: float | None, epochs_per_iteration: int, minibatch_size: int, kl_coef: float, kl_target: float | None,
+           truncated_reward: float | None, epochs_per_iteration: int, minibatch_size: int, kl_coef: float,
+           kl_target: float | None,
            kl_horizon: int, discount: float, gae_lambda: float, eval_period: int, checkpoint_period: int,
            lengths: Mapping[str, int], seed: int, part: partitioning.Partitioner,
            shard: tuple[int, int]) -> dict[str, Any]:
@@ -415,7 +415,8 @@ def _train(bc_policy: policy_lib.Policy, sources: list[str], references: list[st
                 if kl_target is not None:
                     prog.kl_coef = _kl_controller(prog.kl_coef, kl, kl_target, rows, kl_horizon)
                 prog.iteration, prog.reward_calls = k + 1, prog.reward_calls + rows
-                scalars = {"reward/mean": float(np.mean(sample_rewards)), "truncated": cut, "kl_to_bc": kl, "kl_coef": prog.kl_coef,
+                scalars = {"reward/mean": float(np.mean(sample_rewards)), "truncated": cut, "kl_to_bc": kl,
+                           "kl_coef": prog.kl_coef,
                            "reward_calls": prog.reward_calls,
                            **{f"train/{n}": v for n, v in summary.items() if isinstance(v, float)}}
                 if eval_period and prog.iteration % eval_period == 0 or prog.iteration == num_iterations:

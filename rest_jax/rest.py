@@ -161,6 +161,16 @@ def _grown(g: int, grow_dir: str, store_dir: str, policy_checkpoint: str, vocab_
     return improve_data.GrowData.open(stores[-1 - replay_grow_steps:])
 
 
+def evaluation_splits(task: str, validation_split: str, num_validation: int | None, test_split: str | None,
+                      num_test: int | None) -> tuple[dict[str, tuple[list[str], list[str]]], str]:
+    """{split: (sources, references)} of the validation split (its first `num_validation`) and the test split
+    (None: none), and the split the report is on (test, else validation)."""
+    splits = {validation_split: evaluate.read_split(task, validation_split, num_validation)}
+    if test_split:
+        splits[test_split] = evaluate.read_split(task, test_split, num_test)
+    return splits, test_split or validation_split
+
+
 def check_bc_run(bc_run: str | None, knob: str) -> None:
     """A run named as the source of the BC policy must have finished its BC stage."""
     if bc_run and not epath.Path(bc_run, "bc", report.STAGE_FILE).exists():
@@ -341,15 +351,13 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
     check_bc_run(bc_run, "run_rest.bc_run")
     vocab_path = run_vocabulary(bc_run or model_dir, task, vocab_path, vocab_size)
     reward = rewards_lib.get(reward_name)
-    val = evaluate.read_split(task, validation_split, num_validation_sources)
-    eval_splits = {validation_split: val}
-    if test_split:
-        eval_splits[test_split] = evaluate.read_split(task, test_split, num_test_sources)
-    report_split = test_split or validation_split
+    eval_splits, report_split = evaluation_splits(task, validation_split, num_validation_sources, test_split,
+                                                  num_test_sources)
+    val = eval_splits[validation_split]
 
     def scores(policy: policy_lib.Policy, splits: dict[str, tuple[list[str], list[str]]], out_dir: str) -> dict:
         return stage_scores(policy, reward, splits, out_dir, eval_lengths, report_split, sample_eval_n,
-                       sample_eval_temperature, seed)
+                            sample_eval_temperature, seed)
 
     bc = behaviour_cloning(bc_run or model_dir, task, lengths=lengths, seed=seed, vocab_path=vocab_path,
                            scores=lambda policy, out_dir: scores(policy, eval_splits, out_dir))
