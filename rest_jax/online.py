@@ -87,6 +87,7 @@ class Progress:
       reward_calls: Reward-model calls for training samples so far (the cost axis of the comparison).
       eval_reward_calls: Reward-model calls for validation.
       wall_seconds: Time spent in iterations and validations so far, over every resumption.
+      timing: Of that, seconds spent sampling and scoring, computing advantages, updating and validating.
       curve: (iteration, reward_calls, wall_seconds, validation reward) at every validation.
     """
 
@@ -97,6 +98,8 @@ class Progress:
     reward_calls: int = 0
     eval_reward_calls: int = 0
     wall_seconds: float = 0.0
+    timing: dict = dataclasses.field(
+        default_factory=lambda: {"sample_and_score": 0.0, "advantages": 0.0, "updates": 0.0, "validation": 0.0})
     curve: list = dataclasses.field(default_factory=list)
 
 
@@ -273,7 +276,7 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
     if done is None:
         bc_policy = policy_lib.load_policy(bc["checkpoint"], vocab_path)
         sources, references = evaluate.read_split(task, grow_split, max_sources)
-        result = _train(bc_policy, sources, references, eval_splits[validation_split], reward, stage_dir,
+        result = run_iterations(bc_policy, sources, references, eval_splits[validation_split], reward, stage_dir,
                         algorithm=algorithm,
                         num_iterations=num_iterations, sources_per_iteration=sources_per_iteration,
                         num_samples=num_samples, temperature=temperature, truncated_reward=truncated_reward,
@@ -306,7 +309,7 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
     return out
 
 
-def _train(bc_policy: policy_lib.Policy, sources: list[str], references: list[str],
+def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references: list[str],
            validation: tuple[list[str], list[str]], reward: Any, stage_dir: str, *, algorithm: str,
            num_iterations: int, sources_per_iteration: int, num_samples: int, temperature: float,
            truncated_reward: float | None, epochs_per_iteration: int, minibatch_size: int, kl_coef: float,
@@ -314,7 +317,8 @@ def _train(bc_policy: policy_lib.Policy, sources: list[str], references: list[st
            kl_horizon: int, discount: float, gae_lambda: float, eval_period: int, checkpoint_period: int,
            lengths: Mapping[str, int], seed: int, part: partitioning.Partitioner,
            shard: tuple[int, int]) -> dict[str, Any]:
-    """The iterations of `online` (resumed from `stage_dir/checkpoints`); returns the stage result."""
+    """The iterations of `online` from `bc_policy` (resumed from `stage_dir/checkpoints`); returns the stage
+    result: the best policy's checkpoint, the validation curve and the cost (`cost.timing`: seconds per part)."""
     model, mesh, rules = bc_policy.model, part.mesh, part.rules
     with gin.config_scope(OPTIMIZER_SCOPE):
         optimizer = optim.create_optimizer()
@@ -367,7 +371,9 @@ def _train(bc_policy: policy_lib.Policy, sources: list[str], references: list[st
         best.close()
 
     def validate(st: trainer.TrainState) -> float:
+        t0 = time.perf_counter()
         value = validation_reward(st)
+        prog.timing["validation"] += time.perf_counter() - t0
         prog.curve.append((prog.iteration, prog.reward_calls, prog.wall_seconds, value))
         if value > prog.best_reward:
             prog.best_reward, prog.best_iteration = value, prog.iteration
@@ -379,6 +385,7 @@ def _train(bc_policy: policy_lib.Policy, sources: list[str], references: list[st
         validate(state)
         prog.wall_seconds += time.perf_counter() - t0
     bar = metrics_lib.progress(num_iterations - prog.iteration, desc=algorithm, unit="iter")
+    start_iteration, first_timing, first_updates = prog.iteration, None, 0
     with metrics_lib.MetricWriter(os.path.dirname(stage_dir.rstrip("/")), STAGE_DIR) as writer, \
             trainer.error_advice(memory_knobs=MEMORY_KNOBS,
                                  last_checkpoint=lambda: trainer.describe_last_checkpoint(manager)):
@@ -392,11 +399,13 @@ def _train(bc_policy: policy_lib.Policy, sources: list[str], references: list[st
                     policy_now(state), [sources[i] for i in idx], [references[i] for i in idx], reward,
                     num_samples=num_samples, temperature=temperature, lengths=lengths, seed=sample_seed,
                     batch_size=max(1, min(64, sources_per_iteration)), truncated_reward=truncated_reward)
+                t1 = time.perf_counter()
                 with part.context():
                     columns = part.gather(advantage_fn(state.params, bc_params, part.shard_batch(
                         {k_: v[shard[0] * rows // shard[1]:(shard[0] + 1) * rows // shard[1]]
                          for k_, v in batch.items()}), jnp.asarray(prog.kl_coef, jnp.float32)))
                 kl = float(columns.pop("kl"))
+                t2 = time.perf_counter()
                 batch.update({k_: np.asarray(v) for k_, v in columns.items()})
                 if algorithm != "ppo":
                     batch[losses.KL_COEF] = np.asarray(prog.kl_coef, np.float32)
@@ -412,6 +421,11 @@ def _train(bc_policy: policy_lib.Policy, sources: list[str], references: list[st
                     state, iter(minibatches), step_fn, int(jax.device_get(state.step)) + len(minibatches),
                     shard_fn=part.shard_batch, stage=f"{algorithm}_{k}", show_progress=False,
                     hooks=[trainer.LogMetrics(None, period=len(minibatches))])  # averages into `summary`
+                for part_name, seconds in (("sample_and_score", t1 - t0), ("advantages", t2 - t1),
+                                           ("updates", time.perf_counter() - t2)):
+                    prog.timing[part_name] += seconds
+                if first_timing is None:  # the first iteration this process runs compiles its programs
+                    first_timing, first_updates = dict(prog.timing), int(jax.device_get(state.step))
                 if kl_target is not None:
                     prog.kl_coef = _kl_controller(prog.kl_coef, kl, kl_target, rows, kl_horizon)
                 prog.iteration, prog.reward_calls = k + 1, prog.reward_calls + rows
@@ -439,7 +453,15 @@ def _train(bc_policy: policy_lib.Policy, sources: list[str], references: list[st
               "checkpoint": os.path.join(best_dir, "checkpoints"), "best_iteration": prog.best_iteration,
               "validation_reward": prog.best_reward, "curve": prog.curve, "kl_coef": prog.kl_coef,
               "cost": {"reward_calls": prog.reward_calls, "eval_reward_calls": prog.eval_reward_calls,
-                       "samples": prog.reward_calls, "updates": updates, "wall_seconds": prog.wall_seconds}}
+                       "samples": prog.reward_calls, "updates": updates, "wall_seconds": prog.wall_seconds,
+                       "timing": prog.timing}}
+    if first_timing is not None and prog.iteration - start_iteration > 1:
+        # Per iteration after compilation (benchmarks/online_benchmark.py): this process's iterations but its first.
+        steady = prog.iteration - start_iteration - 1
+        result["cost"]["steady_iteration"] = {
+            "seconds": {n: (prog.timing[n] - first_timing[n]) / steady
+                        for n in ("sample_and_score", "advantages", "updates")},
+            "updates": (updates - first_updates) / steady, "iterations": steady}
     console.stage_done(f"Online {algorithm}", prog.wall_seconds,
                        f"{num_iterations} iterations, {prog.reward_calls} reward calls, best validation reward "
                        f"{prog.best_reward:.4f} at iteration {prog.best_iteration}; {result['checkpoint']}")
