@@ -569,7 +569,8 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
               "sources_without_data": fres.num_sources_without_data, "loss": loss_name,
               "last_train_loss": last_loss, "lr_scale": lr_scale,
               "threshold": float(fres.value) if filter_method == "threshold" and fres.value is not None else None,
-              "filter": fres.summary(), "checkpoint": os.path.join(out_dir, "checkpoints")}
+              "filter": fres.summary(), "checkpoint": os.path.join(out_dir, "checkpoints"),
+              "seconds": time.perf_counter() - started}
     if needs.value:
         result.update(value_pretrain=value_summary, value_training=value_mode)
     kept_by = (f"threshold {fres.value:.3g}:" if filter_method == "threshold" and fres.value is not None

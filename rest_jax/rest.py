@@ -18,6 +18,7 @@ the command line refuses one with other settings: `rest_jax.rerun`):
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import gin
@@ -185,10 +186,12 @@ def behaviour_cloning(run_dir: str, task: str, *, lengths: Mapping[str, int], se
     bc = report.stage_result(bc_dir)
     if bc is None:
         console.logger.info("Behaviour cloning in %s", bc_dir)
+        started = time.perf_counter()
         train_lib.train(model_dir=bc_dir, task=task, feature_lengths=dict(lengths), seed=seed)
+        seconds = time.perf_counter() - started  # of this run (a resumed BC counts only what it ran)
         policy = _policy_from(os.path.join(bc_dir, "checkpoints"), vocab_path)
         bc = report.finish_stage(bc_dir, {"name": "BC G=0 I=0", "checkpoint": os.path.join(bc_dir, "checkpoints"),
-                                          "scores": scores(policy, bc_dir)})
+                                          "scores": scores(policy, bc_dir), "seconds": seconds})
     return bc
 
 

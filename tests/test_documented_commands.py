@@ -398,6 +398,24 @@ def check_study_table(work, proc):
     assert "| G=1 I=1 | 3 |" in proc.stdout.split("schedule-matched control")[1]
 
 
+def check_cost_runs(work, proc):
+    for seed in (0, 1, 2):
+        bc = json.loads((work / f"runs/demo_cost/s{seed}/bc/report.json").read_text())["rows"][0]
+        for method in ("rest", "dpo", "grpo", "ppo"):
+            report = json.loads((work / f"runs/demo_cost/s{seed}/{method}/report.json").read_text())
+            assert report["rows"][0]["reward"] == bc["reward"], (seed, method)  # every method from the seed's BC
+
+
+def check_cost_table(work, proc):
+    """The cost columns by hand: a Grow store's records (ReST), iterations x sources x samples (online)."""
+    store = json.loads((work / "runs/demo_cost/s0/rest/grow_1/store/metadata.json").read_text())
+    assert store["counts"]["records"] == 48 * 3  # SMALL_REST: 48 sources, 2 samples and the reference each
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith(f"| ReST G=1 I=1 | 3 | {48 * 3:,} |") for line in lines), proc.stdout
+    assert any(line.startswith(f"| GRPO (2 it.) | 3 | {2 * 8 * 4} |") for line in lines), proc.stdout
+    assert (work / "runs/demo_cost/plots/cost_vs_reward.png").stat().st_size > 10_000
+
+
 def _small_study() -> tuple[str, ...]:
     small = [o for o in SMALL_REST if not o.startswith("--gin.TASK=")]
     return (*small, f"--gin.MULTI30K_DIR='{MULTI30K_DIR}'", "--gin.VOCAB_SIZE=1000")
@@ -464,6 +482,12 @@ RULES: list[tuple[str, Rule]] = [
      Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE), after=(README_MAIN,), check=check_online("grpo"))),
     (r"^python -m rest_jax\.main online --gin_file=experiments/demo\.gin --gin_file=runs/ppo\.gin ",
      Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE), after=(README_MAIN,), check=check_online("ppo"), slow=True)),
+    (r"^scripts/cost_comparison\.sh 0 1 2$",
+     Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE), check=check_cost_runs, slow=True,
+          substitute=(("scripts/", "{repo}/scripts/"),))),
+    (r"^python scripts/cost_table\.py runs/demo_cost$",
+     Rule("run", after=(r"^scripts/cost_comparison\.sh 0 1 2$",), check=check_cost_table, slow=True,
+          substitute=(("scripts/", "{repo}/scripts/"),))),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/(iwslt14_de_en|wmt_zh_en)\.gin ",
      Rule("dry_run", "the paper's tasks: a TPU pod, GCS paths and downloaded data")),
     (r"^python scripts/prepare_iwslt14\.py --output=DIR$", Rule("help", "downloads IWSLT14")),
