@@ -199,6 +199,19 @@ def _rollout_batch(policy: policy_lib.Policy, sources: list[str], references: li
     return improve_data.make_batch(rows, lengths), np.asarray(scores, np.float64), float(np.mean(cut))
 
 
+def _minibatches(batch: Batch, epochs: int, size: int, local: slice, rng: np.random.Generator) -> list[Batch]:
+    """`epochs` passes over the rows of `batch` in shuffled minibatches of `size` rows, each cut to this
+    process's `local` block (scalars, e.g. the KL weight, kept whole)."""
+    rows = len(batch["decoder_target_tokens"])
+    out = []
+    for _ in range(epochs):
+        perm = rng.permutation(rows)
+        for start in range(0, rows, size):
+            pick = perm[start:start + size][local]
+            out.append({k: (v if np.ndim(v) == 0 else v[pick]) for k, v in batch.items() if k != "reward"})
+    return out
+
+
 def _kl_controller(kl_coef: float, kl: float, target: float, rows: int, horizon: int) -> float:
     """Ziegler et al. (2019) Sec. 2.2: β ← β (1 + clip(KL/target − 1, ±0.2) · rows/horizon)."""
     return float(kl_coef * (1.0 + np.clip(kl / target - 1.0, -0.2, 0.2) * rows / horizon))
@@ -310,13 +323,12 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
 
 
 def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references: list[str],
-           validation: tuple[list[str], list[str]], reward: Any, stage_dir: str, *, algorithm: str,
-           num_iterations: int, sources_per_iteration: int, num_samples: int, temperature: float,
-           truncated_reward: float | None, epochs_per_iteration: int, minibatch_size: int, kl_coef: float,
-           kl_target: float | None,
-           kl_horizon: int, discount: float, gae_lambda: float, eval_period: int, checkpoint_period: int,
-           lengths: Mapping[str, int], seed: int, part: partitioning.Partitioner,
-           shard: tuple[int, int]) -> dict[str, Any]:
+                   validation: tuple[list[str], list[str]], reward: Any, stage_dir: str, *, algorithm: str,
+                   num_iterations: int, sources_per_iteration: int, num_samples: int, temperature: float,
+                   truncated_reward: float | None, epochs_per_iteration: int, minibatch_size: int, kl_coef: float,
+                   kl_target: float | None, kl_horizon: int, discount: float, gae_lambda: float,
+                   eval_period: int, checkpoint_period: int, lengths: Mapping[str, int], seed: int,
+                   part: partitioning.Partitioner, shard: tuple[int, int]) -> dict[str, Any]:
     """The iterations of `online` from `bc_policy` (resumed from `stage_dir/checkpoints`); returns the stage
     result: the best policy's checkpoint, the validation curve and the cost (`cost.timing`: seconds per part)."""
     model, mesh, rules = bc_policy.model, part.mesh, part.rules
@@ -409,14 +421,8 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
                 batch.update({k_: np.asarray(v) for k_, v in columns.items()})
                 if algorithm != "ppo":
                     batch[losses.KL_COEF] = np.asarray(prog.kl_coef, np.float32)
-                order_rng = np.random.default_rng([seed, 0x6D62, k])
-                minibatches = []
-                for _ in range(epochs_per_iteration):
-                    perm = order_rng.permutation(rows)
-                    for start in range(0, rows, minibatch_size):
-                        pick = perm[start:start + minibatch_size][local]
-                        minibatches.append({k_: (v if np.ndim(v) == 0 else v[pick]) for k_, v in batch.items()
-                                            if k_ not in ("reward",)})
+                minibatches = _minibatches(batch, epochs_per_iteration, minibatch_size, local,
+                                           np.random.default_rng([seed, 0x6D62, k]))
                 state, summary = trainer.train_loop(
                     state, iter(minibatches), step_fn, int(jax.device_get(state.step)) + len(minibatches),
                     shard_fn=part.shard_batch, stage=f"{algorithm}_{k}", show_progress=False,
