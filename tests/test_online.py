@@ -69,6 +69,20 @@ def test_source_order_reads_each_source_once_per_pass():
     assert list(online.source_order(0, 10, 4, seed=4)) != list(order[:4])
 
 
+def test_kl_controller_and_argument_checks():
+    # Ziegler et al.'s controller by hand: KL at twice the target moves β up by 0.2 · rows / horizon at most.
+    assert online._kl_controller(0.1, kl=0.2, target=0.1, rows=128, horizon=1280) == pytest.approx(0.1 * 1.02)
+    assert online._kl_controller(0.1, kl=0.09, target=0.1, rows=128, horizon=1280) == pytest.approx(0.1 * 0.99)
+    with pytest.raises(ValueError, match="num_samples must be >= 2"):
+        online._check("grpo", 8, 1, 8, 1, None)
+    with pytest.raises(ValueError, match="minibatch_size=48 must divide"):
+        online._check("ppo", 8, 4, 48, 1, None)
+    with pytest.raises(ValueError, match="data-parallel size"):
+        online._check("ppo", 8, 4, 4, 8, None)
+    with pytest.raises(ValueError, match="expected one of"):
+        online._check("a2c", 8, 4, 8, 1, None)
+
+
 def test_grpo_raises_the_validation_reward_above_seed_noise(bc_run):
     """Three seeds of a short GRPO run from one BC policy: the greedy validation reward of the final policy
     minus BC's. The rise must be positive for every seed and its mean at least twice the spread between
