@@ -18,6 +18,27 @@ import gin
 import jax
 
 
+def random_policy(shape: str, bindings: tuple[str, ...] = ()):
+    """(policy of `configs/models/<shape>.gin` with random weights and a vocabulary trained on the demo corpus,
+    3,000 demo (source, reference) pairs, a temporary directory): the set-up of the Grow and online benchmarks."""
+    import flax.linen as nn
+
+    from rest_jax import policy as policy_lib
+    from rest_jax.data import demo_corpus, vocab as vocab_lib
+    from rest_jax.model import t5
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+    gin.add_config_file_search_path(root)
+    gin.parse_config_files_and_bindings([os.path.join(root, "models", f"{shape}.gin")], list(bindings))
+    tmp = tempfile.mkdtemp()
+    pairs = demo_corpus.generate_pairs({"train": 3000, "validation": 0, "test": 0}, seed=0)["train"]
+    model = t5.build_model()
+    vocab_path = vocab_lib.train_vocabulary([s for p in pairs for s in p], tmp,
+                                            vocab_size=min(1000, model.config.vocab_size))
+    params = jax.device_get(nn.unbox(t5.init_params(model, jax.random.PRNGKey(0))))
+    return policy_lib.Policy(model, params, vocab_lib.load_vocabulary(vocab_path)), pairs, tmp
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="rest_iwslt")
@@ -28,21 +49,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from rest_jax import decoding, grow
-    from rest_jax import policy as policy_lib
-    from rest_jax.data import demo_corpus, vocab as vocab_lib
-    from rest_jax.model import t5
 
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-    gin.add_config_file_search_path(root)
-    gin.parse_config_file(os.path.join(root, "models", f"{args.shape}.gin"))
-    tmp = tempfile.mkdtemp()
-    pairs = demo_corpus.generate_pairs({"train": 3000, "validation": 0, "test": 0}, seed=0)["train"]
-    model = t5.build_model()
-    vocab_path = vocab_lib.train_vocabulary([s for p in pairs for s in p], tmp,
-                                            vocab_size=min(1000, model.config.vocab_size))
-    vocab = vocab_lib.load_vocabulary(vocab_path)
-    params = jax.device_get(__import__("flax").linen.unbox(t5.init_params(model, jax.random.PRNGKey(0))))
-    policy = policy_lib.Policy(model, params, vocab)
+    policy, pairs, tmp = random_policy(args.shape)
     sources = [p[0] for p in pairs[:args.sources]]
     references = [p[1] for p in pairs[:args.sources]]
 

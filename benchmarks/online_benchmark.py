@@ -14,10 +14,8 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 import time
 
-import gin
 import jax
 
 
@@ -32,27 +30,14 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     args = parser.parse_args()
 
-    import flax.linen as nn
+    from grow_benchmark import random_policy  # this directory: `python benchmarks/online_benchmark.py`
 
     from rest_jax import online, partitioning
-    from rest_jax import policy as policy_lib
     from rest_jax import rewards
-    from rest_jax.data import demo_corpus, vocab as vocab_lib
-    from rest_jax.model import t5
 
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-    gin.add_config_file_search_path(root)
-    gin.parse_config_files_and_bindings(
-        [os.path.join(root, "models", f"{args.shape}.gin")],
-        ["online/create_optimizer.optimizer = 'adamw'", "online/learning_rate_schedule.name = 'constant'",
-         "online/learning_rate_schedule.base_learning_rate = 1e-4"])
-    tmp = tempfile.mkdtemp()
-    pairs = demo_corpus.generate_pairs({"train": 3000, "validation": 0, "test": 0}, seed=0)["train"]
-    model = t5.build_model()
-    vocab_path = vocab_lib.train_vocabulary([s for p in pairs for s in p], tmp,
-                                            vocab_size=min(1000, model.config.vocab_size))
-    params = jax.device_get(nn.unbox(t5.init_params(model, jax.random.PRNGKey(0))))
-    policy = policy_lib.Policy(model, params, vocab_lib.load_vocabulary(vocab_path))
+    policy, pairs, tmp = random_policy(args.shape, (
+        "online/create_optimizer.optimizer = 'adamw'", "online/learning_rate_schedule.name = 'constant'",
+        "online/learning_rate_schedule.base_learning_rate = 1e-4"))
     sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
     validation = (sources[:8], references[:8])
     mesh = partitioning.create_mesh()
