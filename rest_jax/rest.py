@@ -97,8 +97,8 @@ SCORE_KEYS = ("reward", "bleu", "chrf", "ter", "bleu_signature", "chrf_signature
 
 
 def stage_scores(policy: policy_lib.Policy, reward: Any, split_data: dict[str, tuple[list[str], list[str]]],
-            stage_dir: str, lengths: dict[str, int], sample_split: str, sample_n: int, temperature: float,
-            seed: int) -> dict[str, Any]:
+                 stage_dir: str, lengths: dict[str, int], sample_split: str, sample_n: int, temperature: float,
+                 seed: int) -> dict[str, Any]:
     """Reward, BLEU, chrF and TER of greedy translations on each split (saved in the stage dir as
     `<split>.greedy.txt`), and on `sample_split` the mean reward of `sample_n` samples (0: none)."""
     out = {}
@@ -116,7 +116,7 @@ def stage_scores(policy: policy_lib.Policy, reward: Any, split_data: dict[str, t
 
 
 def compare_to_bc(rows: list[dict[str, Any]], split: str, data: tuple[list[str], list[str]], reward: Any,
-                   seed: int) -> None:
+                  seed: int) -> None:
     """Adds to each row but BC `vs_bc` (paired bootstrap on `split`) and `held_out_drops` (see significance)."""
     srcs, refs = data
     needs_ref = reward.needs_reference
