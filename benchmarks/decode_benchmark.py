@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from rest_jax import decoding  # noqa: E402
+from rest_jax import metrics  # noqa: E402
 from rest_jax.model.t5 import T5Config, Transformer, init_params  # noqa: E402
 
 SHAPES = {"tiny": "models/tiny.gin", "iwslt": "models/rest_iwslt.gin"}
@@ -116,18 +117,6 @@ def torch_matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> float:
     torch.mm(a, a)
     best = min(timed(lambda: torch.mm(a, a), repeats)[0])
     return 2 * n**3 / best / 1e9
-
-
-def decode_flops(c: T5Config, batch: int, samples: int, src_len: int, new_tokens: int) -> float:
-    """Useful FLOPs of encoding `batch` sources once and sampling `samples` x `new_tokens` tokens each."""
-    d, inner, ff, acts = c.emb_dim, c.num_heads * c.head_dim, c.mlp_dim, len(c.mlp_activations)
-    mlp = 2 * (acts * d * ff + ff * d)
-    enc_token = c.num_encoder_layers * (2 * 4 * d * inner + 2 * 2 * inner * src_len + mlp)
-    cross_kv_token = c.num_decoder_layers * 2 * 2 * d * inner
-    mean_prefix = (new_tokens + 1) / 2
-    dec_token = c.num_decoder_layers * (2 * 4 * d * inner + 2 * 2 * inner * mean_prefix
-                                        + 2 * 2 * d * inner + 2 * 2 * inner * src_len + mlp) + 2 * d * c.vocab_size
-    return batch * src_len * (enc_token + cross_kv_token) + batch * samples * new_tokens * dec_token
 
 
 def machine_description() -> str:
@@ -276,7 +265,7 @@ def main(argv=None) -> None:
         params = jax.jit(lambda rng, c=config: nn.unbox(init_params(Transformer(c), rng)))(jax.random.PRNGKey(0))
         rng = np.random.default_rng(0)
         sources = rng.integers(2, config.vocab_size, (b, s)).astype(np.int32)
-        flops = decode_flops(config, b, n, s, steps)
+        flops = metrics.estimate_decode_flops(config, b, n, s, steps)
         print(f"[{shape}] {SHAPES[shape]}: {config.num_encoder_layers}+{config.num_decoder_layers} layers, "
               f"d_model {config.emb_dim}, ffn {config.mlp_dim}, {config.num_heads} heads x {config.head_dim}, "
               f"vocab {config.vocab_size}; {flops / 1e9:.1f} GFLOP per call", flush=True)

@@ -73,7 +73,7 @@ def _batch(vocab: int, batch: int, src: int, tgt: int):
     return enc, dec_in, targets
 
 
-def worker_jax(shape: str, batch: int, src: int, tgt: int, warmup: int, steps: int) -> dict:
+def worker_jax(shape: str, batch: int, src: int, tgt: int, warmup: int, steps: int, dtype: str = "float32") -> dict:
     import jax
     import numpy as np
 
@@ -82,7 +82,7 @@ def worker_jax(shape: str, batch: int, src: int, tgt: int, warmup: int, steps: i
     from rest_jax.model import t5
 
     os.chdir(REPO)
-    config = _model_config(shape)
+    config = _model_config(shape).replace(dtype=dtype)  # activations; parameters and AdamW state stay float32
     enc, dec_in, targets = _batch(config.vocab_size, batch, src, tgt)
     _reset_peak_rss()
     base = _rss_mb("VmRSS")

@@ -18,6 +18,7 @@ import numpy as np
 import sacrebleu
 from etils import epath
 
+from rest_jax import metrics as metrics_lib
 from rest_jax import partitioning
 from rest_jax import policy as policy_lib
 from rest_jax import report
@@ -76,7 +77,22 @@ def evaluate_policy(policy: policy_lib.Policy, sources: Sequence[str], reference
     started = time.perf_counter()
     name = "eval" if output_prefix is None else f"eval {os.fspath(output_prefix)}"
     generate_kwargs.setdefault("progress_desc", name)
-    hyps = policy.generate(sources, method=method, split_across_processes=True, **generate_kwargs).first()
+    max_input_length = generate_kwargs.get("max_input_length", 128)
+    source_tokens, trimmed = policy_lib.tokenize(policy.vocab, sources, max_input_length)
+    if trimmed:
+        logging.info("%d of %d sources trimmed to %d tokens.", trimmed, len(sources), max_input_length)
+    gen_started = time.perf_counter()
+    gens = policy.generate(sources, method=method, split_across_processes=True, source_tokens=source_tokens,
+                           **generate_kwargs)
+    seconds = time.perf_counter() - gen_started
+    hyps = gens.first()
+    # Useful decoding work: every row of a beam search runs as a sample would (lengths of the kept hypothesis).
+    rows = {"beam": generate_kwargs.get("beam_size", 4), "sample": generate_kwargs.get("num_samples", 1)}.get(method, 1)
+    out_tokens = sum(len(c[0]) for c in gens.tokens)
+    flops = metrics_lib.estimate_decode_flops(policy.config, len(sources), rows,
+                                              float(np.mean([len(t) for t in source_tokens] or [0])),
+                                              out_tokens / max(len(sources), 1))
+    speed = metrics_lib.throughput(out_tokens / seconds, flops / seconds, policy.config.dtype)
     result = corpus_scores(hyps, references)
     result["method"] = method
     result["num_sentences"] = len(hyps)
@@ -90,7 +106,7 @@ def evaluate_policy(policy: policy_lib.Policy, sources: Sequence[str], reference
     reward_text = f", reward {result['reward']:.4f}" if "reward" in result else ""
     console.stage_done(name, time.perf_counter() - started,
                        f"BLEU {result['bleu']:.2f}, chrF {result['chrf']:.2f}{reward_text} ({len(hyps)} sentences, "
-                       f"{method})")
+                       f"{method}; decoding {seconds:.1f}s at {speed})")
     return result
 
 

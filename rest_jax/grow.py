@@ -68,7 +68,7 @@ def grow_dataset(policy: policy_lib.Policy, sources: Sequence[str], references: 
     sample_rewards: list[np.ndarray] = []
     distinct = {1: [], 2: []}
     length_ratios: list[float] = []
-    sampled_tokens = 0
+    sampled_tokens, sampled_flops = 0, 0.0
     total_sources = sum(len(writer.shard_source_ids(s)) for s in pending)
     # A resumed Grow says what it kept (shown by default, like a resumed training); a fresh one is detail.
     resumed = len(pending) < len(range(host_id, writer.num_shards, num_hosts))
@@ -110,7 +110,11 @@ def grow_dataset(policy: policy_lib.Policy, sources: Sequence[str], references: 
                 distinct[n_gram].append(metrics_lib.distinct_n(cands, n_gram))
             ref_len = max(len(ref[i].split()), 1)
             length_ratios.extend(len(c.split()) / ref_len for c in cands)
-        sampled_tokens += sum(len(t) for toks in gens.tokens for t in toks)
+        lengths = [len(t) for toks in gens.tokens for t in toks]
+        sampled_tokens += sum(lengths)
+        sampled_flops += metrics_lib.estimate_decode_flops(policy.config, len(ids), num_samples,
+                                                           float(np.mean([len(t) for t in src_tok])),
+                                                           float(np.mean(lengths)))
 
         columns: dict[str, list[Any]] = {k: [] for k in (
             "source_id", "sample_id", "is_reference", "grow_index", "reward", "source_text", "candidate_text",
@@ -185,11 +189,14 @@ def grow_dataset(policy: policy_lib.Policy, sources: Sequence[str], references: 
     if total_sources:
         # The store's statistics cover every shard, also those a resumed Grow found already written.
         mean = meta.get("reward_stats", {}).get("samples", {}).get("mean", float(np.mean(rewards_all)))
+        seconds = max(timing["sample"], 1e-9)  # this process's sampling, on its own devices
+        speed = metrics_lib.throughput(sampled_tokens / seconds, sampled_flops / seconds, policy.config.dtype,
+                                       jax.local_device_count())
         console.stage_done(
             f"Grow {grow_index}", elapsed,
             f"{total_sources * num_samples} samples of {total_sources} sources, mean reward {mean:.4f}, "
-            f"{meta['timing']['samples_per_s']:.1f} samples/s (sampling {timing['sample']:.1f}s, scoring "
-            f"{timing['score']:.1f}s, writing {timing['write']:.1f}s); store {store_dir}")
+            f"{meta['timing']['samples_per_s']:.1f} samples/s (sampling {timing['sample']:.1f}s at {speed}, "
+            f"scoring {timing['score']:.1f}s, writing {timing['write']:.1f}s); store {store_dir}")
     return meta
 
 

@@ -550,7 +550,10 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
         validate = trainer.Evaluate(lambda st, _: {"validation_reward": validation_reward(policy_of(st.params))},
                                     eval_period, writer, monitor="validation_reward", patience=patience,
                                     initial=initial, on_best=keep_best)
-        hooks = [trainer.LogMetrics(writer, eval_period),
+        # MFU counts the policy's training FLOPs; a loss's frozen reference passes (BC, anchor) are extra work.
+        flops = metrics_lib.estimate_flops_per_example(
+            model.config, feature_lengths["inputs"], feature_lengths["targets"]) * batch_size
+        hooks = [trainer.LogMetrics(writer, eval_period, flops_per_step=flops, dtype=model.config.dtype),
                  *([trainer.Every(anchor_period, move_anchor)] if moving_anchor else []), validate]
         state, summary = trainer.train_loop(state, batches, train_step, num_steps, hooks=hooks, shard_fn=shard_fn,
                                             stage=f"improve_{improve_index}")
@@ -575,9 +578,11 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
         result.update(value_pretrain=value_summary, value_training=value_mode)
     kept_by = (f"threshold {fres.value:.3g}:" if filter_method == "threshold" and fres.value is not None
                else f"filter {filter_method}:")
+    speed = metrics_lib.throughput(summary["tokens_per_sec"], flops / summary["step_time_sec"], model.config.dtype)
     console.stage_done(f"Improve {improve_index}", time.perf_counter() - started,
                        f"{kept_by} kept {fres.num_kept}/{fres.num_examples} ({fres.kept_fraction:.1%}), best "
-                       f"validation reward {best_reward:.4f} at step {best_step} of {step}; {result['checkpoint']}")
+                       f"validation reward {best_reward:.4f} at step {best_step} of {step}, {speed}; "
+                       f"{result['checkpoint']}")
     return best_params, result
 
 

@@ -12,12 +12,15 @@ show progress without carriage-return noise; the final line goes to this module'
 since each stage ends with its own summary line.
 
 `estimate_flops_per_example` / `estimate_flops_per_token` count the matmul FLOPs of a T5 encoder-decoder
-step; with `peak_flops_per_device` they give model FLOPs utilisation (MFU), as MaxText reports it.
+step (`estimate_decode_flops`: of sampling); with `peak_flops_per_device` (spec sheets for accelerators, a
+measured matmul on CPU) they give model FLOPs utilisation (MFU), as MaxText reports it, and `throughput` the
+phrase every stage's summary line ends with.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import sys
@@ -48,8 +51,8 @@ _STEP_METRICS = {
     "examples_per_sec": "examples processed per second (all hosts)",
     "step_time_sec": "wall-clock seconds per train step",
     "skipped_updates": "updates skipped for a non-finite loss or gradient (`train_loop.skip_nonfinite_updates`)",
-    "mfu": "model FLOPs utilisation: FLOPs per step / step time / peak FLOP/s of all devices (only where the "
-           "devices' peak is known)",
+    "mfu": "model FLOPs utilisation: FLOPs per step / step time / peak FLOP/s of all devices (accelerators: "
+           "the spec sheet; CPU: a matmul measured in the model's activation dtype)",
 }
 
 # TensorBoard folder (under the stage's directory) -> tag -> meaning: what the code writes, no more, no less
@@ -385,6 +388,27 @@ def estimate_flops_per_token(config: Any, inputs_length: int, targets_length: in
         inputs_length + targets_length)
 
 
+def estimate_decode_flops(config: Any, num_sources: int, num_samples: int, source_length: float,
+                          new_tokens: float) -> float:
+    """Useful matmul FLOPs of encoding `num_sources` sources once and sampling N x `new_tokens` tokens each.
+
+    As `rest_jax.decoding.sample` computes them: the encoder and the cross-attention keys/values once per
+    source (shared by its N samples), then per new token the decoder's projections and MLP, self-attention over
+    the causal prefix (on average (new_tokens + 1) / 2 keys), cross-attention over the source, and the logits.
+    Lengths may be means (the padding a batch decodes is not useful work).
+    """
+    c = config
+    d, inner, ff, acts = c.emb_dim, c.num_heads * c.head_dim, c.mlp_dim, len(c.mlp_activations)
+    mlp = 2 * (acts * d * ff + ff * d)
+    enc_token = c.num_encoder_layers * (2 * 4 * d * inner + 2 * 2 * inner * source_length + mlp)
+    cross_kv_token = c.num_decoder_layers * 2 * 2 * d * inner
+    mean_prefix = (new_tokens + 1) / 2
+    dec_token = c.num_decoder_layers * (2 * 4 * d * inner + 2 * 2 * inner * mean_prefix + 2 * 2 * d * inner
+                                        + 2 * 2 * inner * source_length + mlp) + 2 * d * c.vocab_size
+    return float(num_sources * source_length * (enc_token + cross_kv_token)
+                 + num_sources * num_samples * new_tokens * dec_token)
+
+
 # Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets; matched against jax device_kind.
 PEAK_FLOPS = (
     ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
@@ -393,17 +417,65 @@ PEAK_FLOPS = (
 )
 
 
-def peak_flops_per_device(device_kind: str | None = None) -> float | None:
-    """Peak bf16 FLOP/s of one device (default: jax.devices()[0]); None when unknown (e.g. CPU)."""
-    if device_kind is None:
-        import jax  # pylint: disable=import-outside-toplevel
+@functools.lru_cache(maxsize=None)
+def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of a jitted size^3 matmul in `dtype` (float32 accumulation) on the host's CPU: its peak.
 
+    Measured once per process and dtype (about 0.2 s). A CPU's peak is not on a spec sheet (it depends on the
+    cores this process may use and on AVX512-BF16), so the stage summaries compare with this instead.
+    """
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    device = jax.local_devices(backend="cpu")[0]
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    dot(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dot(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best
+
+
+def peak_flops_per_device(device_kind: str | None = None, dtype: str = "float32") -> float | None:
+    """Peak FLOP/s of one device (default: jax.devices()[0]); None when unknown.
+
+    Accelerators: the bf16 spec-sheet figure. CPU: `measured_matmul_peak(dtype)` shared by the host's CPU
+    devices (simulated devices split one machine).
+    """
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if device_kind is None:
         device_kind = jax.devices()[0].device_kind
     kind = device_kind.lower()
     for key, flops in PEAK_FLOPS:
         if key in kind:
             return flops
+    if kind == "cpu":
+        return measured_matmul_peak(str(dtype)) / len(jax.local_devices(backend="cpu"))
     return None
+
+
+def throughput(tokens_per_sec: float, flops_per_sec: float | None = None, dtype: str = "float32",
+               num_devices: int | None = None) -> str:
+    """'N tokens/s, X% of the <dtype> peak' for a stage summary (the peak part only where it is known).
+
+    `flops_per_sec` is the work of `num_devices` devices (default: all of the job's).
+    """
+    if not math.isfinite(tokens_per_sec):
+        return "no timed steps"
+    text = f"{tokens_per_sec:,.0f} tokens/s"
+    peak = peak_flops_per_device(dtype=dtype) if flops_per_sec and math.isfinite(flops_per_sec) else None
+    if peak:
+        import jax  # pylint: disable=import-outside-toplevel
+
+        devices = jax.device_count() if num_devices is None else num_devices
+        share = flops_per_sec / (peak * devices)
+        text += f", {share:.1%}" if share < 0.1 else f", {share:.0%}"
+        text += f" of the {dtype} peak"
+    return text
 
 
 def mfu(flops_per_step: float, step_time_sec: float, num_devices: int,

@@ -181,7 +181,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
                                   last_checkpoint=lambda: trainer.describe_last_checkpoint(manager))
     with metrics_lib.MetricWriter(model_dir, "train") as writer, metrics_lib.MetricWriter(model_dir, "eval") as ev, \
             advice:
-        hooks = [trainer.LogMetrics(writer, log_period, flops_per_step=flops),
+        hooks = [trainer.LogMetrics(writer, log_period, flops_per_step=flops, dtype=config.dtype),
                  *([trainer.Evaluate(eval_fn, eval_period, ev)] if eval_fn is not None else []),
                  trainer.Checkpoint(manager, meta)]
         state, summary = trainer.train_loop(state, batches, train_step, num_steps, hooks=hooks, shard_fn=shard_fn)
@@ -191,7 +191,8 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
                  {k: v for k, v in summary.items() if not isinstance(v, dict)})
     if summary["steps_run"]:
         figures = (f"step {final}, loss {summary.get('loss', float('nan')):.4g}, "
-                   f"{summary.get('tokens_per_sec', float('nan')):,.0f} tokens/s")
+                   + metrics_lib.throughput(summary["tokens_per_sec"], flops / summary["step_time_sec"],
+                                            config.dtype))
     else:
         figures = f"already at step {final}"
     if "loss" in summary["eval"]:

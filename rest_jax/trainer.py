@@ -301,11 +301,13 @@ class LogMetrics(Hook):
       writer: `metrics.MetricWriter`-like (`write_scalars(step, dict)`), or None (summary and bar only).
       period: Steps between writes (and at the last step).
       flops_per_step: Model FLOPs of one step, for the MFU (`metrics.mfu`); None: no MFU.
+      dtype: The model's activation dtype, whose peak the MFU is over (CPU: measured per dtype).
     """
 
-    def __init__(self, writer: Any = None, period: int = 50, flops_per_step: float | None = None):
+    def __init__(self, writer: Any = None, period: int = 50, flops_per_step: float | None = None,
+                 dtype: str = "float32"):
         self.writer, self.period, self.flops = writer, max(int(period), 1), flops_per_step
-        self.peak = metrics_lib.peak_flops_per_device() if flops_per_step else None
+        self.peak = metrics_lib.peak_flops_per_device(dtype=dtype) if flops_per_step else None
         self.window = _Window()
 
     def after_step(self, loop: Loop, metrics: Mapping[str, float] | None) -> None:
@@ -445,7 +447,8 @@ def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable
       skip_nonfinite_updates: On a NaN/inf loss or gradient, skip that update and count it instead of stopping.
 
     Returns:
-      (final state, summary): summary holds `steps_run`, `skipped_updates`, `tokens_per_sec` over the run,
+      (final state, summary): summary holds `steps_run`, `skipped_updates`, `tokens_per_sec` and `step_time_sec` over the
+      run (compiling step excluded),
       `eval` (the last evaluation's results) and whatever the hooks add (`LogMetrics`: the last averages).
 
     Raises:
@@ -507,7 +510,9 @@ def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable
         bar.close()
         for hook in hooks:
             hook.close()
-    summary["tokens_per_sec"] = total.scalars().get("tokens_per_sec", float("nan"))
+    run = total.scalars()
+    summary["tokens_per_sec"] = run.get("tokens_per_sec", float("nan"))
+    summary["step_time_sec"] = run.get("step_time_sec", float("nan"))
     return loop.state, summary
 
 

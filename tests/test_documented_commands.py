@@ -201,6 +201,16 @@ def check_demo_run(work, proc):
     assert (work / "runs/demo/plots/grow_rewards.png").exists()
 
 
+def check_bfloat16_run(work, proc):
+    """The one knob reaches every stage: each builds its model from gin and names the dtype it ran in."""
+    assert "ACTIVATION_DTYPE = 'bfloat16'" in (work / "runs/demo_bf16/config.gin").read_text()
+    assert json.loads((work / "runs/demo_bf16/report.json").read_text())["rows"]
+    for stage in ("train done in", "Grow 1 done in", "Improve 1 done in", "eval runs/demo_bf16/bc/test.greedy"):
+        lines = [line for line in proc.stderr.splitlines() if stage in line]
+        assert lines and all("of the bfloat16 peak" in line for line in lines), (stage, proc.stderr[-3000:])
+    assert "float32 peak" not in proc.stderr
+
+
 def check_finetune(work, proc):
     # TRAIN_STEPS=4 steps on top of the BC checkpoint, saved as step 4 (the step count starts at 0).
     assert (work / "runs/demo_ft/checkpoints/4").is_dir()
@@ -312,12 +322,27 @@ def _printed_table(report: dict) -> list[tuple]:
 
 
 def check_launch(work, proc):
-    """2 processes x 4 devices give the report of the main command's run (1 process, 1 device)."""
+    """2 processes x 4 devices give the report of the main command's run (1 process, 1 device).
+
+    The fast suite's multi-process test (test_multiprocess.py compares more: curves, checkpoints, every
+    sample; slow there) is this one."""
+    from rest_jax.data import grow_store  # pylint: disable=import-outside-toplevel
+
     got = json.loads((work / "runs/demo_2x4/report.json").read_text())
     want = json.loads((work / "runs/demo/report.json").read_text())
     assert _printed_table(got) == _printed_table(want)
+    assert [s.get("num_kept") for s in got["stages"]] == [s.get("num_kept") for s in want["stages"]]
     assert proc.stdout.count("[0] # ReST on demo_synthetic") == 1 and "[1] # ReST" not in proc.stdout
     assert "[launch] all 2 processes finished." in proc.stdout
+    # Each process grew its share of the sources: together every (source, sample) exactly once, mostly the
+    # same text as the one-process run (sampling keys follow the source, not the process).
+    stores = [grow_store.GrowStore(str(work / run / "grow_1/store")).as_numpy(["source_id", "sample_id",
+                                                                               "candidate_text"])
+              for run in ("runs/demo", "runs/demo_2x4")]
+    one, two = ({(int(s), int(i)): t for s, i, t in zip(d["source_id"], d["sample_id"], d["candidate_text"])}
+                for d in stores)
+    assert len(two) == len(stores[1]["source_id"]) and two.keys() == one.keys()
+    assert np.mean([two[k] == one[k] for k in one]) >= 0.95
 
 
 def check_rest_em(work, proc):
@@ -443,6 +468,8 @@ RULES: list[tuple[str, Rule]] = [
     (r"^python scripts/study_table\.py runs/m30k_study$",
      Rule("run", after=(r"^scripts/multi30k_study\.sh 0 1 2$",), check=check_study_table, slow=True,
           substitute=(("scripts/", "{repo}/scripts/"),))),
+    (r"^python -m rest_jax\.main rest --gin_file=experiments/demo\.gin --gin\.ACTIVATION_DTYPE=",
+     Rule("run", extra=tuple(SMALL_REST), check=check_bfloat16_run)),
     (r"^rest_jax train --gin_file=runs/finetune\.gin ",
      Rule("run", extra=tuple(SMALL["train"]), after=(README_MAIN,), check=check_finetune)),
     (r"^rest_jax train --gin_file=models/tiny\.gin --gin\.MODEL_DIR=\"'runs/demo_bc'\"",

@@ -4,6 +4,7 @@ The real entry functions are written elsewhere, so a fake entry module with thro
 is injected into the subcommand table.  Expected values are the ones the test passes in by hand.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -370,16 +371,44 @@ _EXPERIMENT_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "exp
 _EXPERIMENTS = sorted(p.relative_to(_EXPERIMENT_DIR).as_posix() for p in _EXPERIMENT_DIR.rglob("*.gin"))
 
 
+# One process dry-runs every experiment file in turn through `main.main` (a subprocess per file cost ~7 s of
+# imports each); a file with a misspelt binding goes last, so a failure after successes is seen to count.
+_DRY_RUN_ALL = """
+import contextlib, io, json, sys
+from rest_jax import main
+results = {}
+for name, extra in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main.main(["rest", f"--gin_file={name}", "--gin.MODEL_DIR='/tmp/unused'", *extra, "--dry_run"])
+    results[name] = [code, out.getvalue(), err.getvalue()[-2000:]]
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def experiment_dry_runs(tmp_path_factory) -> dict[str, list]:
+    broken = tmp_path_factory.mktemp("broken") / "misspelt.gin"
+    broken.write_text("include 'experiments/demo.gin'\nrun_rest.num_grow_stepz = 2\n")
+    jobs = [(f"experiments/{name}", _EXPERIMENT_REQUIRED.get(name, [])) for name in _EXPERIMENTS]
+    jobs.append((str(broken), []))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _DRY_RUN_ALL, json.dumps(jobs)], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("RESULTS ", 1)[1])
+    code, _, err = results.pop(str(broken))
+    assert code == 2 and "num_grow_stepz" in err, err
+    return results
+
+
 @pytest.mark.parametrize("name", _EXPERIMENTS)
-def test_every_experiment_config_parses_in_a_dry_run(name):
+def test_every_experiment_config_parses_in_a_dry_run(name, experiment_dry_runs):
     # A binding to a renamed or misspelt configurable in an experiment file fails only when a user runs it;
     # the dry run parses the whole file with the `rest` subcommand's real configurables.
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    argv = [sys.executable, "-m", "rest_jax.main", "rest", f"--gin_file=experiments/{name}",
-            "--gin.MODEL_DIR='/tmp/unused'", *_EXPERIMENT_REQUIRED.get(name, []), "--dry_run"]
-    proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "run_rest.model_dir = %MODEL_DIR" in proc.stdout and "MODEL_DIR = '/tmp/unused'" in proc.stdout
+    code, out, err = experiment_dry_runs[f"experiments/{name}"]
+    assert code == 0, err
+    assert "run_rest.model_dir = %MODEL_DIR" in out and "MODEL_DIR = '/tmp/unused'" in out
 
 
 def test_includes_resolve_with_runs_and_models_folders_in_the_working_directory(tmp_path):

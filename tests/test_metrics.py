@@ -169,11 +169,56 @@ def test_flops_are_six_n_plus_attention_for_one_token():
     assert metrics.estimate_flops_per_example(c, 1, 1) == 6 * n + attention
 
 
+def decode_flops_by_hand(c, sources, samples, s, new_tokens):
+    """Sampling as `decoding.sample` runs it, step by step: encoder and cross-attention K/V once per source,
+    then one token per step with self-attention over the prefix so far (the cache) and the source."""
+    hk, wi = c.num_heads * c.head_dim, len(c.mlp_activations)
+    per_source = []
+    for _ in range(c.num_encoder_layers):
+        per_source += [(s, c.emb_dim, hk)] * 3 + [(s, hk, c.emb_dim)]
+        per_source += [(s, c.head_dim, s)] * c.num_heads + [(s, s, c.head_dim)] * c.num_heads
+        per_source += [(s, c.emb_dim, c.mlp_dim)] * wi + [(s, c.mlp_dim, c.emb_dim)]
+    per_source += [(s, c.emb_dim, hk)] * 2 * c.num_decoder_layers  # cross-attention k, v: shared by N samples
+    total = sources * sum(2 * m * k * n for m, k, n in per_source)
+    for step in range(1, new_tokens + 1):  # the token at `step` attends to `step` cached positions
+        mm = []
+        for _ in range(c.num_decoder_layers):
+            mm += [(1, c.emb_dim, hk)] * 3 + [(1, hk, c.emb_dim)]
+            mm += [(1, c.head_dim, step)] * c.num_heads + [(1, step, c.head_dim)] * c.num_heads
+            mm += [(1, c.emb_dim, hk), (1, hk, c.emb_dim)]
+            mm += [(1, c.head_dim, s)] * c.num_heads + [(1, s, c.head_dim)] * c.num_heads
+            mm += [(1, c.emb_dim, c.mlp_dim)] * wi + [(1, c.mlp_dim, c.emb_dim)]
+        mm += [(1, c.emb_dim, c.vocab_size)]
+        total += sources * samples * sum(2 * m * k * n for m, k, n in mm)
+    return total
+
+
+@pytest.mark.parametrize("sources, samples, s, t", [(1, 1, 1, 1), (3, 4, 7, 5), (2, 8, 32, 48)])
+def test_decode_flops_match_step_by_step_listing(sources, samples, s, t):
+    c = tiny_config()
+    assert metrics.estimate_decode_flops(c, sources, samples, s, t) == pytest.approx(
+        decode_flops_by_hand(c, sources, samples, s, t), rel=1e-12)
+
+
 def test_peak_flops_and_mfu():
     assert metrics.peak_flops_per_device("TPU v4") == 275e12
     assert metrics.peak_flops_per_device("TPU v5 lite") == 197e12
     assert metrics.peak_flops_per_device("TPU v5p") == 459e12
     assert metrics.peak_flops_per_device("NVIDIA H200") == 989e12
-    assert metrics.peak_flops_per_device("cpu") is None
+    assert metrics.peak_flops_per_device("some future chip") is None
     assert metrics.mfu(275e12, 2.0, 4, 275e12) == pytest.approx(0.125)
     assert metrics.mfu(1.0, 1.0, 1, None) is None
+
+
+def test_cpu_peak_is_measured_per_dtype_and_shared_by_simulated_devices():
+    import jax
+
+    f32, bf16 = metrics.measured_matmul_peak("float32"), metrics.measured_matmul_peak("bfloat16")
+    assert 1e9 < f32 < 1e14 and 1e9 < bf16 < 1e14  # a CPU: GFLOP/s to a few TFLOP/s
+    per_device = metrics.peak_flops_per_device("cpu", "bfloat16")
+    assert per_device == pytest.approx(bf16 / len(jax.local_devices(backend="cpu")))
+    # The summary phrase: this much work per second is exactly the bfloat16 peak of all devices.
+    text = metrics.throughput(1234.4, per_device * jax.device_count(), "bfloat16")
+    assert text == "1,234 tokens/s, 100% of the bfloat16 peak"
+    assert metrics.throughput(10.0, per_device, "bfloat16", num_devices=4) == "10 tokens/s, 25% of the bfloat16 peak"
+    assert metrics.throughput(float("nan"), None) == "no timed steps"

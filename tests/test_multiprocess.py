@@ -101,7 +101,10 @@ def _compare(tmp_path: pathlib.Path, processes: int, devices: int) -> None:
         assert g[tag] == pytest.approx(w[tag], abs=1e-3), (tag, w, g)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_report(tmp_path):
+    """The fast suite checks 2 x 4 against 1 x 1 through the README's launch command
+    (test_documented_commands.py, check_launch); this compares more, at 2 x 2 against 1 x 4."""
     _compare(tmp_path, 2, 2)
 
 

@@ -99,14 +99,50 @@ def _param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], a
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
 
 
-def _matmul(x: Array, kernel: Array) -> Array:
-    """`x [..., k] @ kernel [k, n]` as one 2-D matmul.
+_CONTRACT_ROWS = (((0,), (0,)), ((), ()))  # x^T @ g: the weight gradient
+_CONTRACT_COLS = (((1,), (1,)), ((), ()))  # g @ kernel^T: the input gradient
+
+
+@jax.custom_vjp
+def _low_precision_dot(x: Array, kernel: Array) -> Array:
+    """x [m, k] (bfloat16) @ kernel [k, n] (float32 parameter, rounded to x's dtype), float32 result.
+
+    Autodiff would run the two backward dots on float32 operands (the cotangent of a float32 result is
+    float32), at float32 speed; here every dot reads bfloat16 and accumulates in float32, as on a TPU.
+    """
+    return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _low_precision_dot_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _low_precision_dot(x, kernel), (x, kernel)
+
+
+def _low_precision_dot_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    x, kernel = res
+    g = g.astype(x.dtype)
+    dx = jax.lax.dot_general(g, kernel.astype(x.dtype), _CONTRACT_COLS, preferred_element_type=jnp.float32)
+    dk = jax.lax.dot_general(x, g, _CONTRACT_ROWS, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)  # the weight gradient stays float32
+
+
+_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
+
+
+def _matmul(x: Array, kernel: Array, out_dtype: Any = None) -> Array:
+    """`x [..., k] @ kernel [k, n]` as one 2-D matmul in x's dtype, returned in `out_dtype` (default x's).
 
     Flattening the leading axes first makes the weight gradient a dot over a single contracting axis;
     contracting over (batch, length) instead makes XLA:CPU write the output gradient transposed through
-    a slow strided copy before the dot (measured: 2x on the logits projection's backward pass).
+    a slow strided copy before the dot (measured: 2x on the logits projection's backward pass). In bfloat16,
+    every dot (forward and backward) accumulates in float32, as TPUs do; XLA:CPU runs a bfloat16 dot with a
+    float32 result 3-6x faster than float32, one with a bfloat16 result slower (`benchmarks/README.md`).
     """
-    return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(x.shape[:-1] + (kernel.shape[-1],))
+    x2d = x.reshape(-1, x.shape[-1])
+    if x.dtype == jnp.float32:
+        out = jnp.dot(x2d, kernel.astype(jnp.float32))
+    else:
+        out = _low_precision_dot(x2d, kernel)
+    return out.astype(out_dtype or x.dtype).reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
 class LayerNorm(nn.Module):
@@ -131,11 +167,12 @@ class Dense(nn.Module):
     kernel_axes: Sequence[str]
     kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     dtype: Any = jnp.float32
+    out_dtype: Any = None  # default: dtype; the output logits are float32 straight from the accumulator
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.kernel_axes)
-        return _matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+        return _matmul(x.astype(self.dtype), kernel, self.out_dtype)
 
 
 class Embed(nn.Module):
@@ -154,7 +191,8 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
     def attend(self, query: Array) -> Array:
-        return _matmul(query.astype(self.dtype), self.embedding.T.astype(self.dtype))
+        """Tied output logits, in float32."""
+        return _matmul(query.astype(self.dtype), self.embedding.T, jnp.float32)
 
 
 def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
@@ -210,22 +248,26 @@ def _dot_product_attention(query: Array, key: Array, value: Array, bias: Array, 
     shared = query.ndim == 5
     if float32_logits:
         query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+    # float32 accumulation (see `_matmul`); the logits stay float32 for the softmax.
+    f32 = jnp.float32
     if heads_major:
-        logits = jnp.einsum("bqhd,bhkd->bhqk", query, key)
+        logits = jnp.einsum("bqhd,bhkd->bhqk", query, key, preferred_element_type=f32)
     elif shared:
-        logits = jnp.einsum("bnqhd,bkhd->bnhqk", query, key)
+        logits = jnp.einsum("bnqhd,bkhd->bnhqk", query, key, preferred_element_type=f32)
     else:
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=f32)
     logits = logits + bias.astype(logits.dtype)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
     if dropout_rng is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = weights * keep.astype(weights.dtype) / (1.0 - dropout_rate)
     if heads_major:
-        return jnp.einsum("bhqk,bhkd->bqhd", weights, value)
-    if shared:
-        return jnp.einsum("bnhqk,bkhd->bnqhd", weights, value)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        out = jnp.einsum("bhqk,bhkd->bqhd", weights, value, preferred_element_type=f32)
+    elif shared:
+        out = jnp.einsum("bnhqk,bkhd->bnqhd", weights, value, preferred_element_type=f32)
+    else:
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value, preferred_element_type=f32)
+    return out.astype(value.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -446,7 +488,7 @@ class Transformer(nn.Module):
     def _logits(self, y: Array) -> Array:
         if self.config.logits_via_embedding:
             # T5X and HF rescale tied logits by 1/sqrt(d_model).
-            logits = self.token_embedder.attend(y) / jnp.sqrt(y.shape[-1]).astype(y.dtype)
+            logits = self.token_embedder.attend(y) / jnp.sqrt(y.shape[-1]).astype(jnp.float32)
         else:
             logits = self.decoder.logits_dense(y)
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
@@ -504,7 +546,7 @@ class _Stack(nn.Module):
             self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_decoder_layers)]
             self.decoder_norm = LayerNorm(c.layer_norm_epsilon, dt)
             if not c.logits_via_embedding:
-                self.logits_dense = Dense(c.vocab_size, ("embed", "vocab"), dtype=dt)
+                self.logits_dense = Dense(c.vocab_size, ("embed", "vocab"), dtype=dt, out_dtype=jnp.float32)
         else:
             self.layers = [EncoderLayer(c, name=f"layers_{i}") for i in range(c.num_encoder_layers)]
             self.encoder_norm = LayerNorm(c.layer_norm_epsilon, dt)

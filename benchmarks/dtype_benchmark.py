@@ -1,0 +1,192 @@
+"""float32 vs bfloat16 activations: Grow (sampling) and Improve (train step) against each dtype's peak and HF.
+
+Issue 16's benchmark, in one run on one machine. Activations in bfloat16 (`T5Config.dtype`, gin macro
+ACTIVATION_DTYPE) with float32 parameters, optimizer state, attention softmax, logits and loss, as T5X runs on
+TPU; CPUs with AVX512-BF16 run XLA's bfloat16 matmul about twice as fast as float32, so the peak itself moves.
+It measures, each in its own subprocess (peak RSS is that measurement's alone):
+
+* the jitted 2048^3 matmul peak of jax in float32 and in bfloat16 (float32 accumulation,
+  `preferred_element_type=float32`), and PyTorch's float32 `torch.mm`;
+* Grow: `rest_jax.decoding.sample` (temperature 1, `ignore_eos`: every row emits L tokens) in each dtype, and
+  HF `generate` in float32 on the same random weights (`decode_benchmark.run_hf`);
+* Improve: one AdamW train step (forward, backward, update; `train_benchmark.worker_jax`) in each dtype, and HF
+  transformers in float32 (`train_benchmark.worker_torch`).
+
+GFLOP/s count the model's useful FLOPs (`rest_jax.metrics.estimate_decode_flops`,
+`estimate_flops_per_example`), the same for every row; "% of peak" is over the peak of the
+row's own dtype (HF: the float32 peak of the faster of jax and torch). Times are the best of `--repeats` calls
+after a warm-up; first calls (compile) are printed apart. The machine may be shared: the load average is
+printed at start and end.
+
+    python benchmarks/dtype_benchmark.py                    # IWSLT shape (~6 min on 2 cores)
+    python benchmarks/dtype_benchmark.py --shape tiny --repeats 1 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DTYPES = ("float32", "bfloat16")
+
+
+def worker_peak(dtype: str, size: int = 2048, reps: int = 5) -> dict:
+    """Best matmul GFLOP/s of jax in `dtype` (float32 accumulation) and, for float32, of torch."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    mm(a, a).block_until_ready()
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = max(best, 2.0 * size ** 3 / (time.perf_counter() - t0))
+    out = {"jax_gflops": best / 1e9}
+    if dtype == "float32":
+        import torch
+
+        ta = torch.randn(size, size)
+        torch.mm(ta, ta)
+        best_torch = 0.0
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(ta, ta)
+            best_torch = max(best_torch, 2.0 * size ** 3 / (time.perf_counter() - t0))
+        out["torch_gflops"] = best_torch / 1e9
+    return out
+
+
+def worker_grow(impl: str, dtype: str, shape: str, sources: int, samples: int, length: int, repeats: int) -> dict:
+    """Sampling throughput of rest_jax (in `dtype`) or HF generate (float32) on the same random weights."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    import decode_benchmark as decode
+    import train_benchmark as train
+    from rest_jax import metrics
+    from rest_jax.model.t5 import Transformer, init_params
+
+    config = decode.load_config(shape)
+    params = jax.jit(lambda rng: nn.unbox(init_params(Transformer(config), rng)))(jax.random.key(0))
+    src = np.random.default_rng(0).integers(2, config.vocab_size, (sources, length)).astype(np.int32)
+    train._reset_peak_rss()
+    base = train._rss_mb("VmRSS")
+    if impl == "jax":
+        first, times, _, cpu = decode.run_ours(params, config.replace(dtype=dtype), src, samples, length, repeats)
+    else:
+        first, times, _, cpu = decode.run_hf(decode.hf_model(config, params), src, samples, length, repeats)
+    best = min(times)
+    flops = metrics.estimate_decode_flops(config, sources, samples, length, length)
+    return {"tokens_per_s": sources * samples * length / best, "gflops_per_s": flops / best / 1e9,
+            "first_s": first, "peak_rss_mb": train._rss_mb("VmHWM"), "work_mb": train._rss_mb("VmHWM") - base,
+            "cpu_s": cpu}
+
+
+def worker_improve(impl: str, dtype: str, shape: str, batch: int, length: int, steps: int) -> dict:
+    import train_benchmark as train
+
+    if impl == "jax":
+        r = train.worker_jax(shape, batch, length, length, 2, steps, dtype=dtype)
+    else:
+        r = train.worker_torch(shape, batch, length, length, 2, steps)
+    return {"tokens_per_s": r["tokens_per_s"], "gflops_per_s": r["gflops_per_s"], "first_s": r["warmup_s"],
+            "peak_rss_mb": r["peak_rss_mb"], "work_mb": r["train_mb"], "cpu_s": r["cpu_step_s"],
+            "loss": (r["first_loss"], r["last_loss"])}
+
+
+def _run(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")]),
+           "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("XLA_FLAGS", None)  # one device, no simulated ones
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], env=env,
+                          capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"worker {args} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="iwslt", choices=("tiny", "iwslt"))
+    parser.add_argument("--sources", type=int, default=32, help="Grow: sources per call")
+    parser.add_argument("--num_samples", type=int, default=8, help="Grow: samples per source")
+    parser.add_argument("--length", type=int, default=32, help="source and target tokens (both stages)")
+    parser.add_argument("--batch", type=int, default=64, help="Improve: rows per step")
+    parser.add_argument("--repeats", type=int, default=3, help="Grow: timed calls (best shown)")
+    parser.add_argument("--steps", type=int, default=4, help="Improve: timed steps (median shown)")
+    parser.add_argument("--no_hf", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        kind, *rest = args.worker
+        if kind == "peak":
+            result = worker_peak(rest[0])
+        elif kind == "grow":
+            result = worker_grow(rest[0], rest[1], rest[2], *map(int, rest[3:]))
+        else:
+            result = worker_improve(rest[0], rest[1], rest[2], *map(int, rest[3:]))
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    sys.path.insert(0, HERE)
+    import train_benchmark as train  # pylint: disable=import-outside-toplevel
+
+    command = "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:])
+    print(f"command: {command}\nmachine: {train._machine()}\nload average at start: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    peaks = {dtype: _run(["peak", dtype]) for dtype in DTYPES}
+    peak = {"float32": max(peaks["float32"].values()), "bfloat16": peaks["bfloat16"]["jax_gflops"]}
+    print(f"matmul peak 2048^3, GFLOP/s: float32 jax {peaks['float32']['jax_gflops']:.1f}, torch "
+          f"{peaks['float32']['torch_gflops']:.1f}; bfloat16 (float32 accumulation) jax {peak['bfloat16']:.1f} "
+          f"-> bfloat16/float32 {peak['bfloat16'] / peak['float32']:.2f}x", flush=True)
+    grow_spec = [args.shape, str(args.sources), str(args.num_samples), str(args.length), str(args.repeats)]
+    improve_spec = [args.shape, str(args.batch), str(args.length), str(args.steps)]
+    runs = [(stage, impl, dtype) for stage in ("Grow", "Improve")
+            for impl, dtype in (("jax", "float32"), ("jax", "bfloat16"), ("hf", "float32"))
+            if impl == "jax" or not args.no_hf]
+    rows = []
+    for stage, impl, dtype in runs:
+        spec = grow_spec if stage == "Grow" else improve_spec
+        r = _run([stage.lower(), impl, dtype, *spec])
+        r.update(stage=stage, impl="rest_jax" if impl == "jax" else "HF transformers", dtype=dtype,
+                 of_peak=r["gflops_per_s"] / peak[dtype])
+        rows.append(r)
+        print(f"  {stage} {r['impl']} {dtype}: {r['tokens_per_s']:.0f} tokens/s (first call {r['first_s']:.1f} s)",
+              flush=True)
+
+    def ratio(r, impl, dtype):
+        other = next((o for o in rows if o["stage"] == r["stage"] and o["impl"] == impl and o["dtype"] == dtype), None)
+        return f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x" if other else "-"
+
+    print(f"\n{args.shape} shape; Grow: {args.sources} sources x N={args.num_samples}, {args.length} source and "
+          f"{args.length} new tokens, best of {args.repeats}; Improve: AdamW step, {args.batch} x {args.length} x "
+          f"{args.length}, median of {args.steps}\n")
+    print("| stage | implementation | activations | tokens/s | GFLOP/s | % of the dtype's peak | peak RSS MB | "
+          "vs rest_jax float32 | vs HF float32 |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['stage']} | {r['impl']} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {r['gflops_per_s']:.1f} | "
+              f"{100 * r['of_peak']:.1f}% | {r['peak_rss_mb']:,.0f} | {ratio(r, 'rest_jax', 'float32')} | "
+              f"{ratio(r, 'HF transformers', 'float32')} |")
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for r in rows:
+        if "loss" in r:
+            print(f"  Improve {r['impl']} {r['dtype']}: loss {r['loss'][0]:.3f} -> {r['loss'][1]:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "peaks": peaks, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
