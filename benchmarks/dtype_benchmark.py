@@ -27,40 +27,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DTYPES = ("float32", "bfloat16")
 
 
-def worker_peak(dtype: str, size: int = 2048, reps: int = 5) -> dict:
-    """Best matmul GFLOP/s of jax in `dtype` (float32 accumulation) and, for float32, of torch."""
-    import jax
-    import jax.numpy as jnp
+def worker_peak(dtype: str) -> dict:
+    """Best 2048^3 matmul GFLOP/s of jax in `dtype` (float32 accumulation, as the stage summaries measure it)
+    and, for float32, of torch."""
+    import train_benchmark as train
+    from rest_jax import metrics
 
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
-    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    mm(a, a).block_until_ready()
-    best = 0.0
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mm(a, a).block_until_ready()
-        best = max(best, 2.0 * size ** 3 / (time.perf_counter() - t0))
-    out = {"jax_gflops": best / 1e9}
+    out = {"jax_gflops": metrics.measured_matmul_peak(dtype, size=2048, repeats=5) / 1e9}
     if dtype == "float32":
-        import torch
-
-        ta = torch.randn(size, size)
-        torch.mm(ta, ta)
-        best_torch = 0.0
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.mm(ta, ta)
-            best_torch = max(best_torch, 2.0 * size ** 3 / (time.perf_counter() - t0))
-        out["torch_gflops"] = best_torch / 1e9
+        out["torch_gflops"] = train.worker_peak()["torch_gflops"]
     return out
 
 
@@ -103,18 +85,6 @@ def worker_improve(impl: str, dtype: str, shape: str, batch: int, length: int, s
             "loss": (r["first_loss"], r["last_loss"])}
 
 
-def _run(args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")]),
-           "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("XLA_FLAGS", None)  # one device, no simulated ones
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], env=env,
-                          capture_output=True, text=True)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"worker {args} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="iwslt", choices=("tiny", "iwslt"))
@@ -139,8 +109,10 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    sys.path.insert(0, HERE)
-    import train_benchmark as train  # pylint: disable=import-outside-toplevel
+    import train_benchmark as train  # pylint: disable=import-outside-toplevel  (this script's folder)
+
+    def _run(args: list[str]) -> dict:
+        return train._run_worker(args, script=__file__)  # one CPU device, the default threads
 
     command = "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:])
     print(f"command: {command}\nmachine: {train._machine()}\nload average at start: "

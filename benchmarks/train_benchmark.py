@@ -204,8 +204,9 @@ def worker_peak(size: int = 2048, reps: int = 5) -> dict:
             "peak_gflops": max(best_jax, best_torch) / 1e9}
 
 
-def _run_worker(args: list[str], threads: int | None = None) -> dict:
-    """Runs a measurement in a fresh process; `threads` caps the framework's intra-op threads."""
+def _run_worker(args: list[str], threads: int | None = None, script: str = __file__) -> dict:
+    """Runs `script --worker ARGS` (a measurement) in a fresh process and returns the dict it prints;
+    `threads` caps the framework's intra-op threads."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("XLA_FLAGS", None)  # one CPU device (no simulated devices)
@@ -213,7 +214,7 @@ def _run_worker(args: list[str], threads: int | None = None) -> dict:
         env.update(OMP_NUM_THREADS=str(threads), BENCH_THREADS=str(threads))
         if threads == 1:
             env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], env=env,
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", *args], env=env,
                           capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):

@@ -15,6 +15,17 @@ MULTI30K_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+    """The demo ReST loop at `inspection.TINY_RUN_OVERRIDES` (BC 40 steps, Grow 48 sources x N=2, Improve I=0
+    and I=1, the report), run once per session in a subprocess; its demo corpus is `<run>/../demo`. Tests
+    only read it (test_notebook.py, test_rest_loop.py)."""
+    from rest_jax import inspection  # pylint: disable=import-outside-toplevel
+
+    run_dir = tmp_path_factory.getbasetemp() / "tiny_run" / "run"
+    return pathlib.Path(inspection.make_tiny_run(run_dir, demo_dir=run_dir.parent / "demo"))
+
+
+@pytest.fixture(scope="session")
 def multi30k_dir() -> pathlib.Path:
     if not (MULTI30K_DIR / "train.de").exists():
         # In CI the data must be there: a skip would hide that the real-data tests stopped running.

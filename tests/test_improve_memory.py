@@ -24,6 +24,7 @@ def _rss(tmp_path, records, mode, batches=400):
     return bench.measure(str(store), mode, batches)
 
 
+@pytest.mark.slow  # a memory property, measured like a benchmark (~1 min): the slow suite keeps it true
 @pytest.mark.parametrize("small, large", [pytest.param(20_000, 200_000),
                                           pytest.param(200_000, 2_000_000, marks=pytest.mark.slow)])
 def test_streamed_improve_data_keeps_peak_rss_flat(tmp_path, small, large):

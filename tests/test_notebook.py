@@ -36,12 +36,6 @@ def _clean_gin():
     gin.clear_config()
     ri._LOADED_RUN = None  # pylint: disable=protected-access
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.getbasetemp() / "inspect_tiny" / "run"
-    return pathlib.Path(ri.make_tiny_run(run_dir, demo_dir=run_dir.parent / "demo"))
-
-
 def _kernel_env(run_dir):
     env = dict(os.environ)
     env["REST_JAX_RUN_DIR"] = str(run_dir)

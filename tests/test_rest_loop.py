@@ -54,16 +54,15 @@ def _store_columns(model_dir):
     return {k: v[order] for k, v in data.items()}
 
 
-def test_rest_loop_end_to_end_and_kill_resume(tmp_path):
-    demo = tmp_path / "demo"
-    plain = tmp_path / "plain"
-    proc = _run(plain, demo)
+def test_rest_loop_end_to_end_and_kill_resume(tmp_path, tiny_run):
+    # The uninterrupted run: conftest's tiny_run is this command (`inspection.make_tiny_run`).
+    plain, demo = tiny_run, tiny_run.parent / "demo"
     report = json.loads((plain / "report.json").read_text())
     names = [r["name"] for r in report["rows"]]
     assert names == ["BC G=0 I=0", "ReST G=1 I=0", "ReST G=1 I=1"]
     for row in report["rows"]:
         assert 0.0 <= row["reward"] <= 1.0 and 0.0 <= row["chrf"] <= 100.0
-    assert "| BC G=0 I=0 |" in proc.stdout and (plain / "report.md").exists()
+    assert "| BC G=0 I=0 |" in (plain / "report.md").read_text()
     for plot in ("grow_rewards.png", "validation_reward.png", "best_of_n.png"):
         assert (plain / "plots" / plot).stat().st_size > 1000
     # The Grow store holds every (source, sample) once, references included, with rewards in [0, 1].
@@ -132,12 +131,10 @@ def test_rest_loop_end_to_end_and_kill_resume(tmp_path):
     assert "sample reward" in (plain / "report.md").read_text() and "**oracle**" in (plain / "report.md").read_text()
 
 
-def test_control_continues_bc_on_the_original_data(tmp_path):
-    """`run_rest.control`: the Improve steps of ReST on D instead of a Grow store, from a shared BC (bc_run)."""
-    demo, bc_run, control = tmp_path / "demo", tmp_path / "bc", tmp_path / "control"
-    bc_only = _command(bc_run, demo) + ["--gin.run_rest.num_grow_steps=0", "--gin.run_rest.best_of_n_ns=()"]
-    proc = subprocess.run(bc_only, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_control_continues_bc_on_the_original_data(tmp_path, tiny_run):
+    """`run_rest.control`: the Improve steps of ReST on D instead of a Grow store, from a shared BC (bc_run:
+    the tiny ReST run's)."""
+    demo, bc_run, control = tiny_run.parent / "demo", tiny_run, tmp_path / "control"
     argv = _command(control, demo) + ["--gin.run_rest.control=True", f"--gin.run_rest.bc_run='{bc_run}'",
                                       "--gin.run_rest.best_of_n_ns=()"]
     proc = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
