@@ -421,8 +421,9 @@ PEAK_FLOPS = (
 def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of a jitted size^3 matmul in `dtype` (float32 accumulation) on the host's CPU: its peak.
 
-    Measured once per process and dtype (about 0.2 s). A CPU's peak is not on a spec sheet (it depends on the
-    cores this process may use and on AVX512-BF16), so the stage summaries compare with this instead.
+    Measured once per process and dtype (under a second, compilation included). A CPU's peak is not on a spec
+    sheet (it depends on the cores this process may use and on AVX512-BF16/AMX), so the stage summaries compare
+    with this instead.
     """
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
