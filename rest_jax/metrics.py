@@ -85,8 +85,6 @@ METRICS: dict[str, dict[str, str]] = {
         "num_kept": "number of rows kept for fine-tuning",
     },
 }
-# Written only under a condition the tiny test run does not meet.
-CONDITIONAL_METRICS = frozenset({("train", "mfu"), ("improve", "mfu")})
 
 
 def metrics_markdown() -> str:

@@ -100,9 +100,8 @@ def test_rest_loop_end_to_end_and_kill_resume(tmp_path, tiny_run):
     for events in plain.rglob("events.out.tfevents.*"):
         for record in tf.data.TFRecordDataset(str(events)):
             written[events.parent.name] |= {v.tag for v in tf.compat.v1.Event.FromString(record.numpy()).summary.value}
-    documented = {folder: set(tags) - {t for f, t in metrics.CONDITIONAL_METRICS if f == folder}
-                  for folder, tags in metrics.METRICS.items()}
-    assert dict(written) == documented
+    # (`mfu` included: on CPU the peak is measured, so every run writes it.)
+    assert dict(written) == {folder: set(tags) for folder, tags in metrics.METRICS.items()}
 
     # The report compares every row with BC by paired bootstrap; its differences are those of the saved
     # translations, rescored here with sacreBLEU's sentence chrF (the reward).
