@@ -447,9 +447,9 @@ def train_loop(state: TrainState, batches: Iterator[Batch], train_step: Callable
       skip_nonfinite_updates: On a NaN/inf loss or gradient, skip that update and count it instead of stopping.
 
     Returns:
-      (final state, summary): summary holds `steps_run`, `skipped_updates`, `tokens_per_sec` and `step_time_sec` over the
-      run (compiling step excluded),
-      `eval` (the last evaluation's results) and whatever the hooks add (`LogMetrics`: the last averages).
+      (final state, summary): summary holds `steps_run`, `skipped_updates`, `tokens_per_sec` and
+      `step_time_sec` over the run (the compiling step excluded), `eval` (the last evaluation's results) and
+      whatever the hooks add (`LogMetrics`: the last averages).
 
     Raises:
       NonFiniteLossError: a NaN/inf loss or gradient when not skipping; names the step (= number of updates

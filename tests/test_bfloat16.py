@@ -137,7 +137,8 @@ def test_bfloat16_training_keeps_float32_state_and_learns_like_float32():
         for _ in range(40):
             state, metrics = step(state, device_batch)
             losses.append(float(metrics["loss"]))
-        dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)}
+        dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
+                  if jnp.issubdtype(x.dtype, jnp.floating)}
         assert dtypes == {jnp.dtype(jnp.float32)}, (dtype, dtypes)
         curves[dtype] = np.asarray(losses)
     # Memorising one batch: both fall far, and bfloat16 tracks float32 step by step.
