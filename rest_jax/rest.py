@@ -190,9 +190,34 @@ def behaviour_cloning(run_dir: str, task: str, *, lengths: Mapping[str, int], se
         train_lib.train(model_dir=bc_dir, task=task, feature_lengths=dict(lengths), seed=seed)
         seconds = time.perf_counter() - started  # of this run (a resumed BC counts only what it ran)
         policy = _policy_from(os.path.join(bc_dir, "checkpoints"), vocab_path)
+        bc_scores, eval_seconds = _timed(scores, policy, bc_dir)
         bc = report.finish_stage(bc_dir, {"name": "BC G=0 I=0", "checkpoint": os.path.join(bc_dir, "checkpoints"),
-                                          "scores": scores(policy, bc_dir), "seconds": seconds})
+                                          "scores": bc_scores, "seconds": seconds, "eval_seconds": eval_seconds})
     return bc
+
+
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """`fn(*args)` and the seconds it took."""
+    started = time.perf_counter()
+    return fn(*args), time.perf_counter() - started
+
+
+def wall_times(model_dir: str, rows: Sequence[Mapping[str, Any]], num_grow_steps: int) -> list[dict[str, Any]]:
+    """report.json's `wall_times`: seconds of each stage's own work (train / sample+score+write) and of scoring
+    its policy on the report's splits, in run order. A stage resumed by a rerun counts only the rerun's part;
+    a BC shared through `bc_run` is listed once, under the run that trained it."""
+    def entry(name: str, seconds: Any, eval_seconds: Any = None) -> dict[str, Any]:
+        return {"stage": name, "seconds": seconds, "eval_seconds": eval_seconds}
+
+    out = [entry(rows[0]["name"], rows[0].get("seconds"), rows[0].get("eval_seconds"))]
+    improves = {r["name"].split(" ", 1)[1]: r for r in rows[1:]}  # "G=1 I=2" -> row
+    for g in range(1, num_grow_steps + 1):
+        grown = report.stage_result(os.path.join(model_dir, f"grow_{g}")) or {}
+        if grown:
+            out.append(entry(grown["name"], (grown.get("timing") or {}).get("total")))
+        out.extend(entry(r["name"], r.get("seconds"), r.get("eval_seconds"))
+                   for key, r in improves.items() if key.startswith(f"G={g} "))
+    return out
 
 
 def scored_here(bc: dict[str, Any], model_dir: str, split: str, sample_eval_n: int, vocab_path: str,
@@ -257,6 +282,11 @@ def _markdown(out: Mapping[str, Any], seed: int, reward: Any, sample_eval_n: int
     if sample_eval_n:
         md.append(f"\nSample reward: mean over {sample_eval_n} samples per source at temperature "
                   f"{sample_eval_temperature} (ReST Table 1); the other columns decode greedily.\n")
+    if out.get("wall_times"):
+        md.append("\nWall time (this run's own work; + scoring on the report's splits): " + ", ".join(
+            f"{w['stage']} {console.format_seconds(w['seconds'])}"
+            + (f" + {console.format_seconds(w['eval_seconds'])}" if w.get("eval_seconds") is not None else "")
+            for w in out["wall_times"] if w.get("seconds") is not None) + ".\n")
     if "best_of_n" in out:
         oracle = (" The reward reads the reference, so this reranker is an **oracle** (it cannot be used at test "
                   "time); it bounds what a reference-free reranker could reach." if reward.needs_reference else "")
@@ -402,8 +432,9 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                     prior_improves=0 if restart_from_base else improves_done,
                     bc_policy=None if start == base_checkpoint else base_checkpoint)  # BVMPO/GOLD's frozen π_BC
                 best = policy.replace(params)
+                found, eval_seconds = _timed(scores, best, eval_splits, stage_dir)
                 result.update(name=f"{'Control' if control else 'ReST'} G={g} I={i}", start=start,
-                              scores=scores(best, eval_splits, stage_dir))
+                              scores=found, eval_seconds=eval_seconds)
                 done = report.finish_stage(stage_dir, result)
             rows.append(done)
             curves[done["name"]] = [tuple(p) for p in done.get("curve", [])]
@@ -422,7 +453,8 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                            "ter": s.get("ter"), "sample_reward": s.get("sample_reward"),
                            "vs_bc": r.get("vs_bc"), "held_out_drops": r.get("held_out_drops"),
                            "kept_fraction": r.get("kept_fraction"), "threshold": r.get("threshold")})
-    out = {"task": task, "reward": reward_name, "split": report_split, "rows": table_rows, "stages": rows}
+    out = {"task": task, "reward": reward_name, "split": report_split, "rows": table_rows, "stages": rows,
+           "wall_times": wall_times(model_dir, rows, num_grow_steps)}
     if refreshes:
         out["reward_refreshes"] = refreshes
 
