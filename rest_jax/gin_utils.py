@@ -572,6 +572,18 @@ def macro_value(name: str, default: Any = None) -> Any:
     return default
 
 
+def bound_setting(selector: str, fn: Callable[..., Any], fallback: Any = None) -> Any:
+    """`selector` ('train.batch_size') as the parsed config binds it, macros resolved; unbound: `fn`'s default
+    for that parameter, else `fallback`. What `fn` will be called with, read without calling it."""
+    try:
+        value = gin.query_parameter(selector)
+    except ValueError:
+        param = inspect.signature(inspect.unwrap(fn)).parameters.get(selector.rsplit(".", 1)[-1])
+        return fallback if param is None or param.default in (param.empty, gin.REQUIRED) else param.default
+    value = _resolve_macros(value, bound_macros())
+    return fallback if value is _UNRESOLVED or _is_required(value) else value
+
+
 def _entry_required_args(entry: Callable[..., Any]) -> list[str]:
     """Entry-function arguments with no default (or `gin.REQUIRED`) that gin does not bind."""
     try:

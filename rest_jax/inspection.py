@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import os
 import re
 import subprocess
@@ -298,21 +297,15 @@ def feature_lengths() -> dict[str, int]:
 def translation_lengths() -> dict[str, int]:
     """Token limits of the translations `run_rest` saved and scored for the report: the training limits,
     raised to `run_rest.eval_max_length` (so long held-out sentences are translated whole)."""
-    eval_max = _run_rest_setting("eval_max_length", 0)
+    eval_max = run_rest_setting("eval_max_length", 0)
     return {k: max(v, int(eval_max or 0)) for k, v in feature_lengths().items()}
 
 
-def _run_rest_setting(name: str, fallback: Any) -> Any:
+def run_rest_setting(name: str, fallback: Any) -> Any:
     """`run_rest.<name>` as bound in the loaded config, else run_rest's default, else `fallback`."""
-    try:
-        value = gin.query_parameter(f"run_rest.{name}")
-    except ValueError:
-        from rest_jax import rest  # pylint: disable=import-outside-toplevel
+    from rest_jax import rest  # pylint: disable=import-outside-toplevel
 
-        param = inspect.signature(rest.run_rest).parameters.get(name)
-        return fallback if param is None or param.default is param.empty else param.default
-    scopes = getattr(value, "scopes", None)  # a %MACRO reference
-    return gin_utils.macro_value("/".join(scopes), fallback) if scopes else value
+    return gin_utils.bound_setting(f"run_rest.{name}", rest.run_rest, fallback)
 
 
 def load_stage_policy(run_dir: str | os.PathLike, stage: str = FINAL, step: int | None = None,
