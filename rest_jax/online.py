@@ -10,8 +10,9 @@ Iteration k (k = 0, 1, ...):
      the split and fixed by the seed (the data position is k);
   2. `num_samples` translations of each from the current policy at `temperature` (key folded from the seed
      and k), and their rewards R(x, y): one reward-model call per sample, counted;
-  3. by teacher forcing, in one jitted program: the current policy's per-token log-probs (π_old of PPO's
-     ratio), the BC policy's (π_BC of the KL) and, for PPO, the value network's values; then advantages:
+  3. π_old of PPO's ratio is the sampler's own per-token log-probs (the untempered policy that sampled);
+     by teacher forcing, in one jitted program, the BC policy's (π_BC of the KL) and, for PPO, the value
+     network's values; then advantages:
        ppo        GAE (λ = `gae_lambda`, λ = 1: Monte-Carlo returns) over per-token rewards
                   r_t = R·[t last] − β (log π_old − log π_BC)_t, the KL penalty in the reward (Ziegler et al.
                   2019, arXiv 1909.08593), whitened over the batch; the value network (a `heads.ValueNetwork`
@@ -155,15 +156,17 @@ def make_advantage_fn(model: Any, value_model: Any, algorithm: str, group_size: 
                       gae_lambda: float, estimator_eps: float = 1e-4) -> Any:
     """The jitted `(params, bc_params, batch, kl_coef) -> training columns` of one iteration's samples.
 
-    Returns `behaviour_log_probs`, `advantages` [B, T] and, by algorithm, `reference_log_probs` (the KL in
-    the loss) or `returns` and `old_values` (PPO), plus `kl` (mean per-token log π_old − log π_BC).
+    The batch carries π_old as `behaviour_log_probs` (the sampler's per-token log-probs). Returns `advantages`
+    [B, T] and, by algorithm, `reference_log_probs` (the KL in the loss) or `returns` and `old_values` (PPO),
+    plus `kl` (mean per-token log π_old − log π_BC).
     """
     def fn(params: PyTree, bc_params: PyTree, batch: Mapping[str, jax.Array], kl_coef: jax.Array):
         enc, dec, targets = batch["encoder_input_tokens"], batch["decoder_input_tokens"], batch["decoder_target_tokens"]
         weights = batch["decoder_loss_weights"]
-        old = losses.token_log_probs(model.apply({"params": params["policy"]}, enc, dec), targets) * weights
+        # π_old: the sampler's own log-probs (untempered, of the parameters that sampled), not a second forward.
+        old = batch["behaviour_log_probs"] * weights
         ref = losses.token_log_probs(model.apply({"params": bc_params}, enc, dec), targets) * weights
-        out = {"behaviour_log_probs": old, "kl": jnp.sum(old - ref) / jnp.maximum(jnp.sum(weights), 1.0)}
+        out = {"kl": jnp.sum(old - ref) / jnp.maximum(jnp.sum(weights), 1.0)}
         if algorithm == "ppo":
             values = value_model.apply({"params": params["value"]}, enc, dec) * weights
             rewards = losses.terminal_rewards(batch["reward"], weights) - kl_coef * (old - ref)
@@ -195,7 +198,8 @@ def _rollout_batch(policy: policy_lib.Policy, sources: list[str], references: li
     cut = np.asarray([len(t) == 0 or t[-1] != EOS_ID for t in tokens])
     trained = np.where(cut, truncated_reward, scores) if truncated_reward is not None else scores
     rows = {"source_tokens": [np.asarray(s) for s in src_tok for _ in range(num_samples)],
-            "candidate_tokens": tokens, "reward": trained}
+            "candidate_tokens": tokens, "reward": trained,
+            "behaviour_logprobs": [lp for lps in gens.token_log_probs for lp in lps]}
     return improve_data.make_batch(rows, lengths), np.asarray(scores, np.float64), float(np.mean(cut))
 
 

@@ -46,3 +46,16 @@ def test_parsed_bindings_agree_with_query_parameter():
     assert bindings[("PROBE", "gin.macro", "value")] == gin.query_parameter("%PROBE") == 7
     assert gin_utils.macro_value("PROBE") == 7 and gin_utils.macro_references()["PROBE"] == ["probe_fn.alpha"]
     assert probe_fn() == (7, "b")
+
+
+def test_bound_setting_is_what_the_call_receives():
+    # The reference is the configurable itself: called with no arguments, gin passes it exactly the values
+    # `bound_setting` reads without calling it (macros through another macro, unbound parameters at default).
+    gin.parse_config(["BASE = 7", "PROBE = %BASE", "probe_fn.alpha = %PROBE"])
+    assert (gin_utils.bound_setting("probe_fn.alpha", probe_fn), gin_utils.bound_setting("probe_fn.beta", probe_fn)
+            ) == probe_fn() == (7, "b")
+    gin.clear_config()
+    gin.parse_config(["probe_fn.beta = 'z'"])
+    assert (gin_utils.bound_setting("probe_fn.alpha", probe_fn), gin_utils.bound_setting("probe_fn.beta", probe_fn)
+            ) == probe_fn() == (1, "z")
+    assert gin_utils.bound_setting("probe_fn.gamma", probe_fn, fallback=3) == 3  # no such parameter

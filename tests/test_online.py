@@ -12,12 +12,18 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
 from rest_jax import checkpoints
+from rest_jax import losses
 from rest_jax import online
+from rest_jax import policy as policy_lib
+from rest_jax import rewards
 from rest_jax import tree as tree_lib
+from rest_jax.model import t5
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A weak BC policy (300 steps; the README demo trains 1200), so that there is reward left to gain.
@@ -81,6 +87,34 @@ def test_kl_controller_and_argument_checks():
         online._check("ppo", 8, 4, 4, 8, None)
     with pytest.raises(ValueError, match="expected one of"):
         online._check("a2c", 8, 4, 8, 1, None)
+
+
+class _CharVocab:
+    """Letters a..z as ids 3..28."""
+
+    def encode(self, text):
+        return [ord(c) - ord("a") + 3 for c in text if "a" <= c <= "z"]
+
+    def decode(self, ids):
+        return "".join(chr(int(i) - 3 + ord("a")) for i in ids if 3 <= int(i) < 29)
+
+
+def test_rollout_carries_pi_old_as_the_teacher_forced_log_probs_of_the_sampling_policy():
+    # π_old of the ratio is the sampler's own log-probs (no second forward): row for row, token for token, they
+    # must be what teacher forcing the sampled rows through the same parameters gives (float32).
+    model = t5.Transformer(t5.T5Config(vocab_size=32, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                                       num_encoder_layers=1, num_decoder_layers=1))
+    params = nn.unbox(t5.init_params(model, jax.random.key(0)))
+    policy = policy_lib.Policy(model, params, _CharVocab())
+    batch, _, cut = online._rollout_batch(  # pylint: disable=protected-access
+        policy, ["abc", "hello", "xyz"], ["abd", "hallo", "xz"], rewards.get("chrf"), num_samples=3,
+        temperature=1.3, lengths={"inputs": 8, "targets": 6}, seed=0, batch_size=2, truncated_reward=0.0)
+    weights = batch["decoder_loss_weights"]
+    logits = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+    want = np.asarray(losses.token_log_probs(logits, batch["decoder_target_tokens"])) * weights
+    assert batch["behaviour_log_probs"].shape == weights.shape == (9, 6) and weights.sum() >= 9
+    np.testing.assert_allclose(batch["behaviour_log_probs"] * weights, want, atol=2e-5)
+    assert 0.0 <= cut <= 1.0
 
 
 def test_grpo_raises_the_validation_reward_above_seed_noise(bc_run):
