@@ -212,14 +212,14 @@ def _atomic_dir(path: epath.Path, kind: str) -> Iterator[epath.Path]:
 # Hugging Face <-> rest_jax
 # ---------------------------------------------------------------------------------------------------------
 
-# HF activation name (ACT2FN) -> rest_jax activation name (rest_jax.model.t5._activation).
-_HF_TO_ACT = {
+# HF activation name (ACT2FN) -> rest_jax activation name (rest_jax.model.layers.activation).
+HF_TO_ACT = {
     "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu",  # tanh approximation
     "gelu": "gelu_exact", "gelu_python": "gelu_exact",  # erf
     "relu": "relu", "silu": "silu", "swish": "silu",
 }
 # rest_jax activation -> HF `feed_forward_proj` suffix; HF maps 'gated-gelu' itself to tanh 'gelu_new'.
-_ACT_TO_HF = {"gelu": "gelu_new", "gelu_exact": "gelu_python", "relu": "relu", "silu": "silu"}
+ACT_TO_HF = {"gelu": "gelu_new", "gelu_exact": "gelu_python", "relu": "relu", "silu": "silu"}
 
 _HF_IGNORED = (
     # HF creates it but never uses it (only self-attention has relative position biases).
@@ -235,10 +235,10 @@ def _hf_activations(hf: Mapping[str, Any], source: str) -> tuple[str, ...]:
         raise ValueError(f"{source}: unsupported feed_forward_proj {proj!r}.")
     # As HF does: 'gated-gelu' means the tanh approximation, a bare 'gelu' the exact erf form.
     hf_act = "gelu_new" if proj == "gated-gelu" else parts[-1]
-    if hf_act not in _HF_TO_ACT:
+    if hf_act not in HF_TO_ACT:
         raise ValueError(f"{source}: feed_forward_proj {proj!r} uses activation {hf_act!r}, which rest_jax "
-                         f"does not implement (known: {sorted(_HF_TO_ACT)}).")
-    act = _HF_TO_ACT[hf_act]
+                         f"does not implement (known: {sorted(HF_TO_ACT)}).")
+    act = HF_TO_ACT[hf_act]
     return (act, "linear") if gated else (act,)
 
 
@@ -285,13 +285,13 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> tuple[
 def hf_config_dict(config: T5Config) -> dict[str, Any]:
     """The HF `config.json` of a `T5ForConditionalGeneration` equal to `Transformer(config)`."""
     acts = tuple(config.mlp_activations)
-    if len(acts) == 2 and acts[1] == "linear" and acts[0] in _ACT_TO_HF:
-        proj = "gated-gelu" if acts[0] == "gelu" else f"gated-{_ACT_TO_HF[acts[0]]}"
-    elif len(acts) == 1 and acts[0] in _ACT_TO_HF:
-        proj = _ACT_TO_HF[acts[0]]
+    if len(acts) == 2 and acts[1] == "linear" and acts[0] in ACT_TO_HF:
+        proj = "gated-gelu" if acts[0] == "gelu" else f"gated-{ACT_TO_HF[acts[0]]}"
+    elif len(acts) == 1 and acts[0] in ACT_TO_HF:
+        proj = ACT_TO_HF[acts[0]]
     else:
         raise ValueError(f"mlp_activations={acts} has no Hugging Face T5 equivalent "
-                         f"(supported: (act,) or (act, 'linear') with act in {sorted(_ACT_TO_HF)}).")
+                         f"(supported: (act,) or (act, 'linear') with act in {sorted(ACT_TO_HF)}).")
     return {
         "architectures": ["T5ForConditionalGeneration"],
         "model_type": "t5",
@@ -432,7 +432,7 @@ def params_to_hf(config: T5Config, params: Mapping[str, Any]) -> dict[str, np.nd
     return {k: np.ascontiguousarray(v) for k, v in state.items()}
 
 
-def _read_hf_weights(folder: epath.Path) -> tuple[dict[str, Any], str]:
+def read_hf_weights(folder: epath.Path) -> tuple[dict[str, Any], str]:
     """All tensors of a HF checkpoint folder (safetensors preferred), and the file(s) they came from."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
@@ -479,7 +479,7 @@ def load_hf_checkpoint(path: str | os.PathLike) -> tuple[T5Config, Params]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}: invalid JSON: {e}") from e
     config, scale = config_from_hf(hf, os.fspath(config_path))
-    state, source = _read_hf_weights(folder)
+    state, source = read_hf_weights(folder)
     return params_from_hf(state, config, scale, source)
 
 

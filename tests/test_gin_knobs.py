@@ -24,6 +24,7 @@ PACKAGE = os.path.join(REPO, "rest_jax")
 EXEMPT = {
     # A converted checkpoint has the shape its config.json says; T5Config bindings still shape the policy.
     ("rest_jax/convert.py", "T5Config"),
+    ("rest_jax/convert_lm.py", "DecoderOnlyConfig"),
 }
 
 

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 
+from rest_jax.model import layers
+
 Array = jax.Array
 Cache = Mapping[str, Array]
-
-# Large negative bias used for masked attention positions (as in T5X); finite so that a fully masked row
-# gives a uniform softmax rather than NaNs.
-_MASK_VALUE = -1e10
 
 
 @gin.configurable
@@ -81,120 +79,6 @@ class T5Config:
         return dataclasses.replace(self, **changes)
 
 
-def _activation(name: str) -> Callable[[Array], Array]:
-    if name == "linear":
-        return lambda x: x
-    if name == "gelu":
-        # T5X and HF's gelu_new both use the tanh approximation.
-        return lambda x: nn.gelu(x, approximate=True)
-    if name == "gelu_exact":
-        return lambda x: nn.gelu(x, approximate=False)
-    try:
-        return getattr(nn, name)
-    except AttributeError:
-        raise ValueError(f"Unknown mlp activation {name!r}.") from None
-
-
-def _param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], axes: Sequence[str]) -> Array:
-    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
-
-
-_CONTRACT_ROWS = (((0,), (0,)), ((), ()))  # x^T @ g: the weight gradient
-_CONTRACT_COLS = (((1,), (1,)), ((), ()))  # g @ kernel^T: the input gradient
-
-
-@jax.custom_vjp
-def _low_precision_dot(x: Array, kernel: Array) -> Array:
-    """x [m, k] (bfloat16) @ kernel [k, n] (float32 parameter, rounded to x's dtype), float32 result.
-
-    Autodiff would run the two backward dots on float32 operands (the cotangent of a float32 result is
-    float32), at float32 speed; here every dot reads bfloat16 and accumulates in float32, as on a TPU.
-    """
-    return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-
-
-def _low_precision_dot_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
-    return _low_precision_dot(x, kernel), (x, kernel)
-
-
-def _low_precision_dot_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-    x, kernel = res
-    g = g.astype(x.dtype)
-    dx = jax.lax.dot_general(g, kernel.astype(x.dtype), _CONTRACT_COLS, preferred_element_type=jnp.float32)
-    dk = jax.lax.dot_general(x, g, _CONTRACT_ROWS, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)  # the weight gradient stays float32
-
-
-_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
-
-
-def _matmul(x: Array, kernel: Array, out_dtype: Any = None) -> Array:
-    """`x [..., k] @ kernel [k, n]` as one 2-D matmul in x's dtype, returned in `out_dtype` (default x's).
-
-    Flattening the leading axes first makes the weight gradient a dot over a single contracting axis;
-    contracting over (batch, length) instead makes XLA:CPU write the output gradient transposed through
-    a slow strided copy before the dot (measured: 2x on the logits projection's backward pass). In bfloat16,
-    every dot (forward and backward) accumulates in float32, as TPUs do; XLA:CPU runs a bfloat16 dot with a
-    float32 result 3-6x faster than float32, one with a bfloat16 result slower (`benchmarks/README.md`).
-    """
-    x2d = x.reshape(-1, x.shape[-1])
-    if x.dtype == jnp.float32:
-        out = jnp.dot(x2d, kernel.astype(jnp.float32))
-    else:
-        out = _low_precision_dot(x2d, kernel)
-    return out.astype(out_dtype or x.dtype).reshape(x.shape[:-1] + (kernel.shape[-1],))
-
-
-class LayerNorm(nn.Module):
-    """T5's RMSNorm: no mean subtraction, no bias, computed in float32."""
-
-    epsilon: float = 1e-6
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale).astype(self.dtype)
-
-
-class Dense(nn.Module):
-    """A bias-free projection whose kernel is stored 2-D, as T5X's DenseGeneral stores it."""
-
-    features: int
-    kernel_axes: Sequence[str]
-    kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-    dtype: Any = jnp.float32
-    out_dtype: Any = None  # default: dtype; the output logits are float32 straight from the accumulator
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.kernel_axes)
-        return _matmul(x.astype(self.dtype), kernel, self.out_dtype)
-
-
-class Embed(nn.Module):
-    """Token embedding shared by encoder, decoder and (when tied) the output projection."""
-
-    num_embeddings: int
-    features: int
-    dtype: Any = jnp.float32
-
-    def setup(self):
-        self.embedding = _param(
-            self, "embedding", nn.initializers.normal(stddev=1.0), (self.num_embeddings, self.features),
-            ("vocab", "embed"))
-
-    def __call__(self, tokens: Array) -> Array:
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
-
-    def attend(self, query: Array) -> Array:
-        """Tied output logits, in float32."""
-        return _matmul(query.astype(self.dtype), self.embedding.T, jnp.float32)
-
-
 def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> Array:
     """Maps key-minus-query offsets to buckets, as in T5 (Raffel et al. 2020, Sec. 2.1)."""
@@ -226,7 +110,7 @@ class RelativePositionBiases(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.rel_embedding = _param(
+        self.rel_embedding = layers.param(
             self, "rel_embedding", nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
             (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
 
@@ -236,38 +120,6 @@ class RelativePositionBiases(nn.Module):
         buckets = relative_position_bucket(rel, bidirectional, self.num_buckets, self.max_distance)
         values = jnp.take(self.rel_embedding, buckets, axis=1)  # [heads, q, k]
         return values[None].astype(self.dtype)
-
-
-def _dot_product_attention(query: Array, key: Array, value: Array, bias: Array, dropout_rng: Array | None,
-                           dropout_rate: float, float32_logits: bool, heads_major: bool = False) -> Array:
-    """Attention of query [b, q, h, d] (or [b, n, q, h, d] for shared keys) over key/value [b, k, h, d].
-
-    `heads_major` keys/values are [b, h, k, d] (the decoding cache layout, which XLA:CPU reads without a
-    transpose per step). No 1/sqrt(d) scaling: T5 folds it into the query initialisation.
-    """
-    shared = query.ndim == 5
-    if float32_logits:
-        query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-    # float32 accumulation (see `_matmul`); the logits stay float32 for the softmax.
-    f32 = jnp.float32
-    if heads_major:
-        logits = jnp.einsum("bqhd,bhkd->bhqk", query, key, preferred_element_type=f32)
-    elif shared:
-        logits = jnp.einsum("bnqhd,bkhd->bnhqk", query, key, preferred_element_type=f32)
-    else:
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=f32)
-    logits = logits + bias.astype(logits.dtype)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
-    if dropout_rng is not None and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = weights * keep.astype(weights.dtype) / (1.0 - dropout_rate)
-    if heads_major:
-        out = jnp.einsum("bhqk,bhkd->bqhd", weights, value, preferred_element_type=f32)
-    elif shared:
-        out = jnp.einsum("bnhqk,bkhd->bnqhd", weights, value, preferred_element_type=f32)
-    else:
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value, preferred_element_type=f32)
-    return out.astype(value.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -288,10 +140,10 @@ class MultiHeadAttention(nn.Module):
         def query_init(*args):
             return kernel_init(*args) / depth_scaling
 
-        self.query = Dense(inner, ("embed", "joined_kv"), query_init, self.dtype)
-        self.key = Dense(inner, ("embed", "joined_kv"), kernel_init, self.dtype)
-        self.value = Dense(inner, ("embed", "joined_kv"), kernel_init, self.dtype)
-        self.out = Dense(self.out_features, ("joined_kv", "embed"), kernel_init, self.dtype)
+        self.query = layers.Dense(inner, ("embed", "joined_kv"), query_init, self.dtype)
+        self.key = layers.Dense(inner, ("embed", "joined_kv"), kernel_init, self.dtype)
+        self.value = layers.Dense(inner, ("embed", "joined_kv"), kernel_init, self.dtype)
+        self.out = layers.Dense(self.out_features, ("joined_kv", "embed"), kernel_init, self.dtype)
 
     def _split(self, x: Array) -> Array:
         x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
@@ -308,7 +160,7 @@ class MultiHeadAttention(nn.Module):
         """Attends `inputs_q` [b, q, e] (or [b, n, q, e] sharing keys across n) to given keys/values."""
         query = self._split(self.query(inputs_q))
         rng = None if deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
-        x = _dot_product_attention(query, key, value, bias, rng, self.dropout_rate, self.float32_logits,
+        x = layers.dot_product_attention(query, key, value, bias, rng, self.dropout_rate, self.float32_logits,
                                    heads_major)
         return self.out(x.reshape(x.shape[:-2] + (self.num_heads * self.head_dim,)))
 
@@ -317,50 +169,25 @@ class MultiHeadAttention(nn.Module):
         return self.attend(inputs_q, key, value, bias, deterministic)
 
 
-class MlpBlock(nn.Module):
-    """Feed-forward block; several activations multiply (gated GELU when ('gelu', 'linear'))."""
-
-    mlp_dim: int
-    activations: Sequence[str]
-    dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        hidden = None
-        for i, name in enumerate(self.activations):
-            dense_name = "wi" if len(self.activations) == 1 else f"wi_{i}"
-            h = _activation(name)(Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name=dense_name)(x))
-            hidden = h if hidden is None else hidden * h
-        # Decoding steps pass [b, n, 1, e]: only the batch and mlp axes are sharded there.
-        hidden = nn.with_logical_constraint(hidden, ("batch",) + ("length",) * (hidden.ndim - 2) + ("mlp",))
-        hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-        return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="wo")(hidden)
-
-
-def _constrain(x: Array) -> Array:
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-
 class EncoderLayer(nn.Module):
     config: T5Config
 
     def setup(self):
         c = self.config
         dt = c.activation_dtype
-        self.pre_attention_layer_norm = LayerNorm(c.layer_norm_epsilon, dt)
+        self.pre_attention_layer_norm = layers.LayerNorm(c.layer_norm_epsilon, dt)
         self.attention = MultiHeadAttention(c.num_heads, c.head_dim, c.emb_dim, c.dropout_rate,
                                             c.float32_attention_logits, dt)
-        self.pre_mlp_layer_norm = LayerNorm(c.layer_norm_epsilon, dt)
-        self.mlp = MlpBlock(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt)
+        self.pre_mlp_layer_norm = layers.LayerNorm(c.layer_norm_epsilon, dt)
+        self.mlp = layers.MlpBlock(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt)
         self.dropout = nn.Dropout(c.dropout_rate)
 
     def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
         y = self.pre_attention_layer_norm(x)
         y = self.attention(y, y, bias, deterministic)
-        x = _constrain(x + self.dropout(y, deterministic=deterministic))
+        x = layers.constrain(x + self.dropout(y, deterministic=deterministic))
         y = self.mlp(self.pre_mlp_layer_norm(x), deterministic)
-        return _constrain(x + self.dropout(y, deterministic=deterministic))
+        return layers.constrain(x + self.dropout(y, deterministic=deterministic))
 
 
 class DecoderLayer(nn.Module):
@@ -374,12 +201,12 @@ class DecoderLayer(nn.Module):
             return MultiHeadAttention(c.num_heads, c.head_dim, c.emb_dim, c.dropout_rate,
                                       c.float32_attention_logits, dt)
 
-        self.pre_self_attention_layer_norm = LayerNorm(c.layer_norm_epsilon, dt)
+        self.pre_self_attention_layer_norm = layers.LayerNorm(c.layer_norm_epsilon, dt)
         self.self_attention = attention()
-        self.pre_cross_attention_layer_norm = LayerNorm(c.layer_norm_epsilon, dt)
+        self.pre_cross_attention_layer_norm = layers.LayerNorm(c.layer_norm_epsilon, dt)
         self.encoder_decoder_attention = attention()
-        self.pre_mlp_layer_norm = LayerNorm(c.layer_norm_epsilon, dt)
-        self.mlp = MlpBlock(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt)
+        self.pre_mlp_layer_norm = layers.LayerNorm(c.layer_norm_epsilon, dt)
+        self.mlp = layers.MlpBlock(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt)
         self.dropout = nn.Dropout(c.dropout_rate)
 
     def _cross_and_mlp(self, x: Array, cross_k: Array, cross_v: Array, cross_bias: Array,
@@ -394,9 +221,9 @@ class DecoderLayer(nn.Module):
                  deterministic: bool) -> Array:
         y = self.pre_self_attention_layer_norm(x)
         y = self.self_attention(y, y, self_bias, deterministic)
-        x = _constrain(x + self.dropout(y, deterministic=deterministic))
+        x = layers.constrain(x + self.dropout(y, deterministic=deterministic))
         cross_k, cross_v = self.encoder_decoder_attention.project_kv(encoded)
-        return _constrain(self._cross_and_mlp(x, cross_k, cross_v, cross_bias, deterministic))
+        return layers.constrain(self._cross_and_mlp(x, cross_k, cross_v, cross_bias, deterministic))
 
     def cross_kv(self, encoded: Array) -> tuple[Array, Array]:
         return self.encoder_decoder_attention.project_kv(encoded)
@@ -424,17 +251,6 @@ class DecoderLayer(nn.Module):
         return self._cross_and_mlp(x, cross_k, cross_v, cross_bias, True), cache
 
 
-def _padding_bias(key_mask: Array, dtype: Any) -> Array:
-    """[b, k] bool -> additive bias [b, 1, 1, k]."""
-    return jnp.where(key_mask, 0.0, _MASK_VALUE).astype(dtype)[:, None, None, :]
-
-
-def _segment_bias(query_segments: Array, key_segments: Array, dtype: Any) -> Array:
-    """[b, q], [b, k] segment ids -> additive bias [b, 1, q, k] masking attention across packed examples."""
-    same = query_segments[:, :, None] == key_segments[:, None, :]
-    return jnp.where(same, 0.0, _MASK_VALUE).astype(dtype)[:, None]
-
-
 class Transformer(nn.Module):
     """T5 encoder-decoder (Raffel et al. 2020) with T5X's parameter tree.
 
@@ -446,7 +262,7 @@ class Transformer(nn.Module):
     def setup(self):
         c = self.config
         dt = c.activation_dtype
-        self.token_embedder = Embed(c.vocab_size, c.emb_dim, dt)
+        self.token_embedder = layers.Embed(c.vocab_size, c.emb_dim, dt)
         self.encoder = _Stack(c, is_decoder=False, name="encoder")
         self.decoder = _Stack(c, is_decoder=True, name="decoder")
 
@@ -544,19 +360,19 @@ class _Stack(nn.Module):
         self.dropout = nn.Dropout(c.dropout_rate)
         if self.is_decoder:
             self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_decoder_layers)]
-            self.decoder_norm = LayerNorm(c.layer_norm_epsilon, dt)
+            self.decoder_norm = layers.LayerNorm(c.layer_norm_epsilon, dt)
             if not c.logits_via_embedding:
-                self.logits_dense = Dense(c.vocab_size, ("embed", "vocab"), dtype=dt, out_dtype=jnp.float32)
+                self.logits_dense = layers.Dense(c.vocab_size, ("embed", "vocab"), dtype=dt, out_dtype=jnp.float32)
         else:
             self.layers = [EncoderLayer(c, name=f"layers_{i}") for i in range(c.num_encoder_layers)]
-            self.encoder_norm = LayerNorm(c.layer_norm_epsilon, dt)
+            self.encoder_norm = layers.LayerNorm(c.layer_norm_epsilon, dt)
 
     def encode(self, x: Array, mask: Array, deterministic: bool, segment_ids: Array | None = None) -> Array:
         positions = jnp.arange(x.shape[1])
-        bias = self.relpos_bias(positions, positions, bidirectional=True) + _padding_bias(mask, x.dtype)
+        bias = self.relpos_bias(positions, positions, bidirectional=True) + layers.padding_bias(mask, x.dtype)
         if segment_ids is not None:
-            bias = bias + _segment_bias(segment_ids, segment_ids, x.dtype)
-        x = _constrain(self.dropout(x, deterministic=deterministic))
+            bias = bias + layers.segment_bias(segment_ids, segment_ids, x.dtype)
+        x = layers.constrain(self.dropout(x, deterministic=deterministic))
         for layer in self.layers:
             x = layer(x, bias, deterministic)
         return self.dropout(self.encoder_norm(x), deterministic=deterministic)
@@ -565,13 +381,13 @@ class _Stack(nn.Module):
                encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None) -> Array:
         t = y.shape[1]
         positions = jnp.arange(t)
-        causal = jnp.where(positions[None, :] <= positions[:, None], 0.0, _MASK_VALUE)[None, None]
+        causal = jnp.where(positions[None, :] <= positions[:, None], 0.0, layers.MASK_VALUE)[None, None]
         self_bias = self.relpos_bias(positions, positions, bidirectional=False) + causal.astype(y.dtype)
-        cross_bias = _padding_bias(encoder_mask, y.dtype)
+        cross_bias = layers.padding_bias(encoder_mask, y.dtype)
         if decoder_segment_ids is not None:
-            self_bias = self_bias + _segment_bias(decoder_segment_ids, decoder_segment_ids, y.dtype)
-            cross_bias = cross_bias + _segment_bias(decoder_segment_ids, encoder_segment_ids, y.dtype)
-        y = _constrain(self.dropout(y, deterministic=deterministic))
+            self_bias = self_bias + layers.segment_bias(decoder_segment_ids, decoder_segment_ids, y.dtype)
+            cross_bias = cross_bias + layers.segment_bias(decoder_segment_ids, encoder_segment_ids, y.dtype)
+        y = layers.constrain(self.dropout(y, deterministic=deterministic))
         for layer in self.layers:
             y = layer(y, encoded, self_bias, cross_bias, deterministic)
         return self.dropout(self.decoder_norm(y), deterministic=deterministic)
@@ -585,10 +401,10 @@ class _Stack(nn.Module):
         max_length = cache["k"].shape[3]
         key_positions = jnp.arange(max_length)
         query_position = jnp.reshape(index, (1,)).astype(jnp.int32)
-        future = jnp.where(key_positions[None, :] <= query_position[:, None], 0.0, _MASK_VALUE)[None, None]
+        future = jnp.where(key_positions[None, :] <= query_position[:, None], 0.0, layers.MASK_VALUE)[None, None]
         self_bias = self.relpos_bias(query_position, key_positions, bidirectional=False) + future.astype(x.dtype)
         # Shared cross attention: query [b, n, 1, h, d] against keys [b, s, h, d].
-        cross_bias = _padding_bias(encoder_mask, x.dtype)[:, None]
+        cross_bias = layers.padding_bias(encoder_mask, x.dtype)[:, None]
         for i, layer in enumerate(self.layers):
             x, cache = layer.step(x, cache, i, index, self_bias, cross_kv["k"][i], cross_kv["v"][i], cross_bias)
         return self.decoder_norm(x), dict(cache)

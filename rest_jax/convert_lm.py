@@ -1,0 +1,135 @@
+"""Hugging Face decoder-only LM checkpoints (Llama, Mistral, Gemma families) <-> rest_jax (issue 17).
+
+A Hugging Face folder (`config.json` + `model.safetensors`, sharded `*.index.json`, or `pytorch_model.bin`)
+becomes a `DecoderOnlyConfig` and the parameter tree of `rest_jax.model.decoder_only.DecoderOnly` (T5X's
+decoder-only names). The networks are the same: `torch.nn.Linear` weights are stored [out, in] and transposed
+here; the rotary layout is HF's (rotate-half), which the model uses, so no query/key permutation is needed.
+
+Supported: `model_type` 'llama' and 'mistral' (no attention/MLP biases, default rotary, no sliding window
+shorter than the sequence) and 'gemma' (Gemma 1: (1 + scale) RMSNorm, embeddings × sqrt(d), tied output,
+GeGLU). Gemma 2/3 (logit soft-capping, sandwich norms, local attention) and Qwen2 (q/k/v biases) are refused
+by name rather than converted into a different network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from rest_jax import convert
+from rest_jax import tree as tree_lib
+from rest_jax.model.decoder_only import DecoderOnly, DecoderOnlyConfig
+
+Params = dict[str, Any]
+SUPPORTED = ("llama", "mistral", "gemma")
+
+
+def _rotary(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`rope_theta` and `rope_llama3_scaling` from `rope_parameters` (transformers >= 5) or `rope_theta` /
+    `rope_scaling` (older files); the default rotary and Llama 3.1's 'llama3' rescaling are implemented."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), "rope_llama3_scaling": None}
+    if kind == "llama3":
+        out["rope_llama3_scaling"] = (float(rope["factor"]), float(rope["low_freq_factor"]),
+                                      float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+    elif kind != "default":
+        raise ValueError(f"{source}: rotary scaling {kind!r} is not implemented (the default and 'llama3' are).")
+    return out
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> DecoderOnlyConfig:
+    """The `DecoderOnlyConfig` of a HF Llama / Mistral / Gemma `config.json`; other architectures raise."""
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise ValueError(f"{source}: model_type {kind!r} is not a supported decoder-only LM (supported: "
+                         f"{', '.join(SUPPORTED)}; Gemma 2/3 and Qwen2 differ in ways this model does not implement).")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise ValueError(f"{source}: {flag}=true; rest_jax's decoder-only model has no biases.")
+    if kind == "mistral" and hf.get("sliding_window") and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+        raise ValueError(f"{source}: sliding_window={hf['sliding_window']} (local attention) is not implemented.")
+    act_name = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    if act_name not in convert.HF_TO_ACT:
+        raise ValueError(f"{source}: activation {act_name!r} is not implemented (known: {sorted(convert.HF_TO_ACT)}).")
+    heads = int(hf["num_attention_heads"])
+    gemma = kind == "gemma"
+    return DecoderOnlyConfig(
+        vocab_size=int(hf["vocab_size"]), emb_dim=int(hf["hidden_size"]), num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+        num_layers=int(hf["num_hidden_layers"]), mlp_dim=int(hf["intermediate_size"]),
+        mlp_activations=(convert.HF_TO_ACT[act_name], "linear"),
+        logits_via_embedding=bool(hf.get("tie_word_embeddings", gemma)), **_rotary(hf, source),
+        layer_norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), norm_scale_offset=1.0 if gemma else 0.0,
+        scale_embeddings=gemma)
+
+
+def _names(config: DecoderOnlyConfig) -> list[tuple[str, str, bool]]:
+    """(rest_jax name, HF name, transpose) of every parameter."""
+    out = [("token_embedder/embedding", "model.embed_tokens.weight", False),
+           ("decoder/decoder_norm/scale", "model.norm.weight", False)]
+    for i in range(config.num_layers):
+        ours, theirs = f"decoder/layers_{i}", f"model.layers.{i}"
+        out += [(f"{ours}/pre_self_attention_layer_norm/scale", f"{theirs}.input_layernorm.weight", False),
+                (f"{ours}/pre_mlp_layer_norm/scale", f"{theirs}.post_attention_layernorm.weight", False)]
+        out += [(f"{ours}/self_attention/{a}/kernel", f"{theirs}.self_attn.{b}_proj.weight", True)
+                for a, b in (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o"))]
+        out += [(f"{ours}/mlp/{a}/kernel", f"{theirs}.mlp.{b}_proj.weight", True)
+                for a, b in (("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))]
+    if not config.logits_via_embedding:
+        out.append(("decoder/logits_dense/kernel", "lm_head.weight", True))
+    return out
+
+
+def expected_param_shapes(config: DecoderOnlyConfig) -> dict[str, tuple[int, ...]]:
+    """'/'-joined parameter name -> shape of `DecoderOnly(config)`, computed abstractly (no memory)."""
+    model = DecoderOnly(config)
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32))["params"]))
+    return {name: tuple(x.shape) for name, x in tree_lib.flatten(shapes).items()}
+
+
+def params_from_hf(state: Mapping[str, Any], config: DecoderOnlyConfig, source: str = "checkpoint") -> Params:
+    """rest_jax parameters (nested dict of float32 jax arrays) from a HF state dict; raises naming every tensor
+    that is missing or of the wrong shape, and every unused one."""
+    expected = expected_param_shapes(config)
+    flat, problems, used = {}, [], set()
+    for ours, theirs, transpose in _names(config):
+        if theirs not in state:
+            problems.append(f"missing tensor {theirs} (for {ours}, shape {expected[ours]})")
+            continue
+        value = np.asarray(state[theirs], np.float32)
+        value = value.T if transpose else value
+        used.add(theirs)
+        if value.shape != expected[ours]:
+            problems.append(f"tensor {theirs} has shape {value.shape}, {ours} expects {expected[ours]}")
+        flat[ours] = value
+    # Tied models may still carry lm_head.weight (a copy of the embedding); rotary caches are not parameters.
+    ignorable = {"lm_head.weight"} if config.logits_via_embedding else set()
+    problems += [f"unused tensor {k}" for k in state
+                 if k not in used and k not in ignorable and not k.endswith("rotary_emb.inv_freq")]
+    if problems:
+        raise ValueError(f"{source} does not fit DecoderOnlyConfig({config}):\n  " + "\n  ".join(problems))
+    return jax.tree_util.tree_map(jnp.asarray, tree_lib.unflatten(flat))
+
+
+def load_hf_checkpoint(path: str | os.PathLike) -> tuple[DecoderOnlyConfig, Params]:
+    """Loads a HF Llama / Mistral / Gemma folder (config.json + weights) as (DecoderOnlyConfig, params)."""
+    folder = epath.Path(path)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder).")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: invalid JSON: {e}") from e
+    config = config_from_hf(hf, os.fspath(config_path))
+    state, source = convert.read_hf_weights(folder)
+    return config, params_from_hf(state, config, source)
