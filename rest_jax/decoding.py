@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rest_jax.data.vocab import EOS_ID, PAD_ID
+from rest_jax.model.decoder_only import DecoderOnly, DecoderOnlyConfig
 from rest_jax.model.t5 import T5Config, Transformer
 
 Array = jax.Array
@@ -219,6 +220,24 @@ def _select(key: Array, logits: Array, temperature: Array, top_k: int, top_p: Ar
 # Sampling
 
 
+def _check_sampling(vocab_size: int, num_samples: int, max_decode_len: int, temperature: float | Array,
+                    top_k: int, top_p: float, top_p_candidates: int) -> bool:
+    """Raises on bad sampling settings; returns whether the temperature is known at trace time."""
+    if num_samples < 1 or max_decode_len < 1:
+        raise ValueError(f"num_samples ({num_samples}) and max_decode_len ({max_decode_len}) must be >= 1.")
+    if top_k < 0 or top_k > vocab_size:
+        raise ValueError(f"top_k must be in [0, vocab_size={vocab_size}], got {top_k}.")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if top_p_candidates < 1:
+        raise ValueError(f"top_p_candidates must be >= 1, got {top_p_candidates}.")
+    # Python and NumPy scalars are known at trace time (one program each); jax arrays may be traced.
+    is_static = not isinstance(temperature, jax.Array)
+    if is_static and temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    return is_static
+
+
 @functools.partial(jax.jit, static_argnames=("config", "num_samples", "max_decode_len", "top_k", "use_top_p",
                                              "top_p_candidates", "greedy", "eos_id", "ignore_eos"))
 def _sample_jit(params: PyTree, encoder_input_tokens: Array, rng: Array, temperature: Array, top_p: Array, *,
@@ -293,18 +312,8 @@ def sample(params: PyTree, model_or_config: Transformer | T5Config, encoder_inpu
     """
     config = _config_of(model_or_config)
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
-    if num_samples < 1 or max_decode_len < 1:
-        raise ValueError(f"num_samples ({num_samples}) and max_decode_len ({max_decode_len}) must be >= 1.")
-    if top_k < 0 or top_k > config.vocab_size:
-        raise ValueError(f"top_k must be in [0, vocab_size={config.vocab_size}], got {top_k}.")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if top_p_candidates < 1:
-        raise ValueError(f"top_p_candidates must be >= 1, got {top_p_candidates}.")
-    # Python and NumPy scalars are known at trace time (one program each); jax arrays may be traced.
-    is_static = not isinstance(temperature, jax.Array)
-    if is_static and temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    is_static = _check_sampling(config.vocab_size, num_samples, max_decode_len, temperature, top_k, top_p,
+                                top_p_candidates)
     return _sample_jit(nn.unbox(params), encoder_input_tokens, rng, jnp.asarray(temperature, jnp.float32),
                        jnp.asarray(top_p, jnp.float32), config=config, num_samples=int(num_samples),
                        max_decode_len=int(max_decode_len), top_k=int(top_k), use_top_p=bool(top_p < 1.0),
@@ -319,6 +328,94 @@ def greedy(params: PyTree, model_or_config: Transformer | T5Config, encoder_inpu
     out = sample(params, model_or_config, encoder_input_tokens, jax.random.PRNGKey(0), num_samples=1,
                  max_decode_len=max_decode_len, temperature=0.0, eos_id=eos_id)
     return DecodeOutput(*(x[:, 0] for x in out))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoder-only LMs (issue 17): prompts in, completions out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_samples", "max_decode_len", "top_k", "use_top_p",
+                                             "top_p_candidates", "greedy", "stop_ids"))
+def _sample_lm_jit(params: PyTree, prompt_tokens: Array, prompt_mask: Array, rng: Array, temperature: Array,
+                   top_p: Array, *, config: DecoderOnlyConfig, num_samples: int, max_decode_len: int, top_k: int,
+                   use_top_p: bool, top_p_candidates: int, greedy: bool | None,
+                   stop_ids: tuple[int, ...]) -> DecodeOutput:
+    model = DecoderOnly(config)
+    batch, prompt_length = prompt_tokens.shape
+    rows, length = batch * num_samples, max_decode_len
+    # Rows grouped by prompt, as in `sample`; each row keeps its own copy of the prompt's keys/values.
+    prompts, mask = jnp.repeat(prompt_tokens, num_samples, axis=0), jnp.repeat(prompt_mask, num_samples, axis=0)
+    logits, cache = model.apply({"params": params}, prompts, mask, prompt_length + length,
+                                method=DecoderOnly.prefill)
+    key_mask = jnp.concatenate([mask, jnp.ones((rows, length), bool)], axis=1)
+    next_position = jnp.sum(mask.astype(jnp.int32), axis=1)  # left padding does not count
+    stops = jnp.asarray(stop_ids, jnp.int32)
+
+    def cond(state):
+        t, _, _, _, done, _, _ = state
+        return (t < length) & ~jnp.all(done)
+
+    def body(state):
+        t, logits, tokens, log_probs, done, lengths, cache = state
+        token = _select(jax.random.fold_in(rng, t), logits, temperature, top_k, top_p if use_top_p else None,
+                        greedy, top_p_candidates)
+        token_log_prob = jnp.take_along_axis(logits, token[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, -1)
+        token = jnp.where(done, PAD_ID, token)
+        token_log_prob = jnp.where(done, 0.0, token_log_prob)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.any(token[:, None] == stops[None, :], axis=-1)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t, axis=1)
+        log_probs = jax.lax.dynamic_update_slice_in_dim(log_probs, token_log_prob[:, None], t, axis=1)
+        logits, cache = model.apply({"params": params}, token, next_position + t, prompt_length + t, cache,
+                                    key_mask, method=DecoderOnly.decode_step)
+        return t + 1, logits, tokens, log_probs, done, lengths, cache
+
+    state = (jnp.array(0, jnp.int32), logits, jnp.zeros((rows, length), jnp.int32),
+             jnp.zeros((rows, length), jnp.float32), jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.int32), cache)
+    _, _, tokens, log_probs, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+    shape = (batch, num_samples)
+    log_probs = log_probs.reshape(shape + (length,))
+    return DecodeOutput(tokens.reshape(shape + (length,)), lengths.reshape(shape), log_probs,
+                        jnp.sum(log_probs, axis=-1))
+
+
+def sample_lm(params: PyTree, model_or_config: DecoderOnly | DecoderOnlyConfig, prompt_tokens: Array,
+              prompt_mask: Array, rng: Array, num_samples: int = 1, max_decode_len: int = 128,
+              temperature: float | Array = 1.0, top_k: int = 0, top_p: float = 1.0,
+              stop_ids: Sequence[int] = (EOS_ID,), top_p_candidates: int = 64) -> DecodeOutput:
+    """Draws `num_samples` completions of each prompt from a decoder-only LM (ReST's Grow, Sec. 2).
+
+    The prompts run through the model in one pass that fills the cache (`DecoderOnly.prefill`); then one
+    `jax.lax.while_loop` step per new token, until every row has emitted a stop token or `max_decode_len`.
+
+    Args:
+      params: model parameters (boxed or plain).
+      model_or_config: the `DecoderOnly` model or its config.
+      prompt_tokens: int [b, P] prompts, left-padded so that all end at column P - 1.
+      prompt_mask: bool [b, P], True on real prompt tokens (a start token 0 counts when marked True).
+      rng, num_samples, temperature, top_k, top_p, top_p_candidates: as in `sample`.
+      max_decode_len: L, the most tokens emitted per completion (a stop token included).
+      stop_ids: tokens that end a completion (EOS; e.g. also the newline token of a one-line format).
+
+    Returns:
+      `DecodeOutput` with shapes [b, N, L] and [b, N]; token log-probs are untempered.
+    """
+    config = model_or_config.config if isinstance(model_or_config, DecoderOnly) else model_or_config
+    if not isinstance(config, DecoderOnlyConfig):
+        raise TypeError(f"Expected a DecoderOnly model or DecoderOnlyConfig, got {type(model_or_config).__name__}.")
+    _check_tokens("prompt_tokens", prompt_tokens)
+    if tuple(np.shape(prompt_mask)) != tuple(prompt_tokens.shape):
+        raise ValueError(f"prompt_mask has shape {np.shape(prompt_mask)}, prompt_tokens {prompt_tokens.shape}.")
+    if not stop_ids:
+        raise ValueError("stop_ids must name at least one token (EOS).")
+    is_static = _check_sampling(config.vocab_size, num_samples, max_decode_len, temperature, top_k, top_p,
+                                top_p_candidates)
+    return _sample_lm_jit(nn.unbox(params), jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask, bool), rng,
+                          jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32), config=config,
+                          num_samples=int(num_samples), max_decode_len=int(max_decode_len), top_k=int(top_k),
+                          use_top_p=bool(top_p < 1.0), top_p_candidates=int(top_p_candidates),
+                          greedy=bool(float(temperature) == 0.0) if is_static else None,
+                          stop_ids=tuple(int(i) for i in stop_ids))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -191,3 +191,78 @@ def test_shape_configs_have_the_published_parameter_counts(shape):
         gin.clear_config()
     shapes = jax.eval_shape(lambda: nn.unbox(decoder_only.init_params(model, jax.random.key(0), length=2)))
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == PUBLISHED[shape]
+
+
+def _tiny_lm(seed=0):
+    config = decoder_only.DecoderOnlyConfig(vocab_size=48, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                                            num_layers=2, mlp_dim=64)
+    model = decoder_only.DecoderOnly(config)
+    return model, nn.unbox(decoder_only.init_params(model, jax.random.key(seed)))
+
+
+def _full_forward(model, params, width=16):
+    """Jitted logits of one unpadded sequence (right-padded to `width`: causal, so earlier logits are unchanged)."""
+    fn = jax.jit(lambda seq, mask: model.apply({"params": params}, seq, mask))
+
+    def logits(seq):
+        padded = np.zeros((1, width), np.int32)
+        padded[0, :len(seq)] = seq
+        return np.asarray(fn(padded, np.arange(width)[None] < len(seq)))[0, :len(seq)]
+
+    return logits
+
+
+def _prompts():
+    """Three prompts of lengths 6, 2 and 4 (ids >= 2), left-padded to 6."""
+    real = [[5, 9, 2, 33, 7, 12], [40, 3], [8, 8, 21, 30]]
+    tokens = np.zeros((3, 6), np.int32)
+    mask = np.zeros((3, 6), bool)
+    for row, p in enumerate(real):
+        tokens[row, 6 - len(p):], mask[row, 6 - len(p):] = p, True
+    return real, tokens, mask
+
+
+def test_greedy_completions_equal_argmax_over_full_forwards():
+    # Brute force: each prompt alone (no padding), the whole prefix re-run for every new token.
+    from rest_jax import decoding  # pylint: disable=import-outside-toplevel
+
+    model, params = _tiny_lm()
+    real, tokens, mask = _prompts()
+    stop = 1
+    out = decoding.sample_lm(params, model, tokens, mask, jax.random.key(0), max_decode_len=8, temperature=0.0,
+                             stop_ids=(stop,))
+    forward = _full_forward(model, params)
+    for row, prompt in enumerate(real):
+        seq, want = list(prompt), []
+        for _ in range(8):
+            logits = forward(seq)[-1]
+            want.append(int(np.argmax(logits)))
+            seq.append(want[-1])
+            if want[-1] == stop:
+                break
+        got = np.asarray(out.tokens[row, 0])
+        assert list(got[:len(want)]) == want and not got[len(want):].any()
+        assert int(out.lengths[row, 0]) == len(want)
+
+
+def test_sampled_completions_carry_teacher_forced_log_probs_and_stop():
+    from rest_jax import decoding  # pylint: disable=import-outside-toplevel
+
+    model, params = _tiny_lm(seed=1)
+    real, tokens, mask = _prompts()
+    stops = (1, 4, 11, 17)  # common enough that rows stop at different lengths
+    out = decoding.sample_lm(params, model, tokens, mask, jax.random.key(3), num_samples=4, max_decode_len=10,
+                             temperature=1.0, stop_ids=stops)
+    toks, lengths, lps = (np.asarray(x) for x in (out.tokens, out.lengths, out.token_log_probs))
+    assert toks.shape == (3, 4, 10) and len(set(lengths.ravel())) > 1
+    forward = _full_forward(model, params)
+    for row, prompt in enumerate(real):
+        for j in range(4):
+            n = lengths[row, j]
+            completion = list(toks[row, j, :n])
+            assert not toks[row, j, n:].any() and not any(t in stops for t in completion[:-1])
+            assert completion[-1] in stops or n == 10
+            logits = forward(prompt + completion)  # (a sampled 0 is a token here, not padding)
+            want = np.asarray(losses.token_log_probs(logits[None, len(prompt) - 1:-1], jnp.asarray([completion])))[0]
+            np.testing.assert_allclose(lps[row, j, :n], want, atol=2e-5)
+            assert not lps[row, j, n:].any()

@@ -182,11 +182,12 @@ class DecoderOnlyLayer(nn.Module):
     def _mlp(self, x: Array, deterministic: bool) -> Array:
         return x + self.dropout(self.mlp(self.pre_mlp_layer_norm(x), deterministic), deterministic=deterministic)
 
-    def __call__(self, x: Array, positions: Array, bias: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, positions: Array, bias: Array, deterministic: bool) -> tuple[Array, Array, Array]:
+        """The layer's output and its keys/values [b, t, K, d] (for a prompt's cache)."""
         q, k, v = self.self_attention.project(self.pre_self_attention_layer_norm(x), positions)
         y = self.self_attention.attend(q, k, v, bias, deterministic)
         x = layers.constrain(x + self.dropout(y, deterministic=deterministic))
-        return layers.constrain(self._mlp(x, deterministic))
+        return layers.constrain(self._mlp(x, deterministic)), k, v
 
     def step(self, x: Array, positions: Array, cache: Cache, layer: int, index: Array,
              bias: Array) -> tuple[Array, dict[str, Array]]:
@@ -211,11 +212,16 @@ class _Decoder(nn.Module):
             self.logits_dense = layers.Dense(c.vocab_size, ("embed", "vocab"), dtype=c.activation_dtype,
                                              out_dtype=jnp.float32)
 
-    def __call__(self, x: Array, positions: Array, bias: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, positions: Array, bias: Array, deterministic: bool) -> tuple[Array, dict[str, Array]]:
+        """Normalised outputs and every layer's keys/values {'k', 'v'}: [layers, b, K, t, d] (the cache layout;
+        unused outputs cost nothing under jit)."""
         x = layers.constrain(self.dropout(x, deterministic=deterministic))
+        ks, vs = [], []
         for layer in self.layers:
-            x = layer(x, positions, bias, deterministic)
-        return self.dropout(self.decoder_norm(x), deterministic=deterministic)
+            x, k, v = layer(x, positions, bias, deterministic)
+            ks.append(k.transpose(0, 2, 1, 3))
+            vs.append(v.transpose(0, 2, 1, 3))
+        return self.dropout(self.decoder_norm(x), deterministic=deterministic), {"k": jnp.stack(ks), "v": jnp.stack(vs)}
 
     def step(self, x: Array, positions: Array, cache: Cache, index: Array,
              bias: Array) -> tuple[Array, dict[str, Array]]:
@@ -258,18 +264,21 @@ class DecoderOnly(nn.Module):
           positions: [b, t] rotary positions (default: real tokens counted from 0, per row).
           enable_dropout: Training-mode dropout (needs a 'dropout' rng).
         """
+        y, _ = self._forward(tokens, token_mask, segment_ids, positions, not enable_dropout)
+        return self._logits(y)
+
+    def _forward(self, tokens: Array, token_mask: Array | None, segment_ids: Array | None,
+                 positions: Array | None, deterministic: bool) -> tuple[Array, dict[str, Array]]:
         token_mask = tokens > 0 if token_mask is None else token_mask.astype(bool)
         if positions is None:
             positions = positions_from_mask(token_mask)
-        t = tokens.shape[1]
-        index = jnp.arange(t)
+        index = jnp.arange(tokens.shape[1])
         dt = self.config.activation_dtype
         bias = jnp.where(index[None, :] <= index[:, None], 0.0, layers.MASK_VALUE)[None, None].astype(dt)
         bias = bias + layers.padding_bias(token_mask, dt)
         if segment_ids is not None:
             bias = bias + layers.segment_bias(segment_ids, segment_ids, dt)
-        y = self.decoder(self._embed(tokens), positions, bias, not enable_dropout)
-        return self._logits(y)
+        return self.decoder(self._embed(tokens), positions, bias, deterministic)
 
     # -- incremental decoding ------------------------------------------------------------------------------
 
@@ -278,6 +287,14 @@ class DecoderOnly(nn.Module):
         c = self.config
         zeros = jnp.zeros((c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim), c.activation_dtype)
         return {"k": zeros, "v": zeros}
+
+    def prefill(self, tokens: Array, token_mask: Array, max_length: int) -> tuple[Array, dict[str, Array]]:
+        """Runs left-padded prompts [b, P] in one pass: the next-token logits [b, vocab] after each prompt and
+        a cache of `max_length` slots whose first P hold the prompts' keys/values (decoding goes on at slot P)."""
+        y, kv = self._forward(tokens, token_mask, None, None, True)
+        pad = ((0, 0), (0, 0), (0, 0), (0, max_length - tokens.shape[1]), (0, 0))
+        cache = {name: jnp.pad(x, pad).astype(self.config.activation_dtype) for name, x in kv.items()}
+        return self._logits(y[:, -1:])[:, 0], cache
 
     def decode_step(self, tokens: Array, positions: Array, index: Array, cache: Cache,
                     key_mask: Array) -> tuple[Array, dict[str, Array]]:
