@@ -32,17 +32,36 @@ from rest_jax import partitioning
 from rest_jax import trainer
 from rest_jax.data import vocab as vocab_lib
 from rest_jax.data.vocab import EOS_ID
+from rest_jax.model import decoder_only
 from rest_jax.model import t5
 
 PyTree = Any
 
 
 @gin.configurable(denylist=["model"])
+def teacher_forced_logits(model: nn.Module, params: PyTree, batch: trainer.Batch,
+                          rng: jax.Array | None = None) -> jax.Array:
+    """Logits [b, t, vocab] of a T5X-style batch for either model family (dropout when `rng` is given).
+
+    Decoder-only batches (`rest_jax.data.prompts.lm_batch`) have no encoder features; their real tokens are
+    those of `decoder_target_tokens` (the input's leading 0 is the start token, not padding).
+    """
+    dropout = {"enable_dropout": rng is not None, "rngs": None if rng is None else {"dropout": rng}}
+    if isinstance(model, decoder_only.DecoderOnly):
+        return model.apply({"params": params}, batch["decoder_input_tokens"], batch["decoder_target_tokens"] > 0,
+                           segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("decoder_positions"),
+                           **dropout)
+    return model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                       encoder_segment_ids=batch.get("encoder_segment_ids"),
+                       decoder_segment_ids=batch.get("decoder_segment_ids"), **dropout)
+
+
 def make_loss_fn(model: nn.Module, label_smoothing: float = 0.0, z_loss: float = 1e-4) -> trainer.LossFn:
     """Token-level NLL (behaviour cloning, ReST Sec. 2) normalised per target token.
 
     Args:
-      model: The encoder-decoder.
+      model: The encoder-decoder, or a decoder-only LM (`rest_jax.data.prompts` batches: loss on the
+        completions only, through their weights).
       label_smoothing: Mass spread over the other tokens (T5X convention: a perfect prediction of the
         smoothed target costs 0).
       z_loss: Coefficient of log(Z)^2, which keeps the softmax normaliser near 1 (T5X default 1e-4).
@@ -51,10 +70,7 @@ def make_loss_fn(model: nn.Module, label_smoothing: float = 0.0, z_loss: float =
       `loss_fn(params, batch, rng) -> (loss, aux)`, aux holding z_loss, accuracy and num_tokens.
     """
     def loss_fn(params: PyTree, batch: trainer.Batch, rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        logits = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                             enable_dropout=rng is not None, rngs=None if rng is None else {"dropout": rng},
-                             encoder_segment_ids=batch.get("encoder_segment_ids"),
-                             decoder_segment_ids=batch.get("decoder_segment_ids"))
+        logits = teacher_forced_logits(model, params, batch, rng)
         targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
         total, total_z, num_tokens = losses.cross_entropy_loss(logits, targets, weights, label_smoothing, z_loss)
         denom = jnp.maximum(num_tokens, 1.0)
