@@ -38,7 +38,6 @@ from rest_jax.model import t5
 PyTree = Any
 
 
-@gin.configurable(denylist=["model"])
 def teacher_forced_logits(model: nn.Module, params: PyTree, batch: trainer.Batch,
                           rng: jax.Array | None = None) -> jax.Array:
     """Logits [b, t, vocab] of a T5X-style batch for either model family (dropout when `rng` is given).
@@ -56,6 +55,7 @@ def teacher_forced_logits(model: nn.Module, params: PyTree, batch: trainer.Batch
                        decoder_segment_ids=batch.get("decoder_segment_ids"), **dropout)
 
 
+@gin.configurable(denylist=["model"])
 def make_loss_fn(model: nn.Module, label_smoothing: float = 0.0, z_loss: float = 1e-4) -> trainer.LossFn:
     """Token-level NLL (behaviour cloning, ReST Sec. 2) normalised per target token.
 
