@@ -144,3 +144,22 @@ def test_bfloat16_training_keeps_float32_state_and_learns_like_float32():
     # Memorising one batch: both fall far, and bfloat16 tracks float32 step by step.
     assert curves["float32"][-1] < 0.5 * curves["float32"][0]
     np.testing.assert_allclose(curves["bfloat16"], curves["float32"], rtol=0.05)
+
+
+def test_bfloat16_weight_gradients_do_not_read_a_transposed_left_operand():
+    # XLA:CPU runs a bfloat16 dot that contracts its left operand's first axis ~5x slower than the other forms
+    # (benchmarks/README.md); the projections' custom VJP writes xᵀ out so that no compiled dot takes that form.
+    import re  # pylint: disable=import-outside-toplevel
+
+    from rest_jax.model import layers  # pylint: disable=import-outside-toplevel
+
+    x = jnp.ones((64, 32), jnp.bfloat16)
+    kernel = jnp.ones((32, 48), jnp.float32)
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(layers.matmul(x, k, jnp.float32)), argnums=(0, 1)))
+    hlo = grad.lower(x, kernel).compile().as_text()
+    dots = re.findall(r"dot\([^\n]*", hlo)
+    assert len(dots) >= 2, hlo
+    assert not [d for d in dots if "lhs_contracting_dims={0}" in d], dots
+    dx, dk = grad(x, kernel)
+    np.testing.assert_allclose(np.asarray(dk), 64.0)  # xᵀ·1: every weight's gradient is the sum over 64 rows
+    np.testing.assert_allclose(np.asarray(dx, np.float32), 48.0)
