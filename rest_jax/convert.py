@@ -432,6 +432,17 @@ def params_to_hf(config: T5Config, params: Mapping[str, Any]) -> dict[str, np.nd
     return {k: np.ascontiguousarray(v) for k, v in state.items()}
 
 
+def read_hf_config(folder: epath.Path) -> tuple[dict[str, Any], str]:
+    """A HF model folder's config.json as a dict, and its path (for messages)."""
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder).")
+    try:
+        return json.loads(config_path.read_text()), os.fspath(config_path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: invalid JSON: {e}") from e
+
+
 def read_hf_weights(folder: epath.Path) -> tuple[dict[str, Any], str]:
     """All tensors of a HF checkpoint folder (safetensors preferred), and the file(s) they came from."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -471,14 +482,8 @@ def load_hf_checkpoint(path: str | os.PathLike) -> tuple[T5Config, Params]:
       HF encoder-only checkpoint).
     """
     folder = epath.Path(path)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder).")
-    try:
-        hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: invalid JSON: {e}") from e
-    config, scale = config_from_hf(hf, os.fspath(config_path))
+    hf, config_path = read_hf_config(folder)
+    config, scale = config_from_hf(hf, config_path)
     state, source = read_hf_weights(folder)
     return params_from_hf(state, config, scale, source)
 

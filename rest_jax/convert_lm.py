@@ -13,7 +13,6 @@ by name rather than converted into a different network.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 
@@ -123,13 +122,7 @@ def params_from_hf(state: Mapping[str, Any], config: DecoderOnlyConfig, source: 
 def load_hf_checkpoint(path: str | os.PathLike) -> tuple[DecoderOnlyConfig, Params]:
     """Loads a HF Llama / Mistral / Gemma folder (config.json + weights) as (DecoderOnlyConfig, params)."""
     folder = epath.Path(path)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder).")
-    try:
-        hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: invalid JSON: {e}") from e
-    config = config_from_hf(hf, os.fspath(config_path))
+    hf, config_path = convert.read_hf_config(folder)
+    config = config_from_hf(hf, config_path)
     state, source = convert.read_hf_weights(folder)
     return config, params_from_hf(state, config, source)
