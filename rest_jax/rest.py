@@ -205,7 +205,7 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 def wall_times(model_dir: str, rows: Sequence[Mapping[str, Any]], num_grow_steps: int) -> list[dict[str, Any]]:
     """report.json's `wall_times`: seconds of each stage's own work (train / sample+score+write) and of scoring
     its policy on the report's splits, in run order. A stage resumed by a rerun counts only the rerun's part;
-    a BC shared through `bc_run` is listed once, under the run that trained it."""
+    a BC shared through `bc_run` shows the time of the run that trained it."""
     def entry(name: str, seconds: Any, eval_seconds: Any = None) -> dict[str, Any]:
         return {"stage": name, "seconds": seconds, "eval_seconds": eval_seconds}
 
