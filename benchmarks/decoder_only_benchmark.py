@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import train_benchmark as tb  # noqa: E402  pylint: disable=wrong-import-position  (this script's folder)
 
-LR, WEIGHT_DECAY, EPS = tb.LR, tb.WEIGHT_DECAY, tb.EPS
+LR, WEIGHT_DECAY, EPS = tb.LR, tb.WEIGHT_DECAY, tb.EPS  # the train step's AdamW (tb.adamw_step)
 SHAPE = "models/decoder_only/small_70m.gin"
 
 
@@ -72,26 +72,15 @@ def worker_jax_train(batch, length, warmup, steps):
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from rest_jax import optim, partitioning, trainer  # pylint: disable=import-outside-toplevel
-    from rest_jax import policy as policy_lib  # pylint: disable=import-outside-toplevel
     from rest_jax.model import decoder_only  # pylint: disable=import-outside-toplevel
 
     config = _config()
     seq = _tokens(config.vocab_size, batch, length)
     tb._reset_peak_rss()  # pylint: disable=protected-access
     base = tb._rss_mb("VmRSS")  # pylint: disable=protected-access
-    mesh = partitioning.create_mesh((1, 1), devices=jax.devices()[:1])
-    rules = partitioning.standard_logical_axis_rules()
-    model = decoder_only.DecoderOnly(config)
-    opt = optim.create_optimizer(
-        lambda learning_rate: optim.adamw(learning_rate, eps=EPS, weight_decay=WEIGHT_DECAY, decay_matrices_only=False),
-        schedule=optim.learning_rate_schedule("constant", LR, 0))
-    state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), mesh, rules)
-    step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0), mesh=mesh,
-                                   rules=rules, state_shardings=shardings)
     host = {"decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), seq[:, :-1]], axis=1),
             "decoder_target_tokens": seq, "decoder_loss_weights": np.ones(seq.shape, np.float32)}
-    device_batch = partitioning.shard_batch(host, mesh, rules)
+    state, step, device_batch = tb.adamw_step(decoder_only.DecoderOnly(config), host)
     t0 = time.perf_counter()
     for _ in range(warmup):
         state, m = step(state, device_batch)

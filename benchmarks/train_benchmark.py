@@ -57,7 +57,8 @@ def _model_config(shape: str):
 
     gin.clear_config()
     gin.add_config_file_search_path(os.path.join(REPO, "configs"))
-    gin.parse_config_files_and_bindings([os.path.join(REPO, SHAPES[shape])], [], skip_unknown=True)
+    gin.parse_config_files_and_bindings([os.path.join(REPO, SHAPES[shape])], [], skip_unknown=True,
+                                        finalize_config=False)  # unlocked: modules imported later register
     return t5.T5Config()
 
 
@@ -73,12 +74,31 @@ def _batch(vocab: int, batch: int, src: int, tgt: int):
     return enc, dec_in, targets
 
 
+def adamw_step(model, host_batch: dict):
+    """(train state, jitted AdamW step, the batch on the device) of `model` on one CPU device: this benchmark's
+    optimizer (lr 1e-4 constant, weight decay on every parameter) and plain cross entropy (`policy.make_loss_fn`,
+    which takes either model family)."""
+    import jax
+
+    from rest_jax import optim, partitioning, trainer
+    from rest_jax import policy as policy_lib
+
+    mesh = partitioning.create_mesh((1, 1), devices=jax.devices()[:1])
+    rules = partitioning.standard_logical_axis_rules()
+    opt = optim.create_optimizer(
+        lambda learning_rate: optim.adamw(learning_rate, eps=EPS, weight_decay=WEIGHT_DECAY, decay_matrices_only=False),
+        schedule=optim.learning_rate_schedule("constant", LR, 0))
+    state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), mesh, rules)
+    step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0), mesh=mesh,
+                                   rules=rules, state_shardings=shardings)
+    return state, step, partitioning.shard_batch(host_batch, mesh, rules)
+
+
 def worker_jax(shape: str, batch: int, src: int, tgt: int, warmup: int, steps: int, dtype: str = "float32") -> dict:
     import jax
     import numpy as np
 
-    from rest_jax import metrics, optim, partitioning, trainer
-    from rest_jax import policy as policy_lib
+    from rest_jax import metrics
     from rest_jax.model import t5
 
     os.chdir(REPO)
@@ -86,18 +106,9 @@ def worker_jax(shape: str, batch: int, src: int, tgt: int, warmup: int, steps: i
     enc, dec_in, targets = _batch(config.vocab_size, batch, src, tgt)
     _reset_peak_rss()
     base = _rss_mb("VmRSS")
-    mesh = partitioning.create_mesh((1, 1), devices=jax.devices()[:1])
-    rules = partitioning.standard_logical_axis_rules()
-    model = t5.Transformer(config)
-    opt = optim.create_optimizer(
-        lambda learning_rate: optim.adamw(learning_rate, eps=EPS, weight_decay=WEIGHT_DECAY, decay_matrices_only=False),
-        schedule=optim.learning_rate_schedule("constant", LR, 0))
-    state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), mesh, rules)
-    step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0), mesh=mesh,
-                                 rules=rules, state_shardings=shardings)
     host = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": targets,
             "decoder_loss_weights": np.ones(targets.shape, np.float32)}
-    device_batch = partitioning.shard_batch(host, mesh, rules)
+    state, step, device_batch = adamw_step(t5.Transformer(config), host)
     t0 = time.perf_counter()
     for _ in range(warmup):
         state, m = step(state, device_batch)
