@@ -116,15 +116,7 @@ def worker_torch_train(batch, length, warmup, steps):
         opt.zero_grad(set_to_none=True)
         return float(out.loss.item())
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        one_step()
-    warm = time.perf_counter() - t0
-    losses, times = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        losses.append(one_step())
-        times.append(time.perf_counter() - t0)
+    warm, losses, times, _ = tb.time_calls(one_step, warmup, steps)
     params = sum(p.numel() for p in model.parameters())
     return _result(f"HF transformers {transformers.__version__} (PyTorch {torch.__version__} eager)", times,
                    batch * length, base, losses, warm, params)

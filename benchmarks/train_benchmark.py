@@ -158,19 +158,26 @@ def worker_torch(shape: str, batch: int, src: int, tgt: int, warmup: int, steps:
         opt.zero_grad(set_to_none=True)
         return float(out.loss.item())
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        one_step()
-    warm_s = time.perf_counter() - t0
-    losses, times, cpu = [], [], []
-    for _ in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        losses.append(one_step())
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    warm_s, losses, times, cpu = time_calls(one_step, warmup, steps)
     return _result(f"HF transformers {transformers.__version__} (PyTorch {torch.__version__} eager)", config,
                    batch, src, tgt, times, cpu, base, losses, compile_s=warm_s,
                    flops=metrics.estimate_flops_per_example(config, src, tgt) * batch)
+
+
+def time_calls(fn, warmup: int, steps: int) -> tuple[float, list, list[float], list[float]]:
+    """`warmup` untimed calls of `fn` (their total seconds), then `steps` timed ones: (warm-up seconds, results,
+    wall seconds, process CPU seconds per call)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    warm_s = time.perf_counter() - t0
+    results, times, cpu = [], [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        results.append(fn())
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return warm_s, results, times, cpu
 
 
 def _result(name, config, batch, src, tgt, times, cpu, base_mb, losses, compile_s, flops) -> dict:
