@@ -33,6 +33,7 @@ import numpy as np
 from rest_jax.data.vocab import EOS_ID, PAD_ID
 from rest_jax.model.decoder_only import DecoderOnly, DecoderOnlyConfig
 from rest_jax.model.t5 import T5Config, Transformer
+from rest_jax.model.translation_lm import TranslationLM, prompt_tokens
 
 Array = jax.Array
 PyTree = Any
@@ -286,15 +287,16 @@ def _sample_jit(params: PyTree, encoder_input_tokens: Array, rng: Array, tempera
                         jnp.sum(log_probs, axis=-1))
 
 
-def sample(params: PyTree, model_or_config: Transformer | T5Config, encoder_input_tokens: Array, rng: Array,
-           num_samples: int = 1, max_decode_len: int = 128, temperature: float | Array = 1.0, top_k: int = 0,
-           top_p: float = 1.0, eos_id: int = EOS_ID, ignore_eos: bool = False,
+def sample(params: PyTree, model_or_config: Transformer | TranslationLM | T5Config, encoder_input_tokens: Array,
+           rng: Array, num_samples: int = 1, max_decode_len: int = 128, temperature: float | Array = 1.0,
+           top_k: int = 0, top_p: float = 1.0, eos_id: int = EOS_ID, ignore_eos: bool = False,
            top_p_candidates: int = 64) -> DecodeOutput:
     """Draws `num_samples` translations per source from the policy (ReST Grow step, Sec. 2).
 
     Args:
       params: model parameters (boxed or plain).
-      model_or_config: the `Transformer` or its `T5Config`.
+      model_or_config: the `Transformer` or its `T5Config`, or a decoder-only `TranslationLM` (its sources'
+        prompts are sampled from with `sample_lm`).
       encoder_input_tokens: int [b, s] sources, 0-padded; may be sharded along b.
       rng: PRNG key; the output is a deterministic function of it.
       num_samples: N samples per source; they share the source's encoding and cross-attention K/V.
@@ -310,6 +312,16 @@ def sample(params: PyTree, model_or_config: Transformer | T5Config, encoder_inpu
     Returns:
       `DecodeOutput` with shapes [b, N, L] and [b, N].
     """
+    if isinstance(model_or_config, TranslationLM):
+        # A decoder-only policy: the same prompts its training batches make (`TranslationLM.prompts`).
+        if ignore_eos:
+            raise ValueError("ignore_eos is for the encoder-decoder sampler (benchmarks).")
+        _check_tokens("encoder_input_tokens", encoder_input_tokens)
+        prompt, mask = prompt_tokens(encoder_input_tokens, model_or_config.prompt_before,
+                                     model_or_config.prompt_after, model_or_config.eos_id)
+        return sample_lm(params, model_or_config, prompt, mask, rng, num_samples=num_samples,
+                         max_decode_len=max_decode_len, temperature=temperature, top_k=top_k, top_p=top_p,
+                         stop_ids=(eos_id,), top_p_candidates=top_p_candidates)
     config = _config_of(model_or_config)
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
     is_static = _check_sampling(config.vocab_size, num_samples, max_decode_len, temperature, top_k, top_p,
@@ -515,6 +527,9 @@ def beam_search(params: PyTree, model_or_config: Transformer | T5Config, encoder
     Returns:
       `BeamSearchOutput`, beams sorted best first ([b, beam_size, L]).
     """
+    if isinstance(model_or_config, TranslationLM):
+        raise ValueError("Beam search is implemented for the encoder-decoder only; decode a decoder-only policy "
+                         "greedily or by sampling (e.g. evaluate.method = 'greedy').")
     config = _config_of(model_or_config)
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
     if beam_size < 1 or max_decode_len < 1:
@@ -536,23 +551,26 @@ def _target_weights(batch: Mapping[str, Array]) -> Array:
     return (jnp.asarray(batch["decoder_target_tokens"]) > 0).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("model",))
 def _token_scores_jit(params: PyTree, encoder_input_tokens: Array, decoder_input_tokens: Array,
-                      decoder_target_tokens: Array, weights: Array, *, config: T5Config) -> Array:
-    logits = Transformer(config).apply({"params": params}, encoder_input_tokens, decoder_input_tokens)
+                      decoder_target_tokens: Array, weights: Array, *, model: Transformer | TranslationLM) -> Array:
+    logits = model.apply({"params": params}, encoder_input_tokens, decoder_input_tokens)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     target = jnp.take_along_axis(log_probs, decoder_target_tokens[..., None].astype(jnp.int32), axis=-1)
     return target[..., 0] * weights
 
 
-def token_scores(params: PyTree, model_or_config: Transformer | T5Config,
+def token_scores(params: PyTree, model_or_config: Transformer | TranslationLM | T5Config,
                  batch: Mapping[str, Array]) -> Array:
     """Teacher-forced log p(target_t | target_<t, source) per position [b, T], 0 where weights are 0.
 
     Weights are `decoder_loss_weights` when the batch has them, else `decoder_target_tokens > 0`.
-    `decoder_input_tokens` defaults to the targets shifted right with start token 0.
+    `decoder_input_tokens` defaults to the targets shifted right with start token 0. A `TranslationLM` scores
+    the targets as completions of the sources' prompts.
     """
-    config = _config_of(model_or_config)
+    model = model_or_config
+    if not isinstance(model, TranslationLM):
+        model = Transformer(_config_of(model_or_config))
     for name in ("encoder_input_tokens", "decoder_target_tokens"):
         if name not in batch:
             raise KeyError(f"score batch lacks feature {name!r}; has {sorted(batch)}.")
@@ -565,10 +583,11 @@ def token_scores(params: PyTree, model_or_config: Transformer | T5Config,
     if weights.shape != targets.shape:
         raise ValueError(f"decoder_loss_weights shape {weights.shape} != decoder_target_tokens {targets.shape}.")
     return _token_scores_jit(nn.unbox(params), jnp.asarray(batch["encoder_input_tokens"]), jnp.asarray(inputs),
-                             targets, weights, config=config)
+                             targets, weights, model=model)
 
 
-def score_batch(params: PyTree, model_or_config: Transformer | T5Config, batch: Mapping[str, Array]) -> Array:
+def score_batch(params: PyTree, model_or_config: Transformer | TranslationLM | T5Config,
+                batch: Mapping[str, Array]) -> Array:
     """Sum of target log-probabilities per example [b], like T5X's `EncoderDecoderModel.score_batch`."""
     return jnp.sum(token_scores(params, model_or_config, batch), axis=-1)
 

@@ -353,7 +353,7 @@ def progress(iterable_or_total: Iterable[Any] | int | None = None, desc: str = "
 
 def estimate_flops_per_example(config: Any, inputs_length: int, targets_length: int,
                                training: bool = True) -> float:
-    """Matmul FLOPs of one T5 encoder-decoder example (S input tokens, T target tokens).
+    """Matmul FLOPs of one T5 encoder-decoder example (S input tokens, T target tokens), or of a decoder-only one.
 
     Counted per layer, 2 FLOPs per multiply-add, with d=emb_dim, hk=num_heads*head_dim, f=mlp_dim,
     w=len(mlp_activations) (2 for gated GELU in T5 v1.1) and V=vocab_size:
@@ -373,6 +373,12 @@ def estimate_flops_per_example(config: Any, inputs_length: int, targets_length: 
     w = len(getattr(config, "mlp_activations", ("relu",)))
     s, t = inputs_length, targets_length
     mlp = (w + 1) * d * f
+    if not hasattr(config, "num_encoder_layers"):
+        # A decoder-only LM (`DecoderOnlyConfig`) on prompt (~S) + completion (T): grouped K/V projections,
+        # causal attention over the whole row, logits on the completion only (`TranslationLM`).
+        length, kv = s + t, config.num_kv_heads * k
+        layer = length * (2 * d * hk + 2 * d * kv + mlp) + 2 * length * length * hk
+        return float(2 * (config.num_layers * layer + t * d * vocab) * (3 if training else 1))
     enc_layer = s * (4 * d * hk + mlp) + 2 * s * s * hk
     dec_layer = t * (4 * d * hk + mlp) + 2 * t * t * hk + t * 2 * d * hk + s * 2 * d * hk + 2 * t * s * hk
     macs = config.num_encoder_layers * enc_layer + config.num_decoder_layers * dec_layer + t * d * vocab
@@ -398,9 +404,16 @@ def estimate_decode_flops(config: Any, num_sources: int, num_samples: int, sourc
     c = config
     d, inner, ff, acts = c.emb_dim, c.num_heads * c.head_dim, c.mlp_dim, len(c.mlp_activations)
     mlp = 2 * (acts * d * ff + ff * d)
+    mean_prefix = (new_tokens + 1) / 2
+    if not hasattr(c, "num_encoder_layers"):
+        # Decoder-only (`decoding.sample_lm`): every sample row runs its prompt (~source_length tokens), then
+        # each new token attends to the prompt and the completion so far.
+        proj = 2 * (2 * d * inner + 2 * d * c.num_kv_heads * c.head_dim)
+        prompt_token = c.num_layers * (proj + 2 * 2 * inner * (source_length + 1) / 2 + mlp)
+        new_token = c.num_layers * (proj + 2 * 2 * inner * (source_length + mean_prefix) + mlp) + 2 * d * c.vocab_size
+        return float(num_sources * num_samples * (source_length * prompt_token + new_tokens * new_token))
     enc_token = c.num_encoder_layers * (2 * 4 * d * inner + 2 * 2 * inner * source_length + mlp)
     cross_kv_token = c.num_decoder_layers * 2 * 2 * d * inner
-    mean_prefix = (new_tokens + 1) / 2
     dec_token = c.num_decoder_layers * (2 * 4 * d * inner + 2 * 2 * inner * mean_prefix + 2 * 2 * d * inner
                                         + 2 * 2 * inner * source_length + mlp) + 2 * d * c.vocab_size
     return float(num_sources * source_length * (enc_token + cross_kv_token)

@@ -30,29 +30,53 @@ from rest_jax import losses
 from rest_jax import metrics as metrics_lib
 from rest_jax import partitioning
 from rest_jax import trainer
+from rest_jax.data import prompts
 from rest_jax.data import vocab as vocab_lib
 from rest_jax.data.vocab import EOS_ID
 from rest_jax.model import decoder_only
 from rest_jax.model import t5
+from rest_jax.model import translation_lm
 
 PyTree = Any
 
 
+ARCHITECTURES = ("encoder_decoder", "decoder_only")
+
+
+@gin.configurable(denylist=["vocab"])
+def build_network(vocab: Any = None, architecture: str = "encoder_decoder",
+                  prompt_format: prompts.PromptFormat | None = None) -> nn.Module:
+    """The policy network the gin config describes, either family behind the encoder-decoder's call.
+
+    Args:
+      vocab: The policy's vocabulary (a decoder-only network encodes its prompt template with it).
+      architecture: 'encoder_decoder' (`t5.Transformer`, `T5Config.*` bindings) or 'decoder_only'
+        (`translation_lm.TranslationLM`, `DecoderOnlyConfig.*` bindings; configs/models/decoder_only/ set it).
+      prompt_format: How a decoder-only network is asked to translate; default `PromptFormat()` (gin).
+    """
+    if architecture == "encoder_decoder":
+        return t5.build_model()
+    if architecture != "decoder_only":
+        raise ValueError(f"build_network.architecture must be one of {ARCHITECTURES}, got {architecture!r}.")
+    if vocab is None:
+        raise ValueError("A decoder-only policy needs its vocabulary to encode the prompt template.")
+    before, after = (prompt_format or prompts.PromptFormat()).pieces(vocab)
+    return translation_lm.TranslationLM(decoder_only.DecoderOnlyConfig(), prompt_before=before, prompt_after=after,
+                                        eos_id=EOS_ID)
+
+
+def init_params(model: nn.Module, rng: jax.Array) -> PyTree:
+    """Boxed (logically partitioned) parameters of a network of `build_network`."""
+    return t5.init_params(model, rng)
+
+
 def teacher_forced_logits(model: nn.Module, params: PyTree, batch: trainer.Batch,
                           rng: jax.Array | None = None) -> jax.Array:
-    """Logits [b, t, vocab] of a T5X-style batch for either model family (dropout when `rng` is given).
-
-    Decoder-only batches (`rest_jax.data.prompts.lm_batch`) have no encoder features; their real tokens are
-    those of `decoder_target_tokens` (the input's leading 0 is the start token, not padding).
-    """
-    dropout = {"enable_dropout": rng is not None, "rngs": None if rng is None else {"dropout": rng}}
-    if isinstance(model, decoder_only.DecoderOnly):
-        return model.apply({"params": params}, batch["decoder_input_tokens"], batch["decoder_target_tokens"] > 0,
-                           segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("decoder_positions"),
-                           **dropout)
+    """Logits [b, t, vocab] of a T5X-style batch for either family (dropout when `rng` is given)."""
     return model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
                        encoder_segment_ids=batch.get("encoder_segment_ids"),
-                       decoder_segment_ids=batch.get("decoder_segment_ids"), **dropout)
+                       decoder_segment_ids=batch.get("decoder_segment_ids"), enable_dropout=rng is not None,
+                       rngs=None if rng is None else {"dropout": rng})
 
 
 @gin.configurable(denylist=["model"])
@@ -60,8 +84,7 @@ def make_loss_fn(model: nn.Module, label_smoothing: float = 0.0, z_loss: float =
     """Token-level NLL (behaviour cloning, ReST Sec. 2) normalised per target token.
 
     Args:
-      model: The encoder-decoder, or a decoder-only LM (`rest_jax.data.prompts` batches: loss on the
-        completions only, through their weights).
+      model: A network of `build_network` (either family).
       label_smoothing: Mass spread over the other tokens (T5X convention: a perfect prediction of the
         smoothed target costs 0).
       z_loss: Coefficient of log(Z)^2, which keeps the softmax normaliser near 1 (T5X default 1e-4).
@@ -120,12 +143,13 @@ class Policy:
     """A network with its parameters and vocabulary: everything needed to translate and score.
 
     Attributes:
-      model: The encoder-decoder (`rest_jax.model.t5.Transformer`, T5X parameter names).
+      model: The network (`build_network`: the encoder-decoder `t5.Transformer` or a decoder-only
+        `translation_lm.TranslationLM`, T5X parameter names either way).
       params: Its parameters (host or placed arrays).
       vocab: The SentencePiece (or any seqio) vocabulary of sources and targets.
     """
 
-    model: t5.Transformer
+    model: nn.Module
     params: Any
     vocab: Any
 
@@ -135,7 +159,7 @@ class Policy:
                                    "match the checkpoint.")
 
     @property
-    def config(self) -> t5.T5Config:
+    def config(self) -> t5.T5Config | decoder_only.DecoderOnlyConfig:
         return self.model.config
 
     def replace(self, params: Any) -> "Policy":
@@ -245,7 +269,8 @@ def load_policy(checkpoint: str, vocabulary: str, step: int | None = None) -> Po
     `evaluate.checkpoint = %CHECKPOINT` in configs/runs/eval.gin) and pass them here, so that one binding,
     not two, says which checkpoint runs.
     """
-    model = t5.build_model()
-    abstract = jax.eval_shape(lambda: nn.unbox(t5.init_params(model, jax.random.PRNGKey(0))))
+    vocab = vocab_lib.load_vocabulary(vocabulary)
+    model = build_network(vocab)
+    abstract = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.PRNGKey(0))))
     params = checkpoints.load_params(checkpoint, target=abstract, step=step)
-    return Policy(model, params, vocab_lib.load_vocabulary(vocabulary))
+    return Policy(model, params, vocab)

@@ -120,10 +120,13 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     partitioning.initialize_multihost()
     part = partitioning.Partitioner.create(mesh)
     mesh, rules = part.mesh, part.rules
-    model = t5.build_model()
-    optimizer = optimizer if optimizer is not None else optim.create_optimizer()
     seqio_task = tasks.as_task(task)
+    model = policy_lib.build_network(_target_vocabulary(seqio_task))
+    optimizer = optimizer if optimizer is not None else optim.create_optimizer()
     _check_vocabulary(seqio_task, model.config)
+    if pack and not isinstance(model.config, t5.T5Config):
+        raise ValueError("train.pack: packed rows are for the encoder-decoder; a decoder-only policy trains on "
+                         "unpacked rows (set train.pack = False).")
     vocabulary = _vocabulary_record(seqio_task)
     lengths = {"inputs": int(feature_lengths["inputs"]), "targets": int(feature_lengths["targets"])}
 

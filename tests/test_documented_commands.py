@@ -211,6 +211,29 @@ def check_bfloat16_run(work, proc):
     assert "float32 peak" not in proc.stderr
 
 
+def check_decoder_only_run(work, proc):
+    """The ReST loop on a decoder-only policy: every stage ran, and the Grow store's behaviour log-probs (the
+    sampler's, KV cache) equal teacher forcing of the stored samples under the BC checkpoint (the full forward)."""
+    import gin  # pylint: disable=import-outside-toplevel
+
+    from rest_jax.data import grow_store  # pylint: disable=import-outside-toplevel
+    from rest_jax.model import translation_lm  # pylint: disable=import-outside-toplevel
+
+    run = work / "runs/demo_lm"
+    report = json.loads((run / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["BC G=0 I=0", "ReST G=1 I=0", "ReST G=1 I=1"]
+    rows = grow_store.GrowStore(str(run / "grow_1" / "store")).as_numpy(
+        ["source_tokens", "candidate_tokens", "behaviour_logprob_sum", "is_reference"])
+    try:
+        policy = run_inspect.load_stage_policy(run, "bc")
+        assert isinstance(policy.model, translation_lm.TranslationLM)
+        scores = policy.score(list(rows["source_tokens"]), list(rows["candidate_tokens"]))
+    finally:
+        gin.clear_config()
+    np.testing.assert_allclose([s.sum() for s in scores], rows["behaviour_logprob_sum"], rtol=1e-4, atol=1e-3)
+    assert (~rows["is_reference"]).sum() == 48 * 2
+
+
 def check_finetune(work, proc):
     # TRAIN_STEPS=4 steps on top of the BC checkpoint, saved as step 4 (the step count starts at 0).
     assert (work / "runs/demo_ft/checkpoints/4").is_dir()
@@ -470,6 +493,8 @@ RULES: list[tuple[str, Rule]] = [
           substitute=(("scripts/", "{repo}/scripts/"),))),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/demo\.gin --gin\.ACTIVATION_DTYPE=",
      Rule("run", extra=tuple(SMALL_REST), check=check_bfloat16_run)),
+    (r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",
+     Rule("run", extra=tuple(SMALL_REST), check=check_decoder_only_run)),
     (r"^rest_jax train --gin_file=runs/finetune\.gin ",
      Rule("run", extra=tuple(SMALL["train"]), after=(README_MAIN,), check=check_finetune)),
     (r"^rest_jax train --gin_file=models/tiny\.gin --gin\.MODEL_DIR=\"'runs/demo_bc'\"",

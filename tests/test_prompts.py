@@ -1,5 +1,5 @@
-"""Translation as prompt + completion for decoder-only LMs (issue 17): batches by hand, the loss on completions
-only, and training's layout agreeing with sampling's."""
+"""Translation as prompt + completion for decoder-only LMs (issue 17): prompts by hand, `TranslationLM` against
+the plain LM on each unpadded row, the loss on completions only, and sampling agreeing with training."""
 
 import flax.linen as nn
 import jax
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from rest_jax import decoding
-from rest_jax import losses
 from rest_jax import policy as policy_lib
 from rest_jax.data import prompts
 from rest_jax.model import decoder_only
+from rest_jax.model import translation_lm
 
 
 class _CharVocab:
@@ -26,73 +26,127 @@ class _CharVocab:
 
 FORMAT = prompts.PromptFormat(template="{source_language}: {source}\n{target_language}:", source_language="De",
                               target_language="En")
+BEFORE, AFTER = (6, 7, 30, 29), (31, 7, 16, 30)  # "De: " and "\nEn:" by hand
 
 
-def test_lm_batch_by_hand():
-    vocab = _CharVocab()
-    p, c = prompts.encode_pairs(vocab, ["ab"], ["c"], FORMAT, 32, 8)
-    assert p == [[6, 7, 30, 29, 3, 4, 31, 7, 16, 30]]  # "De: ab\nEn:"
-    assert c == [[5, 1]]  # "c" + EOS
-    batch = prompts.lm_batch(p, c, 14)
-    np.testing.assert_array_equal(batch["decoder_target_tokens"][0], p[0] + c[0] + [0, 0])
-    np.testing.assert_array_equal(batch["decoder_input_tokens"][0], [0] + p[0] + c[0] + [0])
-    np.testing.assert_array_equal(batch["decoder_loss_weights"][0], [0] * 10 + [1, 1, 0, 0])
-    with pytest.raises(ValueError, match="exceed length 11"):
-        prompts.lm_batch(p, c, 11)
+def test_prompt_pieces_by_hand():
+    assert FORMAT.pieces(_CharVocab()) == (BEFORE, AFTER)
+    with pytest.raises(ValueError, match="exactly once"):
+        prompts.PromptFormat(template="no source here")
+    with pytest.raises(ValueError, match="unknown field"):
+        prompts.PromptFormat(template="{language}: {source}").pieces(_CharVocab())
 
 
-def test_long_sources_lose_their_middle_not_the_cue():
-    vocab = _CharVocab()
-    (p,), _ = prompts.encode_pairs(vocab, ["abcdefghij"], None, FORMAT, 12, 8)
-    assert len(p) == 12 and p[:4] == [6, 7, 30, 29] and p[-4:] == [31, 7, 16, 30]  # "De: " ... "\nEn:"
-    with pytest.raises(ValueError, match="does not fit the prompt format"):
-        prompts.encode_pairs(vocab, ["abc"], None, FORMAT, 8, 8)
+def test_prompts_are_left_padded_pieces_around_the_source_without_eos():
+    enc = np.array([[3, 4, 1, 0], [5, 1, 0, 0], [1, 0, 0, 0]], np.int32)
+    tokens, mask = translation_lm.prompt_tokens(enc, BEFORE, AFTER, eos_id=1)
+    width = 1 + 4 + 3 + 4
+    rows = [[0, *BEFORE, 3, 4, *AFTER], [0, *BEFORE, 5, *AFTER], [0, *BEFORE, *AFTER]]
+    want = np.array([[0] * (width - len(r)) + r for r in rows])
+    np.testing.assert_array_equal(np.asarray(tokens), want)
+    np.testing.assert_array_equal(np.asarray(mask), [[False] * (width - len(r)) + [True] * len(r) for r in rows])
 
 
 @pytest.fixture(scope="module")
 def lm():
     config = decoder_only.DecoderOnlyConfig(vocab_size=40, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
                                             num_layers=2, mlp_dim=64)
-    model = decoder_only.DecoderOnly(config)
-    return model, nn.unbox(decoder_only.init_params(model, jax.random.key(0)))
+    model = translation_lm.TranslationLM(config, prompt_before=BEFORE, prompt_after=AFTER)
+    return model, nn.unbox(policy_lib.init_params(model, jax.random.key(0)))
+
+
+# Sources and targets (ids + EOS), ragged: rows of the batch carry different amounts of padding.
+SOURCES = [[3, 4, 1], [5, 6, 7, 8, 9, 1], [10, 1]]
+TARGETS = [[11, 12, 1], [13, 1], [14, 15, 16, 17, 1]]
+
+
+def _batch():
+    return {"encoder_input_tokens": decoding.pad_to_bucket(SOURCES, (8,)),
+            "decoder_target_tokens": decoding.pad_to_bucket(TARGETS, (8,)),
+            "decoder_input_tokens": np.asarray(decoding.shift_right(decoding.pad_to_bucket(TARGETS, (8,)))),
+            "decoder_loss_weights": (decoding.pad_to_bucket(TARGETS, (8,)) > 0).astype(np.float32)}
+
+
+def _alone(model, params, source, target):
+    """Reference: log-softmax of the plain LM on the one unpadded row START + before + source + after + target,
+    at the positions that predict the target's tokens."""
+    prompt = [0, *BEFORE, *source[:-1], *AFTER]
+    seq = jnp.asarray([prompt + target[:-1]])
+    plain = decoder_only.DecoderOnly(model.config)
+    logits = plain.apply({"params": params}, seq, jnp.ones(seq.shape, bool))[0]
+    return jax.nn.log_softmax(logits[len(prompt) - 1:], axis=-1)
+
+
+def test_logits_equal_the_plain_lm_on_each_row_alone(lm):
+    model, params = lm
+    batch = _batch()
+    logits = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+    assert logits.shape == (3, 8, 40)
+    got = jax.nn.log_softmax(logits, axis=-1)
+    for r, (source, target) in enumerate(zip(SOURCES, TARGETS)):
+        np.testing.assert_allclose(got[r, :len(target)], _alone(model, params, source, target), atol=2e-5)
 
 
 def test_the_loss_covers_the_completion_only(lm):
-    # Reference: each pair alone, start token + prompt + completion, the completion's mean NLL by hand.
     model, params = lm
-    vocab = _CharVocab()
-    p, c = prompts.encode_pairs(vocab, ["ab", "hello there"], ["c", "zz y"], FORMAT, 32, 8)
-    batch = {k: jnp.asarray(v) for k, v in prompts.lm_batch(p, c, 24).items()}
-    loss, aux = policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0)(params, batch, None)
-    nll, count = 0.0, 0
-    for prompt, completion in zip(p, c):
-        seq = jnp.asarray([[0, *prompt, *completion]])
-        logp = jax.nn.log_softmax(model.apply({"params": params}, seq, jnp.ones(seq.shape, bool))[0], axis=-1)
-        for j, token in enumerate(completion):
-            nll -= float(logp[len(prompt) + j, token])  # position len(prompt)+j holds the token before it
-            count += 1
+    loss, aux = policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0)(params, _batch(), None)
+    nll = sum(-float(_alone(model, params, s, t)[j, tok]) for s, t in zip(SOURCES, TARGETS) for j, tok in
+              enumerate(t))
+    count = sum(len(t) for t in TARGETS)
     assert float(aux["num_tokens"]) == count
     np.testing.assert_allclose(float(loss), nll / count, rtol=1e-5)
 
 
-def test_sampling_layout_matches_training_layout(lm):
-    # Completions sampled from `prompt_batch` rows, scored back through `lm_batch` rows: the same log-probs.
+def test_packed_rows_are_refused(lm):
     model, params = lm
-    vocab = _CharVocab()
-    p, _ = prompts.encode_pairs(vocab, ["ab", "hello there", "x"], None, FORMAT, 32, 8)
-    tokens, mask = prompts.prompt_batch(p)
-    out = decoding.sample_lm(params, model, tokens, mask, jax.random.key(1), num_samples=2, max_decode_len=6)
-    toks, lengths, lps = (np.asarray(x) for x in (out.tokens, out.lengths, out.token_log_probs))
-    rows_p = [p[i] for i in range(3) for _ in range(2)]
-    rows_c = [list(toks[i, j, :lengths[i, j]]) for i in range(3) for j in range(2)]
-    batch = {k: jnp.asarray(v) for k, v in prompts.lm_batch(rows_p, rows_c, 28).items()}
-    logits = policy_lib.teacher_forced_logits(model, params, batch)
-    scored = np.asarray(losses.token_log_probs(logits, batch["decoder_target_tokens"]))
-    checked = 0
-    for r, (prompt, completion) in enumerate(zip(rows_p, rows_c)):
-        if 0 in completion:  # a sampled pad id is padding in a training batch (a trained LM never emits it)
-            continue
-        checked += 1
-        np.testing.assert_allclose(scored[r, len(prompt):len(prompt) + len(completion)],
-                                   lps[r // 2, r % 2, :len(completion)], atol=2e-5)
-    assert checked >= 4
+    batch = _batch()
+    with pytest.raises(ValueError, match="train.pack = False"):
+        model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                    decoder_segment_ids=batch["decoder_target_tokens"] > 0)
+
+
+def test_sampling_makes_the_prompts_training_scores(lm):
+    # Completions sampled through `decoding.sample` (the Grow path), scored back by teacher forcing
+    # (`decoding.token_scores`, the training layout): the same per-token log-probs.
+    model, params = lm
+    enc = decoding.pad_to_bucket(SOURCES, (8,))
+    out = decoding.sample(params, model, enc, jax.random.key(1), num_samples=2, max_decode_len=6, temperature=1.3)
+    batch = decoding.samples_to_batch(enc, out)
+    scored = np.asarray(decoding.token_scores(params, model, batch))
+    lengths = np.asarray(out.lengths).reshape(-1)
+    sampled = np.asarray(out.token_log_probs).reshape(len(lengths), -1)
+    rows = [r for r in range(len(lengths)) if 0 not in np.asarray(batch["decoder_target_tokens"])[r, :lengths[r]]]
+    assert len(rows) >= 4  # a sampled pad id is padding in a training batch (a trained LM never emits it)
+    for r in rows:
+        np.testing.assert_allclose(scored[r, :lengths[r]], sampled[r, :lengths[r]], atol=2e-5)
+    with pytest.raises(ValueError, match="encoder-decoder only"):
+        decoding.beam_search(params, model, enc)
+
+
+def test_build_network_follows_gin():
+    import gin  # pylint: disable=import-outside-toplevel
+
+    from rest_jax import gin_utils  # pylint: disable=import-outside-toplevel
+    from rest_jax.model import heads  # pylint: disable=import-outside-toplevel
+    from rest_jax.model import t5  # pylint: disable=import-outside-toplevel
+
+    try:
+        gin_utils.parse(["models/decoder_only/tiny.gin"], [gin_utils.Binding(text, "test") for text in (
+            "PromptFormat.template = '{source_language}: {source}\\n{target_language}:'",
+            "PromptFormat.source_language = 'De'", "PromptFormat.target_language = 'En'")])
+        model = policy_lib.build_network(_CharVocab())
+        assert isinstance(model, translation_lm.TranslationLM) and model.config.num_kv_heads == 2
+        assert (model.prompt_before, model.prompt_after) == (BEFORE, AFTER)
+        with pytest.raises(ValueError, match="needs its vocabulary"):
+            policy_lib.build_network()
+        with pytest.raises(ValueError, match="only the encoder-decoder"):
+            heads.build_value_network(model.config)
+        gin.clear_config()
+        gin_utils.parse(["models/tiny.gin"], [gin_utils.Binding("build_network.architecture = 'decoder-only'", "test")])
+        with pytest.raises(ValueError, match="one of .'encoder_decoder', 'decoder_only'"):
+            policy_lib.build_network(_CharVocab())
+        gin.clear_config()
+        gin_utils.parse(["models/tiny.gin"], [])
+        assert isinstance(policy_lib.build_network(), t5.Transformer)
+    finally:
+        gin.clear_config()

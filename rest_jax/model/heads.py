@@ -167,6 +167,10 @@ def build_value_network(policy_config: T5Config | None = None, config: T5Config 
       output: 'sigmoid' (V in [0, 1]) or 'linear' (unbounded).
       head_bias: Whether the value head has a bias.
     """
+    if policy_config is not None and not isinstance(policy_config, T5Config):
+        raise ValueError("Losses with a value network (PPO, BVMPO, OAC, ...) start it from the policy's trunk, which "
+                         "only the encoder-decoder policy has: with a decoder-only policy choose a loss without one "
+                         "(Improve: bc, rwbc, gold, dpo, ipo; online: grpo, rloo).")
     config = config if config is not None else policy_config if policy_config is not None else T5Config()
     return ValueNetwork(config, output=output, head_bias=head_bias)
 
