@@ -380,16 +380,18 @@ def check_dpo(work, proc):
     assert improve["loss"] == "dpo" and improve["filter"]["method"] == "none"
 
 
-def check_online(algorithm):
+def check_online(algorithm, run=None, bc_run="demo"):
+    run = run or f"demo_{algorithm}"
+
     def check(work, proc):
-        report = json.loads((work / f"runs/demo_{algorithm}/report.json").read_text())
+        report = json.loads((work / f"runs/{run}/report.json").read_text())
         assert report["algorithm"] == algorithm
         assert [r["name"] for r in report["rows"]] == ["BC G=0 I=0", f"{algorithm.upper()} (2 it.)"]
-        # Two iterations of 8 sources x 4 samples, each sample scored once; the policy starts from runs/demo's BC.
+        # Two iterations of 8 sources x 4 samples, each sample scored once; the policy starts from the BC run's.
         assert report["cost"]["reward_calls"] == 2 * 8 * 4
-        stage = json.loads((work / f"runs/demo_{algorithm}/online/stage.json").read_text())
+        stage = json.loads((work / f"runs/{run}/online/stage.json").read_text())
         assert [c[0] for c in stage["curve"]] == [0, 1, 2]
-        bc = json.loads((work / "runs/demo/bc/stage.json").read_text())
+        bc = json.loads((work / f"runs/{bc_run}/bc/stage.json").read_text())
         assert report["stages"][0]["checkpoint"] == bc["checkpoint"]
     return check
 
@@ -495,6 +497,10 @@ RULES: list[tuple[str, Rule]] = [
      Rule("run", extra=tuple(SMALL_REST), check=check_bfloat16_run)),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",
      Rule("run", extra=tuple(SMALL_REST), check=check_decoder_only_run)),
+    (r"^python -m rest_jax\.main online --gin_file=experiments/demo_decoder_only\.gin --gin_file=runs/grpo\.gin ",
+     Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE),
+          after=(r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",),
+          check=check_online("grpo", run="demo_lm_grpo", bc_run="demo_lm"))),
     (r"^rest_jax train --gin_file=runs/finetune\.gin ",
      Rule("run", extra=tuple(SMALL["train"]), after=(README_MAIN,), check=check_finetune)),
     (r"^rest_jax train --gin_file=models/tiny\.gin --gin\.MODEL_DIR=\"'runs/demo_bc'\"",
