@@ -406,6 +406,12 @@ def check_multi30k(work, proc):
     assert report["rows"][0]["name"] == "BC G=0 I=0"
 
 
+def check_multi30k_lm(work, proc):
+    report = json.loads((work / "runs/m30k_lm/report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["BC G=0 I=0", "ReST G=1 I=0", "ReST G=1 I=1"]
+    assert "build_network.architecture = 'decoder_only'" in (work / "runs/m30k_lm/config.gin").read_text()
+
+
 def check_notebook(work, proc):
     import nbformat  # pylint: disable=import-outside-toplevel
 
@@ -484,6 +490,8 @@ RULES: list[tuple[str, Rule]] = [
     (r"^pip install -e \"\.\[test\]\" && (python -m pytest -q -m \"not slow\")$", Rule("ci")),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/multi30k_de_en\.gin ",
      Rule("run", "real data (../shared), tiny sizes", extra=_small_multi30k(), check=check_multi30k, slow=True)),
+    (r"^python -m rest_jax\.main rest --gin_file=experiments/multi30k_decoder_only\.gin ",
+     Rule("run", "real data (../shared), tiny sizes", extra=_small_multi30k(), check=check_multi30k_lm, slow=True)),
     (r"^scripts/multi30k_study\.sh 0 1 2$",
      Rule("run", "real data (../shared), tiny sizes", extra=_small_study(), check=check_study, slow=True,
           substitute=(("scripts/", "{repo}/scripts/"),))),
