@@ -45,11 +45,13 @@ from etils import epath
 from flax import serialization
 
 from rest_jax import tree as tree_lib
+from rest_jax.model import lora as lora_lib
 
 PyTree = Any
 
 _STATE = "state"
 _METADATA = "metadata"
+LORA_KEY = "lora"  # metadata of a checkpoint of low-rank adapters (`lora_metadata`)
 _COMMIT_MARKER = "commit_success.txt"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 # errno values that mean "the disk (or quota, or file-size limit) is full"; tensorstore reports them
@@ -568,6 +570,22 @@ def _find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
     return path / str(step)
 
 
+def step_directory(path: str | os.PathLike, step: int | None = None) -> str:
+    """The step directory `load_params(path, step=step)` reads (the latest complete step by default)."""
+    return os.fspath(_find_step_dir(_absolute(path), step))
+
+
+def lora_metadata(base_step_dir: str | os.PathLike, step_dir: str | os.PathLike, scale: float,
+                  rank: int) -> dict[str, Any]:
+    """Metadata that makes a checkpoint of low-rank adapters (`rest_jax.model.lora`) load as a whole policy:
+    the adapted checkpoint's step directory (relative to `step_dir` when both are local, so a run directory
+    can move) and the adapters' scale."""
+    base = os.fspath(base_step_dir)
+    if "://" not in base and "://" not in os.fspath(step_dir):
+        base = os.path.relpath(os.path.abspath(base), os.path.abspath(os.fspath(step_dir)))
+    return {LORA_KEY: {"base": base, "scale": float(scale), "rank": int(rank)}}
+
+
 def load_params(path: str | os.PathLike, target: PyTree | None = None, step: int | None = None,
                 shardings: PyTree | None = None) -> PyTree:
     """Only the parameters of a checkpoint (no optimizer state is read), e.g. for sampling or Improve.
@@ -580,13 +598,25 @@ def load_params(path: str | os.PathLike, target: PyTree | None = None, step: int
       shardings: Shardings matching `target`.
 
     Returns:
-      The parameter pytree (nested dicts with T5X names).
+      The parameter pytree (nested dicts with T5X names). A checkpoint of low-rank adapters (metadata
+      `lora_metadata`) returns the parameters of the checkpoint it adapts with the adapters merged in.
 
     Raises:
       CheckpointCorruptError: the step's files changed since the save or cannot be read.
     """
     step_dir = _find_step_dir(_absolute(path), step)
     verify_step(step_dir)
+    meta = _read_json(step_dir)
+    if LORA_KEY in meta:
+        lora = meta[LORA_KEY]
+        base = lora["base"] if "://" in lora["base"] else os.path.normpath(os.path.join(step_dir, lora["base"]))
+        params = load_params(base, target=target, shardings=shardings)
+        merged = lora_lib.merge(params, _stored_params(step_dir, None, None), lora["scale"])
+        return merged if shardings is None else jax.device_put(merged, shardings)
+    return _stored_params(step_dir, target, shardings)
+
+
+def _stored_params(step_dir: epath.Path, target: PyTree | None, shardings: PyTree | None) -> PyTree:
     if target is None:
         with _reading(step_dir):
             stored = _stored_tree(step_dir / _STATE)

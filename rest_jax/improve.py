@@ -66,6 +66,7 @@ from rest_jax.data import grow_store as store_lib
 from rest_jax.io import atomic
 from rest_jax.io import console
 from rest_jax.model import heads
+from rest_jax.model import lora as lora_lib
 
 Batch = dict[str, np.ndarray]
 PyTree = Any
@@ -137,7 +138,7 @@ def _resolve_value_training(value_training: str | None, needs: LossNeeds, loss_n
 
 def make_improve_loss_fn(model: Any, loss: Callable[..., Any], value_model: Any = None, *,
                          needs: LossNeeds | None = None, value_training: str = "frozen",
-                         anchor_is_bc: bool = False) -> Callable[..., Any]:
+                         anchor_is_bc: bool = False, lora_scale: float | None = None) -> Callable[..., Any]:
     """`(params, batch, rng) -> (loss, aux)` for `trainer.make_train_step`, around an Improve loss.
 
     With the default `needs` (BC-like losses) `params` is the policy's tree and the loss sees
@@ -146,7 +147,8 @@ def make_improve_loss_fn(model: Any, loss: Callable[..., Any], value_model: Any 
     the frozen `batch[FROZEN_KEY]['value']` under stop_gradient), `bc_logits` / `old_logits` from the frozen
     policies `batch[FROZEN_KEY]['bc']` / `['anchor']` (no dropout, no gradient; `anchor_is_bc` reuses the BC
     logits when the two are the same network), and the V-MPO multipliers `params['vmpo']`. The update count
-    `batch[STEP_KEY]` (0 when absent) is passed as the loss's `step` (BVMPO's λ annealing).
+    `batch[STEP_KEY]` (0 when absent) is passed as the loss's `step` (BVMPO's λ annealing). With `lora_scale`,
+    `params` are low-rank adapters (`rest_jax.model.lora`) of the frozen `batch[FROZEN_KEY]['base']` policy.
     """
     needs = needs if needs is not None else LossNeeds()
     composite = needs.value or needs.vmpo
@@ -168,7 +170,10 @@ def make_improve_loss_fn(model: Any, loss: Callable[..., Any], value_model: Any 
         def frozen_apply(net: Any, p: PyTree) -> jax.Array:
             return jax.lax.stop_gradient(net.apply({"params": p}, enc, dec, enable_dropout=False))
 
-        policy_params = params["policy"] if composite else params
+        if lora_scale is not None:
+            policy_params = lora_lib.merge(need_frozen("base"), params, lora_scale)
+        else:
+            policy_params = params["policy"] if composite else params
         logits = model.apply({"params": policy_params}, enc, dec, enable_dropout=rng is not None,
                              rngs=None if rng is None else {"dropout": rng})
         outputs = {"logits": logits}
@@ -373,6 +378,15 @@ def _check_arguments(value_pretrain_data: str, reference_fraction: float | None,
                          "one source's rows, not on a mix of references and samples; set it to None.")
 
 
+def _check_lora(lora: lora_lib.LoraConfig, composite: bool, policy: policy_lib.Policy) -> None:
+    if composite:
+        raise ValueError("improve_step.lora: the losses with a value network or V-MPO multipliers (oac, bvmpo) train "
+                         "the whole policy; use LoRA with bc, rwbc, gold, dpo or ipo.")
+    if policy.checkpoint is None:
+        raise ValueError("improve_step.lora: the start policy must be a checkpoint's (policy.load_policy): the "
+                         "adapters are saved with the path of the checkpoint they adapt.")
+
+
 def _frozen_policies(model: Any, policy_params: PyTree, bc_policy: PyTree | str | None, needs: LossNeeds,
                      moving_anchor: bool, mesh: Any, rules: Any) -> tuple[dict[str, Any], bool]:
     """The fixed policies a loss reads: BVMPO's/GOLD's BC policy and BVMPO's trust-region anchor.
@@ -407,7 +421,8 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
                  value_pretrain_data: str = "grow", value_training: str | None = None,
                  vmpo_init_eta: float = 1.0, vmpo_init_alpha: float = 1.0,
                  anchor_period: int | None = 100,
-                 reference_fraction: float | None = None) -> tuple[Any, dict[str, Any]]:
+                 reference_fraction: float | None = None,
+                 lora: lora_lib.LoraConfig | None = None) -> tuple[Any, dict[str, Any]]:
     """One Improve step on Grow data; returns (best policy params, result).
 
     Args:
@@ -449,6 +464,9 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
       vmpo_init_eta, vmpo_init_alpha: BVMPO's initial temperature η and KL multiplier α.
       anchor_period: Updates between moves of BVMPO's trust-region anchor to the current policy (V-MPO's
         target-network period, 100); None keeps the policy that started the step for the whole step.
+      lora: Train low-rank adapters of the policy instead of all its parameters (gin:
+        `improve_step.lora = @LoraConfig()`, `LoraConfig.rank`); the step's checkpoint then holds the adapters
+        and the start checkpoint's path, and loads as a whole policy. None: full fine-tuning.
     """
     started = time.perf_counter()
     feature_lengths = dict(feature_lengths or {"inputs": 128, "targets": 128})
@@ -498,11 +516,18 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
     if not composite:
         trainable, boxed = trainable["policy"], boxed["policy"]
     policy_of = (lambda p: p["policy"]) if composite else (lambda p: p)  # noqa: E731
+    if lora is not None:
+        _check_lora(lora, composite, policy)
+        adapters = lora_lib.init_adapters(policy_params, lora, jax.random.key(seed))
+        frozen["base"] = policy_params
+        trainable = partitioning.Partitioner.create(mesh, rules).place(adapters)[0]  # small: replicated
+        boxed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapters)
+        policy_of = lambda p: lora_lib.merge(frozen["base"], p, lora.scale)  # noqa: E731
 
     state, shardings = trainer.state_from_params(trainable, optimizer, boxed,
                                                  partitioning.Partitioner.create(mesh, rules))
     loss_fn = make_improve_loss_fn(model, loss, value_model, needs=needs, value_training=value_mode,
-                                   anchor_is_bc=anchor_is_bc)
+                                   anchor_is_bc=anchor_is_bc, lora_scale=None if lora is None else lora.scale)
     train_step = trainer.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
                                          dropout_seed=seed)
     data_shard = partitioning.data_shard_info(mesh, rules)
@@ -529,11 +554,14 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
             max_input_length=feature_lengths["inputs"], max_decode_length=feature_lengths["targets"]).first()
         return evaluate.mean_reward(reward, val_sources, hyps, val_refs)
 
-    best = {"params": jax.device_get(policy.params)}
+    best = {"params": jax.device_get(policy.params), "trained": jax.device_get(trainable)}
 
     def keep_best(st: trainer.TrainState, step: int) -> None:
         del step  # On the host, the same on every process (a model axis may split them across processes).
-        best["params"] = partitioning.Partitioner.create(mesh, rules).gather(policy_of(st.params))
+        part = partitioning.Partitioner.create(mesh, rules)
+        best["params"] = part.gather(policy_of(st.params))
+        if lora is not None:
+            best["trained"] = part.gather(st.params)
 
     def move_anchor(loop: trainer.Loop) -> None:
         frozen["anchor"] = copy_params(policy_of(loop.state.params))
@@ -560,12 +588,17 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
     step, last_loss = int(jax.device_get(state.step)), summary.get("loss", float("nan"))
     best_params, best_reward, best_step = best["params"], validate.best_value, validate.best_step or 0
     curve = [(0, initial), *validate.curve]
-    # Only the policy is saved: evaluation and Grow load it as any T5X-named policy checkpoint.
+    # Only the policy is saved: evaluation and Grow load it as any T5X-named policy checkpoint (with LoRA, its
+    # adapters and the start checkpoint they adapt, which `ckpt_lib.load_params` merges).
     manager = ckpt_lib.CheckpointManager(os.path.join(out_dir, "checkpoints"), keep=1, period=1)
+    meta = {"improve_index": improve_index, "validation_reward": best_reward, "loss": loss_name}
+    if lora is not None:
+        meta.update(ckpt_lib.lora_metadata(policy.checkpoint, manager.step_dir(max(best_step, 1)), lora.scale,
+                                           lora.rank))
     # Placed on the mesh: a multi-process save takes global arrays only (each process writes its part).
-    saved, _ = partitioning.Partitioner.create(mesh, rules).place(trainer.TrainState.create(best_params, optimizer))
-    manager.save(max(best_step, 1), saved, force=True,
-                 metadata={"improve_index": improve_index, "validation_reward": best_reward, "loss": loss_name})
+    saved, _ = partitioning.Partitioner.create(mesh, rules).place(trainer.TrainState.create(
+        best["trained"] if lora is not None else best_params, optimizer))
+    manager.save(max(best_step, 1), saved, force=True, metadata=meta)
     manager.close()
     result = {"improve_index": improve_index, "best_step": best_step, "validation_reward": best_reward,
               "curve": curve, "kept_fraction": fres.kept_fraction, "num_kept": fres.num_kept,
@@ -576,6 +609,9 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
               "seconds": time.perf_counter() - started}
     if needs.value:
         result.update(value_pretrain=value_summary, value_training=value_mode)
+    if lora is not None:
+        result["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
+                          "base": policy.checkpoint, "trained_parameters": int(sum(np.size(x) for x in jax.tree.leaves(best["trained"])))}
     kept_by = (f"threshold {fres.value:.3g}:" if filter_method == "threshold" and fres.value is not None
                else f"filter {filter_method}:")
     speed = metrics_lib.throughput(summary["tokens_per_sec"], flops / summary["step_time_sec"], model.config.dtype)

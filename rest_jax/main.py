@@ -330,7 +330,8 @@ CONFIGURABLE_MODULES = (
     "rest_jax.train", "rest_jax.trainer",
     "rest_jax.data.demo_corpus", "rest_jax.data.grow_store.writer", "rest_jax.data.prompts",
     "rest_jax.data.task_vocab", "rest_jax.data.tasks",
-    "rest_jax.data.vocab", "rest_jax.model.decoder_only", "rest_jax.model.heads", "rest_jax.model.t5",
+    "rest_jax.data.vocab", "rest_jax.model.decoder_only", "rest_jax.model.heads", "rest_jax.model.lora",
+    "rest_jax.model.t5",
     "rest_jax.rewards.learned", "rest_jax.rewards.metricx", "rest_jax.rewards.sacrebleu_rewards",
 )
 

@@ -147,11 +147,13 @@ class Policy:
         `translation_lm.TranslationLM`, T5X parameter names either way).
       params: Its parameters (host or placed arrays).
       vocab: The SentencePiece (or any seqio) vocabulary of sources and targets.
+      checkpoint: The step directory `params` were loaded from (`load_policy`); None once they change.
     """
 
     model: nn.Module
     params: Any
     vocab: Any
+    checkpoint: str | None = None
 
     def __post_init__(self):
         vocab_lib.check_fits_model(self.vocab, self.model.config.vocab_size, "The vocabulary",
@@ -164,7 +166,7 @@ class Policy:
 
     def replace(self, params: Any) -> "Policy":
         """The same network and vocabulary with other parameters (e.g. a training step's)."""
-        return dataclasses.replace(self, params=params)
+        return dataclasses.replace(self, params=params, checkpoint=None)
 
     def score(self, source_tokens: Sequence[Sequence[int]], target_tokens: Sequence[Sequence[int]],
               batch_size: int = 64) -> list[np.ndarray]:
@@ -272,5 +274,5 @@ def load_policy(checkpoint: str, vocabulary: str, step: int | None = None) -> Po
     vocab = vocab_lib.load_vocabulary(vocabulary)
     model = build_network(vocab)
     abstract = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.PRNGKey(0))))
-    params = checkpoints.load_params(checkpoint, target=abstract, step=step)
-    return Policy(model, params, vocab)
+    step_dir = checkpoints.step_directory(checkpoint, step)
+    return Policy(model, checkpoints.load_params(step_dir, target=abstract), vocab, step_dir)
