@@ -90,8 +90,10 @@ def test_logits_equal_the_plain_lm_on_each_row_alone(lm):
 def test_the_loss_covers_the_completion_only(lm):
     model, params = lm
     loss, aux = policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0)(params, _batch(), None)
-    nll = sum(-float(_alone(model, params, s, t)[j, tok]) for s, t in zip(SOURCES, TARGETS) for j, tok in
-              enumerate(t))
+    nll = 0.0
+    for source, target in zip(SOURCES, TARGETS):
+        alone = np.asarray(_alone(model, params, source, target))
+        nll -= sum(float(alone[j, tok]) for j, tok in enumerate(target))
     count = sum(len(t) for t in TARGETS)
     assert float(aux["num_tokens"]) == count
     np.testing.assert_allclose(float(loss), nll / count, rtol=1e-5)
@@ -152,7 +154,7 @@ def test_build_network_follows_gin():
         gin.clear_config()
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 4), (8, 1)])
+@pytest.mark.parametrize("mesh_shape", [(2, 4)])
 def test_sharded_train_steps_match_one_device(lm, mesh_shape):
     # Three AdamW steps of BC on a decoder-only policy: 8 simulated devices (data x model) against one device.
     from rest_jax import optim  # pylint: disable=import-outside-toplevel
