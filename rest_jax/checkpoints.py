@@ -570,6 +570,11 @@ def _find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
     return path / str(step)
 
 
+def read_metadata(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata a step was saved with (`CheckpointManager.save`'s `metadata`)."""
+    return _read_json(_absolute(step_dir))
+
+
 def step_directory(path: str | os.PathLike, step: int | None = None) -> str:
     """The step directory `load_params(path, step=step)` reads (the latest complete step by default)."""
     return os.fspath(_find_step_dir(_absolute(path), step))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -63,6 +63,22 @@ def build_network(vocab: Any = None, architecture: str = "encoder_decoder",
     before, after = (prompt_format or prompts.PromptFormat()).pieces(vocab)
     return translation_lm.TranslationLM(decoder_only.DecoderOnlyConfig(), prompt_before=before, prompt_after=after,
                                         eos_id=EOS_ID)
+
+
+def prompt_record(model: nn.Module) -> dict[str, list[int]] | None:
+    """The prompt tokens a decoder-only network asks with (saved in its checkpoints' metadata), else None."""
+    if not isinstance(model, translation_lm.TranslationLM):
+        return None
+    return {"before": list(model.prompt_before), "after": list(model.prompt_after)}
+
+
+def check_prompt(model: nn.Module, metadata: Mapping[str, Any], checkpoint: str) -> None:
+    """Refuses a decoder-only checkpoint trained with other prompt tokens than `model` makes: its translations
+    would be silently poor."""
+    recorded, mine = metadata.get("prompt"), prompt_record(model)
+    if recorded is not None and mine is not None and recorded != mine:
+        raise ValueError(f"{checkpoint} was trained with the prompt tokens {recorded}, but this run's PromptFormat "
+                         f"makes {mine}: bind PromptFormat.* as the run that trained it did (its config.gin).")
 
 
 def init_params(model: nn.Module, rng: jax.Array) -> PyTree:
@@ -275,4 +291,5 @@ def load_policy(checkpoint: str, vocabulary: str, step: int | None = None) -> Po
     model = build_network(vocab)
     abstract = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.PRNGKey(0))))
     step_dir = checkpoints.step_directory(checkpoint, step)
+    check_prompt(model, checkpoints.read_metadata(step_dir), step_dir)
     return Policy(model, checkpoints.load_params(step_dir, target=abstract), vocab, step_dir)

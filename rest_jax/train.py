@@ -138,6 +138,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
         state, restored_meta = manager.restore(abstract, shardings=shardings)
         _check_same_vocabulary(restored_meta.get("vocabulary"), vocabulary,
                                str(manager.step_dir(manager.latest_step())))
+        policy_lib.check_prompt(model, restored_meta, str(manager.step_dir(manager.latest_step())))
         console.logger.info("Resuming from %s (step %d).", manager.step_dir(manager.latest_step()), int(state.step))
         if restored_meta.get("task") not in (None, task):
             logging.warning("The checkpoint was trained on task %r, this run uses %r.", restored_meta["task"], task)
@@ -180,6 +181,8 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     meta = {"task": task, "train_split": train_split, "seed": seed, "batch_size": batch_size,
             "feature_lengths": lengths, "model_config": atomic.jsonable(dataclasses.asdict(config)),
             "vocabulary": vocabulary}
+    if policy_lib.prompt_record(model) is not None:
+        meta["prompt"] = policy_lib.prompt_record(model)
     advice = trainer.error_advice(memory_knobs=("train.batch_size", "train.feature_lengths"),
                                   last_checkpoint=lambda: trainer.describe_last_checkpoint(manager))
     with metrics_lib.MetricWriter(model_dir, "train") as writer, metrics_lib.MetricWriter(model_dir, "eval") as ev, \

@@ -228,6 +228,10 @@ def check_decoder_only_run(work, proc):
         policy = run_inspect.load_stage_policy(run, "bc")
         assert isinstance(policy.model, translation_lm.TranslationLM)
         scores = policy.score(list(rows["source_tokens"]), list(rows["candidate_tokens"]))
+        # Another prompt than the one the checkpoint was trained with is refused, not silently used.
+        run_inspect.load_run_config(run, bindings=["PromptFormat.target_language = 'yy'"])
+        with pytest.raises(ValueError, match="trained with the prompt tokens"):
+            run_inspect.load_stage_policy(run, "final", configure=False)
     finally:
         gin.clear_config()
     np.testing.assert_allclose([s.sum() for s in scores], rows["behaviour_logprob_sum"], rtol=1e-4, atol=1e-3)
