@@ -119,10 +119,31 @@ def params_from_hf(state: Mapping[str, Any], config: DecoderOnlyConfig, source: 
     return jax.tree_util.tree_map(jnp.asarray, tree_lib.unflatten(flat))
 
 
-def load_hf_checkpoint(path: str | os.PathLike) -> tuple[DecoderOnlyConfig, Params]:
-    """Loads a HF Llama / Mistral / Gemma folder (config.json + weights) as (DecoderOnlyConfig, params)."""
+def renumber_vocabulary(params: Params, hf_ids: np.ndarray) -> Params:
+    """`params` for token ids renumbered by `hf_ids` (rest id -> tokenizer id, `vocab.HuggingFaceVocabulary`):
+    row r of the embedding (and column r of an untied output projection) becomes the tokenizer's row hf_ids[r]."""
+    flat = dict(tree_lib.flatten(params))
+    rows = flat["token_embedder/embedding"].shape[0]
+    if len(hf_ids) > rows:
+        raise ValueError(f"The tokenizer has {len(hf_ids)} ids but the model's vocabulary {rows}.")
+    # Ids past the tokenizer's (padding rows of the embedding table) keep their place.
+    order = np.concatenate([np.asarray(hf_ids), np.arange(len(hf_ids), rows)])
+    flat["token_embedder/embedding"] = jnp.asarray(flat["token_embedder/embedding"])[order]
+    if "decoder/logits_dense/kernel" in flat:
+        flat["decoder/logits_dense/kernel"] = jnp.asarray(flat["decoder/logits_dense/kernel"])[:, order]
+    return tree_lib.unflatten(flat)
+
+
+def load_hf_checkpoint(path: str | os.PathLike, vocab: Any = None) -> tuple[DecoderOnlyConfig, Params]:
+    """Loads a HF Llama / Mistral / Gemma folder (config.json + weights) as (DecoderOnlyConfig, params).
+
+    With `vocab` (the folder's tokenizer as a `vocab.HuggingFaceVocabulary`), the token rows are renumbered to
+    its ids (pad 0, EOS 1), so the model runs in rest_jax's ReST loop on that vocabulary.
+    """
     folder = epath.Path(path)
     hf, config_path = convert.read_hf_config(folder)
     config = config_from_hf(hf, config_path)
     state, source = convert.read_hf_weights(folder)
-    return config, params_from_hf(state, config, source)
+    params = params_from_hf(state, config, source)
+    hf_ids = getattr(vocab, "hf_ids", None)
+    return config, params if hf_ids is None else renumber_vocabulary(params, hf_ids)

@@ -33,7 +33,7 @@ import numpy as np
 from rest_jax.data.vocab import EOS_ID, PAD_ID
 from rest_jax.model.decoder_only import DecoderOnly, DecoderOnlyConfig
 from rest_jax.model.t5 import T5Config, Transformer
-from rest_jax.model.translation_lm import TranslationLM, prompt_tokens
+from rest_jax.model.translation_lm import TranslationLM
 
 Array = jax.Array
 PyTree = Any
@@ -317,8 +317,7 @@ def sample(params: PyTree, model_or_config: Transformer | TranslationLM | T5Conf
         if ignore_eos:
             raise ValueError("ignore_eos is for the encoder-decoder sampler (benchmarks).")
         _check_tokens("encoder_input_tokens", encoder_input_tokens)
-        prompt, mask = prompt_tokens(encoder_input_tokens, model_or_config.prompt_before,
-                                     model_or_config.prompt_after, model_or_config.eos_id)
+        prompt, mask = model_or_config.prompts(encoder_input_tokens)
         return sample_lm(params, model_or_config, prompt, mask, rng, num_samples=num_samples,
                          max_decode_len=max_decode_len, temperature=temperature, top_k=top_k, top_p=top_p,
                          stop_ids=(eos_id,), top_p_candidates=top_p_candidates)

@@ -61,15 +61,17 @@ def build_network(vocab: Any = None, architecture: str = "encoder_decoder",
     if vocab is None:
         raise ValueError("A decoder-only policy needs its vocabulary to encode the prompt template.")
     before, after = (prompt_format or prompts.PromptFormat()).pieces(vocab)
+    # A Hugging Face tokenizer's BOS opens the prompt, as in the LM's pre-training (`vocab.HuggingFaceVocabulary`).
     return translation_lm.TranslationLM(decoder_only.DecoderOnlyConfig(), prompt_before=before, prompt_after=after,
-                                        eos_id=EOS_ID)
+                                        eos_id=EOS_ID, start_id=getattr(vocab, "prompt_start_id",
+                                                                        translation_lm.START_ID))
 
 
 def prompt_record(model: nn.Module) -> dict[str, list[int]] | None:
     """The prompt tokens a decoder-only network asks with (saved in its checkpoints' metadata), else None."""
     if not isinstance(model, translation_lm.TranslationLM):
         return None
-    return {"before": list(model.prompt_before), "after": list(model.prompt_after)}
+    return {"before": [model.start_id, *model.prompt_before], "after": list(model.prompt_after)}
 
 
 def check_prompt(model: nn.Module, metadata: Mapping[str, Any], checkpoint: str) -> None:

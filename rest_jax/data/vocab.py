@@ -1,4 +1,4 @@
-"""SentencePiece vocabularies: train one on sentences, or load an existing one.
+"""Vocabularies: SentencePiece (train one on sentences, or load an existing one) and Hugging Face tokenizers.
 
 ReST (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 4) trains its translation
 policies from scratch on each task with a joint source-target SentencePiece
@@ -6,20 +6,31 @@ vocabulary of 32k pieces. The ids follow T5: pad=0, eos=1, unk=2 and no BOS, so
 models and checkpoints interoperate with T5X and with T5/mT5 `.model` files,
 which `load_vocabulary` accepts by path (local or gs://).
 
+A Hugging Face tokenizer (`tokenizer.json`, for converted Llama/Mistral/Gemma checkpoints, issue 17) loads as
+`HuggingFaceVocabulary`, its ids renumbered so that pad = 0 and EOS = 1: rest_jax, like T5X, reserves those two
+ids everywhere (batches, Grow stores, samplers, losses), where Llama 2 has <unk> 0, <s> 1, </s> 2 and Llama 3
+'!' 0 and no pad. One permutation swaps the pad token into 0 and the EOS into 1;
+`rest_jax.convert_lm.load_hf_checkpoint(folder, vocab)` permutes the embedding and output rows the same way,
+so a converted model computes on renumbered ids exactly what it computed before. A decoder-only prompt starts
+with the tokenizer's BOS when it has one (`prompt_start_id`), as the checkpoint saw in pre-training.
+
 A task's vocabulary (its text, the `vocab` subcommand, a run's own copy) is `rest_jax.data.task_vocab`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import gin
+import numpy as np
 import seqio
 import sentencepiece as spm
 import tensorflow as tf
+import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 
 from rest_jax.io import atomic
@@ -157,17 +168,19 @@ class _BytesWriter:
 
 
 @gin.configurable(denylist=["path"])
-def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
-    """Loads a SentencePiece model by path (local or gs://), checking T5 ids.
+def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.Vocabulary:
+    """Loads a SentencePiece model by path (local or gs://), checking T5 ids, or a Hugging Face tokenizer.
 
     Args:
       path: a `.model` file (ours, T5's or mT5's), or a directory holding
-        `sentencepiece.model`.
+        `sentencepiece.model`; or a tokenizer.json, or a directory holding one (`HuggingFaceVocabulary`).
       extra_ids: sentinel ids appended at the end (T5 pre-training uses 100).
 
     Returns:
-      The vocabulary, with pad=0, eos=1, unk=2.
+      The vocabulary, with pad=0, eos=1 (and unk=2 for SentencePiece).
     """
+    if is_hf_tokenizer(path):
+        return HuggingFaceVocabulary(path)
     if tf.io.gfile.isdir(path):
         path = os.path.join(path, DEFAULT_MODEL_NAME)
     if not tf.io.gfile.exists(path):
@@ -208,10 +221,128 @@ def check_fits_model(vocabulary: seqio.Vocabulary, model_vocab_size: int, what: 
 
 
 def vocab_fingerprint(vocab: str | os.PathLike | seqio.Vocabulary) -> str:
-    """sha256 of the vocabulary file (a path, or a SentencePieceVocabulary's model file)."""
-    path = getattr(vocab, "sentencepiece_model_file", vocab)
+    """sha256 of the vocabulary file (a path, or a SentencePieceVocabulary's model file, or the tokenizer.json
+    of a Hugging Face tokenizer or its folder)."""
+    path = getattr(vocab, "sentencepiece_model_file", None) or getattr(vocab, "path", vocab)
+    if isinstance(path, (str, os.PathLike)) and tf.io.gfile.isdir(os.fspath(path)) and is_hf_tokenizer(
+            os.fspath(path)):
+        path = os.path.join(os.fspath(path), TOKENIZER_FILE)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"Cannot fingerprint vocabulary {vocab!r}: give the SentencePiece model file path.")
     with tf.io.gfile.GFile(os.fspath(path), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+
+
+def _token_name(value: Any) -> str | None:
+    """A special token from tokenizer_config.json: a string, or an AddedToken dict with 'content'."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def is_hf_tokenizer(path: str) -> bool:
+    """Whether `path` is a tokenizer.json or a folder holding one."""
+    return os.path.basename(path) == TOKENIZER_FILE or tf.io.gfile.exists(os.path.join(path, TOKENIZER_FILE))
+
+
+class HuggingFaceVocabulary(seqio.Vocabulary):
+    """A `tokenizers` tokenizer with pad = 0 and EOS = 1 (ids renumbered; see the module docstring).
+
+    Args:
+      path: A folder with tokenizer.json (and tokenizer_config.json, which names the special tokens), or the
+        tokenizer.json itself.
+      pad_token: The token that becomes id 0; default the config's pad_token, else its unk_token. Tokenizers
+        with neither (Llama 3) need one named, e.g. '<|reserved_special_token_0|>'.
+      eos_token: Default the config's eos_token.
+    """
+
+    def __init__(self, path: str, pad_token: str | None = None, eos_token: str | None = None):
+        folder = os.path.dirname(path) if os.path.basename(path) == TOKENIZER_FILE else path
+        file = os.path.join(folder, TOKENIZER_FILE)
+        if not tf.io.gfile.exists(file):
+            raise FileNotFoundError(f"No {TOKENIZER_FILE} at {folder}.")
+        with tf.io.gfile.GFile(file) as f:
+            self._tokenizer = tokenizers.Tokenizer.from_str(f.read())
+        config: dict[str, Any] = {}
+        if tf.io.gfile.exists(os.path.join(folder, CONFIG_FILE)):
+            with tf.io.gfile.GFile(os.path.join(folder, CONFIG_FILE)) as f:
+                config = json.load(f)
+        self.path = file
+        pad_token = pad_token or _token_name(config.get("pad_token")) or _token_name(config.get("unk_token"))
+        eos_token = eos_token or _token_name(config.get("eos_token"))
+        bos_token = _token_name(config.get("bos_token"))
+        for what, token in (("pad", pad_token), ("eos", eos_token)):
+            if token is None:
+                raise ValueError(f"{folder}: {CONFIG_FILE} names no {what} token; pass {what}_token= (a special "
+                                 "token the model never needs to predict, for pad).")
+        size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        hf_pad, hf_eos = (self._token_id(t, folder) for t in (pad_token, eos_token))
+        if hf_pad == hf_eos:
+            raise ValueError(f"{folder}: the pad and EOS tokens are the same ({pad_token!r}); name another pad_token.")
+        # rest id -> tokenizer id: swap the pad into 0 and the EOS into 1.
+        hf_of = np.arange(size)
+        for rest_id, hf_id in ((PAD_ID, hf_pad), (EOS_ID, hf_eos)):
+            where = int(np.flatnonzero(hf_of == hf_id)[0])
+            hf_of[rest_id], hf_of[where] = hf_of[where], hf_of[rest_id]
+        self.hf_ids = hf_of
+        self._rest_of = np.argsort(hf_of)
+        self.prompt_start_id = int(self._rest_of[self._token_id(bos_token, folder)]) if bos_token else PAD_ID
+        super().__init__(extra_ids=0)
+
+    def _token_id(self, token: str, folder: str) -> int:
+        found = self._tokenizer.token_to_id(token)
+        if found is None:
+            raise ValueError(f"{folder}: the token {token!r} is not in {TOKENIZER_FILE}.")
+        return int(found)
+
+    def to_hf(self, ids: Iterable[int]) -> list[int]:
+        """Tokenizer ids of rest_jax ids."""
+        return [int(self.hf_ids[i]) for i in ids]
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def unk_id(self) -> int | None:
+        return None
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return len(self.hf_ids)
+
+    def _encode(self, s: str) -> Sequence[int]:
+        return [int(self._rest_of[i]) for i in self._tokenizer.encode(s, add_special_tokens=False).ids]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        # seqio.Vocabulary.decode has cut at EOS and dropped padding already.
+        return self._tokenizer.decode(self.to_hf(int(i) for i in ids), skip_special_tokens=True)
+
+    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+        def encode(text: tf.Tensor) -> np.ndarray:
+            return np.asarray(self._encode(text.numpy().decode("utf-8")), np.int32)
+
+        ids = tf.py_function(encode, [s], tf.int32)
+        ids.set_shape([None])
+        return ids
+
+    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        def decode(row: tf.Tensor) -> bytes:
+            return self._decode([i for i in row.numpy().tolist() if i > 0]).encode("utf-8")
+
+        return tf.py_function(decode, [ids], tf.string)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, HuggingFaceVocabulary) and other.path == self.path and \
+            np.array_equal(other.hf_ids, self.hf_ids)
+
+    def __hash__(self) -> int:
+        return hash((self.path, tuple(self.hf_ids[:2])))

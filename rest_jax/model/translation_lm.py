@@ -29,16 +29,16 @@ START_ID = 0  # T5X's decoder start token; it opens every prompt (and is real th
 
 
 def prompt_tokens(encoder_input_tokens: Array, before: Sequence[int], after: Sequence[int],
-                  eos_id: int) -> tuple[Array, Array]:
+                  eos_id: int, start_id: int = START_ID) -> tuple[Array, Array]:
     """Left-padded prompts [b, W] and their mask (True on real tokens) from 0-padded sources [b, s].
 
-    Row r is `[0 ... 0, START, *before, *source_r, *after]` with `source_r` its tokens other than `eos_id` (the
+    Row r is `[0 ... 0, start_id, *before, *source_r, *after]` with `source_r` its tokens other than `eos_id` (the
     prompt has no EOS of its own); W = 1 + len(before) + s - 1 + len(after), the widest a source of s ids (EOS
     included) can make.
     """
     source = jnp.asarray(encoder_input_tokens).astype(jnp.int32)
     width = source.shape[1]
-    head = jnp.asarray([START_ID, *before], jnp.int32)
+    head = jnp.asarray([start_id, *before], jnp.int32)
     tail = jnp.asarray([*after, 0], jnp.int32)  # a 0 past the end keeps the gathers below in range
     h, a = head.shape[0], len(after)
     total = h + max(width - 1, 0) + a
@@ -59,15 +59,17 @@ class TranslationLM(DecoderOnly):
       prompt_before: Token ids of the prompt template before the source (`PromptFormat.pieces`).
       prompt_after: Token ids after it (the cue the completion follows, e.g. "English:").
       eos_id: The vocabulary's end of sequence, which closes sources and completions.
+      start_id: The prompt's first token: the decoder start 0, or a pre-trained LM's BOS.
     """
 
     prompt_before: tuple[int, ...] = ()
     prompt_after: tuple[int, ...] = ()
     eos_id: int = 1
+    start_id: int = START_ID
 
     def prompts(self, encoder_input_tokens: Array) -> tuple[Array, Array]:
         """(tokens, mask) [b, W] of the sources' prompts, as `prompt_tokens` builds them."""
-        return prompt_tokens(encoder_input_tokens, self.prompt_before, self.prompt_after, self.eos_id)
+        return prompt_tokens(encoder_input_tokens, self.prompt_before, self.prompt_after, self.eos_id, self.start_id)
 
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                  encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,

@@ -1,0 +1,92 @@
+"""Hugging Face tokenizers under rest_jax's ids (issue 17): the renumbering by hand, and a converted HF Llama
+asked through a prompt on that vocabulary giving HF transformers' own log-probs of the completion."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from rest_jax import convert_lm
+from rest_jax import policy as policy_lib
+from rest_jax.data import prompts
+from rest_jax.data import vocab as vocab_lib
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+# Llama 2's special-token layout: <unk> 0, <s> 1, </s> 2, no pad (so the pad defaults to <unk>).
+WORDS = ["<unk>", "<s>", "</s>", "translate", "german", "english", ":", "das", "haus", "ist", "klein", "the",
+         "house", "is", "small", "a", "cat", "eine", "katze", "."]
+
+
+def _tokenizer_folder(tmp_path, config=None):
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>")
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    folder = tmp_path / "hf"
+    folder.mkdir(exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"} if config is None else config
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder, tok
+
+
+def test_ids_are_renumbered_pad_zero_eos_one(tmp_path):
+    folder, tok = _tokenizer_folder(tmp_path)
+    vocab = vocab_lib.load_vocabulary(str(folder))
+    assert isinstance(vocab, vocab_lib.HuggingFaceVocabulary) and vocab.vocab_size == len(WORDS)
+    # By hand: the pad (<unk>, tokenizer id 0) stays at 0, </s> (2) moves to 1, <s> (1) takes its place 2.
+    assert vocab.to_hf([0, 1, 2, 3]) == [0, 2, 1, 3] and vocab.prompt_start_id == 2
+    text = "das haus ist klein ."
+    ids = vocab.encode(text)
+    assert vocab.to_hf(ids) == tok.encode(text, add_special_tokens=False).ids
+    assert vocab.decode(list(ids) + [vocab_lib.EOS_ID, 7, 8]) == tok.decode(tok.encode(text).ids)  # cut at EOS
+    np.testing.assert_array_equal(vocab.encode_tf(tf.constant(text)).numpy(), ids)
+    assert vocab_lib.vocab_fingerprint(str(folder)) == vocab_lib.vocab_fingerprint(vocab)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(ValueError, match="names no pad token"):
+        vocab_lib.load_vocabulary(str(folder))
+
+
+def test_converted_llama_on_the_renumbered_vocabulary_gives_hf_log_probs(tmp_path):
+    folder, tok = _tokenizer_folder(tmp_path)
+    config = transformers.LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48,
+                                      num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                                      head_dim=8, max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(folder, safe_serialization=True)
+
+    vocab = vocab_lib.load_vocabulary(str(folder))
+    lm_config, params = convert_lm.load_hf_checkpoint(folder, vocab)
+    fmt = prompts.PromptFormat(template="translate {source_language} : {source} {target_language} :",
+                               source_language="german", target_language="english")
+    before, after = fmt.pieces(vocab)
+    model = policy_lib.translation_lm.TranslationLM(lm_config, prompt_before=before, prompt_after=after,
+                                                    start_id=vocab.prompt_start_id)
+    pairs = [("das haus ist klein .", "the house is small ."), ("eine katze", "a cat")]
+    src = [vocab.encode(s) + [1] for s, _ in pairs]
+    tgt = [vocab.encode(t) + [1] for _, t in pairs]
+    width, length = max(map(len, src)), max(map(len, tgt))
+    enc = np.array([s + [0] * (width - len(s)) for s in src], np.int32)
+    targets = np.array([t + [0] * (length - len(t)) for t in tgt], np.int32)
+    dec = np.concatenate([np.zeros((2, 1), np.int32), targets[:, :-1]], axis=1)
+    got = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, enc, dec), axis=-1))
+    for r, (source, target) in enumerate(pairs):
+        # HF on its own ids, one unpadded row: <s> + the prompt + the target + </s>.
+        row = ([tok.token_to_id("<s>")] + vocab.to_hf(before) + tok.encode(source).ids + vocab.to_hf(after)
+               + tok.encode(target).ids + [tok.token_to_id("</s>")])
+        with torch.no_grad():
+            logits = hf(torch.tensor([row[:-1]])).logits[0].double()
+        want = torch.log_softmax(logits, -1).numpy()[-len(tgt[r]):]
+        assert np.abs(want).max() > 0.1
+        # Column r of ours is the tokenizer's token hf_ids[r].
+        np.testing.assert_allclose(got[r, :len(tgt[r])], want[:, vocab.hf_ids], atol=1e-4)
