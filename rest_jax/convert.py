@@ -730,7 +730,7 @@ def _config_fields(config: T5Config) -> dict[str, Any]:
     return fields
 
 
-def save_rest_jax(config: T5Config, params: Mapping[str, Any], path: str | os.PathLike, step: int = 0,
+def save_rest_jax(config: Any, params: Mapping[str, Any], path: str | os.PathLike, step: int = 0,
                   source: str | None = None) -> epath.Path:
     """Writes a rest_jax checkpoint: `<path>/<step>/state/` = {'params': ...} and its metadata.
 
@@ -740,7 +740,8 @@ def save_rest_jax(config: T5Config, params: Mapping[str, Any], path: str | os.Pa
     else (e.g. a run's checkpoints) raises OutputPathError. Locally the export is written to a temporary
     sibling and renamed into place; elsewhere (gs://) Orbax's own per-step rename keeps it whole.
     """
-    check_params(config, params, "rest_jax parameters")
+    if isinstance(config, T5Config):  # decoder-only parameters were checked by their reader (convert_lm)
+        check_params(config, params, "rest_jax parameters")
     out = epath.Path(path)
     host = jax.tree_util.tree_map(np.asarray, dict(params))
     meta = {"model_config": _config_fields(config), "converted_from": source}
@@ -795,8 +796,18 @@ def load_rest_jax(path: str | os.PathLike, step: int | None = None) -> tuple[T5C
 # Entry point
 # ---------------------------------------------------------------------------------------------------------
 
+# Readers of other Hugging Face families by config.json's model_type (rest_jax.convert_lm registers the
+# decoder-only ones, which it reads with this module's helpers); T5 / mT5 otherwise.
+HF_FAMILY_LOADERS: dict[str, Callable[[str | os.PathLike], tuple[Any, Params]]] = {}
+
+
+def _load_hf_any(path: str | os.PathLike) -> tuple[Any, Params]:
+    hf, _ = read_hf_config(epath.Path(path))
+    return HF_FAMILY_LOADERS.get(hf.get("model_type"), load_hf_checkpoint)(path)
+
+
 _LOADERS: dict[str, Callable[..., tuple[T5Config, Params]]] = {
-    "hf": lambda path, step, config: load_hf_checkpoint(path),
+    "hf": lambda path, step, config: _load_hf_any(path),
     "t5x": load_t5x_checkpoint,
     "rest_jax": lambda path, step, config: load_rest_jax(path, step),
 }
@@ -814,7 +825,9 @@ def convert(source_format: str = "hf", source_path: str | None = None, target_fo
     """Converts a checkpoint between formats; the CLI's `convert` subcommand (all knobs from gin).
 
     Args:
-      source_format: 'hf', 't5x' or 'rest_jax'.
+      source_format: 'hf', 't5x' or 'rest_jax'. A Hugging Face Llama / Mistral / Gemma folder reads as a
+        decoder-only model (`rest_jax.convert_lm`; its tokenizer's ids renumbered, see there) and converts
+        to 'rest_jax' only.
       source_path: the HF folder, T5X model/step dir or file, or rest_jax folder to read.
       target_format: 'rest_jax', 'hf' or 't5x'.
       output_path: the folder to write (a checkpoint dir with step 0 for 'rest_jax'): new, empty, or holding
@@ -838,6 +851,9 @@ def convert(source_format: str = "hf", source_path: str | None = None, target_fo
     # Checked before the (possibly long) read of the source; the saver checks again before it writes.
     replacing = check_output_path(output_path, target_format)
     model_config, params = _LOADERS[source_format](source_path, step, config)
+    if not isinstance(model_config, T5Config) and target_format != "rest_jax":
+        raise ValueError(f"convert.target_format={target_format!r}: a decoder-only model converts to 'rest_jax' "
+                         "only (exporting it to Hugging Face or T5X is not implemented).")
     if target_format == "rest_jax":
         out = save_rest_jax(model_config, params, output_path, source=f"{source_format}:{source_path}")
     else:

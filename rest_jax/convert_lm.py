@@ -13,6 +13,7 @@ by name rather than converted into a different network.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping
 
@@ -24,6 +25,7 @@ from etils import epath
 
 from rest_jax import convert
 from rest_jax import tree as tree_lib
+from rest_jax.data import vocab as vocab_lib
 from rest_jax.model.decoder_only import DecoderOnly, DecoderOnlyConfig
 
 Params = dict[str, Any]
@@ -147,3 +149,19 @@ def load_hf_checkpoint(path: str | os.PathLike, vocab: Any = None) -> tuple[Deco
     params = params_from_hf(state, config, source)
     hf_ids = getattr(vocab, "hf_ids", None)
     return config, params if hf_ids is None else renumber_vocabulary(params, hf_ids)
+
+
+def load_hf_folder(path: str | os.PathLike) -> tuple[DecoderOnlyConfig, Params]:
+    """`load_hf_checkpoint` with the folder's own tokenizer (tokenizer.json), when it has one: the `convert`
+    subcommand's reader of decoder-only folders. The run then uses that folder as its vocabulary
+    (`run_rest.vocab_path`)."""
+    folder = os.fspath(path)
+    vocab = vocab_lib.HuggingFaceVocabulary(folder) if vocab_lib.is_hf_tokenizer(folder) else None
+    if vocab is None:
+        logging.warning("%s has no tokenizer.json: token ids are kept as the checkpoint has them, which only a "
+                        "vocabulary with pad 0 and EOS 1 (Gemma's) can use.", folder)
+    return load_hf_checkpoint(path, vocab)
+
+
+for _family in SUPPORTED:
+    convert.HF_FAMILY_LOADERS[_family] = load_hf_folder

@@ -53,17 +53,34 @@ def test_ids_are_renumbered_pad_zero_eos_one(tmp_path):
         vocab_lib.load_vocabulary(str(folder))
 
 
-def test_converted_llama_on_the_renumbered_vocabulary_gives_hf_log_probs(tmp_path):
+SHAPE = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=2, head_dim=8)
+
+
+def _hf_folder(tmp_path):
+    """A random HF Llama (every tensor perturbed) saved with the tokenizer, as a user's download would be."""
     folder, tok = _tokenizer_folder(tmp_path)
-    config = transformers.LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48,
-                                      num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                                      head_dim=8, max_position_embeddings=64, attn_implementation="eager")
+    config = transformers.LlamaConfig(vocab_size=len(WORDS), max_position_embeddings=64, **SHAPE,
+                                      attn_implementation="eager")
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
     hf.save_pretrained(folder, safe_serialization=True)
+    return folder, tok, hf
+
+
+def _hf_completion_log_probs(hf, tok, prompt_hf_ids, target):
+    """HF's log-probs [T, vocab] of the target + </s> after <s> + the prompt, on its own ids."""
+    row = [tok.token_to_id("<s>"), *prompt_hf_ids, *tok.encode(target).ids, tok.token_to_id("</s>")]
+    with torch.no_grad():
+        logits = hf(torch.tensor([row[:-1]])).logits[0].double()
+    return torch.log_softmax(logits, -1).numpy()[-(len(tok.encode(target).ids) + 1):], row
+
+
+def test_converted_llama_on_the_renumbered_vocabulary_gives_hf_log_probs(tmp_path):
+    folder, tok, hf = _hf_folder(tmp_path)
 
     vocab = vocab_lib.load_vocabulary(str(folder))
     lm_config, params = convert_lm.load_hf_checkpoint(folder, vocab)
@@ -82,11 +99,42 @@ def test_converted_llama_on_the_renumbered_vocabulary_gives_hf_log_probs(tmp_pat
     got = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, enc, dec), axis=-1))
     for r, (source, target) in enumerate(pairs):
         # HF on its own ids, one unpadded row: <s> + the prompt + the target + </s>.
-        row = ([tok.token_to_id("<s>")] + vocab.to_hf(before) + tok.encode(source).ids + vocab.to_hf(after)
-               + tok.encode(target).ids + [tok.token_to_id("</s>")])
-        with torch.no_grad():
-            logits = hf(torch.tensor([row[:-1]])).logits[0].double()
-        want = torch.log_softmax(logits, -1).numpy()[-len(tgt[r]):]
+        want, _ = _hf_completion_log_probs(hf, tok, vocab.to_hf(before) + tok.encode(source).ids
+                                           + vocab.to_hf(after), target)
         assert np.abs(want).max() > 0.1
         # Column r of ours is the tokenizer's token hf_ids[r].
         np.testing.assert_allclose(got[r, :len(tgt[r])], want[:, vocab.hf_ids], atol=1e-4)
+
+
+def test_convert_subcommand_then_load_policy_scores_as_hf(tmp_path):
+    # What a user types: `rest_jax convert` on the HF folder, then the policy loaded from gin (the shape, the
+    # family, the prompt) with the folder as its vocabulary scores a translation as HF transformers does.
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+
+    import gin  # pylint: disable=import-outside-toplevel
+
+    from rest_jax import gin_utils  # pylint: disable=import-outside-toplevel
+
+    folder, tok, hf = _hf_folder(tmp_path)
+    out = tmp_path / "converted"
+    proc = subprocess.run([sys.executable, "-m", "rest_jax.main", "convert", f"--gin.SOURCE='{folder}'",
+                           f"--gin.OUTPUT='{out}'"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bindings = ["DecoderOnlyConfig.vocab_size = %d" % len(WORDS), "DecoderOnlyConfig.emb_dim = 32",
+                "DecoderOnlyConfig.num_heads = 4", "DecoderOnlyConfig.num_kv_heads = 2",
+                "DecoderOnlyConfig.head_dim = 8", "DecoderOnlyConfig.num_layers = 2", "DecoderOnlyConfig.mlp_dim = 48",
+                "DecoderOnlyConfig.layer_norm_epsilon = 1e-6",
+                "PromptFormat.template = 'translate {source_language} : {source} {target_language} :'",
+                "PromptFormat.source_language = 'german'", "PromptFormat.target_language = 'english'"]
+    try:
+        gin_utils.parse(["models/decoder_only/architecture.gin"], [gin_utils.Binding(b, "test") for b in bindings])
+        policy = policy_lib.load_policy(str(out), str(folder))
+        before, after = prompts.PromptFormat().pieces(policy.vocab)
+    finally:
+        gin.clear_config()
+    source, target = "das haus ist klein .", "the house is small ."
+    got = policy.score([policy.vocab.encode(source) + [1]], [policy.vocab.encode(target) + [1]])[0]
+    want, row = _hf_completion_log_probs(hf, tok, policy.vocab.to_hf(before) + tok.encode(source).ids
+                                         + policy.vocab.to_hf(after), target)
+    np.testing.assert_allclose(got, want[np.arange(len(got)), row[-len(got):]], atol=1e-4)
