@@ -621,6 +621,14 @@ def load_params(path: str | os.PathLike, target: PyTree | None = None, step: int
     return _stored_params(step_dir, target, shardings)
 
 
+def stored_params(path: str | os.PathLike, step: int | None = None) -> PyTree:
+    """The parameters exactly as a step stored them, as host arrays: an adapter checkpoint's adapters, unmerged
+    (`load_params` merges them into the checkpoint they adapt)."""
+    step_dir = _find_step_dir(_absolute(path), step)
+    verify_step(step_dir)
+    return _stored_params(step_dir, None, None)
+
+
 def _stored_params(step_dir: epath.Path, target: PyTree | None, shardings: PyTree | None) -> PyTree:
     if target is None:
         with _reading(step_dir):

@@ -554,7 +554,9 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
             max_input_length=feature_lengths["inputs"], max_decode_length=feature_lengths["targets"]).first()
         return evaluate.mean_reward(reward, val_sources, hyps, val_refs)
 
-    best = {"params": jax.device_get(policy.params), "trained": jax.device_get(trainable)}
+    best = {"params": jax.device_get(policy.params)}
+    if lora is not None:
+        best["trained"] = jax.device_get(trainable)  # the adapters (small, replicated)
 
     def keep_best(st: trainer.TrainState, step: int) -> None:
         del step  # On the host, the same on every process (a model axis may split them across processes).
@@ -612,8 +614,9 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
     if needs.value:
         result.update(value_pretrain=value_summary, value_training=value_mode)
     if lora is not None:
+        trained = int(sum(np.size(x) for x in jax.tree.leaves(best["trained"])))
         result["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
-                          "base": policy.checkpoint, "trained_parameters": int(sum(np.size(x) for x in jax.tree.leaves(best["trained"])))}
+                          "base": policy.checkpoint, "trained_parameters": trained}
     kept_by = (f"threshold {fres.value:.3g}:" if filter_method == "threshold" and fres.value is not None
                else f"filter {filter_method}:")
     speed = metrics_lib.throughput(summary["tokens_per_sec"], flops / summary["step_time_sec"], model.config.dtype)

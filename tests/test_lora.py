@@ -118,7 +118,7 @@ def test_adapter_checkpoints_load_as_whole_policies_chained_and_moved(lm, tmp_pa
     for k, v in tree_lib.flatten(want).items():
         np.testing.assert_allclose(tree_lib.flatten(got)[k], v, rtol=1e-6, atol=1e-7)
     # Only the adapters are stored in the adapter checkpoint.
-    stored = tree_lib.flatten(checkpoints._stored_params(pathlib.Path(two), None, None))  # pylint: disable=protected-access
+    stored = tree_lib.flatten(checkpoints.stored_params(two))
     assert stored and all(k.endswith(("lora_a", "lora_b")) for k in stored)
     moved = tmp_path / "moved"
     shutil.move(str(run), str(moved))
@@ -146,7 +146,7 @@ def test_rest_with_lora_saves_adapters_that_load_as_the_policy(tmp_path):
     expected = bc
     for i in (0, 1):
         step_dir = checkpoints.step_directory(str(run / "grow_1" / f"improve_{i}" / "checkpoints"))
-        stored = checkpoints._stored_params(pathlib.Path(step_dir), None, None)  # pylint: disable=protected-access
+        stored = checkpoints.stored_params(step_dir)
         flat = tree_lib.flatten(stored)
         assert all(k.endswith(("lora_a", "lora_b")) for k in flat)
         assert sum(np.size(v) for v in flat.values()) < 0.2 * sum(np.size(v) for v in jax.tree.leaves(bc))
