@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "etils==1.15.0",
     "tensorstore==0.1.86",
     "safetensors==0.8.0",
+    # Hugging Face tokenizers (tokenizer.json) as vocabularies of converted decoder-only LMs.
+    "tokenizers==0.23.3",
     # TFDS imports it when preparing WMT under Python 3.11 without declaring it.
     "importlib_resources",
     "tqdm==4.70.1",
