@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "tensorflow-text==2.21.1",
     "tensorflow-datasets==4.9.10",
     "sacrebleu==2.6.0",
+    "scipy==1.17.1",  # rest_jax.significance (also a dependency of jax)
     "gin-config==0.5.0",
     "sentencepiece==0.2.3",
     "etils==1.15.0",

@@ -5,6 +5,7 @@ The gin files live in the repository's configs/; the wheel carries them as `rest
 """
 
 import os
+import pathlib
 import shlex
 import subprocess
 import sys
@@ -46,3 +47,35 @@ def test_wheel_carries_every_config_and_runs_the_main_command_outside_the_reposi
     where = subprocess.run([sys.executable, "-c", "import rest_jax; print(rest_jax.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True, timeout=300)
     assert where.stdout.strip().startswith(str(site)), where.stdout
+
+
+def test_every_module_level_import_is_a_declared_requirement():
+    # A package imported at module level but installed only as another package's dependency (or by the test
+    # extra) breaks `pip install -e .` on a fresh machine; lazy imports inside functions are optional extras.
+    import ast  # pylint: disable=import-outside-toplevel
+    import importlib.metadata  # pylint: disable=import-outside-toplevel
+    import re  # pylint: disable=import-outside-toplevel
+
+    repo = pathlib.Path(REPO)
+    setup = (repo / "setup.py").read_text()
+    runtime = setup.split("TEST_REQUIRES")[0]
+    declared = {re.split(r"[=<>\[ ]", r)[0].lower().replace("_", "-")
+                for r in re.findall(r'^\s*"([A-Za-z0-9_.\-]+)[^"]*",', runtime, flags=re.M)}
+    distributions = importlib.metadata.packages_distributions()
+    missing = []
+    for path in sorted((repo / "rest_jax").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("rest_jax", "__future__"):
+                    continue
+                dists = {d.lower().replace("_", "-") for d in distributions.get(top, [])}
+                if not dists & declared:
+                    missing.append(f"{path.relative_to(repo)}: import {name} ({sorted(dists)})")
+    assert declared and not missing, missing
