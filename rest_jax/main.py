@@ -323,7 +323,7 @@ def load_entry(sub: Subcommand) -> Callable[[], Any]:
 # not depend on which modules a subcommand happens to import first (gin refuses to register a configurable
 # once the config is finalised). tests/test_main_cli.py checks that the list is complete.
 CONFIGURABLE_MODULES = (
-    "rest_jax.checkpoints", "rest_jax.convert", "rest_jax.convert_lm", "rest_jax.evaluate", "rest_jax.filters",
+    "rest_jax.checkpoints", "rest_jax.convert", "rest_jax.evaluate", "rest_jax.filters",
     "rest_jax.grow", "rest_jax.improve", "rest_jax.improve_data", "rest_jax.losses", "rest_jax.metrics",
     "rest_jax.online", "rest_jax.optim", "rest_jax.partitioning", "rest_jax.policy", "rest_jax.rest",
     "rest_jax.reward_model",
@@ -336,9 +336,15 @@ CONFIGURABLE_MODULES = (
 )
 
 
+# Modules without configurables that register readers into one that has them (the decoder-only Hugging Face
+# families of `rest_jax convert`, which rest_jax.convert cannot import: convert_lm builds on it).
+REGISTERING_MODULES = ("rest_jax.convert_lm",)
+
+
 def register_configurables() -> None:
-    """Imports every module in `CONFIGURABLE_MODULES` (call before gin parses; cheap when already done)."""
-    for name in CONFIGURABLE_MODULES:
+    """Imports every module in `CONFIGURABLE_MODULES` and `REGISTERING_MODULES` (call before gin parses; cheap
+    when already done)."""
+    for name in (*CONFIGURABLE_MODULES, *REGISTERING_MODULES):
         importlib.import_module(name)
 
 
