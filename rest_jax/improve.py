@@ -594,8 +594,7 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
     # adapters and the start checkpoint they adapt, which `ckpt_lib.load_params` merges).
     manager = ckpt_lib.CheckpointManager(os.path.join(out_dir, "checkpoints"), keep=1, period=1)
     meta = {"improve_index": improve_index, "validation_reward": best_reward, "loss": loss_name}
-    if policy_lib.prompt_record(model) is not None:
-        meta["prompt"] = policy_lib.prompt_record(model)
+    meta.update(policy_lib.prompt_metadata(model))
     if lora is not None:
         meta.update(ckpt_lib.lora_metadata(policy.checkpoint, manager.step_dir(max(best_step, 1)), lora.scale,
                                            lora.rank))

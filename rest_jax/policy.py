@@ -67,17 +67,17 @@ def build_network(vocab: Any = None, architecture: str = "encoder_decoder",
                                                                         translation_lm.START_ID))
 
 
-def prompt_record(model: nn.Module) -> dict[str, list[int]] | None:
-    """The prompt tokens a decoder-only network asks with (saved in its checkpoints' metadata), else None."""
+def prompt_metadata(model: nn.Module) -> dict[str, Any]:
+    """{'prompt': the tokens a decoder-only network asks with} for its checkpoints' metadata; {} for T5."""
     if not isinstance(model, translation_lm.TranslationLM):
-        return None
-    return {"before": [model.start_id, *model.prompt_before], "after": list(model.prompt_after)}
+        return {}
+    return {"prompt": {"before": [model.start_id, *model.prompt_before], "after": list(model.prompt_after)}}
 
 
 def check_prompt(model: nn.Module, metadata: Mapping[str, Any], checkpoint: str) -> None:
     """Refuses a decoder-only checkpoint trained with other prompt tokens than `model` makes: its translations
     would be silently poor."""
-    recorded, mine = metadata.get("prompt"), prompt_record(model)
+    recorded, mine = metadata.get("prompt"), prompt_metadata(model).get("prompt")
     if recorded is not None and mine is not None and recorded != mine:
         raise ValueError(f"{checkpoint} was trained with the prompt tokens {recorded}, but this run's PromptFormat "
                          f"makes {mine}: bind PromptFormat.* as the run that trained it did (its config.gin).")

@@ -181,8 +181,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     meta = {"task": task, "train_split": train_split, "seed": seed, "batch_size": batch_size,
             "feature_lengths": lengths, "model_config": atomic.jsonable(dataclasses.asdict(config)),
             "vocabulary": vocabulary}
-    if policy_lib.prompt_record(model) is not None:
-        meta["prompt"] = policy_lib.prompt_record(model)
+    meta.update(policy_lib.prompt_metadata(model))
     advice = trainer.error_advice(memory_knobs=("train.batch_size", "train.feature_lengths"),
                                   last_checkpoint=lambda: trainer.describe_last_checkpoint(manager))
     with metrics_lib.MetricWriter(model_dir, "train") as writer, metrics_lib.MetricWriter(model_dir, "eval") as ev, \
