@@ -51,6 +51,7 @@ from flax import serialization
 from rest_jax import checkpoints
 from rest_jax import tree as tree_lib
 from rest_jax.gin_utils import GinConfigError
+from rest_jax.model.decoder_only import DecoderOnly, DecoderOnlyConfig
 from rest_jax.model.t5 import T5Config, Transformer
 
 Params = dict[str, Any]
@@ -67,15 +68,22 @@ class OutputPathError(GinConfigError):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def expected_param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
-    """'/'-joined parameter name -> shape of `Transformer(config)`, computed abstractly (no memory)."""
-    model = Transformer(config)
+ModelConfig = T5Config | DecoderOnlyConfig
+
+
+def expected_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """'/'-joined parameter name -> shape of `Transformer(config)` (or `DecoderOnly(config)`), computed
+    abstractly (no memory)."""
     tokens = jnp.ones((1, 2), jnp.int32)
-    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), tokens, tokens)["params"]))
+    if isinstance(config, DecoderOnlyConfig):
+        init = lambda: DecoderOnly(config).init(jax.random.PRNGKey(0), tokens)  # noqa: E731
+    else:
+        init = lambda: Transformer(config).init(jax.random.PRNGKey(0), tokens, tokens)  # noqa: E731
+    shapes = jax.eval_shape(lambda: nn.unbox(init()["params"]))
     return {name: tuple(x.shape) for name, x in tree_lib.flatten(shapes).items()}
 
 
-def check_params(config: T5Config, params: Mapping[str, Any], source: str = "checkpoint",
+def check_params(config: ModelConfig, params: Mapping[str, Any], source: str = "checkpoint",
                  encoder_only: bool = False, aliases: Mapping[str, str] | None = None) -> None:
     """Raises ValueError naming every parameter that is missing, unexpected or of the wrong shape.
 
@@ -100,6 +108,8 @@ def check_params(config: T5Config, params: Mapping[str, Any], source: str = "che
     problems += [f"unexpected parameter {label(n)} of shape {got[n]}" for n in got if n not in expected]
     problems += [f"parameter {label(n)} has shape {got[n]}, the model expects {expected[n]}"
                  for n in expected if n in got and got[n] != expected[n]]
+    if problems and isinstance(config, DecoderOnlyConfig):
+        raise ValueError(f"{source} does not fit DecoderOnlyConfig({config}):\n  " + "\n  ".join(problems))
     if problems:
         summary = (f"vocab_size={config.vocab_size}, emb_dim={config.emb_dim}, num_heads={config.num_heads}, "
                    f"head_dim={config.head_dim}, mlp_dim={config.mlp_dim}, "
@@ -117,6 +127,8 @@ def _to_jax(tree: Mapping[str, Any]) -> Params:
 # Files a Hugging Face export consists of, and the mark in model.safetensors' header that says this tool
 # wrote them: only such a folder is replaced; a model from elsewhere with the same two files is not.
 _HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors"})
+# A decoder-only export also carries its tokenizer's files (copied from the tokenizer folder).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 _EXPORT_MARK = "rest_jax_export"
 _KIND_LABELS = {"hf": "Hugging Face", "rest_jax": "rest_jax checkpoint", "t5x": "T5X"}
 _T5X_MARK_FILE = "rest_jax_export.json"
@@ -125,7 +137,7 @@ _T5X_MARK_FILE = "rest_jax_export.json"
 def _is_previous_export(path: epath.Path, kind: str, names: set[str]) -> bool:
     """Whether the non-empty folder `path` (entries `names`) holds nothing but a `kind` export of ours."""
     if kind == "hf":
-        if names != _HF_EXPORT_FILES:
+        if not _HF_EXPORT_FILES <= names or names - _HF_EXPORT_FILES - set(HF_TOKENIZER_FILES):
             return False
         try:
             with safetensors.safe_open(os.fspath(path / "model.safetensors"), framework="numpy") as f:
@@ -172,7 +184,7 @@ def check_output_path(path: str | os.PathLike, kind: str) -> bool:
         return True
     shown = sorted(names)[:5]
     listing = ", ".join(shown) + (f", ... ({len(names)} entries)" if len(names) > len(shown) else "")
-    if kind == "hf" and names == _HF_EXPORT_FILES:
+    if kind == "hf" and _HF_EXPORT_FILES <= names:
         listing += "; its model.safetensors was not written by rest_jax convert"
     raise OutputPathError(
         f"convert.output_path={path} is not empty and is not a previous {_KIND_LABELS[kind]} export of "
@@ -494,12 +506,23 @@ def save_hf_checkpoint(config: T5Config, params: Mapping[str, Any], path: str | 
     `path` must be new, empty or a previous Hugging Face export of this function, which is replaced
     atomically; anything else raises OutputPathError (see `check_output_path`).
     """
-    state = params_to_hf(config, params)
+    return write_hf_folder(path, hf_config_dict(config), params_to_hf(config, params))
+
+
+def write_hf_folder(path: str | os.PathLike, hf_config: Mapping[str, Any], state: Mapping[str, np.ndarray],
+                    copy_files: tuple[epath.Path, ...] = ()) -> epath.Path:
+    """Writes config.json + model.safetensors (+ `copy_files`, e.g. a tokenizer's) as a Hugging Face folder.
+
+    Marked as this module's export, written to a temporary sibling and moved into place (`_atomic_dir`):
+    `path` must be new, empty or a previous Hugging Face export of `convert`.
+    """
     out = epath.Path(path)
     with _atomic_dir(out, "hf") as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2, sort_keys=True) + "\n")
-        safetensors.numpy.save_file(state, os.fspath(tmp / "model.safetensors"),
+        (tmp / "config.json").write_text(json.dumps(dict(hf_config), indent=2, sort_keys=True) + "\n")
+        safetensors.numpy.save_file(dict(state), os.fspath(tmp / "model.safetensors"),
                                     metadata={"format": "pt", _EXPORT_MARK: "hf"})
+        for file in copy_files:
+            shutil.copyfile(os.fspath(file), os.fspath(tmp / file.name))
     return out
 
 
@@ -655,8 +678,8 @@ def save_t5x(config: T5Config, params: Mapping[str, Any], path: str | os.PathLik
         (tmp / f"checkpoint_{step}").mkdir()
         (tmp / f"checkpoint_{step}" / "checkpoint").write_bytes(serialization.msgpack_serialize(state))
         (tmp / _T5X_MARK_FILE).write_text(json.dumps(
-            {_EXPORT_MARK: "t5x", "step": step, "model_config": _config_fields(config)}, indent=2, sort_keys=True)
-            + "\n")
+            {_EXPORT_MARK: "t5x", "step": step, "model_config": config_metadata(config)["model_config"]}, indent=2,
+            sort_keys=True) + "\n")
     return out
 
 
@@ -724,10 +747,34 @@ def load_t5x_checkpoint(path: str | os.PathLike, step: int | None = None,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _config_fields(config: T5Config) -> dict[str, Any]:
-    fields = dataclasses.asdict(config)
-    fields["mlp_activations"] = list(fields["mlp_activations"])
-    return fields
+ARCHITECTURES = {"encoder_decoder": T5Config, "decoder_only": DecoderOnlyConfig}
+
+
+def config_metadata(config: ModelConfig) -> dict[str, Any]:
+    """{'model_config': the config's fields, 'architecture': its family} for a checkpoint's metadata, so that
+    `load_rest_jax` (e.g. `convert` to Hugging Face) rebuilds the model without gin."""
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {"model_config": fields,
+            "architecture": next(a for a, cls in ARCHITECTURES.items() if isinstance(config, cls))}
+
+
+def config_from_metadata(metadata: Mapping[str, Any], source: str) -> ModelConfig | None:
+    """The model config `config_metadata` recorded; None when the metadata has none. Checkpoints written before
+    the family was recorded name none: the family is the one whose config has these fields."""
+    fields = metadata.get("model_config")
+    if not fields:
+        return None
+    architecture = metadata.get("architecture")
+    if architecture is None:  # written before the family was recorded: the family whose fields these are
+        architecture = next((a for a, c in ARCHITECTURES.items()
+                             if set(fields) <= {f.name for f in dataclasses.fields(c)}), "encoder_decoder")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{source}: unknown architecture {architecture!r} (known: {sorted(ARCHITECTURES)}).")
+    cls = ARCHITECTURES[architecture]
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown} in model_config.")
+    return cls(**fields)
 
 
 def save_rest_jax(config: Any, params: Mapping[str, Any], path: str | os.PathLike, step: int = 0,
@@ -740,11 +787,10 @@ def save_rest_jax(config: Any, params: Mapping[str, Any], path: str | os.PathLik
     else (e.g. a run's checkpoints) raises OutputPathError. Locally the export is written to a temporary
     sibling and renamed into place; elsewhere (gs://) Orbax's own per-step rename keeps it whole.
     """
-    if isinstance(config, T5Config):  # decoder-only parameters were checked by their reader (convert_lm)
-        check_params(config, params, "rest_jax parameters")
+    check_params(config, params, "rest_jax parameters")
     out = epath.Path(path)
     host = jax.tree_util.tree_map(np.asarray, dict(params))
-    meta = {"model_config": _config_fields(config), "converted_from": source}
+    meta = {**config_metadata(config), "converted_from": source}
 
     def write(folder: epath.Path) -> None:
         manager = checkpoints.CheckpointManager(folder, keep=None)
@@ -765,11 +811,11 @@ def save_rest_jax(config: Any, params: Mapping[str, Any], path: str | os.PathLik
     return out
 
 
-def load_rest_jax(path: str | os.PathLike, step: int | None = None) -> tuple[T5Config, Params]:
+def load_rest_jax(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, Params]:
     """Reads the parameters and model config of a rest_jax checkpoint dir (latest step) or step dir.
 
-    The config comes from the checkpoint's `metadata['model_config']` (written by training and by
-    `save_rest_jax`); without it, from the parameter shapes (`config_from_params`).
+    The config (either family) comes from the checkpoint's metadata (`config_metadata`, written by training,
+    Improve and `save_rest_jax`); without it, from the parameter shapes (`config_from_params`, T5 only).
     """
     folder = epath.Path(path)
     if not folder.exists():
@@ -779,15 +825,8 @@ def load_rest_jax(path: str | os.PathLike, step: int | None = None) -> tuple[T5C
     step_dir = folder if (folder / "state").exists() else folder / str(
         step if step is not None else checkpoints.CheckpointManager(folder, cleanup_tmp=False).latest_step())
     meta_path = step_dir / "metadata" / "metadata"
-    fields = json.loads(meta_path.read_text()).get("model_config") if meta_path.exists() else None
-    if fields:
-        known = {f.name for f in dataclasses.fields(T5Config)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"{meta_path}: unknown T5Config field(s) {unknown} in model_config.")
-        config = T5Config(**fields)
-    else:
-        config = config_from_params(params)
+    metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    config = config_from_metadata(metadata, os.fspath(meta_path)) or config_from_params(params)
     check_params(config, params, f"rest_jax checkpoint {step_dir}")
     return config, _to_jax(params)
 
@@ -799,6 +838,9 @@ def load_rest_jax(path: str | os.PathLike, step: int | None = None) -> tuple[T5C
 # Readers of other Hugging Face families by config.json's model_type (rest_jax.convert_lm registers the
 # decoder-only ones, which it reads with this module's helpers); T5 / mT5 otherwise.
 HF_FAMILY_LOADERS: dict[str, Callable[[str | os.PathLike], tuple[Any, Params]]] = {}
+# Writers of a Hugging Face folder by config class, for the families other than T5 (also convert_lm's):
+# saver(config, params, path, vocab_path) -> the folder.
+HF_FAMILY_SAVERS: dict[type, Callable[..., epath.Path]] = {}
 
 
 def _load_hf_any(path: str | os.PathLike) -> tuple[Any, Params]:
@@ -821,13 +863,13 @@ _SAVERS: dict[str, Callable[..., epath.Path]] = {
 @gin.configurable
 def convert(source_format: str = "hf", source_path: str | None = None, target_format: str = "rest_jax",
             output_path: str | None = None, step: int | None = None,
-            config: T5Config | None = None) -> epath.Path:
+            config: T5Config | None = None, vocab_path: str | None = None) -> epath.Path:
     """Converts a checkpoint between formats; the CLI's `convert` subcommand (all knobs from gin).
 
     Args:
       source_format: 'hf', 't5x' or 'rest_jax'. A Hugging Face Llama / Mistral / Gemma folder reads as a
-        decoder-only model (`rest_jax.convert_lm`; its tokenizer's ids renumbered, see there) and converts
-        to 'rest_jax' only.
+        decoder-only model (`rest_jax.convert_lm`; its tokenizer's ids renumbered, see there); a decoder-only
+        model converts to 'rest_jax' or 'hf'.
       source_path: the HF folder, T5X model/step dir or file, or rest_jax folder to read.
       target_format: 'rest_jax', 'hf' or 't5x'.
       output_path: the folder to write (a checkpoint dir with step 0 for 'rest_jax'): new, empty, or holding
@@ -836,6 +878,9 @@ def convert(source_format: str = "hf", source_path: str | None = None, target_fo
       step: for T5X and rest_jax sources, the step to read (default: latest).
       config: for T5X sources, the model config (`convert.config = @T5Config()`); default: inferred from
         the parameter shapes plus `T5Config.*` gin bindings.
+      vocab_path: exporting a decoder-only model to 'hf': the Hugging Face tokenizer folder its token ids were
+        renumbered for (the folder it was converted from, or the run's `vocab_path`): the export restores
+        the tokenizer's ids and copies its files. Default: the ids are kept and no tokenizer is written.
 
     Returns:
       The output folder.
@@ -851,13 +896,19 @@ def convert(source_format: str = "hf", source_path: str | None = None, target_fo
     # Checked before the (possibly long) read of the source; the saver checks again before it writes.
     replacing = check_output_path(output_path, target_format)
     model_config, params = _LOADERS[source_format](source_path, step, config)
-    if not isinstance(model_config, T5Config) and target_format != "rest_jax":
-        raise ValueError(f"convert.target_format={target_format!r}: a decoder-only model converts to 'rest_jax' "
-                         "only (exporting it to Hugging Face or T5X is not implemented).")
+    family_saver = HF_FAMILY_SAVERS.get(type(model_config)) if target_format == "hf" else None
+    if vocab_path is not None and family_saver is None:
+        raise ValueError("convert.vocab_path restores a Hugging Face tokenizer's ids in a decoder-only model "
+                         f"exported to 'hf'; this is a {type(model_config).__name__} exported to {target_format!r}.")
     if target_format == "rest_jax":
         out = save_rest_jax(model_config, params, output_path, source=f"{source_format}:{source_path}")
-    else:
+    elif family_saver is not None:
+        out = family_saver(model_config, params, output_path, vocab_path)
+    elif isinstance(model_config, T5Config):
         out = _SAVERS[target_format](model_config, params, output_path)
+    else:
+        raise ValueError(f"convert.target_format={target_format!r}: a {type(model_config).__name__} model "
+                         "converts to 'rest_jax' or 'hf' only.")
     n_params = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params))
     replaced = "; replaced the previous export there" if replacing else ""
     print(f"convert: {source_format} {source_path} -> {target_format} {out} ({n_params:,} parameters{replaced})")

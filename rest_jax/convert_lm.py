@@ -1,5 +1,8 @@
 """Hugging Face decoder-only LM checkpoints (Llama, Mistral, Gemma families) <-> rest_jax (issue 17).
 
+Reading: `load_hf_checkpoint` / `load_hf_folder`; writing: `save_hf_folder` (a folder `transformers`'
+`AutoModelForCausalLM` and `AutoTokenizer` load), both reached through `rest_jax convert`.
+
 A Hugging Face folder (`config.json` + `model.safetensors`, sharded `*.index.json`, or `pytorch_model.bin`)
 becomes a `DecoderOnlyConfig` and the parameter tree of `rest_jax.model.decoder_only.DecoderOnly` (T5X's
 decoder-only names). The networks are the same: `torch.nn.Linear` weights are stored [out, in] and transposed
@@ -17,7 +20,6 @@ import logging
 import os
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +28,7 @@ from etils import epath
 from rest_jax import convert
 from rest_jax import tree as tree_lib
 from rest_jax.data import vocab as vocab_lib
-from rest_jax.model.decoder_only import DecoderOnly, DecoderOnlyConfig
+from rest_jax.model.decoder_only import DecoderOnlyConfig
 
 Params = dict[str, Any]
 SUPPORTED = ("llama", "mistral", "gemma")
@@ -90,17 +92,10 @@ def _names(config: DecoderOnlyConfig) -> list[tuple[str, str, bool]]:
     return out
 
 
-def expected_param_shapes(config: DecoderOnlyConfig) -> dict[str, tuple[int, ...]]:
-    """'/'-joined parameter name -> shape of `DecoderOnly(config)`, computed abstractly (no memory)."""
-    model = DecoderOnly(config)
-    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32))["params"]))
-    return {name: tuple(x.shape) for name, x in tree_lib.flatten(shapes).items()}
-
-
 def params_from_hf(state: Mapping[str, Any], config: DecoderOnlyConfig, source: str = "checkpoint") -> Params:
     """rest_jax parameters (nested dict of float32 jax arrays) from a HF state dict; raises naming every tensor
     that is missing or of the wrong shape, and every unused one."""
-    expected = expected_param_shapes(config)
+    expected = convert.expected_param_shapes(config)
     flat, problems, used = {}, [], set()
     for ours, theirs, transpose in _names(config):
         if theirs not in state:
@@ -163,5 +158,97 @@ def load_hf_folder(path: str | os.PathLike) -> tuple[DecoderOnlyConfig, Params]:
     return load_hf_checkpoint(path, vocab)
 
 
+# rest_jax activation -> HF `hidden_act` (the inverse of `convert.HF_TO_ACT` on the names HF writes).
+_ACT_TO_HF = {"silu": "silu", "gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu", "relu": "relu"}
+
+
+def hf_config_dict(config: DecoderOnlyConfig, token_ids: Mapping[str, int | None] | None = None) -> dict[str, Any]:
+    """The HF `config.json` of a `LlamaForCausalLM` (or, for Gemma's numerics, `GemmaForCausalLM`) equal to
+    `DecoderOnly(config)`; `config_from_hf` reads it back to `config`. Raises for configs HF has no class for.
+
+    Args:
+      config: The model.
+      token_ids: {'pad_token_id', 'bos_token_id', 'eos_token_id'} in the exported ids (default: rest_jax's pad
+        0 and EOS 1, no BOS).
+    """
+    acts = tuple(config.mlp_activations)
+    if len(acts) != 2 or acts[1] != "linear" or acts[0] not in _ACT_TO_HF:
+        raise ValueError(f"mlp_activations={acts}: HF's gated MLP needs (act, 'linear'), act in {sorted(_ACT_TO_HF)}.")
+    if config.query_scale is not None:
+        raise ValueError(f"query_scale={config.query_scale}: HF Llama and Gemma scale queries by head_dim**-0.5 only.")
+    gemma = config.scale_embeddings or config.norm_scale_offset != 0.0
+    if gemma and (config.norm_scale_offset != 1.0 or not config.scale_embeddings or not config.logits_via_embedding
+                  or config.rope_llama3_scaling is not None):
+        raise ValueError("A Gemma export needs Gemma's numerics together (norm_scale_offset=1, scale_embeddings, "
+                         f"tied output, plain rotary); this config mixes them: {config}.")
+    out: dict[str, Any] = {
+        "architectures": ["GemmaForCausalLM" if gemma else "LlamaForCausalLM"],
+        "model_type": "gemma" if gemma else "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.emb_dim, "intermediate_size": config.mlp_dim,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim, "num_hidden_layers": config.num_layers,
+        "rms_norm_eps": config.layer_norm_epsilon, "tie_word_embeddings": bool(config.logits_via_embedding),
+        "hidden_activation" if gemma else "hidden_act": _ACT_TO_HF[acts[0]],
+        "attention_bias": False, "mlp_bias": False, "max_position_embeddings": 8192, "torch_dtype": "float32",
+        "rope_theta": config.rope_theta,
+        **(token_ids if token_ids is not None else {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None}),
+    }
+    if config.rope_llama3_scaling is not None:
+        factor, low, high, original = config.rope_llama3_scaling
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                               "high_freq_factor": high, "original_max_position_embeddings": original}
+        out["max_position_embeddings"] = max(out["max_position_embeddings"], int(original * factor))
+    return out
+
+
+def params_to_hf(config: DecoderOnlyConfig, params: Mapping[str, Any],
+                 hf_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The HF state dict (float32 numpy) of rest_jax parameters; with `hf_ids` (rest id -> tokenizer id) the
+    token rows return to the tokenizer's order (the inverse of `renumber_vocabulary`)."""
+    convert.check_params(config, params, "rest_jax parameters")
+    flat = {k: np.asarray(v, np.float32) for k, v in tree_lib.flatten(params).items()}
+    if hf_ids is not None:
+        rows = flat["token_embedder/embedding"].shape[0]
+        order = np.concatenate([np.asarray(hf_ids), np.arange(len(hf_ids), rows)])
+        embedding = np.empty_like(flat["token_embedder/embedding"])
+        embedding[order] = flat["token_embedder/embedding"]
+        flat["token_embedder/embedding"] = embedding
+        if "decoder/logits_dense/kernel" in flat:
+            kernel = np.empty_like(flat["decoder/logits_dense/kernel"])
+            kernel[:, order] = flat["decoder/logits_dense/kernel"]
+            flat["decoder/logits_dense/kernel"] = kernel
+    return {theirs: np.ascontiguousarray(flat[ours].T if transpose else flat[ours])
+            for ours, theirs, transpose in _names(config)}
+
+
+def save_hf_folder(config: DecoderOnlyConfig, params: Mapping[str, Any], path: str | os.PathLike,
+                   vocab_path: str | None = None) -> epath.Path:
+    """Writes a Hugging Face folder (config.json, model.safetensors and, with `vocab_path`, the tokenizer's
+    files) that `AutoModelForCausalLM.from_pretrained` loads as the same network.
+
+    Args:
+      config, params: The model.
+      path: New, empty, or a previous Hugging Face export of `rest_jax convert` (replaced atomically).
+      vocab_path: The Hugging Face tokenizer folder the model's ids were renumbered for (`HuggingFaceVocabulary`):
+        its ids are restored, its pad/BOS/EOS written into config.json and its files copied. None: the ids
+        are kept (e.g. a SentencePiece vocabulary, already pad 0 / EOS 1).
+    """
+    hf_ids, token_ids, files = None, None, ()
+    if vocab_path is not None:
+        if not vocab_lib.is_hf_tokenizer(vocab_path):
+            raise ValueError(f"convert.vocab_path={vocab_path} has no tokenizer.json (a Hugging Face tokenizer "
+                             "folder is expected).")
+        vocab = vocab_lib.HuggingFaceVocabulary(vocab_path)
+        hf_ids = np.asarray(vocab.hf_ids)
+        token_ids = {"pad_token_id": int(hf_ids[0]), "eos_token_id": int(hf_ids[vocab_lib.EOS_ID]),
+                     "bos_token_id": int(hf_ids[vocab.prompt_start_id])
+                     if vocab.prompt_start_id != vocab_lib.PAD_ID else None}
+        folder = epath.Path(vocab_path)
+        files = tuple(folder / name for name in convert.HF_TOKENIZER_FILES if (folder / name).exists())
+    return convert.write_hf_folder(path, hf_config_dict(config, token_ids), params_to_hf(config, params, hf_ids),
+                                   files)
+
+
 for _family in SUPPORTED:
     convert.HF_FAMILY_LOADERS[_family] = load_hf_folder
+convert.HF_FAMILY_SAVERS[DecoderOnlyConfig] = save_hf_folder

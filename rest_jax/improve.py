@@ -498,7 +498,7 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
     frozen, anchor_is_bc = _frozen_policies(model, policy_params, bc_policy, needs, moving_anchor, mesh, rules)
     value_model, value_summary = None, None
     if needs.value:
-        value_model = heads.build_value_network(model.config)
+        value_model = heads.build_value_network(model)
         # 'grow': the behaviour policy's data, unfiltered (BVE); 'filtered': the rows this step trains on.
         value_rows = improve_data.Selection(improve_index, include_references, None) \
             if value_pretrain_data == "grow" else selection
@@ -593,8 +593,8 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
     # Only the policy is saved: evaluation and Grow load it as any T5X-named policy checkpoint (with LoRA, its
     # adapters and the start checkpoint they adapt, which `ckpt_lib.load_params` merges).
     manager = ckpt_lib.CheckpointManager(os.path.join(out_dir, "checkpoints"), keep=1, period=1)
-    meta = {"improve_index": improve_index, "validation_reward": best_reward, "loss": loss_name}
-    meta.update(policy_lib.prompt_metadata(model))
+    meta = {"improve_index": improve_index, "validation_reward": best_reward, "loss": loss_name,
+            **policy_lib.checkpoint_metadata(model)}
     if lora is not None:
         meta.update(ckpt_lib.lora_metadata(policy.checkpoint, manager.step_dir(max(best_step, 1)), lora.scale,
                                            lora.rank))

@@ -344,7 +344,7 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
     trainable = {"policy": bc_params}
     value_model = None
     if algorithm == "ppo":
-        value_model = heads.build_value_network(model.config)
+        value_model = heads.build_value_network(model)
         enc = dec = jnp.ones((1, 2), jnp.int32)
         fresh, _ = part.init(lambda k: value_model.init(k, enc, dec)["params"], jax.random.key(seed))
         # The value network starts from the policy's trunk (ReST Sec. 5), its head fresh.

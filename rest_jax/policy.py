@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rest_jax import checkpoints
+from rest_jax import convert
 from rest_jax import decoding
 from rest_jax import losses
 from rest_jax import metrics as metrics_lib
@@ -67,17 +68,24 @@ def build_network(vocab: Any = None, architecture: str = "encoder_decoder",
                                                                         translation_lm.START_ID))
 
 
-def prompt_metadata(model: nn.Module) -> dict[str, Any]:
-    """{'prompt': the tokens a decoder-only network asks with} for its checkpoints' metadata; {} for T5."""
+def _prompt(model: nn.Module) -> dict[str, list[int]] | None:
+    """The tokens a decoder-only network asks with; None for T5."""
     if not isinstance(model, translation_lm.TranslationLM):
-        return {}
-    return {"prompt": {"before": [model.start_id, *model.prompt_before], "after": list(model.prompt_after)}}
+        return None
+    return {"before": [model.start_id, *model.prompt_before], "after": list(model.prompt_after)}
+
+
+def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
+    """What a policy checkpoint records about its network: the config and family (`convert.config_metadata`,
+    so `convert` exports it without gin) and, for a decoder-only network, its prompt tokens."""
+    prompt = _prompt(model)
+    return {**convert.config_metadata(model.config), **({"prompt": prompt} if prompt is not None else {})}
 
 
 def check_prompt(model: nn.Module, metadata: Mapping[str, Any], checkpoint: str) -> None:
     """Refuses a decoder-only checkpoint trained with other prompt tokens than `model` makes: its translations
     would be silently poor."""
-    recorded, mine = metadata.get("prompt"), prompt_metadata(model).get("prompt")
+    recorded, mine = metadata.get("prompt"), _prompt(model)
     if recorded is not None and mine is not None and recorded != mine:
         raise ValueError(f"{checkpoint} was trained with the prompt tokens {recorded}, but this run's PromptFormat "
                          f"makes {mine}: bind PromptFormat.* as the run that trained it did (its config.gin).")

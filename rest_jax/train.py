@@ -9,7 +9,6 @@ loss and callbacks, checkpoints).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -31,7 +30,6 @@ from rest_jax.io import console
 from rest_jax.data import pipeline
 from rest_jax.data import tasks
 from rest_jax.data import vocab as vocab_lib
-from rest_jax.io import atomic
 from rest_jax.model import t5
 
 PyTree = Any
@@ -179,9 +177,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
     config = model.config
     flops = metrics_lib.estimate_flops_per_example(config, lengths["inputs"], lengths["targets"]) * batch_size
     meta = {"task": task, "train_split": train_split, "seed": seed, "batch_size": batch_size,
-            "feature_lengths": lengths, "model_config": atomic.jsonable(dataclasses.asdict(config)),
-            "vocabulary": vocabulary}
-    meta.update(policy_lib.prompt_metadata(model))
+            "feature_lengths": lengths, "vocabulary": vocabulary, **policy_lib.checkpoint_metadata(model)}
     advice = trainer.error_advice(memory_knobs=("train.batch_size", "train.feature_lengths"),
                                   last_checkpoint=lambda: trainer.describe_last_checkpoint(manager))
     with metrics_lib.MetricWriter(model_dir, "train") as writer, metrics_lib.MetricWriter(model_dir, "eval") as ev, \

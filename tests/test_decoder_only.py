@@ -87,6 +87,45 @@ def test_logits_match_hugging_face(kind, tmp_path):
     np.testing.assert_allclose(got[mask], want[mask], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_export_loads_in_hugging_face_as_the_same_network(kind, tmp_path):
+    # rest_jax -> HF: parameters that no HF file ever held (the converted ones, perturbed again) are exported;
+    # transformers' AutoModelForCausalLM, built from the exported folder alone, gives rest_jax's logits.
+    _, folder = _hf_model(kind, tmp_path)
+    config, params = convert_lm.load_hf_checkpoint(folder)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    params = jax.tree_util.tree_unflatten(treedef, [x + 0.02 * jax.random.normal(k, x.shape)
+                                                    for x, k in zip(leaves, keys)])
+    out = convert_lm.save_hf_folder(config, params, tmp_path / "exported")
+    hf_config = json.loads((out / "config.json").read_text())
+    assert convert_lm.config_from_hf(hf_config) == config
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(hf).__name__ == KINDS[kind][1]
+    tokens = _tokens(length=40, seed=2)
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(decoder_only.DecoderOnly(config).apply({"params": params}, jnp.asarray(tokens)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_shape_configs_export_to_hf_configs_that_read_back():
+    # Every shipped shape has a HF config.json that reads back to it (no weights: the shapes are billions).
+    import gin  # pylint: disable=import-outside-toplevel
+
+    from rest_jax import gin_utils  # pylint: disable=import-outside-toplevel
+
+    for shape in sorted(PUBLISHED):
+        try:
+            gin_utils.parse([f"models/decoder_only/{shape}.gin"], [])
+            config = decoder_only.DecoderOnlyConfig()
+        finally:
+            gin.clear_config()
+        assert convert_lm.config_from_hf(convert_lm.hf_config_dict(config)) == config, shape
+    with pytest.raises(ValueError, match="mixes them"):
+        convert_lm.hf_config_dict(decoder_only.DecoderOnlyConfig(scale_embeddings=True))
+
+
 def test_converter_names_what_does_not_fit(tmp_path):
     _, folder = _hf_model("llama_gqa", tmp_path)
     hf = json.loads((folder / "config.json").read_text())

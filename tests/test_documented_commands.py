@@ -298,6 +298,29 @@ def check_hf_export(work, proc):
     assert (work / "runs/demo/bc_hf/model.safetensors").exists()
 
 
+DEMO_HF_EXPORT = r"^rest_jax convert .*runs/demo/bc/checkpoints.*--gin\.TARGET_FORMAT=\"'hf'\""
+
+
+def check_decoder_only_hf_export(work, proc):
+    # transformers loads the exported folder alone as a Llama and computes the BC policy's logits.
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    from rest_jax import convert  # pylint: disable=import-outside-toplevel
+    from rest_jax.model import decoder_only  # pylint: disable=import-outside-toplevel
+
+    config, params = convert.load_rest_jax(work / "runs/demo_lm/bc/checkpoints")
+    assert isinstance(config, decoder_only.DecoderOnlyConfig)  # from the training checkpoint's metadata
+    hf = transformers.AutoModelForCausalLM.from_pretrained(work / "runs/demo_lm/bc_hf",
+                                                           attn_implementation="eager").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tokens = np.random.default_rng(0).integers(2, config.vocab_size, size=(2, 24))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(decoder_only.DecoderOnly(config).apply({"params": params}, tokens))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 def check_hf_round_trip(work, proc):
     from rest_jax import convert  # pylint: disable=import-outside-toplevel
 
@@ -513,6 +536,10 @@ RULES: list[tuple[str, Rule]] = [
      Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE),
           after=(r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",),
           check=check_online("grpo", run="demo_lm_grpo", bc_run="demo_lm"))),
+    (r"^python -m rest_jax\.main online --gin_file=experiments/demo_decoder_only\.gin --gin_file=runs/ppo\.gin ",
+     Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE),
+          after=(r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",),
+          check=check_online("ppo", run="demo_lm_ppo", bc_run="demo_lm"), slow=True)),
     (r"^rest_jax train --gin_file=runs/finetune\.gin ",
      Rule("run", extra=tuple(SMALL["train"]), after=(README_MAIN,), check=check_finetune)),
     (r"^rest_jax train --gin_file=models/tiny\.gin --gin\.MODEL_DIR=\"'runs/demo_bc'\"",
@@ -529,10 +556,12 @@ RULES: list[tuple[str, Rule]] = [
     (DEMO_CORPUS, Rule("run", check=check_demo_corpus)),
     (r"^rest_jax infer ", Rule("run", after=(README_MAIN, DEMO_CORPUS), check=check_infer)),
     (r"^rest_jax score ", Rule("run", after=(r"^rest_jax infer ",), check=check_score)),
-    (r"^rest_jax convert .*--gin\.TARGET_FORMAT=\"'hf'\"",
-     Rule("run", after=(README_MAIN,), check=check_hf_export)),
+    (r"^rest_jax convert .*runs/demo_lm/bc/checkpoints.*--gin\.TARGET_FORMAT=\"'hf'\"",
+     Rule("run", after=(r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",),
+          check=check_decoder_only_hf_export)),
+    (DEMO_HF_EXPORT, Rule("run", after=(README_MAIN,), check=check_hf_export)),
     (r"^rest_jax convert .*--gin\.SOURCE_FORMAT=\"'hf'\"",
-     Rule("run", after=(r"^rest_jax convert .*--gin\.TARGET_FORMAT=\"'hf'\"",), check=check_hf_round_trip)),
+     Rule("run", after=(DEMO_HF_EXPORT,), check=check_hf_round_trip)),
     (r"^rest_jax convert .*--gin\.TARGET_FORMAT=\"'t5x'\"",
      Rule("run", after=(README_MAIN,), check=check_t5x_export)),
     (r"^rest_jax vocab ", Rule("run", check=check_vocab)),

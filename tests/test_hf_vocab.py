@@ -138,3 +138,27 @@ def test_convert_subcommand_then_load_policy_scores_as_hf(tmp_path):
     want, row = _hf_completion_log_probs(hf, tok, policy.vocab.to_hf(before) + tok.encode(source).ids
                                          + policy.vocab.to_hf(after), target)
     np.testing.assert_allclose(got, want[np.arange(len(got)), row[-len(got):]], atol=1e-4)
+
+
+def test_export_back_to_hf_restores_the_tokenizer_ids(tmp_path):
+    # HF -> rest_jax (ids renumbered) -> HF with the tokenizer folder: transformers loads the export and its
+    # tokenizer, and the model is the original one (same logits on the tokenizer's own ids).
+    from rest_jax import convert  # pylint: disable=import-outside-toplevel
+
+    folder, tok, hf = _hf_folder(tmp_path)
+    converted = convert.convert("hf", str(folder), "rest_jax", str(tmp_path / "rj"))
+    with pytest.raises(ValueError, match="vocab_path restores"):
+        convert.convert("rest_jax", str(converted), "rest_jax", str(tmp_path / "rj2"), vocab_path=str(folder))
+    for _ in range(2):  # the second export replaces the first (tokenizer files included)
+        out = convert.convert("rest_jax", str(converted), "hf", str(tmp_path / "back"), vocab_path=str(folder))
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    hf_config = json.loads((out / "config.json").read_text())
+    assert (hf_config["pad_token_id"], hf_config["bos_token_id"], hf_config["eos_token_id"]) == (0, 1, 2)
+    text = "translate german : das haus ist klein english : the house is small ."
+    ids = transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+    assert ids[-len(tok.encode(text).ids):] == tok.encode(text).ids
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits.numpy()
+        got = back(torch.tensor([ids])).logits.numpy()
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-5)

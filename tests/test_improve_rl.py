@@ -246,6 +246,38 @@ def test_improve_step_with_rl_loss_saves_a_plain_policy(tmp_path, mesh, policy_p
     assert (tmp_path / "value" / "pretrain.json").exists()
 
 
+def test_oac_on_a_decoder_only_policy_fits_and_freezes_its_value_network(tmp_path, mesh, adamw):
+    # Issue 17: the value-network losses on a decoder-only policy. The value net is the LM trunk + a head
+    # (`heads.LMValueNetwork`); its pre-training MSE is recomputed from an independent apply of the saved value
+    # checkpoint, and the Improve checkpoint is the plain LM tree.
+    from rest_jax.model import decoder_only, translation_lm  # pylint: disable=import-outside-toplevel
+
+    config = decoder_only.DecoderOnlyConfig(vocab_size=32, emb_dim=16, num_heads=2, num_kv_heads=1, head_dim=8,
+                                            num_layers=1, mlp_dim=32)
+    model = translation_lm.TranslationLM(config, prompt_after=(29,))
+    params = nn.unbox(policy_lib.init_params(model, jax.random.key(0)))
+    data = _grow_data([0.9, 0.2, 0.8, 0.1, 0.9, 0.2, 0.7, 0.3], seed=4)
+    gin.bind_parameter("create_optimizer.schedule",
+                       optim.learning_rate_schedule("constant", 3e-3, warmup_steps=0))
+    out, result = improve.improve_step(
+        policy_lib.Policy(model, params, _CharVocab()), improve_data.GrowData.from_columns(data), str(tmp_path),
+        0, (["abc", "de"], ["abc", "de"]), reward=rewards.get("chrf"), loss_name="oac", num_steps=2,
+        eval_period=2, batch_size=8, feature_lengths=LENGTHS, mesh=mesh, value_pretrain_steps=30,
+        filter_method="none")
+    assert math.isfinite(result["last_train_loss"]) and result["value_training"] == "frozen"
+    value_model = heads.build_value_network(model)
+    assert isinstance(value_model, heads.LMValueNetwork)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(heads.abstract_params(value_model)))
+    value_params = checkpoints.load_params(str(tmp_path / "value" / "checkpoints"), target=target)
+    fit, _ = _reference_fit(value_model, value_params, data)
+    summary = result["value_pretrain"]
+    assert summary["final_mse"] == pytest.approx(fit, rel=1e-4)
+    assert summary["final_mse"] < 0.5 * summary["initial_mse"], summary
+    loaded = checkpoints.load_params(result["checkpoint"],
+                                     target=jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params))
+    assert set(loaded) == set(params) and "value_head" not in loaded
+
+
 @pytest.mark.slow
 def test_improve_subcommand_end_to_end(tmp_path):
     """`python -m rest_jax.main improve` from a policy checkpoint and a Grow store (real SentencePiece vocab)."""

@@ -9,6 +9,7 @@ import pytest
 
 from rest_jax import decoding
 from rest_jax import policy as policy_lib
+from rest_jax import tree as tree_lib
 from rest_jax.data import prompts
 from rest_jax.model import decoder_only
 from rest_jax.model import translation_lm
@@ -125,6 +126,38 @@ def test_sampling_makes_the_prompts_training_scores(lm):
         decoding.beam_search(params, model, enc)
 
 
+def test_value_network_is_a_head_on_the_plain_lm_states_of_each_row(lm):
+    # The decoder-only value network (PPO, OAC, BVMPO): the policy's trunk + a head, V(x, y_<t) read from the
+    # plain LM's final states of each unpadded row, in float64 by hand.
+    from rest_jax.model import heads  # pylint: disable=import-outside-toplevel
+
+    model, params = lm
+    value_model = heads.build_value_network(model)
+    assert isinstance(value_model, heads.LMValueNetwork)
+    assert (value_model.prompt_before, value_model.prompt_after) == (BEFORE, AFTER)
+    fresh = nn.unbox(heads.init_params(value_model, jax.random.key(3)))
+    value_params = heads.transplant_trunk(params, fresh)
+    flat = lambda tree: set(tree_lib.flatten(tree))  # noqa: E731
+    assert flat(value_params) - flat(params) == {"value_head/kernel", "value_head/bias"}
+    assert flat(params) - flat(value_params) <= {"decoder/logits_dense/kernel"}
+    batch = _batch()
+    values = np.asarray(value_model.apply({"params": value_params}, batch["encoder_input_tokens"],
+                                          batch["decoder_input_tokens"]))
+    assert values.shape == (3, 8)
+    plain = decoder_only.DecoderOnly(model.config)
+    kernel = np.asarray(value_params["value_head"]["kernel"], np.float64)[:, 0]
+    bias = float(value_params["value_head"]["bias"][0])
+    for r, (source, target) in enumerate(zip(SOURCES, TARGETS)):
+        prompt = [0, *BEFORE, *source[:-1], *AFTER]
+        seq = jnp.asarray([prompt + target[:-1]])
+        states = plain.apply({"params": params}, seq, jnp.ones(seq.shape, bool), None, None, True,
+                             method=decoder_only.DecoderOnly._forward)[0][0]
+        want = 1 / (1 + np.exp(-(np.asarray(states, np.float64)[len(prompt) - 1:] @ kernel + bias)))
+        np.testing.assert_allclose(values[r, :len(target)], want, atol=2e-5)
+    with pytest.raises(ValueError, match="policy is decoder-only"):
+        heads.build_value_network(model, config=heads.T5Config())
+
+
 def test_build_network_follows_gin():
     import gin  # pylint: disable=import-outside-toplevel
 
@@ -141,8 +174,7 @@ def test_build_network_follows_gin():
         assert (model.prompt_before, model.prompt_after) == (BEFORE, AFTER)
         with pytest.raises(ValueError, match="needs its vocabulary"):
             policy_lib.build_network()
-        with pytest.raises(ValueError, match="only the encoder-decoder"):
-            heads.build_value_network(model.config)
+        assert isinstance(heads.build_value_network(model), heads.LMValueNetwork)
         gin.clear_config()
         gin_utils.parse(["models/tiny.gin"], [gin_utils.Binding("build_network.architecture = 'decoder-only'", "test")])
         with pytest.raises(ValueError, match="one of .'encoder_decoder', 'decoder_only'"):

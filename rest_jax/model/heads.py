@@ -3,7 +3,8 @@
 ReST (Gulcehre et al. 2023, arXiv 2308.08998, Sec. 5, BVMPO and OAC) trains "separate policy and value
 networks": the value network is a full encoder-decoder of the policy's shape whose decoder state at each target
 position goes through a scalar head, V(s_t) = head(h_t), trained on Grow data to predict the Monte-Carlo return
-of the sequence reward (`rest_jax.losses.value_loss`). `ValueNetwork` is that network.
+of the sequence reward (`rest_jax.losses.value_loss`). `ValueNetwork` is that network; `LMValueNetwork` is the
+same on a decoder-only policy's trunk (the policy's prompts, a head on the completion's states).
 
 `RegressionModel` is a T5 encoder (masked mean pooling) or encoder-decoder (the decoder's first step, as
 MetricX's `MT5ForRegression` does) with a scalar regression head; it is the model of the `learned` and `metricx`
@@ -36,7 +37,9 @@ import numpy as np
 
 from rest_jax import partitioning
 from rest_jax import tree as tree_lib
+from rest_jax.model.decoder_only import DecoderOnlyConfig
 from rest_jax.model.t5 import T5Config, Transformer
+from rest_jax.model.translation_lm import TranslationLM
 
 Array = jax.Array
 PyTree = Any
@@ -156,21 +159,53 @@ class RegressionModel(_Trunk):
         return self.regression_head(self.pooled(encoder_input_tokens, enable_dropout))
 
 
-@gin.configurable(denylist=["policy_config"])
-def build_value_network(policy_config: T5Config | None = None, config: T5Config | None = None,
-                        output: str = "sigmoid", head_bias: bool = True) -> ValueNetwork:
-    """The value network from gin (`build_value_network.config = @value/T5Config()` for its own shape).
+class LMValueNetwork(TranslationLM):
+    """`ValueNetwork` on a decoder-only trunk: V(s_t) [b, t] of the same prompts as a `TranslationLM` policy.
+
+    Column t reads the state that predicts target t (`TranslationLM.completion_states`), i.e. V(x, y_<t) as
+    `ValueNetwork` gives it, so the Improve and online losses take either family's values unchanged. Parameters:
+    the policy's (T5X decoder-only names; `decoder/logits_dense` is never created) plus `value_head/...`.
+    """
+
+    output: str = "sigmoid"
+    head_bias: bool = True
+
+    def setup(self):
+        super().setup()
+        _check_choice("LMValueNetwork.output", self.output, OUTPUTS)
+        self.value_head = ScalarHead(self.head_bias, self.output)
+
+    def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+                 enable_dropout: bool = False) -> Array:
+        return self.value_head(self.completion_states(encoder_input_tokens, decoder_input_tokens, enable_dropout))
+
+
+@gin.configurable(denylist=["policy"])
+def build_value_network(policy: nn.Module | None = None, config: T5Config | DecoderOnlyConfig | None = None,
+                        output: str = "sigmoid", head_bias: bool = True) -> ValueNetwork | LMValueNetwork:
+    """The value network of `policy`'s family from gin (`build_value_network.config = @value/T5Config()` for
+    its own shape).
+
+    A decoder-only policy (`TranslationLM`) gets an `LMValueNetwork` with the policy's prompt template, so that
+    the value of a prefix reads the same prompt as the policy's log-probability of its next token.
 
     Args:
-      policy_config: The policy's shape, used when `config` is not bound (`T5Config()` if None too).
-      config: T5 shape of the value network; default: the policy's.
+      policy: The policy network (`t5.Transformer` or `TranslationLM`; None: an encoder-decoder `T5Config()`).
+      config: The value network's shape, of the policy's family; default: the policy's.
       output: 'sigmoid' (V in [0, 1]) or 'linear' (unbounded).
       head_bias: Whether the value head has a bias.
     """
-    if policy_config is not None and not isinstance(policy_config, T5Config):
-        raise ValueError("Losses with a value network (PPO, BVMPO, OAC, ...) start it from the policy's trunk, which "
-                         "only the encoder-decoder policy has: with a decoder-only policy choose a loss without one "
-                         "(Improve: bc, rwbc, gold, dpo, ipo; online: grpo, rloo).")
+    if isinstance(policy, TranslationLM):
+        if config is not None and not isinstance(config, DecoderOnlyConfig):
+            raise ValueError(f"build_value_network.config is a {type(config).__name__}, but the policy is "
+                             "decoder-only: bind a DecoderOnlyConfig (or nothing, for the policy's shape).")
+        return LMValueNetwork(config if config is not None else policy.config, prompt_before=policy.prompt_before,
+                              prompt_after=policy.prompt_after, eos_id=policy.eos_id, start_id=policy.start_id,
+                              output=output, head_bias=head_bias)
+    if config is not None and not isinstance(config, T5Config):
+        raise ValueError(f"build_value_network.config is a {type(config).__name__}, but the policy is an "
+                         "encoder-decoder: bind a T5Config (or nothing, for the policy's shape).")
+    policy_config = policy.config if policy is not None else None
     config = config if config is not None else policy_config if policy_config is not None else T5Config()
     return ValueNetwork(config, output=output, head_bias=head_bias)
 

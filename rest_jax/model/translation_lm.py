@@ -71,6 +71,20 @@ class TranslationLM(DecoderOnly):
         """(tokens, mask) [b, W] of the sources' prompts, as `prompt_tokens` builds them."""
         return prompt_tokens(encoder_input_tokens, self.prompt_before, self.prompt_after, self.eos_id, self.start_id)
 
+    def completion_states(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+                          enable_dropout: bool = False) -> Array:
+        """Final (normed) hidden states [b, T, emb_dim]: column t is the state that predicts target t.
+
+        Column 0 is the prompt's last token; column t > 0 has read the targets before t. A value network on
+        this trunk (`heads.LMValueNetwork`) reads the same states the policy's logits come from.
+        """
+        prompt, prompt_mask = self.prompts(encoder_input_tokens)
+        completion = jnp.asarray(decoder_input_tokens)[:, 1:]  # after the start token: the targets but the last
+        tokens = jnp.concatenate([prompt, completion.astype(jnp.int32)], axis=1)
+        mask = jnp.concatenate([prompt_mask, completion > 0], axis=1)
+        y, _ = self._forward(tokens, mask, None, None, not enable_dropout)
+        return y[:, prompt.shape[1] - 1:]
+
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                  encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
                  enable_dropout: bool = False) -> Array:
@@ -82,9 +96,4 @@ class TranslationLM(DecoderOnly):
         if encoder_segment_ids is not None or decoder_segment_ids is not None:
             raise ValueError("A decoder-only translation policy takes unpacked rows (no segment ids): set "
                              "train.pack = False.")
-        prompt, prompt_mask = self.prompts(encoder_input_tokens)
-        completion = jnp.asarray(decoder_input_tokens)[:, 1:]  # after the start token: the targets but the last
-        tokens = jnp.concatenate([prompt, completion.astype(jnp.int32)], axis=1)
-        mask = jnp.concatenate([prompt_mask, completion > 0], axis=1)
-        y, _ = self._forward(tokens, mask, None, None, not enable_dropout)
-        return self._logits(y[:, prompt.shape[1] - 1:])
+        return self._logits(self.completion_states(encoder_input_tokens, decoder_input_tokens, enable_dropout))
