@@ -531,7 +531,8 @@ RULES: list[tuple[str, Rule]] = [
     (r"^python -m rest_jax\.main rest --gin_file=experiments/demo\.gin --gin\.ACTIVATION_DTYPE=",
      Rule("run", extra=tuple(SMALL_REST), check=check_bfloat16_run)),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",
-     Rule("run", extra=tuple(SMALL_REST), check=check_decoder_only_run)),
+     # No best-of-N table (the encoder-decoder demo checks it; sampling this family is checked below).
+     Rule("run", extra=(*SMALL_REST, "--gin.run_rest.best_of_n_ns=()"), check=check_decoder_only_run)),
     (r"^python -m rest_jax\.main online --gin_file=experiments/demo_decoder_only\.gin --gin_file=runs/grpo\.gin ",
      Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE),
           after=(r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",),
