@@ -15,8 +15,10 @@ Iteration k (k = 0, 1, ...):
      network's values; then advantages:
        ppo        GAE (λ = `gae_lambda`, λ = 1: Monte-Carlo returns) over per-token rewards
                   r_t = R·[t last] − β (log π_old − log π_BC)_t, the KL penalty in the reward (Ziegler et al.
-                  2019, arXiv 1909.08593), whitened over the batch; the value network (a `heads.ValueNetwork`
-                  whose trunk starts as the policy's) is trained jointly;
+                  2019, arXiv 1909.08593), whitened over the batch; the value network (`heads.ValueNetwork`,
+                  or `heads.LMValueNetwork` for a decoder-only policy, whose trunk starts as the policy's) is
+                  trained jointly, after an optional warm-up on BC rollouts (`warm_up_value`,
+                  `online.value_warmup_iterations`);
        grpo/rloo  the source's other samples as the baseline (`losses.group_advantages`), the same for every
                   token, no value network; β·KL(π ‖ π_BC) in the loss (k3 estimate, Shao et al. 2024);
   4. `epochs_per_iteration` passes over the rows in shuffled minibatches of `minibatch_size`, each one update
@@ -85,10 +87,12 @@ class Progress:
       iteration: Iterations finished (the next one's index).
       kl_coef: β now (it moves when `kl_target` is set).
       best_reward, best_iteration: The best validation reward so far and after how many iterations (0: BC's).
-      reward_calls: Reward-model calls for training samples so far (the cost axis of the comparison).
+      reward_calls: Reward-model calls for training samples so far (the cost axis of the comparison; the
+        value warm-up's included).
       eval_reward_calls: Reward-model calls for validation.
       wall_seconds: Time spent in iterations and validations so far, over every resumption.
-      timing: Of that, seconds spent sampling and scoring, computing advantages, updating and validating.
+      timing: Of that, seconds spent sampling and scoring, computing advantages, updating and validating (and
+        warming the value network up, PPO).
       curve: (iteration, reward_calls, wall_seconds, validation reward) at every validation.
     """
 
@@ -100,7 +104,8 @@ class Progress:
     eval_reward_calls: int = 0
     wall_seconds: float = 0.0
     timing: dict = dataclasses.field(
-        default_factory=lambda: {"sample_and_score": 0.0, "advantages": 0.0, "updates": 0.0, "validation": 0.0})
+        default_factory=lambda: {"sample_and_score": 0.0, "advantages": 0.0, "updates": 0.0, "validation": 0.0,
+                                 "value_warmup": 0.0})
     curve: list = dataclasses.field(default_factory=list)
 
 
@@ -234,7 +239,7 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
            validation_split: str = "validation", num_validation_sources: int | None = 200,
            test_split: str | None = "test", num_test_sources: int | None = None,
            feature_lengths: dict[str, int] | None = None, eval_max_length: int = 128, sample_eval_n: int = 4,
-           sample_eval_temperature: float = 0.8, seed: int = 0) -> dict[str, Any]:
+           sample_eval_temperature: float = 0.8, seed: int = 0, value_warmup_iterations: int = 0) -> dict[str, Any]:
     """Online RL from the BC policy (the `online` command): PPO, GRPO or RLOO; writes the report.
 
     Args:
@@ -265,6 +270,8 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
       feature_lengths: {'inputs', 'targets'} token limits (BC, sampling, training).
       eval_max_length, sample_eval_n, sample_eval_temperature: As `run_rest`'s, for the report's scores.
       seed: Seeds BC (when trained here), the source order, sampling and the value head.
+      value_warmup_iterations: PPO: rounds of BC rollouts that train the value network alone before the first
+        policy update (`warm_up_value`; their reward calls count in the cost); 0: none.
 
     Returns:
       The report (also in `<model_dir>/report.json`).
@@ -277,6 +284,9 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
     part = partitioning.Partitioner.create(mesh, rules)
     shard_index, num_shards = partitioning.data_shard_info(mesh, rules)
     _check(algorithm, sources_per_iteration, num_samples, minibatch_size, num_shards, kl_target)
+    if value_warmup_iterations < 0 or value_warmup_iterations and algorithm != "ppo":
+        raise ValueError(f"online.value_warmup_iterations={value_warmup_iterations}: warms up PPO's value network "
+                         f"(>= 0, and 0 unless online.algorithm = 'ppo'; it is {algorithm!r}).")
     vocab_path = rest_lib.run_vocabulary(bc_run or model_dir, task, vocab_path, vocab_size)
     reward = rewards_lib.get(reward_name)
     eval_splits, report_split = rest_lib.evaluation_splits(task, validation_split, num_validation_sources, test_split,
@@ -300,7 +310,7 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
                         epochs_per_iteration=epochs_per_iteration, minibatch_size=minibatch_size, kl_coef=kl_coef,
                         kl_target=kl_target, kl_horizon=kl_horizon, discount=discount, gae_lambda=gae_lambda,
                         eval_period=eval_period, checkpoint_period=checkpoint_period, lengths=lengths, seed=seed,
-                        part=part, shard=(shard_index, num_shards))
+                        part=part, shard=(shard_index, num_shards), value_warmup_iterations=value_warmup_iterations)
         best = policy_lib.load_policy(result["checkpoint"], vocab_path)
         result["scores"] = scores(best, stage_dir)
         done = report.finish_stage(stage_dir, result)
@@ -326,15 +336,76 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
     return out
 
 
+def make_value_warmup_loss_fn(value_model: Any) -> trainer.LossFn:
+    """`(params, batch, rng) -> (loss, aux)`: the token-mean squared error of `params['value']`'s V(s_t) to
+    `batch['returns']` (the warm-up's regression; no dropout, as in the PPO updates)."""
+    def loss_fn(params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array | None):
+        del rng
+        values = value_model.apply({"params": params["value"]}, batch["encoder_input_tokens"],
+                                   batch["decoder_input_tokens"])
+        weights = batch["decoder_loss_weights"]
+        mse = jnp.sum(weights * jnp.square(values - batch[losses.RETURNS])) / jnp.maximum(jnp.sum(weights), 1.0)
+        return mse, {"value_mse": mse, "num_tokens": jnp.sum(weights)}
+
+    return loss_fn
+
+
+def warm_up_value(bc_policy: policy_lib.Policy, value_model: Any, value_params: PyTree, boxed_value: PyTree,
+                  optimizer: optim.Optimizer, sources: list[str], references: list[str], reward: Any, *,
+                  iterations: int, sources_per_iteration: int, num_samples: int, temperature: float,
+                  truncated_reward: float | None, epochs: int, minibatch_size: int, discount: float,
+                  lengths: Mapping[str, int], seed: int, part: partitioning.Partitioner,
+                  shard: tuple[int, int]) -> tuple[PyTree, dict[str, Any]]:
+    """PPO's value (critic) warm-up: fits the value network to the BC policy's returns before any policy update.
+
+    The head starts fresh on the policy's trunk, so PPO's first advantages would be mostly the head's noise;
+    like verl's `critic_warmup`, the first `iterations` rounds of rollouts (iteration j samples iteration j's
+    sources from the BC policy, with its own sampling keys) train the value network alone, `epochs` passes of
+    `minibatch_size` rows each, on the Monte-Carlo returns G_t = discount^(tokens after t)·R (`losses.
+    monte_carlo_returns`; at the BC policy the KL penalty of PPO's reward is zero). Each sample is one
+    reward-model call, counted in the run's cost.
+
+    Returns:
+      (the value parameters, {'iterations', 'reward_calls', 'updates', 'value_mse': the mean token MSE of each
+      iteration's updates}).
+    """
+    rows = sources_per_iteration * num_samples
+    local = slice(shard[0] * minibatch_size // shard[1], (shard[0] + 1) * minibatch_size // shard[1])
+    state, shardings = trainer.state_from_params({"value": value_params}, optimizer, {"value": boxed_value}, part)
+    step_fn = trainer.make_train_step(optimizer, make_value_warmup_loss_fn(value_model), mesh=part.mesh,
+                                      rules=part.rules, state_shardings=shardings, dropout_seed=seed)
+    mse = []
+    for j in range(iterations):
+        idx = source_order(j, len(sources), sources_per_iteration, seed)
+        sample_seed = int(np.random.SeedSequence([seed, 0x766C75, j]).generate_state(1)[0] % 2**31)
+        batch, _, _ = _rollout_batch(
+            bc_policy, [sources[i] for i in idx], [references[i] for i in idx], reward, num_samples=num_samples,
+            temperature=temperature, lengths=lengths, seed=sample_seed,
+            batch_size=max(1, min(64, sources_per_iteration)), truncated_reward=truncated_reward)
+        batch[losses.RETURNS] = np.asarray(losses.monte_carlo_returns(batch["reward"], batch["decoder_loss_weights"],
+                                                                      discount), np.float32)
+        minibatches = _minibatches(batch, epochs, minibatch_size, local, np.random.default_rng([seed, 0x7677, j]))
+        state, summary = trainer.train_loop(
+            state, iter(minibatches), step_fn, int(jax.device_get(state.step)) + len(minibatches),
+            shard_fn=part.shard_batch, stage=f"value_warmup_{j}", show_progress=False,
+            hooks=[trainer.LogMetrics(None, period=len(minibatches))])
+        mse.append(float(summary["value_mse"]))
+        logging.info("PPO value warm-up %d/%d: value MSE %.5f", j + 1, iterations, mse[-1])
+    return state.params["value"], {"iterations": iterations, "reward_calls": iterations * rows,
+                                   "updates": int(jax.device_get(state.step)), "value_mse": mse}
+
+
 def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references: list[str],
                    validation: tuple[list[str], list[str]], reward: Any, stage_dir: str, *, algorithm: str,
                    num_iterations: int, sources_per_iteration: int, num_samples: int, temperature: float,
                    truncated_reward: float | None, epochs_per_iteration: int, minibatch_size: int, kl_coef: float,
                    kl_target: float | None, kl_horizon: int, discount: float, gae_lambda: float,
                    eval_period: int, checkpoint_period: int, lengths: Mapping[str, int], seed: int,
-                   part: partitioning.Partitioner, shard: tuple[int, int]) -> dict[str, Any]:
+                   part: partitioning.Partitioner, shard: tuple[int, int],
+                   value_warmup_iterations: int = 0) -> dict[str, Any]:
     """The iterations of `online` from `bc_policy` (resumed from `stage_dir/checkpoints`); returns the stage
-    result: the best policy's checkpoint, the validation curve and the cost (`cost.timing`: seconds per part)."""
+    result: the best policy's checkpoint, the validation curve and the cost (`cost.timing`: seconds per part).
+    A fresh PPO run first warms its value network up (`warm_up_value`) when `value_warmup_iterations` > 0."""
     model, mesh, rules = bc_policy.model, part.mesh, part.rules
     with gin.config_scope(OPTIMIZER_SCOPE):
         optimizer = optim.create_optimizer()
@@ -352,11 +423,23 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
                                                 "the value network")[0]
         with part.context():
             boxed["value"] = heads.abstract_params(value_model)
-    state, shardings = trainer.state_from_params(trainable, optimizer, boxed, part)
     manager = ckpt_lib.CheckpointManager(os.path.join(stage_dir, "checkpoints"), keep=2, period=checkpoint_period,
                                          keep_knob=None)
     best_dir = os.path.join(stage_dir, "policy")
     prog = Progress(kl_coef=float(kl_coef))
+    warmup = None
+    if value_warmup_iterations and manager.latest_step() is None:
+        # Before the first checkpoint, so a killed warm-up is redone (deterministically) by the rerun.
+        t0 = time.perf_counter()
+        trainable["value"], warmup = warm_up_value(
+            bc_policy, value_model, trainable["value"], boxed["value"], optimizer, sources, references, reward,
+            iterations=value_warmup_iterations, sources_per_iteration=sources_per_iteration,
+            num_samples=num_samples, temperature=temperature, truncated_reward=truncated_reward,
+            epochs=epochs_per_iteration, minibatch_size=minibatch_size, discount=discount, lengths=lengths,
+            seed=seed, part=part, shard=shard)
+        prog.reward_calls = warmup["reward_calls"]
+        prog.wall_seconds = prog.timing["value_warmup"] = time.perf_counter() - t0
+    state, shardings = trainer.state_from_params(trainable, optimizer, boxed, part)
     if manager.latest_step() is not None:
         state, meta = manager.restore(state, shardings=shardings)
         prog = Progress(**meta["progress"])
@@ -462,6 +545,7 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
     result = {"name": f"{algorithm.upper()} ({num_iterations} it.)", "algorithm": algorithm,
               "checkpoint": os.path.join(best_dir, "checkpoints"), "best_iteration": prog.best_iteration,
               "validation_reward": prog.best_reward, "curve": prog.curve, "kl_coef": prog.kl_coef,
+              "value_warmup": warmup,
               "cost": {"reward_calls": prog.reward_calls, "eval_reward_calls": prog.eval_reward_calls,
                        "samples": prog.reward_calls, "updates": updates, "wall_seconds": prog.wall_seconds,
                        "timing": prog.timing}}

@@ -407,22 +407,25 @@ def check_dpo(work, proc):
     assert improve["loss"] == "dpo" and improve["filter"]["method"] == "none"
 
 
-def check_online(algorithm, run=None, bc_run="demo"):
+def check_online(algorithm, run=None, bc_run="demo", warmup=0):
     run = run or f"demo_{algorithm}"
 
     def check(work, proc):
         report = json.loads((work / f"runs/{run}/report.json").read_text())
         assert report["algorithm"] == algorithm
         assert [r["name"] for r in report["rows"]] == ["BC G=0 I=0", f"{algorithm.upper()} (2 it.)"]
-        # Two iterations of 8 sources x 4 samples, each sample scored once; the policy starts from the BC run's.
-        assert report["cost"]["reward_calls"] == 2 * 8 * 4
+        # Two iterations (+ value warm-up ones) of 8 sources x 4 samples, each sample scored once; the policy
+        # starts from the BC run's.
+        assert report["cost"]["reward_calls"] == (2 + warmup) * 8 * 4
         stage = json.loads((work / f"runs/{run}/online/stage.json").read_text())
         assert [c[0] for c in stage["curve"]] == [0, 1, 2]
+        assert (stage["value_warmup"] or {}).get("iterations", 0) == warmup
         bc = json.loads((work / f"runs/{bc_run}/bc/stage.json").read_text())
         assert report["stages"][0]["checkpoint"] == bc["checkpoint"]
     return check
 
 
+SMALL_WARMUP = ("--gin.online.value_warmup_iterations=1",)  # PPO: one round of value warm-up
 SMALL_ONLINE = ("--gin.online.num_iterations=2", "--gin.online.sources_per_iteration=8",
                 "--gin.online.minibatch_size=16", "--gin.online.eval_period=1",
                 "--gin.online.num_validation_sources=16", "--gin.online.num_test_sources=16")
@@ -538,9 +541,9 @@ RULES: list[tuple[str, Rule]] = [
           after=(r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",),
           check=check_online("grpo", run="demo_lm_grpo", bc_run="demo_lm"))),
     (r"^python -m rest_jax\.main online --gin_file=experiments/demo_decoder_only\.gin --gin_file=runs/ppo\.gin ",
-     Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE),
+     Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE, *SMALL_WARMUP),
           after=(r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",),
-          check=check_online("ppo", run="demo_lm_ppo", bc_run="demo_lm"), slow=True)),
+          check=check_online("ppo", run="demo_lm_ppo", bc_run="demo_lm", warmup=1), slow=True)),
     (r"^rest_jax train --gin_file=runs/finetune\.gin ",
      Rule("run", extra=tuple(SMALL["train"]), after=(README_MAIN,), check=check_finetune)),
     (r"^rest_jax train --gin_file=models/tiny\.gin --gin\.MODEL_DIR=\"'runs/demo_bc'\"",
@@ -581,7 +584,8 @@ RULES: list[tuple[str, Rule]] = [
     (r"^python -m rest_jax\.main online --gin_file=experiments/demo\.gin --gin_file=runs/grpo\.gin ",
      Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE), after=(README_MAIN,), check=check_online("grpo"))),
     (r"^python -m rest_jax\.main online --gin_file=experiments/demo\.gin --gin_file=runs/ppo\.gin ",
-     Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE), after=(README_MAIN,), check=check_online("ppo"), slow=True)),
+     Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE, *SMALL_WARMUP), after=(README_MAIN,),
+          check=check_online("ppo", warmup=1), slow=True)),
     (r"^scripts/cost_comparison\.sh 0 1 2$",
      Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE), check=check_cost_runs, slow=True,
           substitute=(("scripts/", "{repo}/scripts/"),))),

@@ -117,6 +117,56 @@ def test_rollout_carries_pi_old_as_the_teacher_forced_log_probs_of_the_sampling_
     assert 0.0 <= cut <= 1.0
 
 
+class _LengthReward:
+    """R = number of letters / 6, capped at 1: a reward with spread that a prefix's state partly predicts."""
+
+    name, needs_reference = "length", False
+
+    def score(self, sources, candidates, references):
+        del sources, references
+        return np.minimum(np.array([len(c) for c in candidates], np.float32) / 6.0, 1.0)
+
+
+def test_value_warmup_fits_the_bc_policys_returns():
+    # PPO's critic warm-up: on fresh rollouts of the (unchanged) BC policy, held out from the warm-up, the
+    # value net's token MSE to the Monte-Carlo returns (by hand: the reward at every valid token, gamma 1) falls
+    # well below the fresh head's.
+    from rest_jax import optim, partitioning  # pylint: disable=import-outside-toplevel
+    from rest_jax.model import heads  # pylint: disable=import-outside-toplevel
+
+    model = t5.Transformer(t5.T5Config(vocab_size=32, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                                       num_encoder_layers=1, num_decoder_layers=1))
+    params = nn.unbox(t5.init_params(model, jax.random.key(0)))
+    policy = policy_lib.Policy(model, params, _CharVocab())
+    value_model = heads.build_value_network(model)
+    start = heads.transplant_trunk(params, nn.unbox(heads.init_params(value_model, jax.random.key(1))))
+    part = partitioning.Partitioner.create(partitioning.create_mesh(devices=jax.devices()[:1]))
+    with part.context():
+        boxed = heads.abstract_params(value_model)
+    placed = heads.shard_params(value_model, start, part.mesh, part.rules)[0]
+    opt = optim.create_optimizer("adamw", schedule=optim.learning_rate_schedule("constant", 3e-3, warmup_steps=0))
+    sources = ["abc", "hello", "xyz", "world", "tree", "gin", "jax", "flax"]
+    lengths = {"inputs": 8, "targets": 8}
+    warm, summary = online.warm_up_value(
+        policy, value_model, placed, boxed, opt, sources, sources, _LengthReward(), iterations=6,
+        sources_per_iteration=8, num_samples=4, temperature=1.0, truncated_reward=None, epochs=4,
+        minibatch_size=16, discount=1.0, lengths=lengths, seed=0, part=part, shard=(0, 1))
+    assert summary["reward_calls"] == 6 * 32 and summary["updates"] == 6 * 4 * 2
+    held_out, rewards_, _ = online._rollout_batch(  # pylint: disable=protected-access
+        policy, sources, sources, _LengthReward(), num_samples=4, temperature=1.0, lengths=lengths, seed=123,
+        batch_size=8, truncated_reward=None)
+    weights = held_out["decoder_loss_weights"].astype(np.float64)
+    assert rewards_.std() > 0.1
+
+    def mse(p):
+        values = np.asarray(value_model.apply({"params": jax.device_get(p)}, held_out["encoder_input_tokens"],
+                                              held_out["decoder_input_tokens"]), np.float64)
+        return float(np.sum(weights * (values - rewards_[:, None]) ** 2) / weights.sum())
+
+    before, after = mse(start), mse(warm)
+    assert after < 0.5 * before, (before, after, summary["value_mse"])
+
+
 def test_grpo_raises_the_validation_reward_above_seed_noise(bc_run):
     """Three seeds of a short GRPO run from one BC policy: the greedy validation reward of the final policy
     minus BC's. The rise must be positive for every seed and its mean at least twice the spread between
