@@ -616,9 +616,24 @@ def load_params(path: str | os.PathLike, target: PyTree | None = None, step: int
         lora = meta[LORA_KEY]
         base = lora["base"] if "://" in lora["base"] else os.path.normpath(os.path.join(step_dir, lora["base"]))
         params = load_params(base, target=target, shardings=shardings)
-        merged = lora_lib.merge(params, _stored_params(step_dir, None, None), lora["scale"])
-        return merged if shardings is None else jax.device_put(merged, shardings)
+        return _merge_adapters(params, _stored_params(step_dir, None, None), lora["scale"], shardings)
     return _stored_params(step_dir, target, shardings)
+
+
+def _merge_adapters(params: PyTree, adapters: PyTree, scale: float, shardings: PyTree | None) -> PyTree:
+    """`lora.merge` of host adapters into `params`; with `shardings`, inside one jit whose outputs have them.
+
+    Sharded `params` may span several processes (a pod), where eager arithmetic between them and host arrays
+    is not defined: the adapters (the same on every process) go in replicated and the merge runs as one
+    program on the parameters' mesh.
+    """
+    if shardings is None:
+        return lora_lib.merge(params, adapters, scale)
+    mesh = getattr(jax.tree.leaves(shardings)[0], "mesh", None)
+    if mesh is None:  # e.g. single-device shardings: one process holds everything
+        return jax.device_put(lora_lib.merge(params, adapters, scale), shardings)
+    adapters = jax.device_put(adapters, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return jax.jit(lambda p, a: lora_lib.merge(p, a, scale), out_shardings=shardings)(params, adapters)
 
 
 def stored_params(path: str | os.PathLike, step: int | None = None) -> PyTree:

@@ -125,6 +125,20 @@ def test_adapter_checkpoints_load_as_whole_policies_chained_and_moved(lm, tmp_pa
     again = checkpoints.load_params(str(moved / "i1"), target=abstract)
     for k, v in tree_lib.flatten(got).items():
         np.testing.assert_array_equal(tree_lib.flatten(again)[k], v)
+    # Sharded over a 2 x 4 mesh by the logical axes (as Grow and Improve load it): merged inside one program
+    # whose outputs carry the parameters' shardings.
+    from rest_jax import partitioning  # pylint: disable=import-outside-toplevel
+
+    part = partitioning.Partitioner.create(partitioning.create_mesh((2, 4)))
+    with part.context():
+        boxed = jax.eval_shape(lambda: policy_lib.init_params(lm[0], jax.random.key(0)))
+    shardings = part.shardings(boxed)
+    sharded = checkpoints.load_params(str(moved / "i1"), target=abstract, shardings=shardings)
+    want_shardings = tree_lib.flatten(shardings)
+    assert len({str(s.spec) for s in want_shardings.values()}) > 1  # some parameters are split, some not
+    for k, v in tree_lib.flatten(sharded).items():
+        assert v.sharding == want_shardings[k], k
+        np.testing.assert_allclose(np.asarray(v), tree_lib.flatten(got)[k], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow

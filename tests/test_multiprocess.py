@@ -24,9 +24,10 @@ from rest_jax.data import grow_store as store_lib
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _rest(run_dir: pathlib.Path, demo_dir: pathlib.Path, processes: int, devices: int) -> subprocess.CompletedProcess:
+def _rest(run_dir: pathlib.Path, demo_dir: pathlib.Path, processes: int, devices: int,
+          extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     command = ["rest", "--gin_file=experiments/demo.gin", f"--gin.MODEL_DIR={str(run_dir)!r}",
-               f"--gin.demo_source.data_dir={str(demo_dir)!r}", *run_inspect.TINY_RUN_OVERRIDES]
+               f"--gin.demo_source.data_dir={str(demo_dir)!r}", *run_inspect.TINY_RUN_OVERRIDES, *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if processes > 1:
@@ -64,12 +65,12 @@ def _grow_scalars(run_dir: pathlib.Path) -> dict[str, float]:
             for v in e.summary.value if v.WhichOneof("value") == "simple_value"}
 
 
-def _compare(tmp_path: pathlib.Path, processes: int, devices: int) -> None:
+def _compare(tmp_path: pathlib.Path, processes: int, devices: int, extra: tuple[str, ...] = ()) -> None:
     demo = tmp_path / "demo"
     one = tmp_path / "one"
     many = tmp_path / "many"
-    _rest(one, demo, 1, processes * devices)
-    proc = _rest(many, demo, processes, devices)
+    _rest(one, demo, 1, processes * devices, extra)
+    proc = _rest(many, demo, processes, devices, extra)
     want = json.loads((one / "report.json").read_text())
     got = json.loads((many / "report.json").read_text())
     assert _printed(got) == _printed(want)
@@ -112,6 +113,16 @@ def test_two_processes_give_the_one_process_report(tmp_path):
 @pytest.mark.parametrize("processes,devices", [(2, 4), (4, 2)])
 def test_more_processes_give_the_one_process_report(tmp_path, processes, devices):
     _compare(tmp_path, processes, devices)
+
+
+@pytest.mark.slow
+def test_lora_improve_steps_as_two_processes_give_the_one_process_report(tmp_path):
+    """Improve with LoRA adapters (issue 17): I=1 starts from I=0's adapter checkpoint, which every process loads
+    merged into the sharded base parameters (`checkpoints.load_params` of an adapter chain across processes)."""
+    _compare(tmp_path, 2, 2, ("--gin.improve_step.lora=@LoraConfig()",))
+    meta = checkpoints.read_metadata(checkpoints.step_directory(tmp_path / "many" / "grow_1" / "improve_1" /
+                                                                "checkpoints"))
+    assert checkpoints.LORA_KEY in meta, sorted(meta)  # the I=1 checkpoint holds adapters, not a whole policy
 
 
 @pytest.mark.slow
