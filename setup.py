@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     # Hugging Face tokenizers (tokenizer.json) as vocabularies of converted decoder-only LMs.
     "tokenizers==0.23.3",
+    # Their chat templates (PromptFormat.chat), rendered as transformers does.
+    "jinja2==3.1.6",
     # TFDS imports it when preparing WMT under Python 3.11 without declaring it.
     "importlib_resources",
     "tqdm==4.70.1",

@@ -2,6 +2,7 @@
 asked through a prompt on that vocabulary giving HF transformers' own log-probs of the completion."""
 
 import json
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -162,3 +163,44 @@ def test_export_back_to_hf_restores_the_tokenizer_ids(tmp_path):
         got = back(torch.tensor([ids])).logits.numpy()
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# A chat template in the style of Llama 3's (BOS, role headers, trimmed content, end-of-turn tokens), rendered by
+# transformers' own apply_chat_template as the reference.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role') }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] | trim + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+CHAT_WORDS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "be", "brief"]
+
+
+def test_chat_prompts_are_what_transformers_apply_chat_template_makes(tmp_path):
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS + CHAT_WORDS)}, unk_token="<unk>")
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"])
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|end|>",
+        "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}))
+    vocab = vocab_lib.load_vocabulary(str(folder))
+    fmt = prompts.PromptFormat(template="translate {source_language} : {source}", source_language="german",
+                               chat=True, system="be brief")
+    before, after = fmt.pieces(vocab)
+    source = "das haus ist klein ."
+    ours = vocab.to_hf([vocab.prompt_start_id, *before, *vocab.encode(source), *after])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    want = hf_tok.apply_chat_template([{"role": "system", "content": "be brief"},
+                                       {"role": "user", "content": f"translate german : {source}"}],
+                                      add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if isinstance(want, Mapping) else want)
+    assert ours == want, (hf_tok.convert_ids_to_tokens(ours), hf_tok.convert_ids_to_tokens(want))
+    assert vocab.decode([vocab_lib.EOS_ID]) == ""  # the completion ends at the end-of-turn token, the EOS
+    with pytest.raises(ValueError, match="chat = True too"):
+        prompts.PromptFormat(system="be brief")
+    plain = vocab_lib.load_vocabulary(str(_tokenizer_folder(tmp_path)[0]))
+    with pytest.raises(ValueError, match="has no chat template"):
+        fmt.pieces(plain)

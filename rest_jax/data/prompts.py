@@ -22,17 +22,30 @@ class PromptFormat:
     """How a source sentence is asked for its translation; `{source_language}` and `{target_language}` are
     filled in, `{source}` (once) stands for the source's tokens. The completion is the target alone (then EOS).
 
-    The default suits a model trained from scratch or a base LM; an instruction-tuned checkpoint wants its own
-    chat template here.
+    The default suits a model trained from scratch or a base LM. An instruction-tuned checkpoint is asked in its
+    chat format: with `chat`, the filled template is the user's message (after an optional `system` message),
+    rendered by the tokenizer's chat template with the assistant's turn opened (`HuggingFaceVocabulary.
+    render_chat`), and the completion is the assistant's answer, ended by the vocabulary's EOS (for chat models
+    the end-of-turn token, e.g. Llama 3's <|eot_id|>).
+
+    Attributes:
+      template: The request, with `{source}` once and optionally `{source_language}`, `{target_language}`.
+      source_language, target_language: The names filled in.
+      chat: Wrap the request in the tokenizer's chat template (a Hugging Face tokenizer with one).
+      system: A system message before the request (chat only; None: none).
     """
 
     template: str = "Translate {source_language} to {target_language}.\n{source_language}: {source}\n{target_language}:"
     source_language: str = "German"
     target_language: str = "English"
+    chat: bool = False
+    system: str | None = None
 
     def __post_init__(self):
         if self.template.count("{source}") != 1:
             raise ValueError(f"PromptFormat.template must contain '{{source}}' exactly once, got {self.template!r}.")
+        if self.system is not None and not self.chat:
+            raise ValueError("PromptFormat.system is a chat message: set PromptFormat.chat = True too.")
 
     def pieces(self, vocab: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Token ids of the template before and after `{source}` (encoded separately, as fixed pieces)."""
@@ -43,4 +56,17 @@ class PromptFormat:
         except (KeyError, IndexError) as e:
             raise ValueError(f"PromptFormat.template {self.template!r} names an unknown field {e}; it may use "
                              "{source}, {source_language} and {target_language}.") from None
+        if self.chat:
+            if not hasattr(vocab, "render_chat"):
+                raise ValueError("PromptFormat.chat = True needs a Hugging Face tokenizer with a chat template as "
+                                 f"the vocabulary, not a {type(vocab).__name__}.")
+            # The request with a marker for the source, rendered whole, then cut at the marker: the template may
+            # wrap or follow the message with text of its own.
+            marker = "\uE000source\uE000"  # a private-use code point: no template or request contains it
+            messages = ([{"role": "system", "content": self.system}] if self.system is not None else []) + [
+                {"role": "user", "content": texts[0] + marker + texts[1]}]
+            rendered = vocab.render_chat(messages)
+            if rendered.count(marker) != 1:
+                raise ValueError(f"The chat template did not keep the request whole: {rendered!r}.")
+            texts = tuple(rendered.split(marker))
         return tuple(int(i) for i in vocab.encode(texts[0])), tuple(int(i) for i in vocab.encode(texts[1]))

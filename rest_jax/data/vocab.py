@@ -19,13 +19,17 @@ A task's vocabulary (its text, the `vocab` subcommand, a run's own copy) is `res
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import random
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import gin
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import numpy as np
 import seqio
 import sentencepiece as spm
@@ -235,6 +239,37 @@ def vocab_fingerprint(vocab: str | os.PathLike | seqio.Vocabulary) -> str:
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers save the chat template
+
+
+def _chat_template(config: Mapping[str, Any], folder: str) -> str | None:
+    """The folder's default chat template: tokenizer_config.json's `chat_template` (a string, or a list of
+    {name, template} of which 'default' is used), else chat_template.jinja; None when it has none."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None and tf.io.gfile.exists(os.path.join(folder, CHAT_TEMPLATE_FILE)):
+        with tf.io.gfile.GFile(os.path.join(folder, CHAT_TEMPLATE_FILE)) as f:
+            template = f.read()
+    return template
+
+
+def _raise_template_error(message: str) -> None:
+    raise ValueError(f"chat template: {message}")
+
+
+def render_chat(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
+                **special_tokens: str | None) -> str:
+    """Renders a Hugging Face chat template (Jinja) as transformers' `apply_chat_template` does: a sandboxed
+    environment with trimmed blocks, loop controls, `raise_exception` and `strftime_now`, and `tojson` without
+    HTML escaping."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                            **special_tokens)
 
 
 def _token_name(value: Any) -> str | None:
@@ -275,6 +310,9 @@ class HuggingFaceVocabulary(seqio.Vocabulary):
         pad_token = pad_token or _token_name(config.get("pad_token")) or _token_name(config.get("unk_token"))
         eos_token = eos_token or _token_name(config.get("eos_token"))
         bos_token = _token_name(config.get("bos_token"))
+        self.chat_template = _chat_template(config, folder)
+        self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token,
+                               "unk_token": _token_name(config.get("unk_token"))}
         for what, token in (("pad", pad_token), ("eos", eos_token)):
             if token is None:
                 raise ValueError(f"{folder}: {CONFIG_FILE} names no {what} token; pass {what}_token= (a special "
@@ -292,6 +330,16 @@ class HuggingFaceVocabulary(seqio.Vocabulary):
         self._rest_of = np.argsort(hf_of)
         self.prompt_start_id = int(self._rest_of[self._token_id(bos_token, folder)]) if bos_token else PAD_ID
         super().__init__(extra_ids=0)
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The text of `messages` in the tokenizer's chat template, followed by the assistant's turn opening
+        (`add_generation_prompt`), without the BOS a prompt already starts with (`prompt_start_id`)."""
+        if self.chat_template is None:
+            raise ValueError(f"{os.path.dirname(self.path)} has no chat template ({CONFIG_FILE}'s chat_template or "
+                             f"{CHAT_TEMPLATE_FILE}); set PromptFormat.chat = False.")
+        text = render_chat(self.chat_template, messages, **self.special_tokens)
+        bos = self.special_tokens["bos_token"]
+        return text[len(bos):] if bos and text.startswith(bos) else text
 
     def _token_id(self, token: str, folder: str) -> int:
         found = self._tokenizer.token_to_id(token)
