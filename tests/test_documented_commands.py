@@ -539,7 +539,8 @@ RULES: list[tuple[str, Rule]] = [
     (r"^python -m rest_jax\.main online --gin_file=experiments/demo_decoder_only\.gin --gin_file=runs/grpo\.gin ",
      Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE),
           after=(r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",),
-          check=check_online("grpo", run="demo_lm_grpo", bc_run="demo_lm"))),
+          # Slow (CI time): the fast suite runs GRPO on the encoder-decoder demo and the decoder-only pieces.
+          check=check_online("grpo", run="demo_lm_grpo", bc_run="demo_lm"), slow=True)),
     (r"^python -m rest_jax\.main online --gin_file=experiments/demo_decoder_only\.gin --gin_file=runs/ppo\.gin ",
      Rule("run", extra=(*SMALL_REST, *SMALL_ONLINE, *SMALL_WARMUP),
           after=(r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",),
