@@ -128,7 +128,8 @@ def _to_jax(tree: Mapping[str, Any]) -> Params:
 # wrote them: only such a folder is replaced; a model from elsewhere with the same two files is not.
 _HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors"})
 # A decoder-only export also carries its tokenizer's files (copied from the tokenizer folder).
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                      "chat_template.jinja")
 _EXPORT_MARK = "rest_jax_export"
 _KIND_LABELS = {"hf": "Hugging Face", "rest_jax": "rest_jax checkpoint", "t5x": "T5X"}
 _T5X_MARK_FILE = "rest_jax_export.json"
