@@ -163,3 +163,94 @@ def test_bfloat16_weight_gradients_do_not_read_a_transposed_left_operand():
     dx, dk = grad(x, kernel)
     np.testing.assert_allclose(np.asarray(dk), 64.0)  # xᵀ·1: every weight's gradient is the sum over 64 rows
     np.testing.assert_allclose(np.asarray(dx, np.float32), 48.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding caches: bfloat16 activations held as uint16 bits (`layers.cache_dtype`), written in place
+
+
+def _lm_config(dtype: str):
+    from rest_jax.model.decoder_only import DecoderOnlyConfig  # pylint: disable=import-outside-toplevel
+
+    return DecoderOnlyConfig(vocab_size=128, emb_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
+                             num_layers=2, dtype=dtype)
+
+
+def test_bfloat16_sampling_log_probs_equal_the_bfloat16_full_forward():
+    """Sampled tokens' log-probs, computed through the decode cache, against the bfloat16 full pass over the
+    same tokens (no cache): equal up to bfloat16 rounding order. A cache holding wrong values (bits misread,
+    a slot written to the wrong place) moves them by far more (checked: reading zeros from it, by up to 2.2)."""
+    from rest_jax.model.decoder_only import DecoderOnly  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(4)
+    # Encoder-decoder.
+    config = _tiny("bfloat16")
+    params = nn.unbox(jax.jit(Transformer(config).init)(jax.random.key(3), jnp.ones((1, 8), jnp.int32),
+                                                        jnp.ones((1, 8), jnp.int32))["params"])
+    sources = jnp.asarray(rng.integers(3, 128, (4, 10)).astype(np.int32))
+    out = decoding.sample(params, config, sources, jax.random.key(5), num_samples=3, max_decode_len=12,
+                          temperature=1.0, ignore_eos=True)
+    batch = decoding.samples_to_batch(sources, out)
+    logits = np.asarray(jax.jit(Transformer(config).apply)({"params": params}, batch["encoder_input_tokens"],
+                                                           batch["decoder_input_tokens"]), np.float64)
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected = np.take_along_axis(log_probs, np.asarray(batch["decoder_target_tokens"])[..., None], -1)[..., 0]
+    got = np.asarray(out.token_log_probs).reshape(expected.shape)
+    np.testing.assert_allclose(got, expected, atol=0.03)
+    # Decoder-only: prompt prefill, then the cache.
+    lm_config = _lm_config("bfloat16")
+    lm = DecoderOnly(lm_config)
+    lm_params = nn.unbox(jax.jit(lm.init)(jax.random.key(6), jnp.ones((1, 8), jnp.int32))["params"])
+    prompts = rng.integers(3, 128, (3, 7)).astype(np.int32)
+    prompts[0, :2] = 0  # left padding
+    mask = prompts > 0
+    out = decoding.sample_lm(lm_params, lm_config, jnp.asarray(prompts), jnp.asarray(mask), jax.random.key(7),
+                             num_samples=2, max_decode_len=9, temperature=1.0, stop_ids=(1,))
+    # The full pass over each left-padded prompt and its completion (padding after the completion's end).
+    completions = np.asarray(out.tokens).reshape(6, 9)
+    emitted = np.arange(9) < np.asarray(out.lengths).reshape(6, 1)
+    tokens = np.concatenate([np.repeat(prompts, 2, axis=0), completions], axis=1)
+    token_mask = np.concatenate([np.repeat(mask, 2, axis=0), emitted], axis=1)
+    full = np.asarray(jax.jit(lm.apply)({"params": lm_params}, jnp.asarray(tokens), jnp.asarray(token_mask)),
+                      np.float64)
+    full = full[:, 6:-1]  # the logits after the prompt's last column predict the first completion token
+    full = full - np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - full.max(-1, keepdims=True)
+    expected = np.take_along_axis(full, completions[..., None], -1)[..., 0] * emitted
+    got = np.asarray(out.token_log_probs).reshape(6, 9)
+    assert emitted.sum() > 30  # most samples run for several tokens
+    np.testing.assert_allclose(got, expected, atol=0.03)
+
+
+@pytest.mark.parametrize("family", ["encoder_decoder", "decoder_only"])
+def test_bfloat16_decoding_never_holds_the_cache_in_float32(family):
+    """XLA:CPU has no bfloat16 dynamic-update-slice: a bfloat16 cache was converted whole to float32 and back
+    around every write, twice per layer and step (on the IWSLT shape, Grow in bfloat16 ran 1.08x float32's
+    tokens/s with it, 2.0x without; benchmarks/README.md). The compiled sampling loop must not hold an array
+    of the whole cache's shape in float32."""
+    if family == "encoder_decoder":
+        config = _tiny("bfloat16")
+        params = jax.eval_shape(Transformer(config).init, jax.random.key(0), jnp.ones((1, 8), jnp.int32),
+                                jnp.ones((1, 8), jnp.int32))["params"]
+        rows, length = 2 * 3, 11
+        shape = (config.num_decoder_layers, rows, config.num_heads, length, config.head_dim)
+        compiled = decoding._sample_jit.lower(  # pylint: disable=protected-access
+            nn.unbox(params), jnp.ones((2, 9), jnp.int32), jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0),
+            config=config, num_samples=3, max_decode_len=length, top_k=0, use_top_p=False, top_p_candidates=64,
+            greedy=False, eos_id=1, ignore_eos=False).compile()
+    else:
+        from rest_jax.model.decoder_only import DecoderOnly  # pylint: disable=import-outside-toplevel
+
+        config = _lm_config("bfloat16")
+        params = jax.eval_shape(DecoderOnly(config).init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+        rows, prompt, length = 2 * 3, 7, 11
+        shape = (config.num_layers, rows, config.num_kv_heads, prompt + length, config.head_dim)
+        compiled = decoding._sample_lm_jit.lower(  # pylint: disable=protected-access
+            nn.unbox(params), jnp.ones((2, prompt), jnp.int32), jnp.ones((2, prompt), bool), jax.random.key(0),
+            jnp.float32(1.0), jnp.float32(1.0), config=config, num_samples=3, max_decode_len=length, top_k=0,
+            use_top_p=False, top_p_candidates=64, greedy=False, stop_ids=(1,)).compile()
+    hlo = compiled.as_text()
+    whole = "[" + ",".join(map(str, shape)) + "]"
+    assert f"u16{whole}" in hlo or f"bf16{whole}" in hlo, "the cache is no longer the shape this test looks for"
+    assert f"f32{whole}" not in hlo, "the whole decoding cache is converted to float32 in the sampling loop"

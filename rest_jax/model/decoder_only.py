@@ -194,9 +194,10 @@ class DecoderOnlyLayer(nn.Module):
         """One decoding step. x: [b, 1, e]; cache k/v: [layers, b, K, T, d], written at slot `index` in place."""
         q, k, v = self.self_attention.project(self.pre_self_attention_layer_norm(x), positions)
         start = (layer, 0, 0, index, 0)
-        cache = {name: jax.lax.dynamic_update_slice(cache[name], new.transpose(0, 2, 1, 3)[None].astype(
-                     cache[name].dtype), start) for name, new in (("k", k), ("v", v))}
-        y = self.self_attention.attend(q, cache["k"][layer], cache["v"][layer], bias, True, heads_major=True)
+        cache = {name: layers.write_cache(cache[name], new.transpose(0, 2, 1, 3)[None], start)
+                 for name, new in (("k", k), ("v", v))}
+        y = self.self_attention.attend(q, layers.read_cache(cache["k"][layer]), layers.read_cache(cache["v"][layer]),
+                                       bias, True, heads_major=True)
         return self._mlp(x + y, True), cache
 
 
@@ -283,9 +284,11 @@ class DecoderOnly(nn.Module):
     # -- incremental decoding ------------------------------------------------------------------------------
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
-        """Empty cache {'k', 'v'}: [layers, batch, kv_heads, max_length, head_dim] (`t5`'s layout, K heads)."""
+        """Empty cache {'k', 'v'}: [layers, batch, kv_heads, max_length, head_dim] (`t5`'s layout and dtype, K
+        heads)."""
         c = self.config
-        zeros = jnp.zeros((c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim), c.activation_dtype)
+        zeros = jnp.zeros((c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim),
+                          layers.cache_dtype(c.activation_dtype))
         return {"k": zeros, "v": zeros}
 
     def prefill(self, tokens: Array, token_mask: Array, max_length: int) -> tuple[Array, dict[str, Array]]:
@@ -293,7 +296,7 @@ class DecoderOnly(nn.Module):
         a cache of `max_length` slots whose first P hold the prompts' keys/values (decoding goes on at slot P)."""
         y, kv = self._forward(tokens, token_mask, None, None, True)
         pad = ((0, 0), (0, 0), (0, 0), (0, max_length - tokens.shape[1]), (0, 0))
-        cache = {name: jnp.pad(x, pad).astype(self.config.activation_dtype) for name, x in kv.items()}
+        cache = {name: jnp.pad(layers.to_cache(x.astype(self.config.activation_dtype)), pad) for name, x in kv.items()}
         return self._logits(y[:, -1:])[:, 0], cache
 
     def decode_step(self, tokens: Array, positions: Array, index: Array, cache: Cache,

@@ -209,6 +209,31 @@ def constrain(x: Array) -> Array:
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+# Decoding caches under bfloat16 activations hold the bfloat16 bits as uint16: XLA:CPU has no bfloat16
+# dynamic-update-slice and converts the whole cache to float32 and back around each write (every decode step
+# then copied every layer's cache twice: most of a bfloat16 step's time on the IWSLT shape), and a bitcast
+# inside the loop still made it copy. A uint16 cache carried through the loop is written in place.
+def cache_dtype(dtype: Any) -> Any:
+    """The dtype a decoding cache of `dtype` activations is stored in."""
+    return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else dtype
+
+
+def to_cache(x: Array) -> Array:
+    """Activations as a cache stores them."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def read_cache(cache: Array) -> Array:
+    """The activations a cache (or a slice of one) holds."""
+    return jax.lax.bitcast_convert_type(cache, jnp.bfloat16) if cache.dtype == jnp.uint16 else cache
+
+
+def write_cache(cache: Array, update: Array, start: Sequence[Any]) -> Array:
+    """`cache` with the activations `update` (cast to the cache's activation dtype) written at `start`, in place."""
+    activation = jnp.bfloat16 if cache.dtype == jnp.uint16 else cache.dtype
+    return jax.lax.dynamic_update_slice(cache, to_cache(update.astype(activation)), start)
+
+
 def padding_bias(key_mask: Array, dtype: Any) -> Array:
     """[b, k] bool -> additive bias [b, 1, 1, k]."""
     return jnp.where(key_mask, 0.0, MASK_VALUE).astype(dtype)[:, None, None, :]

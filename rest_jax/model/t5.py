@@ -239,14 +239,10 @@ class DecoderLayer(nn.Module):
         y = self.pre_self_attention_layer_norm(x).reshape((b * n, 1, x.shape[-1]))
         k, v = self.self_attention.project_kv(y)  # [b*n, 1, h, d]
         start = (layer, 0, 0, index, 0)
-        cache = {
-            "k": jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 1, 3)[None].astype(cache["k"].dtype),
-                                              start),
-            "v": jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3)[None].astype(cache["v"].dtype),
-                                              start),
-        }
-        y = self.self_attention.attend(y, cache["k"][layer], cache["v"][layer], self_bias, deterministic=True,
-                                       heads_major=True)
+        cache = {"k": layers.write_cache(cache["k"], k.transpose(0, 2, 1, 3)[None], start),
+                 "v": layers.write_cache(cache["v"], v.transpose(0, 2, 1, 3)[None], start)}
+        y = self.self_attention.attend(y, layers.read_cache(cache["k"][layer]), layers.read_cache(cache["v"][layer]),
+                                       self_bias, deterministic=True, heads_major=True)
         x = x + y.reshape(x.shape)
         return self._cross_and_mlp(x, cross_k, cross_v, cross_bias, True), cache
 
@@ -319,10 +315,11 @@ class Transformer(nn.Module):
         return self.decoder.cross_kv(encoded)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
-        """Empty self-attention cache {'k', 'v'}: [layers, batch, heads, max_length, head_dim]."""
+        """Empty self-attention cache {'k', 'v'}: [layers, batch, heads, max_length, head_dim], in
+        `layers.cache_dtype` (bfloat16 activations as their uint16 bits)."""
         c = self.config
         shape = (c.num_decoder_layers, batch_size, c.num_heads, max_length, c.head_dim)
-        zeros = jnp.zeros(shape, c.activation_dtype)
+        zeros = jnp.zeros(shape, layers.cache_dtype(c.activation_dtype))
         return {"k": zeros, "v": zeros}
 
     def decode_step(self, tokens: Array, index: Array, cache: Cache, cross_kv: Cache,
