@@ -140,6 +140,10 @@ def _train_args(demo, model_dir, **model_overrides):
             *_model_flags(**model_overrides)]
 
 
+# Slow (~60 s, keeping CI under its 30 minutes): the fast suite's kill-and-resume test is
+# test_rest_loop.py::test_rest_loop_end_to_end_and_kill_resume; a checkpoint damaged mid-save is
+# test_damaged_checkpoint_is_never_used_by_train_or_a_policy below.
+@pytest.mark.slow
 def test_pretraining_killed_mid_checkpoint_save_and_mid_training_resumes_exactly(demo, tmp_path):
     """SIGKILL while checkpoint 8 is being written, then again while steps 9-12 train; the rerun ends with
     exactly the parameters of an uninterrupted run. A rerun with another model config names the parameter."""
