@@ -61,7 +61,12 @@ def build_network(vocab: Any = None, architecture: str = "encoder_decoder",
         raise ValueError(f"build_network.architecture must be one of {ARCHITECTURES}, got {architecture!r}.")
     if vocab is None:
         raise ValueError("A decoder-only policy needs its vocabulary to encode the prompt template.")
-    before, after = (prompt_format or prompts.PromptFormat()).pieces(vocab)
+    prompt_format = prompt_format or prompts.PromptFormat()
+    before, after = prompt_format.pieces(vocab)
+    mismatch = prompt_format.boundary_mismatch(vocab)
+    if mismatch:
+        logging.warning("PromptFormat: %s. A policy trained by BC on these prompts learns them; a pre-trained LM "
+                        "used without fine-tuning sees token joins it was not trained on.", mismatch)
     # A Hugging Face tokenizer's BOS opens the prompt, as in the LM's pre-training (`vocab.HuggingFaceVocabulary`).
     return translation_lm.TranslationLM(decoder_only.DecoderOnlyConfig(), prompt_before=before, prompt_after=after,
                                         eos_id=EOS_ID, start_id=getattr(vocab, "prompt_start_id",

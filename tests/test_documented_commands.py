@@ -222,6 +222,9 @@ def check_decoder_only_run(work, proc):
     run = work / "runs/demo_lm"
     report = json.loads((run / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["BC G=0 I=0", "ReST G=1 I=0", "ReST G=1 I=1"]
+    # The demo's SentencePiece vocabulary joins the prompt's pieces as the whole text tokenizes
+    # (`PromptFormat.boundary_mismatch`): no warning.
+    assert "PromptFormat:" not in proc.stdout + proc.stderr
     rows = grow_store.GrowStore(str(run / "grow_1" / "store")).as_numpy(
         ["source_tokens", "candidate_tokens", "behaviour_logprob_sum", "is_reference"])
     try:

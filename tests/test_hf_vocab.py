@@ -204,3 +204,40 @@ def test_chat_prompts_are_what_transformers_apply_chat_template_makes(tmp_path):
     plain = vocab_lib.load_vocabulary(str(_tokenizer_folder(tmp_path)[0]))
     with pytest.raises(ValueError, match="has no chat template"):
         fmt.pieces(plain)
+
+
+def _byte_level_bpe_folder(tmp_path):
+    """A GPT-2 / Llama 3-style tokenizer: byte-level BPE whose words carry their leading space."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<s>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    text = "Translate German to English.\nGerman: Das Haus ist klein.\nEnglish: The house is small."
+    tok.train_from_iterator([text] * 20, trainer)
+    folder = tmp_path / "bpe"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "eos_token": "</s>",
+                                                              "bos_token": "<s>"}))
+    return folder, tok
+
+
+def test_prompt_boundaries_that_tokenize_apart_are_reported(tmp_path, caplog):
+    # Byte-level BPE: "German: " + "Das" encoded apart gives ':', ' ', 'Das'; the whole text ':', ' Das'.
+    folder, tok = _byte_level_bpe_folder(tmp_path)
+    fmt = prompts.PromptFormat()
+    whole = tok.encode("Translate German to English.\nGerman: Das Haus ist klein.\nEnglish: The house is small.").tokens
+    assert "ĠDas" in whole  # the tokenizer itself: the space belongs to the word
+    vocab = vocab_lib.load_vocabulary(str(folder))
+    message = fmt.boundary_mismatch(vocab)
+    assert message is not None and "' Das'" in message and "' '" in message, message
+    with caplog.at_level("WARNING"):
+        policy_lib.build_network(vocab, architecture="decoder_only", prompt_format=fmt)
+    assert "PromptFormat: the prompt's pieces, tokenized apart, join differently" in caplog.text
+    # A tokenizer that splits at whitespace joins pieces as the whole text does: nothing to report.
+    word_folder, _ = _tokenizer_folder(tmp_path)
+    word_fmt = prompts.PromptFormat(template="translate {source_language} : {source} {target_language} :",
+                                    source_language="german", target_language="english")
+    assert word_fmt.boundary_mismatch(vocab_lib.load_vocabulary(str(word_folder)), "das haus ist klein .",
+                                      "the house is small .") is None

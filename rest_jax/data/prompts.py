@@ -49,6 +49,38 @@ class PromptFormat:
 
     def pieces(self, vocab: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Token ids of the template before and after `{source}` (encoded separately, as fixed pieces)."""
+        texts = self._texts(vocab)
+        return tuple(int(i) for i in vocab.encode(texts[0])), tuple(int(i) for i in vocab.encode(texts[1]))
+
+    def boundary_mismatch(self, vocab: Any, source: str = "Das Haus ist klein.",
+                          target: str = "The house is small.") -> str | None:
+        """Where the prompt assembled from pieces (template before, source, template after, target: each
+        encoded alone) is not the tokenization of the whole text, a description of the first difference;
+        None where they agree. The target follows the prompt after a space, or directly when the prompt ends
+        in whitespace (a chat template's assistant header).
+
+        SentencePiece vocabularies (T5's, the demo's) agree; byte-level BPE tokenizers (GPT-2, Llama 3) attach
+        a word's leading space to the word, so "German: " + "Das" becomes ':', ' ', 'Das' where the whole text
+        has ':', ' Das'. A policy fine-tuned by BC on these prompts learns them; a pre-trained LM asked without
+        fine-tuning sees token joins it was not trained on.
+        """
+        before, after = self._texts(vocab)
+        join = "" if (after[-1:].isspace() or not after) else " "
+        parts = [before, source, after, target]
+        assembled = [int(i) for part in parts for i in vocab.encode(part)]
+        whole = [int(i) for i in vocab.encode(before + source + after + join + target)]
+        if assembled == whole:
+            return None
+        first = next((i for i, (a, b) in enumerate(zip(assembled, whole)) if a != b), min(len(assembled), len(whole)))
+
+        def show(ids: list[int]) -> str:
+            return ", ".join(repr(vocab.decode([i])) if i > 1 else str(i) for i in ids[max(first - 2, 0):first + 3])
+
+        return (f"the prompt's pieces, tokenized apart, join differently from the whole text {parts[0] + parts[1]!r}"
+                f"...: [{show(assembled)}] where the whole text has [{show(whole)}]")
+
+    def _texts(self, vocab: Any) -> tuple[str, str]:
+        """The template's text before and after `{source}`, filled in (and rendered by the chat template)."""
         before, after = self.template.split("{source}")
         names = {"source_language": self.source_language, "target_language": self.target_language}
         try:
@@ -69,4 +101,4 @@ class PromptFormat:
             if rendered.count(marker) != 1:
                 raise ValueError(f"The chat template did not keep the request whole: {rendered!r}.")
             texts = tuple(rendered.split(marker))
-        return tuple(int(i) for i in vocab.encode(texts[0])), tuple(int(i) for i in vocab.encode(texts[1]))
+        return texts
