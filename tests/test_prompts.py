@@ -24,6 +24,10 @@ class _CharVocab:
         return [self.SPECIAL[c] if c in self.SPECIAL else ord(c.lower()) - ord("a") + 3 for c in text
                 if c in self.SPECIAL or c.isalpha()]
 
+    def decode(self, ids):
+        inverse = {i: c for c, i in self.SPECIAL.items()}
+        return "".join(inverse.get(i, chr(i - 3 + ord("a"))) for i in ids)
+
 
 FORMAT = prompts.PromptFormat(template="{source_language}: {source}\n{target_language}:", source_language="De",
                               target_language="En")
