@@ -42,6 +42,7 @@ PyTree = Any
 
 
 ARCHITECTURES = ("encoder_decoder", "decoder_only")
+_REPORTED_MISMATCHES: set[str] = set()
 
 
 @gin.configurable(denylist=["vocab"])
@@ -64,7 +65,8 @@ def build_network(vocab: Any = None, architecture: str = "encoder_decoder",
     prompt_format = prompt_format or prompts.PromptFormat()
     before, after = prompt_format.pieces(vocab)
     mismatch = prompt_format.boundary_mismatch(vocab)
-    if mismatch:
+    if mismatch and mismatch not in _REPORTED_MISMATCHES:  # once per process, not at every stage's build
+        _REPORTED_MISMATCHES.add(mismatch)
         logging.warning("PromptFormat: %s. A policy trained by BC on these prompts learns them; a pre-trained LM "
                         "used without fine-tuning sees token joins it was not trained on.", mismatch)
     # A Hugging Face tokenizer's BOS opens the prompt, as in the LM's pre-training (`vocab.HuggingFaceVocabulary`).

@@ -232,8 +232,11 @@ def test_prompt_boundaries_that_tokenize_apart_are_reported(tmp_path, caplog):
     vocab = vocab_lib.load_vocabulary(str(folder))
     message = fmt.boundary_mismatch(vocab)
     assert message is not None and "' Das'" in message and "' '" in message, message
+    policy_lib._REPORTED_MISMATCHES.clear()  # pylint: disable=protected-access  (reported once per process)
     with caplog.at_level("WARNING"):
         policy_lib.build_network(vocab, architecture="decoder_only", prompt_format=fmt)
+        policy_lib.build_network(vocab, architecture="decoder_only", prompt_format=fmt)
+    assert caplog.text.count("PromptFormat:") == 1
     assert "PromptFormat: the prompt's pieces, tokenized apart, join differently" in caplog.text
     # A tokenizer that splits at whitespace joins pieces as the whole text does: nothing to report.
     word_folder, _ = _tokenizer_folder(tmp_path)

@@ -232,8 +232,9 @@ class DecoderLayer(nn.Module):
              cross_v: Array, cross_bias: Array) -> tuple[Array, dict[str, Array]]:
         """One decoding step. x: [b, n, 1, e]; cache k/v: [layers, b*n, h, T, d]; cross_k/v: [b, s, h, d].
 
-        The new key/value is written into the whole-stack cache in place (one dynamic_update_slice), so no
-        step copies a layer's cache.
+        The new key/value is written into the whole-stack cache in place (one dynamic_update_slice); reading
+        the layer's keys/values back is a slice, which XLA:CPU copies (one array per layer instead measured
+        +6% float32, -3% bfloat16 Grow: benchmarks/README.md).
         """
         b, n = x.shape[:2]
         y = self.pre_self_attention_layer_norm(x).reshape((b * n, 1, x.shape[-1]))
