@@ -68,7 +68,9 @@ def build_network(vocab: Any = None, architecture: str = "encoder_decoder",
     if mismatch and mismatch not in _REPORTED_MISMATCHES:  # once per process, not at every stage's build
         _REPORTED_MISMATCHES.add(mismatch)
         logging.warning("PromptFormat: %s. A policy trained by BC on these prompts learns them; a pre-trained LM "
-                        "used without fine-tuning sees token joins it was not trained on.", mismatch)
+                        "used without fine-tuning sees token joins it was not trained on (a byte-level BPE "
+                        "tokenizer joins them as written with HuggingFaceVocabulary.add_prefix_space = True).",
+                        mismatch)
     # A Hugging Face tokenizer's BOS opens the prompt, as in the LM's pre-training (`vocab.HuggingFaceVocabulary`).
     return translation_lm.TranslationLM(decoder_only.DecoderOnlyConfig(), prompt_before=before, prompt_after=after,
                                         eos_id=EOS_ID, start_id=getattr(vocab, "prompt_start_id",

@@ -4,6 +4,7 @@ asked through a prompt on that vocabulary giving HF transformers' own log-probs 
 import json
 from collections.abc import Mapping
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from rest_jax import convert_lm
 from rest_jax import policy as policy_lib
 from rest_jax.data import prompts
 from rest_jax.data import vocab as vocab_lib
+from rest_jax.model import translation_lm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -52,6 +54,13 @@ def test_ids_are_renumbered_pad_zero_eos_one(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(ValueError, match="names no pad token"):
         vocab_lib.load_vocabulary(str(folder))
+    # A tokenizer without pad and unk (Llama 3) gets one named by gin: "cat" (tokenizer id 16) becomes id 0.
+    gin.bind_parameter("HuggingFaceVocabulary.pad_token", "cat")
+    try:
+        named = vocab_lib.load_vocabulary(str(folder))
+    finally:
+        gin.clear_config()
+    assert named.to_hf([0, 1]) == [16, 2]
 
 
 SHAPE = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
@@ -244,3 +253,41 @@ def test_prompt_boundaries_that_tokenize_apart_are_reported(tmp_path, caplog):
                                     source_language="german", target_language="english")
     assert word_fmt.boundary_mismatch(vocab_lib.load_vocabulary(str(word_folder)), "das haus ist klein .",
                                       "the house is small .") is None
+
+
+def test_add_prefix_space_makes_prompts_the_tokenizers_own_tokens_of_the_whole_text(tmp_path, caplog):
+    # With add_prefix_space every source and completion is encoded word-initially (' Das'), the template's space
+    # before them left out of its pieces: prompt + completion is then what the tokenizer makes of the whole text.
+    folder, tok = _byte_level_bpe_folder(tmp_path)
+    fmt = prompts.PromptFormat()
+    plain = vocab_lib.load_vocabulary(str(folder))
+    gin.bind_parameter("HuggingFaceVocabulary.add_prefix_space", True)
+    try:
+        vocab = vocab_lib.load_vocabulary(str(folder))
+    finally:
+        gin.clear_config()
+    assert vocab.add_prefix_space and not plain.add_prefix_space
+    assert fmt.boundary_mismatch(vocab) is None
+    before, after = fmt.pieces(vocab)
+    pairs = [("Das Haus ist klein.", "The house is small."), ("Katzen schlafen oft.", "Cats often sleep."),
+             ("Ein Hund", "A dog")]
+    for source, target in pairs:
+        src = np.asarray([vocab.encode(source) + [vocab_lib.EOS_ID]])
+        prompt, mask = translation_lm.prompt_tokens(src, before, after, vocab_lib.EOS_ID, vocab.prompt_start_id)
+        ids = [int(i) for i in np.asarray(prompt)[np.asarray(mask)]][1:] + list(vocab.encode(target))  # no BOS
+        whole = f"Translate German to English.\nGerman: {source}\nEnglish: {target}"
+        assert vocab.to_hf(ids) == tok.encode(whole).ids, (source, [tok.id_to_token(i) for i in vocab.to_hf(ids)])
+        assert vocab.decode(vocab.encode(source)) == source and vocab.decode(vocab.encode(target)) == target
+        # The same assembly on the vocabulary without the option is not the tokenizer's whole-text encoding.
+        b0, a0 = fmt.pieces(plain)
+        p0, m0 = translation_lm.prompt_tokens(np.asarray([plain.encode(source) + [1]]), b0, a0, 1,
+                                              plain.prompt_start_id)
+        assert plain.to_hf([int(i) for i in np.asarray(p0)[np.asarray(m0)]][1:] + list(plain.encode(target))) != \
+            tok.encode(whole).ids
+    # Every id sequence changes, so the option is part of the vocabulary's identity (Grow stores, checkpoints).
+    assert vocab != plain and vocab_lib.vocab_fingerprint(vocab) != vocab_lib.vocab_fingerprint(plain)
+    assert vocab_lib.vocab_fingerprint(plain) == vocab_lib.vocab_fingerprint(str(folder))
+    policy_lib._REPORTED_MISMATCHES.clear()  # pylint: disable=protected-access
+    with caplog.at_level("WARNING"):
+        policy_lib.build_network(vocab, architecture="decoder_only", prompt_format=fmt)
+    assert "PromptFormat:" not in caplog.text

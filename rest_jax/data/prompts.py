@@ -48,36 +48,45 @@ class PromptFormat:
             raise ValueError("PromptFormat.system is a chat message: set PromptFormat.chat = True too.")
 
     def pieces(self, vocab: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Token ids of the template before and after `{source}` (encoded separately, as fixed pieces)."""
-        texts = self._texts(vocab)
-        return tuple(int(i) for i in vocab.encode(texts[0])), tuple(int(i) for i in vocab.encode(texts[1]))
+        """Token ids of the template before and after `{source}`, each encoded alone as written. A vocabulary
+        that encodes every text with a word's leading space (`HuggingFaceVocabulary.add_prefix_space`) brings
+        the space before the source and the completion itself, so the template's trailing spaces are left out
+        (SentencePiece drops them anyway)."""
+        encode = getattr(vocab, "encode_as_is", vocab.encode)
+        word_initial = getattr(vocab, "add_prefix_space", False)
+        return tuple(tuple(int(i) for i in encode(text.rstrip(" ") if word_initial else text))
+                     for text in self._texts(vocab))
 
     def boundary_mismatch(self, vocab: Any, source: str = "Das Haus ist klein.",
                           target: str = "The house is small.") -> str | None:
-        """Where the prompt assembled from pieces (template before, source, template after, target: each
-        encoded alone) is not the tokenization of the whole text, a description of the first difference;
-        None where they agree. The target follows the prompt after a space, or directly when the prompt ends
-        in whitespace (a chat template's assistant header).
+        """Where the prompt assembled from its pieces (`pieces`, the source's and the target's own ids) is not
+        the tokenization of the whole text, a description of the first difference; None where they agree.
+        The target follows the prompt after a space, or directly when the prompt ends in other whitespace (a
+        chat template's assistant header).
 
-        SentencePiece vocabularies (T5's, the demo's) agree; byte-level BPE tokenizers (GPT-2, Llama 3) attach
-        a word's leading space to the word, so "German: " + "Das" becomes ':', ' ', 'Das' where the whole text
-        has ':', ' Das'. A policy fine-tuned by BC on these prompts learns them; a pre-trained LM asked without
-        fine-tuning sees token joins it was not trained on.
+        SentencePiece vocabularies (T5's, the demo's) agree. A byte-level BPE (GPT-2, Llama 3) attaches a word's
+        leading space to the word: "German: " + "Das" becomes ':', ' ', 'Das' where the whole text has ':', ' Das',
+        unless the vocabulary encodes words with it (`HuggingFaceVocabulary.add_prefix_space = True`). A policy
+        fine-tuned by BC on these prompts learns them; a pre-trained LM asked without fine-tuning sees token
+        joins it was not trained on.
         """
         before, after = self._texts(vocab)
         join = "" if (after[-1:].isspace() or not after) else " "
-        parts = [before, source, after, target]
-        assembled = [int(i) for part in parts for i in vocab.encode(part)]
-        whole = [int(i) for i in vocab.encode(before + source + after + join + target)]
+        head, tail = self.pieces(vocab)
+        assembled = [*head, *(int(i) for i in vocab.encode(source)), *tail, *(int(i) for i in vocab.encode(target))]
+        whole_text = before + source + after + join + target
+        whole = [int(i) for i in getattr(vocab, "encode_as_is", vocab.encode)(whole_text)]
         if assembled == whole:
             return None
         first = next((i for i, (a, b) in enumerate(zip(assembled, whole)) if a != b), min(len(assembled), len(whole)))
 
-        def show(ids: list[int]) -> str:
-            return ", ".join(repr(vocab.decode([i])) if i > 1 else str(i) for i in ids[max(first - 2, 0):first + 3])
+        decode = getattr(vocab, "decode_as_is", vocab.decode)
 
-        return (f"the prompt's pieces, tokenized apart, join differently from the whole text {parts[0] + parts[1]!r}"
-                f"...: [{show(assembled)}] where the whole text has [{show(whole)}]")
+        def show(ids: list[int]) -> str:
+            return ", ".join(repr(decode([i])) if i > 1 else str(i) for i in ids[max(first - 2, 0):first + 3])
+
+        return (f"the prompt's pieces, tokenized apart, join differently from the whole text "
+                f"{before + source!r}...: [{show(assembled)}] where the whole text has [{show(whole)}]")
 
     def _texts(self, vocab: Any) -> tuple[str, str]:
         """The template's text before and after `{source}`, filled in (and rendered by the chat template)."""

@@ -226,7 +226,8 @@ def check_fits_model(vocabulary: seqio.Vocabulary, model_vocab_size: int, what: 
 
 def vocab_fingerprint(vocab: str | os.PathLike | seqio.Vocabulary) -> str:
     """sha256 of the vocabulary file (a path, or a SentencePieceVocabulary's model file, or the tokenizer.json
-    of a Hugging Face tokenizer or its folder)."""
+    of a Hugging Face tokenizer or its folder), and of `HuggingFaceVocabulary.add_prefix_space` where set (it
+    changes every id sequence)."""
     path = getattr(vocab, "sentencepiece_model_file", None) or getattr(vocab, "path", vocab)
     if isinstance(path, (str, os.PathLike)) and tf.io.gfile.isdir(os.fspath(path)) and is_hf_tokenizer(
             os.fspath(path)):
@@ -234,7 +235,10 @@ def vocab_fingerprint(vocab: str | os.PathLike | seqio.Vocabulary) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"Cannot fingerprint vocabulary {vocab!r}: give the SentencePiece model file path.")
     with tf.io.gfile.GFile(os.fspath(path), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        digest = hashlib.sha256(f.read())
+    if getattr(vocab, "add_prefix_space", False):
+        digest.update(b"\0add_prefix_space")
+    return digest.hexdigest()
 
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -284,6 +288,7 @@ def is_hf_tokenizer(path: str) -> bool:
     return os.path.basename(path) == TOKENIZER_FILE or tf.io.gfile.exists(os.path.join(path, TOKENIZER_FILE))
 
 
+@gin.configurable(denylist=["path"])
 class HuggingFaceVocabulary(seqio.Vocabulary):
     """A `tokenizers` tokenizer with pad = 0 and EOS = 1 (ids renumbered; see the module docstring).
 
@@ -293,9 +298,16 @@ class HuggingFaceVocabulary(seqio.Vocabulary):
       pad_token: The token that becomes id 0; default the config's pad_token, else its unk_token. Tokenizers
         with neither (Llama 3) need one named, e.g. '<|reserved_special_token_0|>'.
       eos_token: Default the config's eos_token.
+      add_prefix_space: Encode every text as the word-initial tokens it has after a space in running text
+        (" " + text; decoding drops that space), as SentencePiece does and as HF's `add_prefix_space` does for
+        GPT-2. A byte-level BPE (GPT-2, Llama 3, Qwen) attaches a word's leading space to the word, so sources
+        and completions encoded on their own join a decoder-only prompt's text ("German: Das") only this way
+        (`PromptFormat.pieces` leaves the space out of the template). It changes every id sequence, so it is
+        part of the vocabulary's identity (`vocab_fingerprint`: Grow stores made without it are refused).
     """
 
-    def __init__(self, path: str, pad_token: str | None = None, eos_token: str | None = None):
+    def __init__(self, path: str, pad_token: str | None = None, eos_token: str | None = None,
+                 add_prefix_space: bool = False):
         folder = os.path.dirname(path) if os.path.basename(path) == TOKENIZER_FILE else path
         file = os.path.join(folder, TOKENIZER_FILE)
         if not tf.io.gfile.exists(file):
@@ -307,6 +319,7 @@ class HuggingFaceVocabulary(seqio.Vocabulary):
             with tf.io.gfile.GFile(os.path.join(folder, CONFIG_FILE)) as f:
                 config = json.load(f)
         self.path = file
+        self.add_prefix_space = bool(add_prefix_space)
         pad_token = pad_token or _token_name(config.get("pad_token")) or _token_name(config.get("unk_token"))
         eos_token = eos_token or _token_name(config.get("eos_token"))
         bos_token = _token_name(config.get("bos_token"))
@@ -367,12 +380,23 @@ class HuggingFaceVocabulary(seqio.Vocabulary):
     def _base_vocab_size(self) -> int:
         return len(self.hf_ids)
 
-    def _encode(self, s: str) -> Sequence[int]:
+    def encode_as_is(self, s: str) -> list[int]:
+        """Ids of `s` exactly as written (no prefix space): a prompt template's text."""
         return [int(self._rest_of[i]) for i in self._tokenizer.encode(s, add_special_tokens=False).ids]
+
+    def _encode(self, s: str) -> Sequence[int]:
+        if self.add_prefix_space and s and not s[0].isspace():
+            s = " " + s
+        return self.encode_as_is(s)
+
+    def decode_as_is(self, ids: Iterable[int]) -> str:
+        """The text of `ids` exactly (a prefix space kept)."""
+        return self._tokenizer.decode(self.to_hf(int(i) for i in ids), skip_special_tokens=True)
 
     def _decode(self, ids: Sequence[int]) -> str:
         # seqio.Vocabulary.decode has cut at EOS and dropped padding already.
-        return self._tokenizer.decode(self.to_hf(int(i) for i in ids), skip_special_tokens=True)
+        text = self.decode_as_is(ids)
+        return text[1:] if self.add_prefix_space and text.startswith(" ") else text
 
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
         def encode(text: tf.Tensor) -> np.ndarray:
@@ -390,7 +414,7 @@ class HuggingFaceVocabulary(seqio.Vocabulary):
 
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, HuggingFaceVocabulary) and other.path == self.path and \
-            np.array_equal(other.hf_ids, self.hf_ids)
+            np.array_equal(other.hf_ids, self.hf_ids) and other.add_prefix_space == self.add_prefix_space
 
     def __hash__(self) -> int:
-        return hash((self.path, tuple(self.hf_ids[:2])))
+        return hash((self.path, tuple(self.hf_ids[:2]), self.add_prefix_space))
