@@ -49,9 +49,9 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}; jax {jax.__version__} on {jax.devices()[0].platform} x {jax.device_count()}")
     print(f"shape {args.shape}: {args.sources} sources x N={args.samples} per iteration, {args.length} tokens "
           f"per sample, updates of {args.minibatch} rows (one pass), seconds per iteration after compilation")
-    print("| algorithm | s/iteration | samples/s | sample+score s | advantages s | updates s | updates/s | "
+    print("| algorithm | s/iteration | samples/s | sampling s | scoring (host) s | advantages s | updates s | updates/s | "
           "update tokens/s | compile+first s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for algorithm in args.algorithms.split(","):
         t0 = time.perf_counter()
         result = online.run_iterations(
@@ -67,7 +67,7 @@ def main() -> None:
         total = sum(per.values())
         first_wall = time.perf_counter() - t0 - args.iterations * total - result["cost"]["timing"]["validation"]
         tokens = updates * args.minibatch * args.length  # full-length samples: every row has `length` tokens
-        print(f"| {algorithm} | {total:.2f} | {rows / total:.1f} | {per['sample_and_score']:.2f} | "
+        print(f"| {algorithm} | {total:.2f} | {rows / total:.1f} | {per['sample']:.2f} | {per['score']:.3f} | "
               f"{per['advantages']:.2f} | {per['updates']:.2f} | {updates / per['updates']:.2f} | "
               f"{tokens / per['updates']:.0f} | {first_wall:.1f} |")
 

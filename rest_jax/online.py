@@ -77,6 +77,9 @@ ALGORITHMS = ("ppo", "grpo", "rloo")
 OPTIMIZER_SCOPE = "online"  # gin scope of the online optimizer and schedule (`online/learning_rate_schedule.*`)
 MEMORY_KNOBS = ("online.minibatch_size", "online.feature_lengths")  # named by out-of-memory errors
 STAGE_DIR = "online"
+# An iteration's parts, timed apart: the device samples; the host scores and assembles the batch (what keeps an
+# accelerator idle); the device computes advantages and takes the updates.
+ITERATION_PARTS = ("sample", "score", "advantages", "updates")  # Grow times "sample", "score" alike
 
 
 @dataclasses.dataclass
@@ -91,8 +94,9 @@ class Progress:
         value warm-up's included).
       eval_reward_calls: Reward-model calls for validation.
       wall_seconds: Time spent in iterations and validations so far, over every resumption.
-      timing: Of that, seconds spent sampling and scoring, computing advantages, updating and validating (and
-        warming the value network up, PPO).
+      timing: Of that, seconds spent sampling (on the device, and detokenizing), scoring (the reward calls and
+        the batch's assembly on the host), computing advantages, updating and validating (and warming the value
+        network up, PPO).
       curve: (iteration, reward_calls, wall_seconds, validation reward) at every validation.
     """
 
@@ -104,8 +108,7 @@ class Progress:
     eval_reward_calls: int = 0
     wall_seconds: float = 0.0
     timing: dict = dataclasses.field(
-        default_factory=lambda: {"sample_and_score": 0.0, "advantages": 0.0, "updates": 0.0, "validation": 0.0,
-                                 "value_warmup": 0.0})
+        default_factory=lambda: dict.fromkeys((*ITERATION_PARTS, "validation", "value_warmup"), 0.0))
     curve: list = dataclasses.field(default_factory=list)
 
 
@@ -187,14 +190,16 @@ def make_advantage_fn(model: Any, value_model: Any, algorithm: str, group_size: 
 
 def _rollout_batch(policy: policy_lib.Policy, sources: list[str], references: list[str], reward: Any, *,
                    num_samples: int, temperature: float, lengths: Mapping[str, int], seed: int,
-                   batch_size: int, truncated_reward: float | None) -> tuple[Batch, np.ndarray, float]:
+                   batch_size: int, truncated_reward: float | None) -> tuple[Batch, np.ndarray, float, float]:
     """Samples of every source (rows grouped by source) as a T5X batch with their rewards; also the scored
-    rewards and the fraction of samples cut at the length limit (whose reward is `truncated_reward`)."""
+    rewards, the fraction of samples cut at the length limit (whose reward is `truncated_reward`) and the
+    seconds spent on the host after sampling (reward calls and the batch's assembly)."""
     src_tok, _ = policy_lib.tokenize(policy.vocab, sources, lengths["inputs"])
     gens = policy.generate(sources, method="sample", num_samples=num_samples, temperature=temperature,
                            seed=seed, batch_size=batch_size, max_input_length=lengths["inputs"],
                            max_decode_length=lengths["targets"], source_tokens=src_tok,
                            split_across_processes=True)
+    t0 = time.perf_counter()
     cands = [c for cs in gens.texts for c in cs]
     flat_src = [s for s in sources for _ in range(num_samples)]
     flat_ref = [r for r in references for _ in range(num_samples)]
@@ -205,7 +210,8 @@ def _rollout_batch(policy: policy_lib.Policy, sources: list[str], references: li
     rows = {"source_tokens": [np.asarray(s) for s in src_tok for _ in range(num_samples)],
             "candidate_tokens": tokens, "reward": trained,
             "behaviour_logprobs": [lp for lps in gens.token_log_probs for lp in lps]}
-    return improve_data.make_batch(rows, lengths), np.asarray(scores, np.float64), float(np.mean(cut))
+    batch = improve_data.make_batch(rows, lengths)
+    return batch, np.asarray(scores, np.float64), float(np.mean(cut)), time.perf_counter() - t0
 
 
 def _minibatches(batch: Batch, epochs: int, size: int, local: slice, rng: np.random.Generator) -> list[Batch]:
@@ -378,7 +384,7 @@ def warm_up_value(bc_policy: policy_lib.Policy, value_model: Any, value_params: 
     for j in range(iterations):
         idx = source_order(j, len(sources), sources_per_iteration, seed)
         sample_seed = int(np.random.SeedSequence([seed, 0x766C75, j]).generate_state(1)[0] % 2**31)
-        batch, _, _ = _rollout_batch(
+        batch, _, _, _ = _rollout_batch(
             bc_policy, [sources[i] for i in idx], [references[i] for i in idx], reward, num_samples=num_samples,
             temperature=temperature, lengths=lengths, seed=sample_seed,
             batch_size=max(1, min(64, sources_per_iteration)), truncated_reward=truncated_reward)
@@ -494,7 +500,7 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
                 t0 = time.perf_counter()
                 idx = source_order(k, len(sources), sources_per_iteration, seed)
                 sample_seed = int(np.random.SeedSequence([seed, 0x6F6E6C, k]).generate_state(1)[0] % 2**31)
-                batch, sample_rewards, cut = _rollout_batch(
+                batch, sample_rewards, cut, score_seconds = _rollout_batch(
                     policy_now(state), [sources[i] for i in idx], [references[i] for i in idx], reward,
                     num_samples=num_samples, temperature=temperature, lengths=lengths, seed=sample_seed,
                     batch_size=max(1, min(64, sources_per_iteration)), truncated_reward=truncated_reward)
@@ -514,9 +520,9 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
                     state, iter(minibatches), step_fn, int(jax.device_get(state.step)) + len(minibatches),
                     shard_fn=part.shard_batch, stage=f"{algorithm}_{k}", show_progress=False,
                     hooks=[trainer.LogMetrics(None, period=len(minibatches))])  # averages into `summary`
-                for part_name, seconds in (("sample_and_score", t1 - t0), ("advantages", t2 - t1),
-                                           ("updates", time.perf_counter() - t2)):
-                    prog.timing[part_name] += seconds
+                for part_name, seconds in zip(ITERATION_PARTS, (t1 - t0 - score_seconds, score_seconds, t2 - t1,
+                                                                time.perf_counter() - t2)):
+                    prog.timing[part_name] = prog.timing.get(part_name, 0.0) + seconds  # .get: older runs
                 if first_timing is None:  # the first iteration this process runs compiles its programs
                     first_timing, first_updates = dict(prog.timing), int(jax.device_get(state.step))
                 if kl_target is not None:
@@ -553,8 +559,7 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
         # Per iteration after compilation (benchmarks/online_benchmark.py): this process's iterations but its first.
         steady = prog.iteration - start_iteration - 1
         result["cost"]["steady_iteration"] = {
-            "seconds": {n: (prog.timing[n] - first_timing[n]) / steady
-                        for n in ("sample_and_score", "advantages", "updates")},
+            "seconds": {n: (prog.timing[n] - first_timing.get(n, 0.0)) / steady for n in ITERATION_PARTS},
             "updates": (updates - first_updates) / steady, "iterations": steady}
     console.stage_done(f"Online {algorithm}", prog.wall_seconds,
                        f"{num_iterations} iterations, {prog.reward_calls} reward calls, best validation reward "

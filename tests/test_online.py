@@ -106,7 +106,7 @@ def test_rollout_carries_pi_old_as_the_teacher_forced_log_probs_of_the_sampling_
                                        num_encoder_layers=1, num_decoder_layers=1))
     params = nn.unbox(t5.init_params(model, jax.random.key(0)))
     policy = policy_lib.Policy(model, params, _CharVocab())
-    batch, _, cut = online._rollout_batch(  # pylint: disable=protected-access
+    batch, _, cut, _ = online._rollout_batch(  # pylint: disable=protected-access
         policy, ["abc", "hello", "xyz"], ["abd", "hallo", "xz"], rewards.get("chrf"), num_samples=3,
         temperature=1.3, lengths={"inputs": 8, "targets": 6}, seed=0, batch_size=2, truncated_reward=0.0)
     weights = batch["decoder_loss_weights"]
@@ -152,7 +152,7 @@ def test_value_warmup_fits_the_bc_policys_returns():
         sources_per_iteration=8, num_samples=4, temperature=1.0, truncated_reward=None, epochs=4,
         minibatch_size=16, discount=1.0, lengths=lengths, seed=0, part=part, shard=(0, 1))
     assert summary["reward_calls"] == 6 * 32 and summary["updates"] == 6 * 4 * 2
-    held_out, rewards_, _ = online._rollout_batch(  # pylint: disable=protected-access
+    held_out, rewards_, _, _ = online._rollout_batch(  # pylint: disable=protected-access
         policy, sources, sources, _LengthReward(), num_samples=4, temperature=1.0, lengths=lengths, seed=123,
         batch_size=8, truncated_reward=None)
     weights = held_out["decoder_loss_weights"].astype(np.float64)
