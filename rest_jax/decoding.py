@@ -333,7 +333,7 @@ def sample(params: PyTree, model_or_config: Transformer | TranslationLM | T5Conf
         prompt, mask = model_or_config.prompts(encoder_input_tokens)
         return sample_lm(params, model_or_config, prompt, mask, rng, num_samples=num_samples,
                          max_decode_len=max_decode_len, temperature=temperature, top_k=top_k, top_p=top_p,
-                         stop_ids=(eos_id,), top_p_candidates=top_p_candidates)
+                         stop_ids=(eos_id, *model_or_config.stop_ids), top_p_candidates=top_p_candidates)
     config = _config_of(model_or_config)
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
     is_static = _check_sampling(config.vocab_size, num_samples, max_decode_len, temperature, top_k, top_p,

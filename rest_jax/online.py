@@ -65,7 +65,6 @@ from rest_jax import report
 from rest_jax import rest as rest_lib
 from rest_jax import rewards as rewards_lib
 from rest_jax import trainer
-from rest_jax.data.vocab import EOS_ID
 from rest_jax.io import atomic
 from rest_jax.io import console
 from rest_jax.model import heads
@@ -205,7 +204,7 @@ def _rollout_batch(policy: policy_lib.Policy, sources: list[str], references: li
     flat_ref = [r for r in references for _ in range(num_samples)]
     scores = rewards_lib.score_pairs(reward, flat_src, cands, flat_ref if reward.needs_reference else None)
     tokens = [t for ts in gens.tokens for t in ts]
-    cut = np.asarray([len(t) == 0 or t[-1] != EOS_ID for t in tokens])
+    cut = np.asarray([not policy_lib.finished(policy.model, t) for t in tokens])
     trained = np.where(cut, truncated_reward, scores) if truncated_reward is not None else scores
     rows = {"source_tokens": [np.asarray(s) for s in src_tok for _ in range(num_samples)],
             "candidate_tokens": tokens, "reward": trained,

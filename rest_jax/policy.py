@@ -74,7 +74,8 @@ def build_network(vocab: Any = None, architecture: str = "encoder_decoder",
     # A Hugging Face tokenizer's BOS opens the prompt, as in the LM's pre-training (`vocab.HuggingFaceVocabulary`).
     return translation_lm.TranslationLM(decoder_only.DecoderOnlyConfig(), prompt_before=before, prompt_after=after,
                                         eos_id=EOS_ID, start_id=getattr(vocab, "prompt_start_id",
-                                                                        translation_lm.START_ID))
+                                                                        translation_lm.START_ID),
+                                        stop=prompt_format.stop, stop_ids=prompt_format.stop_ids(vocab))
 
 
 def _prompt(model: nn.Module) -> dict[str, list[int]] | None:
@@ -153,12 +154,20 @@ def tokenize(vocab: Any, texts: Sequence[str], max_length: int) -> tuple[list[li
     return out, trimmed
 
 
-def detokenize(vocab: Any, ids: Sequence[int]) -> str:
-    """Text of `ids` up to (not including) the first EOS."""
+def detokenize(vocab: Any, ids: Sequence[int], stop: str | None = None) -> str:
+    """Text of `ids` up to (not including) the first EOS, and before the first `stop` (a decoder-only
+    policy's `PromptFormat.stop`) where given."""
     ids = list(np.asarray(ids).tolist())
     if EOS_ID in ids:
         ids = ids[:ids.index(EOS_ID)]
-    return vocab.decode([i for i in ids if i > 0])
+    text = vocab.decode([i for i in ids if i > 0])
+    return text.split(stop, 1)[0] if stop else text
+
+
+def finished(model: Any, tokens: Sequence[int]) -> bool:
+    """Whether a sampled completion ended itself (EOS, or a decoder-only policy's stop token) rather than
+    at the length limit."""
+    return len(tokens) > 0 and int(tokens[-1]) in (EOS_ID, *getattr(model, "stop_ids", ()))
 
 
 @dataclasses.dataclass
@@ -286,7 +295,7 @@ class Policy:
                 row_toks = [toks[i, j, :lengths[i, j]] for j in range(n)]
                 tokens.append(row_toks)
                 logps.append([lp[i, j, :lengths[i, j]] for j in range(n)])
-                texts.append([detokenize(self.vocab, t) for t in row_toks])
+                texts.append([detokenize(self.vocab, t, getattr(self.model, "stop", None)) for t in row_toks])
             if bar is not None:
                 bar.update(rows * n)
         if bar is not None:

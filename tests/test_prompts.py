@@ -19,6 +19,7 @@ class _CharVocab:
     """Characters as ids: a..z -> 3..28, space 29, ':' 30, newline 31, '.' 32, capitals as their lower case."""
 
     SPECIAL = {" ": 29, ":": 30, "\n": 31, ".": 32}
+    vocab_size = 33
 
     def encode(self, text):
         return [self.SPECIAL[c] if c in self.SPECIAL else ord(c.lower()) - ord("a") + 3 for c in text
@@ -130,6 +131,49 @@ def test_sampling_makes_the_prompts_training_scores(lm):
         decoding.beam_search(params, model, enc)
 
 
+def test_a_stop_string_ends_sampling_and_the_translation(lm):
+    vocab = _CharVocab()
+    assert prompts.PromptFormat(stop=".").stop_ids(vocab) == (32,) and FORMAT.stop_ids(vocab) == ()
+    assert prompts.PromptFormat(stop="\n").stop_ids(vocab) == (31,)
+    with pytest.raises(ValueError, match="no token of the vocabulary contains it"):
+        prompts.PromptFormat(stop="a.").stop_ids(vocab)
+    with pytest.raises(ValueError, match="non-empty"):
+        prompts.PromptFormat(stop="")
+    # Each sample with stop tokens is the same key's sample without them cut after its first stop token or EOS
+    # (the sampler folds the key with the step alone, so the tokens before the stop are the same draws).
+    model, params = lm
+    stop_ids = (20, 25, 32)
+    stopped = model.clone(stop=".", stop_ids=stop_ids)
+    enc = decoding.pad_to_bucket(SOURCES, (8,))
+    free = decoding.sample(params, model, enc, jax.random.key(2), num_samples=4, max_decode_len=12, temperature=1.5)
+    cut = decoding.sample(params, stopped, enc, jax.random.key(2), num_samples=4, max_decode_len=12,
+                          temperature=1.5)
+    by_stop = 0
+    for r in range(len(SOURCES)):
+        for j in range(4):
+            toks = np.asarray(free.tokens)[r, j, :int(free.lengths[r, j])]
+            ends = [k for k, t in enumerate(toks) if t in (1, *stop_ids)]
+            n = ends[0] + 1 if ends else len(toks)
+            by_stop += bool(ends) and toks[ends[0]] != 1
+            assert int(cut.lengths[r, j]) == n
+            np.testing.assert_array_equal(np.asarray(cut.tokens)[r, j, :n], toks[:n])
+            assert not np.asarray(cut.tokens)[r, j, n:].any()
+            np.testing.assert_allclose(np.asarray(cut.token_log_probs)[r, j, :n],
+                                       np.asarray(free.token_log_probs)[r, j, :n], atol=1e-6)
+            assert policy_lib.finished(stopped, toks[:n]) == bool(ends)
+    assert by_stop >= 4  # the stop tokens, not only EOS, ended samples
+    # The text ends before the stop; a stop token ends a completion as EOS does, for a policy that has it.
+    assert policy_lib.detokenize(vocab, [3, 4, 32, 5, 1], stop=".") == "ab"
+    assert policy_lib.detokenize(vocab, [3, 4, 32, 5, 1]) == "ab.c"
+    assert policy_lib.finished(stopped, [3, 32]) and policy_lib.finished(model, [3, 1])
+    assert not policy_lib.finished(model, [3, 32]) and not policy_lib.finished(stopped, [3, 4])
+    gens = policy_lib.Policy(stopped, params, vocab).generate(["ab", "cde"], method="sample", num_samples=3,
+                                                              max_decode_length=12, temperature=1.5, seed=3,
+                                                              batch_size=2)
+    for texts, tokens in zip(gens.texts, gens.tokens):
+        assert texts == [policy_lib.detokenize(vocab, t, ".") for t in tokens] and not any("." in t for t in texts)
+
+
 def test_value_network_is_a_head_on_the_plain_lm_states_of_each_row(lm):
     # The decoder-only value network (PPO, OAC, BVMPO): the policy's trunk + a head, V(x, y_<t) read from the
     # plain LM's final states of each unpadded row, in float64 by hand.
@@ -172,10 +216,12 @@ def test_build_network_follows_gin():
     try:
         gin_utils.parse(["models/decoder_only/tiny.gin"], [gin_utils.Binding(text, "test") for text in (
             "PromptFormat.template = '{source_language}: {source}\\n{target_language}:'",
-            "PromptFormat.source_language = 'De'", "PromptFormat.target_language = 'En'")])
+            "PromptFormat.source_language = 'De'", "PromptFormat.target_language = 'En'",
+            "PromptFormat.stop = '.'")])
         model = policy_lib.build_network(_CharVocab())
         assert isinstance(model, translation_lm.TranslationLM) and model.config.num_kv_heads == 2
         assert (model.prompt_before, model.prompt_after) == (BEFORE, AFTER)
+        assert (model.stop, model.stop_ids) == (".", (32,))
         with pytest.raises(ValueError, match="needs its vocabulary"):
             policy_lib.build_network()
         assert isinstance(heads.build_value_network(model), heads.LMValueNetwork)

@@ -33,6 +33,10 @@ class PromptFormat:
       source_language, target_language: The names filled in.
       chat: Wrap the request in the tokenizer's chat template (a Hugging Face tokenizer with one).
       system: A system message before the request (chat only; None: none).
+      stop: Text that also ends a completion (besides EOS), e.g. "\n" for a pre-trained base LM asked in a
+        one-line format, which would otherwise write on past its translation. Sampling stops at any token
+        whose text contains it (`stop_ids`) and the translation's text ends before it; a stop token ends a
+        Grow sample as EOS does (the policy learns either end). None: EOS alone.
     """
 
     template: str = "Translate {source_language} to {target_language}.\n{source_language}: {source}\n{target_language}:"
@@ -40,12 +44,27 @@ class PromptFormat:
     target_language: str = "English"
     chat: bool = False
     system: str | None = None
+    stop: str | None = None
 
     def __post_init__(self):
         if self.template.count("{source}") != 1:
             raise ValueError(f"PromptFormat.template must contain '{{source}}' exactly once, got {self.template!r}.")
         if self.system is not None and not self.chat:
             raise ValueError("PromptFormat.system is a chat message: set PromptFormat.chat = True too.")
+        if self.stop is not None and not self.stop:
+            raise ValueError("PromptFormat.stop must be a non-empty string, or None (EOS alone ends a completion).")
+
+    def stop_ids(self, vocab: Any) -> tuple[int, ...]:
+        """The ids of every token whose text contains `stop` (none without one): sampling ends a completion at
+        any of them. A stop that no single token contains (e.g. one split over several tokens) is refused."""
+        if self.stop is None:
+            return ()
+        decode = getattr(vocab, "decode_as_is", vocab.decode)
+        ids = tuple(i for i in range(2, vocab.vocab_size) if self.stop in decode([i]))  # not pad 0, EOS 1
+        if not ids:
+            raise ValueError(f"PromptFormat.stop = {self.stop!r}: no token of the vocabulary contains it, so "
+                             "sampling could not stop there; use text that one token holds (e.g. '\\n').")
+        return ids
 
     def pieces(self, vocab: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Token ids of the template before and after `{source}`, each encoded alone as written. A vocabulary
