@@ -2,8 +2,13 @@
 the same seed's BC policy, from the reports that scripts/multi30k_study.sh leaves.
 
     python scripts/study_table.py runs/m30k_study
+    python scripts/study_table.py runs/m30k_study --compare half_new_norefs half_same \
+        --references ../shared/data/multi30k/test_2016_flickr.en
 
-Reads <dir>/s<seed>/<row>/report.json (every row that has a report); prints markdown.
+Reads <dir>/s<seed>/<row>/report.json (every row that has a report); prints markdown. `--compare ROW BASELINE`
+adds ROW − BASELINE at each stage, paired by seed (default: rest − control where both ran), and with the report
+split's references (the first n, as many as the report scored), per seed the paired bootstrap of that
+difference over the test sentences (as each row's difference to BC is in its report).
 """
 
 from __future__ import annotations
@@ -13,13 +18,75 @@ import json
 import pathlib
 import re
 import sys
+from typing import Any
 
+from rest_jax import rewards as rewards_lib
 from rest_jax import significance
+
+
+def _stages(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The report's stages but BC by their "G=g I=i"."""
+    return {r["name"].split(" ", 1)[1]: r for r in report["stages"] if not r["name"].startswith("BC")}
+
+
+def _lines(path: str | pathlib.Path) -> list[str]:
+    lines = pathlib.Path(path).read_text().split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def _translations(stage: dict[str, Any], split: str, references: list[str]) -> list[str]:
+    """The stage's translations of the first sentences of the split (a report scores the first n)."""
+    path = pathlib.Path(stage["scores"][split]["translations"])
+    if not path.exists():
+        raise SystemExit(f"study_table: {path} (the translations of {stage['name']}) is missing; run the script "
+                         "from the directory the study ran in.")
+    hyps = _lines(path)
+    if len(hyps) > len(references):
+        raise SystemExit(f"study_table: {path} holds {len(hyps)} translations, --references {len(references)}.")
+    return hyps
+
+
+def sentence_bootstrap(seed_dirs: list[pathlib.Path], row: str, baseline: str, references: list[str],
+                       sources: list[str] | None) -> str:
+    """Per seed and stage, `row` − `baseline` by the paired bootstrap over the test sentences, as markdown."""
+    lines = [f"| {row} − {baseline} | stage | Δ reward [95% CI] | Δ BLEU [95% CI] | Δ chrF [95% CI] |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for seed_dir in seed_dirs:
+        a, b = (json.loads((seed_dir / r / "report.json").read_text()) for r in (row, baseline))
+        if a["split"] != b["split"] or a["reward"] != b["reward"]:
+            raise SystemExit(f"study_table: {row} and {baseline} of {seed_dir.name} report different splits or "
+                             "rewards.")
+        reward = rewards_lib.get(a["reward"])
+        if not reward.needs_reference and sources is None:  # a quality-estimation reward reads the source
+            raise SystemExit(f"study_table: the {a['reward']} reward reads the source: give --sources.")
+        srcs = sources if sources is not None else [""] * len(references)
+
+        def scored(stage: dict[str, Any]) -> tuple[list[str], Any]:
+            hyps = _translations(stage, a["split"], references)
+            n = len(hyps)
+            return hyps, rewards_lib.score_pairs(reward, srcs[:n], hyps, references[:n] if reward.needs_reference
+                                                 else None)
+
+        stages_a, stages_b = _stages(a), _stages(b)
+        for stage in (s for s in stages_a if s in stages_b):
+            (hyps_b, rewards_b), (hyps_a, rewards_a) = scored(stages_b[stage]), scored(stages_a[stage])
+            diffs = significance.compare(hyps_b, hyps_a, references[:len(hyps_a)], rewards_b, rewards_a,
+                                         metrics=("bleu", "chrf"), seed=int(seed_dir.name[1:]))
+            cells = [f"{d.delta * scale:+.1f} [{d.ci_low * scale:+.1f}, {d.ci_high * scale:+.1f}]"
+                     f"{'*' if d.significant else ''}"
+                     for d, scale in ((diffs["reward"], 100), (diffs["bleu"], 1), (diffs["chrf"], 1))]
+            lines.append(f"| {seed_dir.name} | {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study_dir", help="the directory of s<seed>/<row>/ runs (STUDY_DIR of the study script)")
+    parser.add_argument("--compare", nargs=2, action="append", metavar=("ROW", "BASELINE"), default=[],
+                        help="print ROW − BASELINE at each stage, paired by seed (repeatable)")
+    parser.add_argument("--references", help="the report split's references, one per line: adds each --compare "
+                        "pair's paired bootstrap over the sentences, per seed")
+    parser.add_argument("--sources", help="its sources, one per line (for rewards that read the source)")
     args = parser.parse_args(argv)
     root = pathlib.Path(args.study_dir)
     seeds = sorted((p for p in root.glob("s*") if re.fullmatch(r"s\d+", p.name) and any(p.glob("*/report.json"))),
@@ -36,13 +103,22 @@ def main(argv: list[str]) -> int:
     print(f"{len(seeds)} seeds ({', '.join(s.name for s in seeds)}) in {root}; test split of the reports; rewards "
           "0-100; mean ± half-width of the 95% t-interval over seeds; Δ: paired with the same seed's BC.\n")
     print(markdown)
-    if "rest" in runs and "control" in runs:
+    compare = args.compare or ([("rest", "control")] if "rest" in runs and "control" in runs else [])
+    references = _lines(args.references) if args.references else None
+    sources = _lines(args.sources) if args.sources else None
+    for row, baseline in compare:
         # Runs of the same seeds only: the two lists must pair up.
-        both = [s for s in seeds if (s / "rest" / "report.json").exists() and (s / "control" / "report.json").exists()]
-        paired = {row: [json.loads((s / row / "report.json").read_text())["rows"] for s in both]
-                  for row in ("rest", "control")}
-        print("ReST against its schedule-matched control (same seed, same Improve step):\n")
-        print(significance.stage_differences(paired, "rest", "control"))
+        both = [s for s in seeds if (s / row / "report.json").exists() and (s / baseline / "report.json").exists()]
+        if not both:
+            print(f"study_table: no seed has both {row} and {baseline}", file=sys.stderr)
+            return 2
+        paired = {r: [json.loads((s / r / "report.json").read_text())["rows"] for s in both] for r in (row, baseline)}
+        what = "its schedule-matched control" if (row, baseline) == ("rest", "control") else baseline
+        print(f"{row} against {what} (same seed, same Improve step):\n")
+        print(significance.stage_differences(paired, row, baseline))
+        if references is not None:
+            print(f"{row} against {baseline}, each seed over its test sentences (paired bootstrap; * p < 0.05):\n")
+            print(sentence_bootstrap(both, row, baseline, references, sources))
     return 0
 
 

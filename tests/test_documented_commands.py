@@ -477,6 +477,27 @@ def check_half_study(work, proc):
         assert [texts[i] for i in ids] == part[:len(ids)], row  # the first K sources of its half, in order
 
 
+def check_half_compare(work, proc):
+    """half_new − half_same of seed 0 over the test sentences: the greedy reward's difference by hand (mean
+    sentence chrF of each row's saved translations against the first references)."""
+    import sacrebleu  # pylint: disable=import-outside-toplevel
+
+    refs = (MULTI30K_DIR / "test_2016_flickr.en").read_text(encoding="utf-8").split("\n")
+    table = proc.stdout.split("each seed over its test sentences")[1]
+    rows = {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith("| s0 |")}
+    assert rows, proc.stdout
+
+    def mean_reward(row, stage):
+        report = json.loads((work / f"runs/m30k_study/s0/{row}/report.json").read_text())
+        found = next(s for s in report["stages"] if s["name"].endswith(stage))
+        hyps = (work / found["scores"][report["split"]]["translations"]).read_text().split("\n")[:-1]
+        return np.mean([sacrebleu.sentence_chrf(h, [r]).score / 100 for h, r in zip(hyps, refs)])
+
+    for stage, line in rows.items():
+        got = float(line.split("|")[3].split("[")[0])
+        assert abs(got - 100 * (mean_reward("half_new", stage) - mean_reward("half_same", stage))) < 0.051, line
+
+
 def check_study_table(work, proc):
     """The BC row of the printed table: mean ± t-interval of the three seeds' BC rewards, by hand."""
     rewards = [100 * json.loads((work / f"runs/m30k_study/s{s}/bc/report.json").read_text())["rows"][0]["reward"]
@@ -531,6 +552,10 @@ RULES: list[tuple[str, Rule]] = [
     (r"^BC=bc_half ROWS=\"half_same half_new\" scripts/multi30k_study\.sh 0$",
      Rule("run", "real data (../shared), tiny sizes", extra=_small_study(), check=check_half_study, slow=True,
           substitute=(("scripts/", "{repo}/scripts/"),))),
+    (r"^python scripts/study_table\.py runs/m30k_study --compare half_new half_same --references ",
+     Rule("run", after=(r"^BC=bc_half ROWS=\"half_same half_new\" scripts/multi30k_study\.sh 0$",),
+          check=check_half_compare, slow=True,
+          substitute=(("scripts/", "{repo}/scripts/"), ("../shared/data/multi30k/", f"{MULTI30K_DIR}/")))),
     (r"^python scripts/study_table\.py runs/m30k_study$",
      Rule("run", after=(r"^scripts/multi30k_study\.sh 0 1 2$",), check=check_study_table, slow=True,
           substitute=(("scripts/", "{repo}/scripts/"),))),

@@ -1,0 +1,62 @@
+"""scripts/study_table.py: two rows of a study compared per seed over the test sentences, against the
+differences of their translations' scores computed here with sacreBLEU."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import sacrebleu
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REFS = ["a man rides a red bike .", "two dogs play in the snow .", "a woman reads a book outside .",
+        "children run on the beach .", "a cat sleeps on the sofa .", "an old man sells fish at a market ."]
+HYPS = {  # (row, stage) -> translations of the six sentences
+    ("base", "G=1 I=0"): ["a man rides a bike .", "two dog play in snow .", "a woman reads outside .",
+                          "child runs on beach .", "a cat sleeps .", "an man sells fish ."],
+    ("base", "G=1 I=1"): ["a man rides a red bike .", "two dog play in snow .", "a woman reads outside .",
+                          "child runs on beach .", "a cat sleeps .", "an man sells fish ."],
+    ("new", "G=1 I=0"): ["a man rides a red bike .", "two dogs play in the snow .", "a woman reads a book .",
+                         "children run on the beach .", "a cat sleeps on a sofa .", "an old man sells fish ."],
+    ("new", "G=1 I=1"): ["a man rides a bike .", "two dog play in snow .", "a woman reads outside .",
+                         "child runs on beach .", "a cat sleeps .", "an man sells fish ."],
+}
+
+
+def _study(tmp_path):
+    for row in ("base", "new"):
+        run = tmp_path / "study" / "s0" / row
+        run.mkdir(parents=True)
+        stages, rows = [], [{"name": "BC G=0 I=0", "reward": 0.5, "bleu": 30.0, "chrf": 50.0}]
+        for stage in ("G=1 I=0", "G=1 I=1"):
+            path = run / f"{stage.replace(' ', '_')}.test.greedy.txt"
+            path.write_text("".join(h + "\n" for h in HYPS[row, stage]))
+            stages.append({"name": f"ReST {stage}", "scores": {"test": {"translations": str(path)}}})
+            rows.append({"name": f"ReST {stage}", "reward": 0.6, "bleu": 31.0, "chrf": 51.0})
+        (run / "report.json").write_text(json.dumps({"split": "test", "reward": "chrf", "rows": rows,
+                                                     "stages": [{"name": "BC G=0 I=0"}, *stages]}))
+    refs = tmp_path / "refs.txt"
+    refs.write_text("".join(r + "\n" for r in REFS + ["a sentence the report did not score ."]))
+    return tmp_path / "study", refs
+
+
+def test_compare_rows_per_seed_over_the_test_sentences(tmp_path):
+    study, refs = _study(tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/study_table.py"), str(study), "--compare", "new",
+                           "base", "--references", str(refs)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split("|")[2].strip(): line for line in proc.stdout.splitlines() if line.startswith("| s0 |")}
+    for stage in ("G=1 I=0", "G=1 I=1"):
+        # By hand: the mean sentence chrF (the reward, 0-1, shown x100) and the corpus BLEU / chrF differences.
+        mean = lambda hyps: np.mean([sacrebleu.sentence_chrf(h, [r]).score / 100 for h, r in zip(hyps, REFS)])
+        new, base = HYPS["new", stage], HYPS["base", stage]
+        want = [100 * (mean(new) - mean(base)),
+                sacrebleu.corpus_bleu(new, [REFS]).score - sacrebleu.corpus_bleu(base, [REFS]).score,
+                sacrebleu.corpus_chrf(new, [REFS]).score - sacrebleu.corpus_chrf(base, [REFS]).score]
+        cells = lines[stage].split("|")[3:6]
+        got = [float(c.split("[")[0]) for c in cells]
+        np.testing.assert_allclose(got, want, atol=0.051)
+    assert lines["G=1 I=1"].split("|")[3].strip().startswith("-")  # "new" is worse at I=1, better at I=0
+    assert lines["G=1 I=0"].split("|")[3].strip().startswith("+")
+    assert "| G=1 I=1 | 1 |" in proc.stdout  # the difference over seeds (one seed here)
