@@ -159,7 +159,10 @@ def grow_dataset(policy: policy_lib.Policy, sources: Sequence[str], references: 
         meta = writer.write_metadata(
             config=dict(config or {}, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
                         reward=reward.name, seed=seed),
-            checkpoint=checkpoint, vocab=vocab_path, model_config=policy.config,
+            # The policy's vocabulary, not the path: its fingerprint covers encoding options a path does not
+            # carry (`HuggingFaceVocabulary.add_prefix_space`).
+            checkpoint=checkpoint, vocab=policy.vocab if vocab_path is not None else None,
+            model_config=policy.config,
             wait_s=0.0 if num_hosts == 1 or jax.process_count() > 1 else 3600.0)
     partitioning.sync_processes(f"rest_jax: grow {grow_index} metadata written")
     if host_id != 0:

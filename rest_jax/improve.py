@@ -659,7 +659,7 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
     policy = policy_lib.load_policy(checkpoint, vocabulary)
     stores = [grow_store] if isinstance(grow_store, str) else list(grow_store)
     for store in stores:
-        store_lib.GrowStore(store).check_compatible(vocab=vocabulary, model_config=policy.config)
+        store_lib.GrowStore(store).check_compatible(vocab=policy.vocab, model_config=policy.config)
     data = improve_data.GrowData.open(stores)
     validation = evaluate.read_split(task, validation_split, num_validation_sources)
     _, result = improve_step(policy, data, model_dir, improve_index, validation, reward=rewards_lib.get(reward_name),

@@ -153,8 +153,9 @@ def _grown(g: int, grow_dir: str, store_dir: str, policy_checkpoint: str, vocab_
         report.finish_stage(grow_dir, {"name": f"Grow {g}", "store": store_dir, "policy": policy_checkpoint,
                                        "reward_stats": meta.get("reward_stats"), "timing": meta.get("timing")})
     # A store kept from an earlier run must have been sampled with this run's vocabulary and model.
-    network = policy_lib.build_network(vocab_lib.load_vocabulary(vocab_path))
-    store_lib.GrowStore(store_dir).check_compatible(vocab=vocab_path, model_config=network.config)
+    vocab = vocab_lib.load_vocabulary(vocab_path)
+    network = policy_lib.build_network(vocab)
+    store_lib.GrowStore(store_dir).check_compatible(vocab=vocab, model_config=network.config)
     # Improve streams the store; only the rewards (4 bytes a record) are read here, for the plot.
     scored = store_lib.GrowStore(store_dir).as_numpy(["reward", "is_reference"])
     grow_rewards[f"Grow {g}"] = scored["reward"][~scored["is_reference"]]

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from rest_jax import convert_lm
 from rest_jax import policy as policy_lib
+from rest_jax.data import grow_store
 from rest_jax.data import prompts
 from rest_jax.data import vocab as vocab_lib
 from rest_jax.model import translation_lm
@@ -287,6 +288,15 @@ def test_add_prefix_space_makes_prompts_the_tokenizers_own_tokens_of_the_whole_t
     # Every id sequence changes, so the option is part of the vocabulary's identity (Grow stores, checkpoints).
     assert vocab != plain and vocab_lib.vocab_fingerprint(vocab) != vocab_lib.vocab_fingerprint(plain)
     assert vocab_lib.vocab_fingerprint(plain) == vocab_lib.vocab_fingerprint(str(folder))
+    writer = grow_store.GrowStoreWriter(tmp_path / "store", 1, [0], 1, sources_per_shard=1)
+    writer.write_shard(0, [{"source_id": 0, "sample_id": j, "source_text": "Ein Hund", "candidate_text": "A dog",
+                            "reference_text": "A dog", "source_tokens": plain.encode("Ein Hund"),
+                            "candidate_tokens": plain.encode("A dog"), "reward": 1.0}
+                           for j in (grow_store.REFERENCE_SAMPLE_ID, 0)])
+    writer.write_metadata(vocab=plain)
+    grow_store.GrowStore(str(tmp_path / "store")).check_compatible(vocab=plain)
+    with pytest.raises(grow_store.GrowStoreMismatchError, match="vocabulary differs"):
+        grow_store.GrowStore(str(tmp_path / "store")).check_compatible(vocab=vocab)
     policy_lib._REPORTED_MISMATCHES.clear()  # pylint: disable=protected-access
     with caplog.at_level("WARNING"):
         policy_lib.build_network(vocab, architecture="decoder_only", prompt_format=fmt)

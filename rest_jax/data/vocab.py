@@ -224,17 +224,22 @@ def check_fits_model(vocabulary: seqio.Vocabulary, model_vocab_size: int, what: 
                      f"vocab_size={model_vocab_size}; {advice}")
 
 
+def vocab_file(vocab: str | os.PathLike | seqio.Vocabulary) -> str:
+    """The file a vocabulary is read from: a path as given, a SentencePiece model file, a tokenizer.json."""
+    path = getattr(vocab, "sentencepiece_model_file", None) or getattr(vocab, "path", vocab)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Cannot tell the file of vocabulary {vocab!r}: give the SentencePiece model file path.")
+    return os.fspath(path)
+
+
 def vocab_fingerprint(vocab: str | os.PathLike | seqio.Vocabulary) -> str:
     """sha256 of the vocabulary file (a path, or a SentencePieceVocabulary's model file, or the tokenizer.json
     of a Hugging Face tokenizer or its folder), and of `HuggingFaceVocabulary.add_prefix_space` where set (it
     changes every id sequence)."""
-    path = getattr(vocab, "sentencepiece_model_file", None) or getattr(vocab, "path", vocab)
-    if isinstance(path, (str, os.PathLike)) and tf.io.gfile.isdir(os.fspath(path)) and is_hf_tokenizer(
-            os.fspath(path)):
-        path = os.path.join(os.fspath(path), TOKENIZER_FILE)
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"Cannot fingerprint vocabulary {vocab!r}: give the SentencePiece model file path.")
-    with tf.io.gfile.GFile(os.fspath(path), "rb") as f:
+    path = vocab_file(vocab)
+    if tf.io.gfile.isdir(path) and is_hf_tokenizer(path):
+        path = os.path.join(path, TOKENIZER_FILE)
+    with tf.io.gfile.GFile(path, "rb") as f:
         digest = hashlib.sha256(f.read())
     if getattr(vocab, "add_prefix_space", False):
         digest.update(b"\0add_prefix_space")

@@ -13,7 +13,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from rest_jax.data.vocab import vocab_fingerprint
+from rest_jax.data.vocab import vocab_file, vocab_fingerprint
 from rest_jax.data.grow_store.schema import (
     DEFAULT_IGNORED_MODEL_FIELDS, FIELDS, FORMAT_NAME, FORMAT_VERSION, GrowIncompleteError,
     GrowStoreCorruptError, GrowStoreError, GrowStoreMismatchError, METADATA_FILE, ShardLayout, _CORRUPT_ADVICE,
@@ -152,7 +152,7 @@ class GrowStore:
             if recorded is None:
                 logging.warning("Grow store %s records no vocabulary; cannot check it.", self.directory)
             elif (fp := vocab_fingerprint(vocab)) != recorded["sha256"]:
-                given = os.fspath(getattr(vocab, "sentencepiece_model_file", vocab))
+                given = vocab_file(vocab)
                 problems.append(f"vocabulary differs: store made with {recorded['path']} "
                                 f"(sha256 {recorded['sha256'][:12]}...), given {given} (sha256 {fp[:12]}...)")
         if model_config is not None:
@@ -210,8 +210,8 @@ def register_seqio_task(store: GrowStore | str | os.PathLike, vocabulary: seqio.
     """
     if not isinstance(store, GrowStore):
         store = GrowStore(store)
-    store.check_compatible(vocab=vocabulary if hasattr(vocabulary, "sentencepiece_model_file") else None,
-                           model_config=model_config)
+    has_file = hasattr(vocabulary, "sentencepiece_model_file") or hasattr(vocabulary, "path")  # not a test stub
+    store.check_compatible(vocab=vocabulary if has_file else None, model_config=model_config)
     name = name or default_task_name(store)
     if overwrite and name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)

@@ -14,7 +14,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from rest_jax.data.vocab import vocab_fingerprint
+from rest_jax.data.vocab import vocab_file, vocab_fingerprint
 from rest_jax.io import atomic
 from rest_jax.data.grow_store.schema import (
     DEFAULT_IGNORED_MODEL_FIELDS, FIELDS, FORMAT_NAME, FORMAT_VERSION, GrowIncompleteError, GrowRecordError,
@@ -336,7 +336,7 @@ class GrowStoreWriter:
             "checkpoint": None if checkpoint is None else os.fspath(checkpoint),
             "config": atomic.jsonable(config),
             "vocab": None if vocab is None else {
-                "path": os.fspath(getattr(vocab, "sentencepiece_model_file", vocab)),
+                "path": vocab_file(vocab),
                 "sha256": vocab_fingerprint(vocab)},
             "model_config": None if model_config is None else {
                 "fields": model_config_dict(model_config),
