@@ -301,3 +301,23 @@ def test_add_prefix_space_makes_prompts_the_tokenizers_own_tokens_of_the_whole_t
     with caplog.at_level("WARNING"):
         policy_lib.build_network(vocab, architecture="decoder_only", prompt_format=fmt)
     assert "PromptFormat:" not in caplog.text
+
+
+def test_llama3_configs_name_a_pad_token_and_encode_words_with_their_space(tmp_path):
+    # A Llama 3-style tokenizer: byte-level BPE, no pad or unk, reserved special tokens.
+    folder, tok = _byte_level_bpe_folder(tmp_path)
+    tok.add_special_tokens(["<|reserved_special_token_0|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    with pytest.raises(ValueError, match="names no pad token"):
+        vocab_lib.load_vocabulary(str(folder))
+    from rest_jax import gin_utils  # pylint: disable=import-outside-toplevel
+
+    for shape in ("llama3_8b", "llama3_1_8b", "llama3_2_1b", "llama3_2_3b"):
+        try:
+            gin_utils.parse([f"models/decoder_only/{shape}.gin"], [])
+            vocab = vocab_lib.load_vocabulary(str(folder))
+        finally:
+            gin.clear_config()
+        assert vocab.to_hf([0]) == [tok.token_to_id("<|reserved_special_token_0|>")], shape
+        assert vocab.add_prefix_space and prompts.PromptFormat().boundary_mismatch(vocab) is None, shape
