@@ -67,6 +67,7 @@ from rest_jax.io import atomic
 from rest_jax.io import console
 from rest_jax.model import heads
 from rest_jax.model import lora as lora_lib
+from rest_jax.model import t5
 
 Batch = dict[str, np.ndarray]
 PyTree = Any
@@ -167,15 +168,18 @@ def make_improve_loss_fn(model: Any, loss: Callable[..., Any], value_model: Any 
                                f"(has {sorted(frozen)}).")
             return frozen[name]
 
+        # Packed rows (improve_step.pack) carry segment ids: attention stays inside each example.
+        segments = {k: batch[k] for k in ("encoder_segment_ids", "decoder_segment_ids") if k in batch}
+
         def frozen_apply(net: Any, p: PyTree) -> jax.Array:
-            return jax.lax.stop_gradient(net.apply({"params": p}, enc, dec, enable_dropout=False))
+            return jax.lax.stop_gradient(net.apply({"params": p}, enc, dec, enable_dropout=False, **segments))
 
         if lora_scale is not None:
             policy_params = lora_lib.merge(need_frozen("base"), params, lora_scale)
         else:
             policy_params = params["policy"] if composite else params
         logits = model.apply({"params": policy_params}, enc, dec, enable_dropout=rng is not None,
-                             rngs=None if rng is None else {"dropout": rng})
+                             rngs=None if rng is None else {"dropout": rng}, **segments)
         outputs = {"logits": logits}
         if needs.value:
             if value_training == "joint":
@@ -421,7 +425,7 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
                  value_pretrain_data: str = "grow", value_training: str | None = None,
                  vmpo_init_eta: float = 1.0, vmpo_init_alpha: float = 1.0,
                  anchor_period: int | None = 100,
-                 reference_fraction: float | None = None,
+                 reference_fraction: float | None = None, pack: bool = False,
                  lora: lora_lib.LoraConfig | None = None) -> tuple[Any, dict[str, Any]]:
     """One Improve step on Grow data; returns (best policy params, result).
 
@@ -442,6 +446,9 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
       reference_fraction: None: references and samples in the proportion the filter keeps them; f: a fixed
         share f of every batch's rows are references, the rest samples (the paper's mixing of D and D_g;
         `improve_data.mixed_batches`). Needs `include_references`.
+      pack: Pack several Grow rows into each batch row (`improve_data.packed_rows`, seqio's packing as BC's
+        `train.pack`): `batch_size` rows then hold ~2x the target tokens on short sentences, at about the
+        same step time. Loss 'bc' only (a per-token sum; the others weigh whole sequences); encoder-decoder only.
       max_per_source: Keep at most this many samples per source (ReST-EM: 10).
       lr_decay: The learning rate is `lr_decay ** prior_improves` times the base (gin `create_optimizer` and
         `learning_rate_schedule`, under the gin scope 'improve/' when bound there, else BC's); the paper
@@ -474,6 +481,10 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
     loss = losses.get_loss(loss_name)
     needs = loss_needs(loss_name)
     _check_arguments(value_pretrain_data, reference_fraction, include_references, anchor_period, patience, needs)
+    if pack and (loss_name != "bc" or not isinstance(policy.model.config, t5.T5Config)):
+        raise ValueError(f"improve_step.pack: packed rows serve the 'bc' loss of an encoder-decoder policy (a per-"
+                         f"token sum over several examples per row); loss {loss_name!r} of a "
+                         f"{type(policy.model.config).__name__} needs one example per row: set pack = False.")
     pairing = improve_data.Pairing() if needs.pairs else None  # gin: Pairing.rule, Pairing.min_margin
     counts = improve_data.filter_counts(data, selection, pairing)
     fres = counts.filter
@@ -533,10 +544,10 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
     data_shard = partitioning.data_shard_info(mesh, rules)
     if reference_fraction is None:
         stream = improve_data.stream_batches(data, selection, counts, batch_size, feature_lengths, seed, data_shard,
-                                             pairing=pairing)
+                                             pairing=pairing, pack=pack)
     else:
         stream = improve_data.mixed_batches(data, selection, reference_fraction, batch_size, feature_lengths, seed,
-                                            data_shard)
+                                            data_shard, pack=pack)
     batches = numbered(stream, num_steps)
     copy_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))  # new buffers: the train step donates its state
 

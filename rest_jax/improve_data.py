@@ -268,13 +268,16 @@ def _pad(seqs: Sequence[np.ndarray], length: int, dtype: Any) -> np.ndarray:
     return out
 
 
+def _trimmed(seq: np.ndarray, length: int) -> np.ndarray:
+    """`seq` cut to `length` tokens; a trimmed row keeps its last token as EOS, as the seqio pipeline does."""
+    return seq if len(seq) <= length else np.concatenate([seq[:length - 1], [EOS_ID]])
+
+
 def make_batch(rows: Mapping[str, Sequence[Any]], feature_lengths: Mapping[str, int]) -> Batch:
     """A T5X-style batch of Grow rows (`TRAIN_COLUMNS`, one entry per row), with what the RL losses need."""
     li, lt = int(feature_lengths["inputs"]), int(feature_lengths["targets"])
-    # Trimmed rows keep their last token as EOS, as the seqio pipeline does.
-    src = [s if len(s) <= li else np.concatenate([s[:li - 1], [EOS_ID]]) for s in rows["source_tokens"]]
-    tgt = [t if len(t) <= lt else np.concatenate([t[:lt - 1], [EOS_ID]])
-           for t in rows["candidate_tokens"]]
+    src = [_trimmed(s, li) for s in rows["source_tokens"]]
+    tgt = [_trimmed(t, lt) for t in rows["candidate_tokens"]]
     targets = _pad(tgt, lt, np.int32)
     decoder_inputs = np.concatenate([np.zeros((len(tgt), 1), np.int32), targets[:, :-1]], axis=1)
     batch = {
@@ -292,6 +295,45 @@ def make_batch(rows: Mapping[str, Sequence[Any]], feature_lengths: Mapping[str, 
                                  "(a store written without them cannot serve DPO/IPO).")
         batch["behaviour_log_probs"] = _pad(rows["behaviour_logprobs"], lt, np.float32)
     return batch
+
+
+def packed_rows(items: Iterator[tuple[Any, ...]], feature_lengths: Mapping[str, int]) -> Iterator[Batch]:
+    """Packed rows of `TRAIN_COLUMNS` items: several (source, candidate) examples per row, as T5X trains.
+
+    seqio's packing (`trim_and_pack_dataset`, which BC's `train.pack` uses): examples are trimmed, then appended
+    to the open row while both its source and target fit, else the row is emitted and a new one opened; segment
+    ids number a row's examples from 1 (0 is padding) and the decoder inputs restart at 0 in every segment. The
+    model's relative positions need no per-segment positions (t5.Transformer). Rewards are not carried: only a
+    per-token loss (BC) can train on packed rows. Ends with a last partial row when `items` ends.
+    """
+    li, lt = int(feature_lengths["inputs"]), int(feature_lengths["targets"])
+    src_col, tgt_col = TRAIN_COLUMNS.index("source_tokens"), TRAIN_COLUMNS.index("candidate_tokens")
+    row: list[tuple[np.ndarray, np.ndarray]] = []
+    used = [0, 0]
+
+    def emit() -> Batch:
+        out = {k: np.zeros(n, np.int32) for k, n in (("encoder_input_tokens", li), ("encoder_segment_ids", li),
+                                                     ("decoder_target_tokens", lt), ("decoder_input_tokens", lt),
+                                                     ("decoder_segment_ids", lt))}
+        at = [0, 0]
+        for segment, (src, tgt) in enumerate(row, start=1):
+            e, d = slice(at[0], at[0] + len(src)), slice(at[1], at[1] + len(tgt))
+            out["encoder_input_tokens"][e], out["encoder_segment_ids"][e] = src, segment
+            out["decoder_target_tokens"][d], out["decoder_segment_ids"][d] = tgt, segment
+            out["decoder_input_tokens"][d] = np.concatenate([[0], tgt[:-1]])
+            at = [e.stop, d.stop]
+        out["decoder_loss_weights"] = (out["decoder_target_tokens"] > 0).astype(np.float32)
+        return out
+
+    for item in items:
+        src, tgt = _trimmed(np.asarray(item[src_col]), li), _trimmed(np.asarray(item[tgt_col]), lt)
+        if row and (used[0] + len(src) > li or used[1] + len(tgt) > lt):
+            yield emit()
+            row, used = [], [0, 0]
+        row.append((src, tgt))
+        used = [used[0] + len(src), used[1] + len(tgt)]
+    if row:
+        yield emit()
 
 
 def _num_readers(wanted: int, batch_size: int, num_shards: int, num_kept: int) -> int:
@@ -386,11 +428,11 @@ def _reader(data: GrowData, selection: Selection, pieces: Sequence[tuple[int, in
 
 
 @gin.configurable(denylist=["data", "selection", "counts", "batch_size", "feature_lengths", "seed", "shard",
-                            "pairing"])
+                            "pairing", "pack"])
 def stream_batches(data: GrowData, selection: Selection, counts: Counts, batch_size: int,
                    feature_lengths: Mapping[str, int], seed: int, shard: tuple[int, int] = (0, 1), *,
-                   pairing: Pairing | None = None, num_readers: int = 8, shuffle_buffer: int = 4096
-                   ) -> Iterator[Batch]:
+                   pairing: Pairing | None = None, pack: bool = False, num_readers: int = 8,
+                   shuffle_buffer: int = 4096) -> Iterator[Batch]:
     """Endless batches of the selected rows; this process's block of every global batch (see module doc).
 
     With a `pairing` (DPO, IPO) the items are preference pairs of one source instead of rows: a batch of B rows
@@ -404,6 +446,8 @@ def stream_batches(data: GrowData, selection: Selection, counts: Counts, batch_s
       seed: Data order: the same seed gives the same global batches on any number of processes.
       shard: (i, n) from `partitioning.data_shard_info`: this process's block of each batch.
       pairing: Pair the rows (see above); None: rows.
+      pack: Batch rows of several examples (`packed_rows`; each reader packs its own items, so the batches still
+        do not depend on P); without rewards, for per-token losses. Not with `pairing`.
       num_readers: V, virtual readers (a multiple of the processes that divides the batch; fewer when the
         filter keeps fewer rows). Changing it changes the data order, not what an epoch holds.
       shuffle_buffer: Rows each reader shuffles among (memory: V/P buffers per process).
@@ -412,6 +456,8 @@ def stream_batches(data: GrowData, selection: Selection, counts: Counts, batch_s
         what = "examples" if pairing is None else f"pairs ({pairing.rule}, reward margin > {pairing.min_margin})"
         raise ValueError(f"Improve: the filter kept no Grow {what} of {data.description}; lower the "
                          "threshold (filters schedule).")
+    if pack and pairing is not None:
+        raise ValueError("Improve: preference pairs (DPO, IPO) cannot be packed; set improve_step.pack = False.")
     index, num_shards = shard
     per_item = 1 if pairing is None else 2
     if batch_size % (num_shards * per_item):
@@ -424,6 +470,11 @@ def stream_batches(data: GrowData, selection: Selection, counts: Counts, batch_s
     readers = [_reader(data, selection, assignment[r],
                        sum(-(-(counts.kept_per_unit[u] - j) // m) for u, j, m in assignment[r]), seed, r,
                        shuffle_buffer, pairing) for r in mine]
+    if pack:
+        rows_of = [packed_rows(reader, feature_lengths) for reader in readers]
+        while True:
+            packed = [next(rows) for rows in rows_of for _ in range(per_reader)]
+            yield {k: np.stack([row[k] for row in packed]) for k in packed[0]}
     columns = TRAIN_COLUMNS if pairing is None else PAIR_COLUMNS
     while True:
         items = [next(reader) for reader in readers for _ in range(per_reader)]
@@ -432,12 +483,14 @@ def stream_batches(data: GrowData, selection: Selection, counts: Counts, batch_s
 
 
 def mixed_batches(data: GrowData, selection: Selection, reference_fraction: float, batch_size: int,
-                  feature_lengths: Mapping[str, int], seed: int, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+                  feature_lengths: Mapping[str, int], seed: int, shard: tuple[int, int] = (0, 1), *,
+                  pack: bool = False) -> Iterator[Batch]:
     """Batches with a fixed share of references (ReST fine-tunes on D mixed with the samples of D_g).
 
     round(`reference_fraction` · B) rows of each global batch (a multiple of the data shards) come from the
     references `selection` keeps, the rest from its samples; each side is its own `stream_batches` stream, so
     the batches still do not depend on the number of processes. A side the filter leaves empty is an error.
+    With `pack`, the share is of packed rows (`stream_batches`).
     """
     if not 0.0 <= reference_fraction <= 1.0:
         raise ValueError(f"reference_fraction={reference_fraction}; expected a fraction in [0, 1].")
@@ -445,8 +498,8 @@ def mixed_batches(data: GrowData, selection: Selection, reference_fraction: floa
     num_refs = int(round(reference_fraction * batch_size / n)) * n
     sides = ((dataclasses.replace(selection, include_samples=False), num_refs, seed + 1),
              (dataclasses.replace(selection, include_references=False), batch_size - num_refs, seed))
-    streams = [stream_batches(data, side, filter_counts(data, side), size, feature_lengths, side_seed, shard)
-               for side, size, side_seed in sides if size]
+    streams = [stream_batches(data, side, filter_counts(data, side), size, feature_lengths, side_seed, shard,
+                              pack=pack) for side, size, side_seed in sides if size]
     while True:
         blocks = [next(stream) for stream in streams]
         yield {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}

@@ -15,6 +15,7 @@ from rest_jax import filters, improve_data
 from rest_jax.data import grow_store
 
 LENGTHS = {"inputs": 8, "targets": 8}
+PACKED_LENGTHS = {"inputs": 16, "targets": 16}  # rows of up to three of the store's examples
 
 
 def _records(num_sources=12, n=4, seed=0):
@@ -106,9 +107,9 @@ def bound(name, value):
         gin.clear_config()
 
 
-def _stream(data, selection, batch_size, seed, shard=(0, 1), **kw):
-    counts = improve_data.filter_counts(data, selection)
-    return improve_data.stream_batches(data, selection, counts, batch_size, LENGTHS, seed, shard, **kw)
+def _stream(data, selection, batch_size, seed, shard=(0, 1), lengths=None, **kw):
+    counts = improve_data.filter_counts(data, selection, kw.get("pairing"))
+    return improve_data.stream_batches(data, selection, counts, batch_size, lengths or LENGTHS, seed, shard, **kw)
 
 
 def _rows(batch):
@@ -116,16 +117,17 @@ def _rows(batch):
     return [(float(r), tuple(t)) for r, t in zip(batch["reward"], batch["decoder_target_tokens"])]
 
 
-@pytest.mark.parametrize("num_readers", [8, 2])
-def test_hosts_blocks_stack_to_the_one_host_batches(store, num_readers):
-    """P-invariance: process i's block of each batch, stacked over i, is the one-process batch."""
+@pytest.mark.parametrize("num_readers, pack", [(8, False), (2, False), (2, True)])
+def test_hosts_blocks_stack_to_the_one_host_batches(store, num_readers, pack):
+    """P-invariance: process i's block of each batch, stacked over i, is the one-process batch (packed too)."""
     data = improve_data.GrowData.open(store)
     selection = improve_data.Selection(1, True, "threshold")
-    one = _stream(data, selection, 8, seed=3, num_readers=num_readers, shuffle_buffer=5)
-    hosts = [_stream(data, selection, 8, seed=3, shard=(i, 2), num_readers=num_readers, shuffle_buffer=5)
-             for i in range(2)]
+    kw = dict(seed=3, num_readers=num_readers, shuffle_buffer=5, pack=pack, lengths=PACKED_LENGTHS if pack else None)
+    one = _stream(data, selection, 8, **kw)
+    hosts = [_stream(data, selection, 8, shard=(i, 2), **kw) for i in range(2)]
     for _ in range(12):
         want, parts = next(one), [next(h) for h in hosts]
+        assert ("decoder_segment_ids" in want) == pack and (not pack or want["decoder_segment_ids"].max() >= 2)
         for key in want:
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
     with pytest.raises(ValueError, match="batch size 8 is not divisible by the 3 data shards"):
@@ -151,6 +153,24 @@ def test_stream_visits_exactly_the_kept_rows_evenly(store):
     # The seed and both knobs change the order (documented knobs must change what runs); a rerun does not.
     assert first() == first()
     assert first() != first(seed=1) and first() != first(num_readers=2) and first() != first(shuffle_buffer=50)
+
+
+def test_packed_stream_holds_the_kept_rows_in_each_readers_order(store):
+    """Packed batches hold, segment by segment, the rows of the unpacked stream of the same seed: each reader's
+    rows in its order (a batch takes whole packed rows from every reader in turn, as it takes rows)."""
+    data = improve_data.GrowData.open(store)
+    selection = improve_data.Selection(1, False, "threshold")
+    one_reader = dict(seed=5, num_readers=1, shuffle_buffer=4, lengths=PACKED_LENGTHS)
+    plain, packed = _stream(data, selection, 4, **one_reader), _stream(data, selection, 2, pack=True, **one_reader)
+    want = [tuple(int(x) for x in t if x) for _ in range(10) for t in next(plain)["decoder_target_tokens"]]
+    got = []
+    while len(got) < len(want):
+        batch = next(packed)
+        for tokens, segments in zip(batch["decoder_target_tokens"], batch["decoder_segment_ids"]):
+            got += [tuple(int(x) for x in tokens[segments == s]) for s in range(1, segments.max() + 1)]
+    assert got[:len(want)] == want
+    with pytest.raises(ValueError, match="preference pairs .* cannot be packed"):
+        next(_stream(data, selection, 4, seed=0, pack=True, pairing=improve_data.Pairing()))
 
 
 def test_readers_own_whole_shards_and_read_each_once_per_epoch(store):

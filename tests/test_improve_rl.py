@@ -440,9 +440,38 @@ def test_reference_fraction_needs_the_references(tmp_path, mesh, policy_params):
     with pytest.raises(ValueError, match="reference_fraction=0.5 needs improve_step.include_references=True"):
         improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
                              include_references=False, reference_fraction=0.5, mesh=mesh, filter_method="none")
+    with pytest.raises(ValueError, match="improve_step.pack: packed rows serve the 'bc' loss"):
+        improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
+                             loss_name="rwbc", pack=True, mesh=mesh, filter_method="none")
     with pytest.raises(ValueError, match="anchor_period=0"):
         improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
                              loss_name="bvmpo", anchor_period=0, mesh=mesh, filter_method="none")
+
+
+def test_packed_improve_step_trains_on_rows_of_several_examples(tmp_path, mesh, policy_params):
+    """improve_step.pack: the train step gets packed rows (segment ids, more target tokens than rows of one),
+    and the step trains (the per-token loss on packed rows is checked against unpacked in test_packing.py)."""
+    policy = policy_lib.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    data = improve_data.GrowData.from_columns(_grow_data(np.linspace(0.1, 0.9, 16)))
+    seen, real = [], improve.trainer.train_loop
+
+    def spy(state, batches, *args, **kwargs):
+        def record(stream):
+            for batch in stream:
+                seen.append(batch)
+                yield batch
+        return real(state, record(batches), *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(improve.trainer, "train_loop", spy)
+        _, result = improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
+                                         pack=True, num_steps=2, eval_period=2, batch_size=2,
+                                         feature_lengths={"inputs": 16, "targets": 16}, mesh=mesh,
+                                         filter_method="none")
+    assert len(seen) == 2 and np.isfinite(result["last_train_loss"])
+    for batch in seen:  # sources of 5 tokens: three to a row of 16
+        assert batch["encoder_segment_ids"].max(axis=1).tolist() == [3, 3]
+        assert batch["decoder_loss_weights"].sum() > 2 * 7  # more than two rows of the longest example
 
 
 @pytest.mark.parametrize("loss_name", ["dpo", "ipo"])

@@ -12,7 +12,7 @@ import tensorflow as tf
 import jax
 import jax.numpy as jnp
 
-from rest_jax import trainer
+from rest_jax import improve, improve_data, losses, trainer
 from rest_jax import policy as policy_lib
 from rest_jax.model import t5
 
@@ -86,6 +86,45 @@ def test_packed_loss_sum_equals_unpacked(model_and_params):
         loss, aux = loss_fn(params, batch, None)
         totals[pack] = (float(loss) * float(aux["num_tokens"]), float(aux["num_tokens"]))
     assert totals[True][1] == totals[False][1] == sum(len(e["targets"]) for e in examples)
+    np.testing.assert_allclose(totals[True][0], totals[False][0], rtol=1e-5)
+
+
+def _grow_items(examples):
+    """`improve_data.TRAIN_COLUMNS` items of the examples (reward unused by packing)."""
+    return [(e["inputs"], e["targets"], 0.5) for e in examples]
+
+
+def test_improve_packing_is_seqios_packing():
+    """improve_step.pack packs Grow rows as seqio packs BC's rows (the reference), overlong rows trimmed to EOS."""
+    examples = _examples(num=20, seed=2)
+    examples[3]["targets"] = np.arange(2, 32, dtype=np.int32)  # overlong: trimmed to 23 tokens + EOS, as seqio
+    got = list(improve_data.packed_rows(iter(_grow_items(examples)), LENGTHS))
+    trimmed = [{"inputs": e["inputs"], "targets": improve_data._trimmed(e["targets"], LENGTHS["targets"])}
+               for e in examples]  # pylint: disable=protected-access
+    assert len(trimmed[3]["targets"]) == 24 and trimmed[3]["targets"][-1] == 1
+    want = _converted(trimmed, pack=True)
+    assert len(got) == len(want["encoder_input_tokens"]) < len(examples)
+    for key in got[0]:
+        np.testing.assert_array_equal(np.stack([row[key] for row in got]), want[key], err_msg=key)
+
+
+def test_improve_bc_loss_on_packed_grow_rows_equals_unpacked(model_and_params):
+    """The Improve 'bc' loss of packed rows: the same token sum and count as one example per row."""
+    model, params = model_and_params
+    items = _grow_items(_examples(num=12, seed=4))
+    loss_fn = improve.make_improve_loss_fn(model, losses.get_loss("bc"))
+    totals = {}
+    for pack in (False, True):
+        if pack:
+            rows = list(improve_data.packed_rows(iter(items), LENGTHS))
+            batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            assert len(rows) < len(items)
+        else:
+            batch = improve_data.make_batch({c: [it[i] for it in items] for i, c in
+                                             enumerate(improve_data.TRAIN_COLUMNS)}, LENGTHS)
+        loss, aux = loss_fn(params, batch, None)
+        totals[pack] = (float(loss) * float(aux["num_tokens"]), float(aux["num_tokens"]))
+    assert totals[True][1] == totals[False][1] == sum(len(it[1]) for it in items)
     np.testing.assert_allclose(totals[True][0], totals[False][0], rtol=1e-5)
 
 
