@@ -297,21 +297,25 @@ def make_batch(rows: Mapping[str, Sequence[Any]], feature_lengths: Mapping[str, 
     return batch
 
 
-def packed_rows(items: Iterator[tuple[Any, ...]], feature_lengths: Mapping[str, int]) -> Iterator[Batch]:
+PACK_OPEN_ROWS = 8  # rows a packer fills at once: 1 is seqio's greedy packing; 8 fills Multi30k rows ~20% fuller
+
+
+def packed_rows(items: Iterator[tuple[Any, ...]], feature_lengths: Mapping[str, int],
+                open_rows: int = PACK_OPEN_ROWS) -> Iterator[Batch]:
     """Packed rows of `TRAIN_COLUMNS` items: several (source, candidate) examples per row, as T5X trains.
 
-    seqio's packing (`trim_and_pack_dataset`, which BC's `train.pack` uses): examples are trimmed, then appended
-    to the open row while both its source and target fit, else the row is emitted and a new one opened; segment
-    ids number a row's examples from 1 (0 is padding) and the decoder inputs restart at 0 in every segment. The
-    model's relative positions need no per-segment positions (t5.Transformer). Rewards are not carried: only a
-    per-token loss (BC) can train on packed rows. Ends with a last partial row when `items` ends.
+    The layout of seqio's packing (`trim_and_pack_dataset`, which BC's `train.pack` uses): examples trimmed to
+    the lengths, segment ids numbering a row's examples from 1 (0 is padding), decoder inputs restarting at 0 in
+    every segment; the model's relative positions need no per-segment positions (t5.Transformer). Placement is
+    first fit over `open_rows` rows: an example goes to the first open row where both its source and its target
+    fit, else a new row opens, and when more than `open_rows` are open the oldest is emitted (1 open row is
+    seqio's greedy packing). Rewards are not carried: only a per-token loss (BC) can train on packed rows.
+    The open rows are emitted when `items` ends.
     """
     li, lt = int(feature_lengths["inputs"]), int(feature_lengths["targets"])
     src_col, tgt_col = TRAIN_COLUMNS.index("source_tokens"), TRAIN_COLUMNS.index("candidate_tokens")
-    row: list[tuple[np.ndarray, np.ndarray]] = []
-    used = [0, 0]
 
-    def emit() -> Batch:
+    def emit(row: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
         out = {k: np.zeros(n, np.int32) for k, n in (("encoder_input_tokens", li), ("encoder_segment_ids", li),
                                                      ("decoder_target_tokens", lt), ("decoder_input_tokens", lt),
                                                      ("decoder_segment_ids", lt))}
@@ -325,15 +329,21 @@ def packed_rows(items: Iterator[tuple[Any, ...]], feature_lengths: Mapping[str, 
         out["decoder_loss_weights"] = (out["decoder_target_tokens"] > 0).astype(np.float32)
         return out
 
+    rows: list[tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]] = []  # open rows and their used lengths
     for item in items:
         src, tgt = _trimmed(np.asarray(item[src_col]), li), _trimmed(np.asarray(item[tgt_col]), lt)
-        if row and (used[0] + len(src) > li or used[1] + len(tgt) > lt):
-            yield emit()
-            row, used = [], [0, 0]
+        for row, used in rows:
+            if used[0] + len(src) <= li and used[1] + len(tgt) <= lt:
+                break
+        else:
+            if len(rows) == open_rows:
+                yield emit(rows.pop(0)[0])
+            rows.append(([], [0, 0]))
+            row, used = rows[-1]
         row.append((src, tgt))
-        used = [used[0] + len(src), used[1] + len(tgt)]
-    if row:
-        yield emit()
+        used[0], used[1] = used[0] + len(src), used[1] + len(tgt)
+    for row, _ in rows:
+        yield emit(row)
 
 
 def _num_readers(wanted: int, batch_size: int, num_shards: int, num_kept: int) -> int:

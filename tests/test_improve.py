@@ -155,20 +155,23 @@ def test_stream_visits_exactly_the_kept_rows_evenly(store):
     assert first() != first(seed=1) and first() != first(num_readers=2) and first() != first(shuffle_buffer=50)
 
 
-def test_packed_stream_holds_the_kept_rows_in_each_readers_order(store):
-    """Packed batches hold, segment by segment, the rows of the unpacked stream of the same seed: each reader's
-    rows in its order (a batch takes whole packed rows from every reader in turn, as it takes rows)."""
+def test_packed_stream_packs_each_readers_rows_in_their_order(store):
+    """Packed batches are `packed_rows` of the unpacked stream of the same seed (a reader's rows, in its order):
+    a batch takes whole packed rows from every reader in turn, as it takes rows."""
     data = improve_data.GrowData.open(store)
     selection = improve_data.Selection(1, False, "threshold")
     one_reader = dict(seed=5, num_readers=1, shuffle_buffer=4, lengths=PACKED_LENGTHS)
     plain, packed = _stream(data, selection, 4, **one_reader), _stream(data, selection, 2, pack=True, **one_reader)
-    want = [tuple(int(x) for x in t if x) for _ in range(10) for t in next(plain)["decoder_target_tokens"]]
-    got = []
-    while len(got) < len(want):
+    items = ((src[src > 0], tgt[tgt > 0], 0.0) for batch in iter(lambda: next(plain), None)
+             for src, tgt in zip(batch["encoder_input_tokens"], batch["decoder_target_tokens"]))
+    want = improve_data.packed_rows(items, PACKED_LENGTHS)
+    for _ in range(10):
         batch = next(packed)
-        for tokens, segments in zip(batch["decoder_target_tokens"], batch["decoder_segment_ids"]):
-            got += [tuple(int(x) for x in tokens[segments == s]) for s in range(1, segments.max() + 1)]
-    assert got[:len(want)] == want
+        assert batch["decoder_segment_ids"].max() >= 2
+        for r in range(2):
+            row = next(want)
+            for key, value in row.items():
+                np.testing.assert_array_equal(batch[key][r], value, err_msg=key)
     with pytest.raises(ValueError, match="preference pairs .* cannot be packed"):
         next(_stream(data, selection, 4, seed=0, pack=True, pairing=improve_data.Pairing()))
 

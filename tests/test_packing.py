@@ -94,18 +94,38 @@ def _grow_items(examples):
     return [(e["inputs"], e["targets"], 0.5) for e in examples]
 
 
-def test_improve_packing_is_seqios_packing():
-    """improve_step.pack packs Grow rows as seqio packs BC's rows (the reference), overlong rows trimmed to EOS."""
-    examples = _examples(num=20, seed=2)
+def _segments(rows):
+    """Every (source, target) segment of packed rows, checking each row's layout against its segment ids."""
+    out = []
+    for row in rows:
+        enc, dec = row["encoder_segment_ids"], row["decoder_segment_ids"]
+        for ids, tokens in ((enc, row["encoder_input_tokens"]), (dec, row["decoder_target_tokens"])):
+            assert np.array_equal(ids > 0, tokens > 0) and np.all(np.diff(ids[ids > 0]) >= 0)  # contiguous
+        for s in range(1, dec.max() + 1):
+            tgt = row["decoder_target_tokens"][dec == s]
+            np.testing.assert_array_equal(row["decoder_input_tokens"][dec == s], np.concatenate([[0], tgt[:-1]]))
+            out.append((tuple(row["encoder_input_tokens"][enc == s]), tuple(tgt)))
+    return out
+
+
+def test_improve_packing_is_seqios_packing_and_first_fit_fills_rows_fuller():
+    """improve_step.pack with one open row packs Grow rows exactly as seqio packs BC's rows (the reference),
+    overlong rows trimmed to EOS; with the default open rows (first fit) the same examples take fewer rows."""
+    # seqio packs windows of max(lengths) = 24 examples, each ending in a partial row: one window here.
+    examples = _examples(num=24, seed=2)
     examples[3]["targets"] = np.arange(2, 32, dtype=np.int32)  # overlong: trimmed to 23 tokens + EOS, as seqio
-    got = list(improve_data.packed_rows(iter(_grow_items(examples)), LENGTHS))
     trimmed = [{"inputs": e["inputs"], "targets": improve_data._trimmed(e["targets"], LENGTHS["targets"])}
                for e in examples]  # pylint: disable=protected-access
     assert len(trimmed[3]["targets"]) == 24 and trimmed[3]["targets"][-1] == 1
     want = _converted(trimmed, pack=True)
-    assert len(got) == len(want["encoder_input_tokens"]) < len(examples)
-    for key in got[0]:
-        np.testing.assert_array_equal(np.stack([row[key] for row in got]), want[key], err_msg=key)
+    greedy = list(improve_data.packed_rows(iter(_grow_items(examples)), LENGTHS, open_rows=1))
+    assert len(greedy) == len(want["encoder_input_tokens"]) < len(examples)
+    for key in greedy[0]:
+        np.testing.assert_array_equal(np.stack([row[key] for row in greedy]), want[key], err_msg=key)
+    first_fit = list(improve_data.packed_rows(iter(_grow_items(examples)), LENGTHS))
+    assert len(first_fit) < len(greedy)
+    assert sorted(_segments(first_fit)) == sorted(_segments(greedy)) == \
+        sorted((tuple(e["inputs"]), tuple(e["targets"])) for e in trimmed)
 
 
 def test_improve_bc_loss_on_packed_grow_rows_equals_unpacked(model_and_params):
