@@ -167,6 +167,7 @@ def test_value_warmup_fits_the_bc_policys_returns():
     assert after < 0.5 * before, (before, after, summary["value_mse"])
 
 
+@pytest.mark.slow  # ~4 min (a BC run and three online runs); README's GRPO commands run in the fast suite
 def test_grpo_raises_the_validation_reward_above_seed_noise(bc_run):
     """Three seeds of a short GRPO run from one BC policy: the greedy validation reward of the final policy
     minus BC's. The rise must be positive for every seed and its mean at least twice the spread between
