@@ -278,6 +278,23 @@ def test_mixed_batches_hold_a_fixed_share_of_references(store, fraction, batch_s
         next(improve_data.mixed_batches(data, selection, 1.5, 8, LENGTHS, seed=0))
 
 
+def test_packed_mixed_batches_hold_a_fixed_share_of_packed_reference_rows(store):
+    """With improve_step.pack the share is of packed rows: the first rows hold only references' examples."""
+    cols = grow_store.GrowStore(store).as_numpy()
+    targets = {bool(r): {tuple(t) for t, ref in zip(cols["candidate_tokens"], cols["is_reference"]) if ref == r}
+               for r in (True, False)}
+    assert not targets[True] & targets[False]
+    data = improve_data.GrowData.open(store)
+    stream = improve_data.mixed_batches(data, improve_data.Selection(0, True, "threshold"), 0.25, 8, PACKED_LENGTHS,
+                                        seed=3, pack=True)
+    for _ in range(4):
+        batch = next(stream)
+        assert batch["decoder_target_tokens"].shape == (8, 16)
+        for row, (tokens, segments) in enumerate(zip(batch["decoder_target_tokens"], batch["decoder_segment_ids"])):
+            for s in range(1, segments.max() + 1):
+                assert tuple(tokens[segments == s]) in targets[row < 2]
+
+
 def test_selection_of_references_alone_or_samples_alone(store):
     data = improve_data.GrowData.open(store)
     only_refs = improve_data.filter_counts(data, improve_data.Selection(0, True, "threshold", include_samples=False))
