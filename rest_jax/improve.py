@@ -78,6 +78,7 @@ STEP_KEY = "step"
 NUM_STEPS_KEY = losses.NUM_STEPS
 FROZEN_KEY = "frozen_params"
 VALUE_TRAINING = ("frozen", "joint")
+PACKABLE_LOSSES = ("bc", "rwbc")  # per-token sums; the others use whole sequences or frozen networks' rows
 MEMORY_KNOBS = ("improve_step.batch_size", "improve_step.feature_lengths")  # named by out-of-memory errors
 OPTIMIZER_SCOPE = "improve"  # gin scope of the Improve optimizer and schedule (`improve/learning_rate_schedule.*`)
 
@@ -448,7 +449,7 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
         `improve_data.mixed_batches`). Needs `include_references`.
       pack: Pack several Grow rows into each batch row (`improve_data.packed_rows`, seqio's packing as BC's
         `train.pack`): `batch_size` rows then hold ~2x the target tokens on short sentences, at about the
-        same step time. Loss 'bc' only (a per-token sum; the others weigh whole sequences); encoder-decoder only.
+        same step time. Losses 'bc' and 'rwbc' (per-token sums; the others use whole sequences); encoder-decoder.
       max_per_source: Keep at most this many samples per source (ReST-EM: 10).
       lr_decay: The learning rate is `lr_decay ** prior_improves` times the base (gin `create_optimizer` and
         `learning_rate_schedule`, under the gin scope 'improve/' when bound there, else BC's); the paper
@@ -481,9 +482,9 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
     loss = losses.get_loss(loss_name)
     needs = loss_needs(loss_name)
     _check_arguments(value_pretrain_data, reference_fraction, include_references, anchor_period, patience, needs)
-    if pack and (loss_name != "bc" or not isinstance(policy.model.config, t5.T5Config)):
-        raise ValueError(f"improve_step.pack: packed rows serve the 'bc' loss of an encoder-decoder policy (a per-"
-                         f"token sum over several examples per row); loss {loss_name!r} of a "
+    if pack and (loss_name not in PACKABLE_LOSSES or not isinstance(policy.model.config, t5.T5Config)):
+        raise ValueError(f"improve_step.pack: packed rows serve the losses {PACKABLE_LOSSES} of an encoder-decoder "
+                         f"policy (per-token sums over several examples per row); loss {loss_name!r} of a "
                          f"{type(policy.model.config).__name__} needs one example per row: set pack = False.")
     pairing = improve_data.Pairing() if needs.pairs else None  # gin: Pairing.rule, Pairing.min_margin
     counts = improve_data.filter_counts(data, selection, pairing)

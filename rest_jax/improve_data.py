@@ -309,27 +309,29 @@ def packed_rows(items: Iterator[tuple[Any, ...]], feature_lengths: Mapping[str, 
     every segment; the model's relative positions need no per-segment positions (t5.Transformer). Placement is
     first fit over `open_rows` rows: an example goes to the first open row where both its source and its target
     fit, else a new row opens, and when more than `open_rows` are open the oldest is emitted (1 open row is
-    seqio's greedy packing). Rewards are not carried: only a per-token loss (BC) can train on packed rows.
-    The open rows are emitted when `items` ends.
+    seqio's greedy packing). Each token carries its example's reward (`token_rewards`, for the reward-weighted
+    loss). The open rows are emitted when `items` ends.
     """
     li, lt = int(feature_lengths["inputs"]), int(feature_lengths["targets"])
-    src_col, tgt_col = TRAIN_COLUMNS.index("source_tokens"), TRAIN_COLUMNS.index("candidate_tokens")
+    src_col, tgt_col, reward_col = (TRAIN_COLUMNS.index(c) for c in ("source_tokens", "candidate_tokens", "reward"))
 
-    def emit(row: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
+    def emit(row: list[tuple[np.ndarray, np.ndarray, float]]) -> Batch:
         out = {k: np.zeros(n, np.int32) for k, n in (("encoder_input_tokens", li), ("encoder_segment_ids", li),
                                                      ("decoder_target_tokens", lt), ("decoder_input_tokens", lt),
                                                      ("decoder_segment_ids", lt))}
+        out["token_rewards"] = np.zeros(lt, np.float32)
         at = [0, 0]
-        for segment, (src, tgt) in enumerate(row, start=1):
+        for segment, (src, tgt, reward) in enumerate(row, start=1):
             e, d = slice(at[0], at[0] + len(src)), slice(at[1], at[1] + len(tgt))
             out["encoder_input_tokens"][e], out["encoder_segment_ids"][e] = src, segment
             out["decoder_target_tokens"][d], out["decoder_segment_ids"][d] = tgt, segment
             out["decoder_input_tokens"][d] = np.concatenate([[0], tgt[:-1]])
+            out["token_rewards"][d] = reward
             at = [e.stop, d.stop]
         out["decoder_loss_weights"] = (out["decoder_target_tokens"] > 0).astype(np.float32)
         return out
 
-    rows: list[tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]] = []  # open rows and their used lengths
+    rows: list[tuple[list[tuple[np.ndarray, np.ndarray, float]], list[int]]] = []  # open rows, used lengths
     for item in items:
         src, tgt = _trimmed(np.asarray(item[src_col]), li), _trimmed(np.asarray(item[tgt_col]), lt)
         for row, used in rows:
@@ -340,7 +342,7 @@ def packed_rows(items: Iterator[tuple[Any, ...]], feature_lengths: Mapping[str, 
                 yield emit(rows.pop(0)[0])
             rows.append(([], [0, 0]))
             row, used = rows[-1]
-        row.append((src, tgt))
+        row.append((src, tgt, float(item[reward_col])))
         used[0], used[1] = used[0] + len(src), used[1] + len(tgt)
     for row, _ in rows:
         yield emit(row)
@@ -457,7 +459,7 @@ def stream_batches(data: GrowData, selection: Selection, counts: Counts, batch_s
       shard: (i, n) from `partitioning.data_shard_info`: this process's block of each batch.
       pairing: Pair the rows (see above); None: rows.
       pack: Batch rows of several examples (`packed_rows`; each reader packs its own items, so the batches still
-        do not depend on P); without rewards, for per-token losses. Not with `pairing`.
+        do not depend on P), rewards per token; for the per-token losses. Not with `pairing`.
       num_readers: V, virtual readers (a multiple of the processes that divides the batch; fewer when the
         filter keeps fewer rows). Changing it changes the data order, not what an epoch holds.
       shuffle_buffer: Rows each reader shuffles among (memory: V/P buffers per process).

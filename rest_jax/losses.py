@@ -18,7 +18,8 @@ preference losses `dpo` and `ipo`, plus `value` for value-network training) and 
 Batch keys: `decoder_target_tokens`, `decoder_loss_weights`, optional `example_weights` [B] (multiplied
 into the token weights; 0 drops an example, e.g. the filter mask), `reward` [B] (sequence reward R(x, y) in
 [0, 1], the Grow store's field), `num_steps` [] (the run's number of updates; BVMPO anneals λ over it),
-`behaviour_log_probs` [B, T] (the Grow policy's per-token log-probs; DPO/IPO, whose batches are pairs).
+`behaviour_log_probs` [B, T] (the Grow policy's per-token log-probs; DPO/IPO, whose batches are pairs);
+packed rows (bc, rwbc) add `decoder_segment_ids` and `token_rewards` [B, T].
 Outputs keys: `logits` (policy), `values` [B, T] (value network), `bc_logits` [B, T, V] (the frozen BC
 policy: BVMPO's KL term, GOLD's p_MLE), `old_logits` [B, T, V] (BVMPO's trust-region anchor), `vmpo_eta`
 and `vmpo_alpha` (unconstrained scalars, BVMPO; see `init_vmpo_params`).
@@ -45,6 +46,8 @@ WEIGHTS = "decoder_loss_weights"
 EXAMPLE_WEIGHTS = "example_weights"
 REWARD = "reward"
 NUM_STEPS = "num_steps"
+SEGMENTS = "decoder_segment_ids"  # packed rows (improve_step.pack): several examples per row
+TOKEN_REWARDS = "token_rewards"  # [B, T] with packed rows: the reward of each token's example
 
 
 # ------------------------------------------------------------------------------------------- primitives
@@ -248,29 +251,39 @@ def rwbc_loss(batch: Mapping[str, Array], outputs: Mapping[str, Array], step: Ar
     weighting: "raw" c = r; "normalized" c = r / mean(r); "exp" c = exp(r/β) / mean(exp(r/β)) (reward-
     weighted regression). Means run over the batch's examples with any weight, so the loss scale stays
     that of BC. This is ReST-EM's M-step with a non-binary reward (Singh et al. 2023, arXiv 2312.06585).
+    Packed rows (`decoder_segment_ids`, improve_step.pack) carry each token's example reward in
+    `token_rewards` [B, T]; an example is then a segment.
     """
     del step
     targets, weights = _targets_and_weights(batch, "rwbc")
     logits = _need(outputs, "logits", "rwbc", "outputs", "[B, T, V] policy logits")
     _check_shapes(logits, targets, weights)
-    r = _reward(batch, "rwbc")
-    present = (jnp.sum(weights, -1) > 0).astype(r.dtype)
+    if SEGMENTS in batch:  # r per token; an example's first token counts it once in the means
+        r = _wide(jnp.asarray(_need(batch, TOKEN_REWARDS, "rwbc", "batch", "[B, T] reward of each token's example")))
+        segments = jnp.asarray(batch[SEGMENTS])
+        first = (segments > 0) & (segments != jnp.pad(segments[:, :-1], ((0, 0), (1, 0))))
+        counted = (first & (weights > 0)).astype(r.dtype)
+    else:
+        r = _reward(batch, "rwbc")[:, None]
+        counted = (jnp.sum(weights, -1, keepdims=True) > 0).astype(r.dtype)
+    num = jnp.sum(counted)
     if weighting == "raw":
         c = r
     elif weighting == "normalized":
-        c = r / jnp.where(jnp.sum(r * present) > 0, _safe_div(jnp.sum(r * present), jnp.sum(present)), 1.0)
+        total = jnp.sum(r * counted)
+        c = r / jnp.where(total > 0, _safe_div(total, num), 1.0)
     elif weighting == "exp":
         if beta <= 0:
             raise ValueError(f"rwbc_loss.beta must be > 0, got {beta}")
-        shifted = (r - jnp.max(jnp.where(present > 0, r, -jnp.inf))) / beta  # Max-shift for stability.
-        e = jnp.where(present > 0, jnp.exp(shifted), 0.0)
-        c = _safe_div(e, _safe_div(jnp.sum(e), jnp.sum(present)))
+        shifted = (r - jnp.max(jnp.where(counted > 0, r, -jnp.inf))) / beta  # Max-shift for stability.
+        e = jnp.exp(jnp.minimum(shifted, 0.0))
+        c = _safe_div(e, _safe_div(jnp.sum(e * counted), num))
     else:
         raise ValueError(f"rwbc_loss.weighting must be 'raw', 'normalized' or 'exp', got {weighting!r}")
     nll, _ = _token_cross_entropy(logits, targets, label_smoothing, 0.0)
     c = jax.lax.stop_gradient(c)
-    loss = _safe_div(jnp.sum(c[:, None] * weights * nll), jnp.sum(weights))
-    return loss, {"loss": loss, "mean_example_weight": _safe_div(jnp.sum(c * present), jnp.sum(present)),
+    loss = _safe_div(jnp.sum(c * weights * nll), jnp.sum(weights))
+    return loss, {"loss": loss, "mean_example_weight": _safe_div(jnp.sum(c * counted), num),
                   "num_tokens": jnp.sum(weights)}
 
 

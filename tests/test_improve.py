@@ -162,8 +162,8 @@ def test_packed_stream_packs_each_readers_rows_in_their_order(store):
     selection = improve_data.Selection(1, False, "threshold")
     one_reader = dict(seed=5, num_readers=1, shuffle_buffer=4, lengths=PACKED_LENGTHS)
     plain, packed = _stream(data, selection, 4, **one_reader), _stream(data, selection, 2, pack=True, **one_reader)
-    items = ((src[src > 0], tgt[tgt > 0], 0.0) for batch in iter(lambda: next(plain), None)
-             for src, tgt in zip(batch["encoder_input_tokens"], batch["decoder_target_tokens"]))
+    items = ((src[src > 0], tgt[tgt > 0], r) for batch in iter(lambda: next(plain), None)
+             for src, tgt, r in zip(batch["encoder_input_tokens"], batch["decoder_target_tokens"], batch["reward"]))
     want = improve_data.packed_rows(items, PACKED_LENGTHS)
     for _ in range(10):
         batch = next(packed)

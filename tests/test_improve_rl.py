@@ -440,9 +440,9 @@ def test_reference_fraction_needs_the_references(tmp_path, mesh, policy_params):
     with pytest.raises(ValueError, match="reference_fraction=0.5 needs improve_step.include_references=True"):
         improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
                              include_references=False, reference_fraction=0.5, mesh=mesh, filter_method="none")
-    with pytest.raises(ValueError, match="improve_step.pack: packed rows serve the 'bc' loss"):
+    with pytest.raises(ValueError, match=r"improve_step.pack: packed rows serve the losses \('bc', 'rwbc'\)"):
         improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
-                             loss_name="rwbc", pack=True, mesh=mesh, filter_method="none")
+                             loss_name="gold", pack=True, mesh=mesh, filter_method="none")
     with pytest.raises(ValueError, match="anchor_period=0"):
         improve.improve_step(policy, data, str(tmp_path), 0, (["abc"], ["abc"]), reward=rewards.get("chrf"),
                              loss_name="bvmpo", anchor_period=0, mesh=mesh, filter_method="none")

@@ -4,6 +4,8 @@ The unpacked forward pass is checked against HF T5 in test_convert_hf.py; here a
 every example it holds, the same per-token logits and the same summed loss as that example alone.
 """
 
+import functools
+
 import numpy as np
 import pytest
 import seqio
@@ -90,7 +92,7 @@ def test_packed_loss_sum_equals_unpacked(model_and_params):
 
 
 def _grow_items(examples):
-    """`improve_data.TRAIN_COLUMNS` items of the examples (reward unused by packing)."""
+    """`improve_data.TRAIN_COLUMNS` items of the examples, reward 0.5."""
     return [(e["inputs"], e["targets"], 0.5) for e in examples]
 
 
@@ -120,7 +122,8 @@ def test_improve_packing_is_seqios_packing_and_first_fit_fills_rows_fuller():
     want = _converted(trimmed, pack=True)
     greedy = list(improve_data.packed_rows(iter(_grow_items(examples)), LENGTHS, open_rows=1))
     assert len(greedy) == len(want["encoder_input_tokens"]) < len(examples)
-    for key in greedy[0]:
+    for key in ("encoder_input_tokens", "encoder_segment_ids", "decoder_input_tokens", "decoder_target_tokens",
+                "decoder_segment_ids", "decoder_loss_weights"):
         np.testing.assert_array_equal(np.stack([row[key] for row in greedy]), want[key], err_msg=key)
     first_fit = list(improve_data.packed_rows(iter(_grow_items(examples)), LENGTHS))
     assert len(first_fit) < len(greedy)
@@ -128,11 +131,18 @@ def test_improve_packing_is_seqios_packing_and_first_fit_fills_rows_fuller():
         sorted((tuple(e["inputs"]), tuple(e["targets"])) for e in trimmed)
 
 
-def test_improve_bc_loss_on_packed_grow_rows_equals_unpacked(model_and_params):
-    """The Improve 'bc' loss of packed rows: the same token sum and count as one example per row."""
+@pytest.mark.parametrize("loss_name, weighting", [("bc", None), ("rwbc", "normalized"), ("rwbc", "exp"),
+                                                   ("rwbc", "raw")])
+def test_improve_loss_on_packed_grow_rows_equals_unpacked(model_and_params, loss_name, weighting):
+    """The per-token Improve losses of packed rows: the same token sum and count as one example per row (rwbc:
+    each example's weight from its reward, normalised over examples, as unpacked)."""
     model, params = model_and_params
-    items = _grow_items(_examples(num=12, seed=4))
-    loss_fn = improve.make_improve_loss_fn(model, losses.get_loss("bc"))
+    rewards = np.random.default_rng(5).uniform(size=12)
+    items = [(src, tgt, r) for (src, tgt, _), r in zip(_grow_items(_examples(num=12, seed=4)), rewards)]
+    loss = losses.get_loss(loss_name)
+    if weighting is not None:
+        loss = functools.partial(loss, weighting=weighting, beta=0.3)
+    loss_fn = improve.make_improve_loss_fn(model, loss)
     totals = {}
     for pack in (False, True):
         if pack:
