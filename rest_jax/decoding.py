@@ -333,7 +333,8 @@ def sample(params: PyTree, model_or_config: Transformer | TranslationLM | T5Conf
         prompt, mask = model_or_config.prompts(encoder_input_tokens)
         return sample_lm(params, model_or_config, prompt, mask, rng, num_samples=num_samples,
                          max_decode_len=max_decode_len, temperature=temperature, top_k=top_k, top_p=top_p,
-                         stop_ids=(eos_id, *model_or_config.stop_ids), top_p_candidates=top_p_candidates)
+                         stop_ids=(eos_id, *model_or_config.stop_ids), stop_sequences=model_or_config.stop_sequences,
+                         top_p_candidates=top_p_candidates)
     config = _config_of(model_or_config)
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
     is_static = _check_sampling(config.vocab_size, num_samples, max_decode_len, temperature, top_k, top_p,
@@ -359,11 +360,11 @@ def greedy(params: PyTree, model_or_config: Transformer | T5Config, encoder_inpu
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_samples", "max_decode_len", "top_k", "use_top_p",
-                                             "top_p_candidates", "greedy", "stop_ids"))
+                                             "top_p_candidates", "greedy", "stop_ids", "stop_sequences"))
 def _sample_lm_jit(params: PyTree, prompt_tokens: Array, prompt_mask: Array, rng: Array, temperature: Array,
                    top_p: Array, *, config: DecoderOnlyConfig, num_samples: int, max_decode_len: int, top_k: int,
                    use_top_p: bool, top_p_candidates: int, greedy: bool | None,
-                   stop_ids: tuple[int, ...]) -> DecodeOutput:
+                   stop_ids: tuple[int, ...], stop_sequences: tuple[tuple[int, ...], ...]) -> DecodeOutput:
     model = DecoderOnly(config)
     params = _loop_params(params, config.dtype)
     batch, prompt_length = prompt_tokens.shape
@@ -390,6 +391,10 @@ def _sample_lm_jit(params: PyTree, prompt_tokens: Array, prompt_mask: Array, rng
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.any(token[:, None] == stops[None, :], axis=-1)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t, axis=1)
+        for seq in stop_sequences:  # the completion now ends with the k tokens of a stop sequence
+            k = len(seq)
+            last = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(t + 1 - k, 0), k, axis=1)
+            done = done | ((t + 1 >= k) & jnp.all(last == jnp.asarray(seq, jnp.int32)[None, :], axis=1))
         log_probs = jax.lax.dynamic_update_slice_in_dim(log_probs, token_log_prob[:, None], t, axis=1)
         logits, cache = model.apply({"params": params}, token, next_position + t, prompt_length + t, cache,
                                     key_mask, method=DecoderOnly.decode_step)
@@ -407,7 +412,8 @@ def _sample_lm_jit(params: PyTree, prompt_tokens: Array, prompt_mask: Array, rng
 def sample_lm(params: PyTree, model_or_config: DecoderOnly | DecoderOnlyConfig, prompt_tokens: Array,
               prompt_mask: Array, rng: Array, num_samples: int = 1, max_decode_len: int = 128,
               temperature: float | Array = 1.0, top_k: int = 0, top_p: float = 1.0,
-              stop_ids: Sequence[int] = (EOS_ID,), top_p_candidates: int = 64) -> DecodeOutput:
+              stop_ids: Sequence[int] = (EOS_ID,), stop_sequences: Sequence[Sequence[int]] = (),
+              top_p_candidates: int = 64) -> DecodeOutput:
     """Draws `num_samples` completions of each prompt from a decoder-only LM (ReST's Grow, Sec. 2).
 
     The prompts run through the model in one pass that fills the cache (`DecoderOnly.prefill`); then one
@@ -421,6 +427,7 @@ def sample_lm(params: PyTree, model_or_config: DecoderOnly | DecoderOnlyConfig, 
       rng, num_samples, temperature, top_k, top_p, top_p_candidates: as in `sample`.
       max_decode_len: L, the most tokens emitted per completion (a stop token included).
       stop_ids: tokens that end a completion (EOS; e.g. also the newline token of a one-line format).
+      stop_sequences: token sequences after which a completion ends (a stop text of several tokens).
 
     Returns:
       `DecodeOutput` with shapes [b, N, L] and [b, N]; token log-probs are untempered.
@@ -440,7 +447,8 @@ def sample_lm(params: PyTree, model_or_config: DecoderOnly | DecoderOnlyConfig, 
                           num_samples=int(num_samples), max_decode_len=int(max_decode_len), top_k=int(top_k),
                           use_top_p=bool(top_p < 1.0), top_p_candidates=int(top_p_candidates),
                           greedy=bool(float(temperature) == 0.0) if is_static else None,
-                          stop_ids=tuple(int(i) for i in stop_ids))
+                          stop_ids=tuple(int(i) for i in stop_ids),
+                          stop_sequences=tuple(tuple(int(i) for i in s) for s in stop_sequences))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ def build_network(vocab: Any = None, architecture: str = "encoder_decoder",
     return translation_lm.TranslationLM(decoder_only.DecoderOnlyConfig(), prompt_before=before, prompt_after=after,
                                         eos_id=EOS_ID, start_id=getattr(vocab, "prompt_start_id",
                                                                         translation_lm.START_ID),
-                                        stop=prompt_format.stop, stop_ids=prompt_format.stop_ids(vocab))
+                                        stop=prompt_format.stop, stop_ids=prompt_format.stop_ids(vocab),
+                                        stop_sequences=prompt_format.stop_sequences(vocab))
 
 
 def _prompt(model: nn.Module) -> dict[str, list[int]] | None:
@@ -165,9 +166,11 @@ def detokenize(vocab: Any, ids: Sequence[int], stop: str | None = None) -> str:
 
 
 def finished(model: Any, tokens: Sequence[int]) -> bool:
-    """Whether a sampled completion ended itself (EOS, or a decoder-only policy's stop token) rather than
-    at the length limit."""
-    return len(tokens) > 0 and int(tokens[-1]) in (EOS_ID, *getattr(model, "stop_ids", ()))
+    """Whether a sampled completion ended itself (EOS, or a decoder-only policy's stop token or stop sequence)
+    rather than at the length limit."""
+    ids = [int(t) for t in tokens]
+    return (len(ids) > 0 and ids[-1] in (EOS_ID, *getattr(model, "stop_ids", ()))) or \
+        any(tuple(ids[-len(s):]) == tuple(s) for s in getattr(model, "stop_sequences", ()) if len(ids) >= len(s))
 
 
 @dataclasses.dataclass

@@ -135,8 +135,10 @@ def test_a_stop_string_ends_sampling_and_the_translation(lm):
     vocab = _CharVocab()
     assert prompts.PromptFormat(stop=".").stop_ids(vocab) == (32,) and FORMAT.stop_ids(vocab) == ()
     assert prompts.PromptFormat(stop="\n").stop_ids(vocab) == (31,)
-    with pytest.raises(ValueError, match="no token of the vocabulary contains it"):
-        prompts.PromptFormat(stop="a.").stop_ids(vocab)
+    # A stop no single token holds stops after its own tokens; one that a token holds needs no sequence.
+    assert prompts.PromptFormat(stop="a.").stop_ids(vocab) == () and \
+        prompts.PromptFormat(stop="a.").stop_sequences(vocab) == ((3, 32),)
+    assert prompts.PromptFormat(stop=".").stop_sequences(vocab) == () == FORMAT.stop_sequences(vocab)
     with pytest.raises(ValueError, match="non-empty"):
         prompts.PromptFormat(stop="")
     # Each sample with stop tokens is the same key's sample without them cut after its first stop token or EOS
@@ -172,6 +174,32 @@ def test_a_stop_string_ends_sampling_and_the_translation(lm):
                                                               batch_size=2)
     for texts, tokens in zip(gens.texts, gens.tokens):
         assert texts == [policy_lib.detokenize(vocab, t, ".") for t in tokens] and not any("." in t for t in texts)
+
+
+def test_a_stop_of_several_tokens_ends_sampling_after_its_last_token(lm):
+    """Samples with a two-token stop sequence are the same key's unstopped samples cut after the first place
+    they hold it (or EOS), found by brute force; `finished` counts a completion that ends with it."""
+    model, params = lm
+    enc = decoding.pad_to_bucket(SOURCES, (8,))
+    free = decoding.sample(params, model, enc, jax.random.key(4), num_samples=6, max_decode_len=12, temperature=2.0)
+    rows = [list(np.asarray(free.tokens)[r, j, :int(free.lengths[r, j])]) for r in range(len(SOURCES)) for j in range(6)]
+    pairs = [tuple(int(x) for x in row[k:k + 2]) for row in rows for k in range(len(row) - 1) if 1 not in row[k:k + 2]]
+    seq = max(set(pairs), key=pairs.count)  # the commonest bigram, so that several samples hold it
+    stopped = model.clone(stop="?", stop_sequences=(seq,))
+    cut = decoding.sample(params, stopped, enc, jax.random.key(4), num_samples=6, max_decode_len=12,
+                          temperature=2.0)
+    by_seq = 0
+    for i, row in enumerate(rows):
+        r, j = divmod(i, 6)
+        hits = [k + 2 for k in range(len(row) - 1) if tuple(row[k:k + 2]) == seq]
+        n = min(hits + [len(row)])
+        by_seq += bool(hits)
+        assert int(cut.lengths[r, j]) == n, (row, seq)
+        np.testing.assert_array_equal(np.asarray(cut.tokens)[r, j, :n], row[:n])
+        assert not np.asarray(cut.tokens)[r, j, n:].any()
+        assert policy_lib.finished(stopped, row[:n]) == (bool(hits) or row[-1] == 1 and n == len(row))
+    assert by_seq >= 2
+    assert policy_lib.finished(stopped, [5, *seq]) and not policy_lib.finished(model, [5, *seq])
 
 
 def test_value_network_is_a_head_on_the_plain_lm_states_of_each_row(lm):

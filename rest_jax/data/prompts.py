@@ -35,8 +35,9 @@ class PromptFormat:
       system: A system message before the request (chat only; None: none).
       stop: Text that also ends a completion (besides EOS), e.g. "\n" for a pre-trained base LM asked in a
         one-line format, which would otherwise write on past its translation. Sampling stops at any token
-        whose text contains it (`stop_ids`) and the translation's text ends before it; a stop token ends a
-        Grow sample as EOS does (the policy learns either end). None: EOS alone.
+        whose text contains it (`stop_ids`) and after the stop's own token sequences (`stop_sequences`, for
+        a stop that no single token holds, e.g. "###" or "German:"); the translation's text ends before it,
+        and a stop ends a Grow sample as EOS does (the policy learns either end). None: EOS alone.
     """
 
     template: str = "Translate {source_language} to {target_language}.\n{source_language}: {source}\n{target_language}:"
@@ -56,15 +57,24 @@ class PromptFormat:
 
     def stop_ids(self, vocab: Any) -> tuple[int, ...]:
         """The ids of every token whose text contains `stop` (none without one): sampling ends a completion at
-        any of them. A stop that no single token contains (e.g. one split over several tokens) is refused."""
+        any of them."""
         if self.stop is None:
             return ()
         decode = getattr(vocab, "decode_as_is", vocab.decode)
-        ids = tuple(i for i in range(2, vocab.vocab_size) if self.stop in decode([i]))  # not pad 0, EOS 1
-        if not ids:
-            raise ValueError(f"PromptFormat.stop = {self.stop!r}: no token of the vocabulary contains it, so "
-                             "sampling could not stop there; use text that one token holds (e.g. '\\n').")
-        return ids
+        return tuple(i for i in range(2, vocab.vocab_size) if self.stop in decode([i]))  # not pad 0, EOS 1
+
+    def stop_sequences(self, vocab: Any) -> tuple[tuple[int, ...], ...]:
+        """The stop's own encodings of two or more tokens (as written, and as a word when the vocabulary
+        encodes words with their leading space): sampling ends a completion after any of them. A model may
+        write the stop with other tokens (joined with the text before it); sampling then runs on to EOS or
+        the length limit, and the translation's text is still cut before the stop (`policy.detokenize`)."""
+        if self.stop is None:
+            return ()
+        encodings = [list(vocab.encode(self.stop))]
+        if hasattr(vocab, "encode_as_is"):
+            encodings.insert(0, list(vocab.encode_as_is(self.stop)))
+        return tuple(dict.fromkeys(tuple(int(i) for i in ids) for ids in encodings
+                                   if len(ids) >= 2 and min(ids) >= 2))  # pad 0 and EOS 1 never stop a text
 
     def pieces(self, vocab: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Token ids of the template before and after `{source}`, each encoded alone as written. A vocabulary

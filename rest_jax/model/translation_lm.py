@@ -60,8 +60,9 @@ class TranslationLM(DecoderOnly):
       prompt_after: Token ids after it (the cue the completion follows, e.g. "English:").
       eos_id: The vocabulary's end of sequence, which closes sources and completions.
       start_id: The prompt's first token: the decoder start 0, or a pre-trained LM's BOS.
-      stop: Text that also ends a completion (`PromptFormat.stop`; None: EOS alone), and `stop_ids` the tokens
-        that hold it: the sampler stops at them, the translation's text ends before the stop.
+      stop: Text that also ends a completion (`PromptFormat.stop`; None: EOS alone), `stop_ids` the tokens
+        that hold it and `stop_sequences` its encodings of several tokens: the sampler stops at them, the
+        translation's text ends before the stop.
     """
 
     prompt_before: tuple[int, ...] = ()
@@ -70,6 +71,7 @@ class TranslationLM(DecoderOnly):
     start_id: int = START_ID
     stop: str | None = None
     stop_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def prompts(self, encoder_input_tokens: Array) -> tuple[Array, Array]:
         """(tokens, mask) [b, W] of the sources' prompts, as `prompt_tokens` builds them."""
