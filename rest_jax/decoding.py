@@ -364,7 +364,7 @@ def greedy(params: PyTree, model_or_config: Transformer | T5Config, encoder_inpu
 def _sample_lm_jit(params: PyTree, prompt_tokens: Array, prompt_mask: Array, rng: Array, temperature: Array,
                    top_p: Array, *, config: DecoderOnlyConfig, num_samples: int, max_decode_len: int, top_k: int,
                    use_top_p: bool, top_p_candidates: int, greedy: bool | None,
-                   stop_ids: tuple[int, ...], stop_sequences: tuple[tuple[int, ...], ...]) -> DecodeOutput:
+                   stop_ids: tuple[int, ...], stop_sequences: tuple[tuple[int, ...], ...] = ()) -> DecodeOutput:
     model = DecoderOnly(config)
     params = _loop_params(params, config.dtype)
     batch, prompt_length = prompt_tokens.shape
