@@ -66,14 +66,16 @@ def test_rest_loop_end_to_end_and_kill_resume(tmp_path, tiny_run):
     for plot in ("grow_rewards.png", "validation_reward.png", "best_of_n.png"):
         assert (plain / "plots" / plot).stat().st_size > 1000
     # report.json's wall times: each stage's own seconds (+ its scoring) fit between the stage.json of the
-    # stage before it and its own (the files' modification times: an independent clock), and fill most of it.
+    # stage before it and its own (the files' modification times: an independent clock), and fill most of it
+    # (what lies between stages, loading the policy and writing the stage file, may take ~2 s on a loaded machine:
+    # the fresh-clone suite beside a training job once saw Grow's 0.97 s in a 2.07 s gap).
     times = report["wall_times"]
     assert [w["stage"] for w in times] == ["BC G=0 I=0", "Grow 1", "ReST G=1 I=0", "ReST G=1 I=1"]
     marks = [plain / d / "stage.json" for d in ("bc", "grow_1", "grow_1/improve_0", "grow_1/improve_1")]
     for w, before, after in zip(times[1:], marks, marks[1:]):
         gap = after.stat().st_mtime - before.stat().st_mtime
         spent = w["seconds"] + (w["eval_seconds"] or 0.0)
-        assert 0.5 * gap <= spent <= gap + 0.05, (w, gap)
+        assert min(0.5 * gap, gap - 2.0) <= spent <= gap + 0.05, (w, gap)
     assert times[0]["seconds"] > 0 and times[0]["eval_seconds"] > 0 and times[1]["eval_seconds"] is None
     assert "Wall time" in (plain / "report.md").read_text()
     # The Grow store holds every (source, sample) once, references included, with rewards in [0, 1].
