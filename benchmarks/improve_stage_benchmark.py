@@ -20,7 +20,6 @@ rows get through the same data in fewer steps. Parts alternate over `--repeats` 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -33,16 +32,6 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = {"rows": False, "packed": True}
-
-
-def _scalars(events_dir: str, tag: str) -> list[tuple[int, float]]:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    out = []
-    for path in sorted(glob.glob(os.path.join(events_dir, "**", "events.out.tfevents.*"), recursive=True)):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            out += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
-    return sorted(out)
 
 
 def _setting(config: str, name: str) -> str:
@@ -79,8 +68,10 @@ def run_part(run_dir: str, grow: int, improve_index: int, steps: int, part: str,
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"part {part} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    windows = _scalars(out_dir, "tokens_per_sec")
-    step_times = _scalars(out_dir, "step_time_sec")
+    from bc_stage_benchmark import _scalars  # pylint: disable=import-outside-toplevel  (this script's folder)
+
+    events = os.path.join(out_dir, "improve")  # the stage's MetricWriter(out_dir, "improve")
+    windows, step_times = _scalars(events, "tokens_per_sec"), _scalars(events, "step_time_sec")
     if not windows or not step_times:
         raise RuntimeError(f"part {part} wrote no tokens_per_sec/step_time_sec under {out_dir}")
 
