@@ -54,7 +54,7 @@ def command(run_dir: str, grow: int, improve_index: int, steps: int, pack: bool,
             f"--gin.GROW_STORE='{os.path.join(run_dir, f'grow_{grow}', 'store')}'",
             f"--gin.CHECKPOINT='{os.path.join(bc_run, 'bc', 'checkpoints')}'",
             f"--gin.VOCABULARY='{os.path.join(bc_run, 'vocab', 'sentencepiece.model')}'",
-            f"--gin.IMPROVE_INDEX={improve_index}", "--gin.improve_step.feature_lengths=%FEATURE_LENGTHS",
+            f"--gin.IMPROVE_INDEX={improve_index}",
             "--gin.improve.num_validation_sources=32", f"--gin.improve_step.num_steps={steps}",
             f"--gin.improve_step.eval_period={max(1, steps // 4)}", f"--gin.improve_step.patience={steps}",
             f"--gin.improve_step.pack={pack}"]

@@ -463,3 +463,48 @@ def test_subcommand_importing_late_modules_runs_after_gin_is_locked(tmp_path):
 
     expected = [sacrebleu.sentence_chrf(h, [r]).score / 100 for h, r in [("a b c", "a b c"), ("", "d e")]]
     assert [float(x) for x in (tmp_path / "out.txt").read_text().split()] == pytest.approx(expected, abs=1e-6)
+
+
+
+# One process configures each case in turn (a subprocess per case cost ~10 s of imports each).
+_STEP_LENGTHS = """
+import json, sys
+import gin
+from rest_jax import main
+
+def resolve(value):  # a macro's value, through nested macros
+    if isinstance(value, dict):
+        return {k: resolve(v) for k, v in value.items()}
+    return resolve(value.scoped_configurable_fn()) if hasattr(value, "scoped_configurable_fn") else value
+
+main.register_configurables()
+found = []
+for command, knobs, extra in json.loads(sys.argv[1]):
+    required = ["MODEL_DIR", "TASK", "CHECKPOINT", "VOCABULARY"] + (["GROW_STORE"] if command == "improve" else [])
+    inv = main.parse_args([command, *extra, *[f"--gin.{m}='x'" for m in required]])
+    gin.clear_config()
+    main.configure(inv, main.load_entry(main.SUBCOMMANDS[command]))
+    found.append([resolve(gin.query_parameter(k)) for k in knobs])
+print("LENGTHS " + json.dumps(found))
+"""
+
+
+def test_grow_and_improve_subcommands_take_the_experiments_lengths():
+    # `rest_jax improve --gin_file=<a Multi30k run's config.gin>` trained at improve_step's default 128 x 128
+    # while the run (and its Grow) used 32 x 32: 4x the work per step, on padding.
+    knobs = {"improve": ["improve_step.feature_lengths"],
+             "grow": ["grow_dataset.max_input_length", "grow_dataset.max_decode_length"]}
+    cases = {  # gin flags -> (inputs, targets)
+        ("--gin_file=experiments/multi30k_de_en.gin",): (32, 32),
+        ("--gin_file=models/tiny.gin",): (128, 128),  # no experiment: the run config's own limits
+        ("--gin_file=models/tiny.gin", "--gin.INPUT_LENGTH=16"): (16, 128)}  # a user's binding wins
+    jobs = [(command, knobs[command], list(flags)) for command in knobs for flags in cases]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _STEP_LENGTHS, json.dumps(jobs)], cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.split("LENGTHS ", 1)[1])
+    for (command, _, flags), values in zip(jobs, found):
+        inputs, targets = cases[tuple(flags)]
+        expected = [{"inputs": inputs, "targets": targets}] if command == "improve" else [inputs, targets]
+        assert values == expected, (command, flags)
