@@ -68,6 +68,19 @@ def _train_flops_per_token(config, length):
     return 6 * matmul + 6 * config.num_layers * length * config.num_heads * config.head_dim
 
 
+def _causal_lm_loss_fn(model):
+    """Cross entropy of every next token of `decoder_input_tokens` (a plain LM batch, as HF's causal-LM loss)."""
+    from rest_jax import losses  # pylint: disable=import-outside-toplevel
+
+    def loss_fn(params, batch, rng):
+        del rng  # no dropout in this network
+        logits = model.apply({"params": params}, batch["decoder_input_tokens"], batch["decoder_target_tokens"] > 0)
+        total, _, num = losses.cross_entropy_loss(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+        return total / num, {"num_tokens": num}
+
+    return loss_fn
+
+
 def worker_jax_train(batch, length, warmup, steps):
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -80,7 +93,8 @@ def worker_jax_train(batch, length, warmup, steps):
     base = tb._rss_mb("VmRSS")  # pylint: disable=protected-access
     host = {"decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), seq[:, :-1]], axis=1),
             "decoder_target_tokens": seq, "decoder_loss_weights": np.ones(seq.shape, np.float32)}
-    state, step, device_batch = tb.adamw_step(decoder_only.DecoderOnly(config), host)
+    model = decoder_only.DecoderOnly(config)
+    state, step, device_batch = tb.adamw_step(model, host, _causal_lm_loss_fn(model))
     t0 = time.perf_counter()
     for _ in range(warmup):
         state, m = step(state, device_batch)

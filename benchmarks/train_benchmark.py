@@ -74,10 +74,10 @@ def _batch(vocab: int, batch: int, src: int, tgt: int):
     return enc, dec_in, targets
 
 
-def adamw_step(model, host_batch: dict):
+def adamw_step(model, host_batch: dict, loss_fn=None):
     """(train state, jitted AdamW step, the batch on the device) of `model` on one CPU device: this benchmark's
-    optimizer (lr 1e-4 constant, weight decay on every parameter) and plain cross entropy (`policy.make_loss_fn`,
-    which takes either model family)."""
+    optimizer (lr 1e-4 constant, weight decay on every parameter) and `loss_fn` (default: plain cross entropy of
+    an encoder-decoder batch, `policy.make_loss_fn`)."""
     import jax
 
     from rest_jax import optim, partitioning, trainer
@@ -89,7 +89,8 @@ def adamw_step(model, host_batch: dict):
         lambda learning_rate: optim.adamw(learning_rate, eps=EPS, weight_decay=WEIGHT_DECAY, decay_matrices_only=False),
         schedule=optim.learning_rate_schedule("constant", LR, 0))
     state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), mesh, rules)
-    step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0), mesh=mesh,
+    loss_fn = loss_fn or policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0)
+    step = trainer.make_train_step(opt, loss_fn, mesh=mesh,
                                    rules=rules, state_shardings=shardings)
     return state, step, partitioning.shard_batch(host_batch, mesh, rules)
 
