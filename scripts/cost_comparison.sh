@@ -3,8 +3,9 @@
 # one BC policy, then each method started from it, so that every method of a seed is paired with one BC.
 #   scripts/cost_comparison.sh 0 1 2
 #   python scripts/cost_table.py runs/demo_cost
-# Methods: rest (G=1, I=0..2: experiments/demo.gin), dpo (runs/dpo.gin at Improve rate $DPO_LR, default 2e-5:
-# the demo's 2e-3 collapses DPO, README "Online RL"), grpo and ppo (runs/grpo.gin, runs/ppo.gin:
+# Methods: rest (G=1, I=0..2: experiments/demo.gin), dpo (runs/dpo.gin at Improve rate $DPO_LR, default 2e-5,
+# where the demo's 2e-3 collapses DPO, README "Online RL"; patience 3, so that its slow rise runs the stage's
+# 300 steps), grpo and ppo (runs/grpo.gin, runs/ppo.gin:
 # 60 iterations x 32 sources x 4 samples, as many reward calls as Grow's 2,000 sources x 4 samples). Arguments
 # after the seeds (--gin.X=Y) go to every run. Runs land in $COST_DIR/s<seed>/<method> (default runs/demo_cost);
 # a rerun skips finished stages.
@@ -26,7 +27,8 @@ for seed in "${seeds[@]}"; do
   run bc rest --gin.run_rest.num_grow_steps=0
   extra+=(--gin.run_rest.bc_run="'$dir/s$seed/bc'")
   run rest rest
-  run dpo rest --gin_file=runs/dpo.gin --gin.improve/learning_rate_schedule.base_learning_rate="${DPO_LR:-2e-5}"
+  run dpo rest --gin_file=runs/dpo.gin --gin.improve/learning_rate_schedule.base_learning_rate="${DPO_LR:-2e-5}" \
+    --gin.improve_step.patience=3
   for algorithm in grpo ppo; do
     extra=(--gin.online.seed="$seed" --gin.online.bc_run="'$dir/s$seed/bc'" "$@")
     run "$algorithm" online --gin_file=runs/$algorithm.gin
