@@ -372,6 +372,30 @@ def test_improve_learning_rate_scope_overrides_bc_schedule(tmp_path, mesh, polic
     assert float(optim.learning_rate_schedule()(0)) == pytest.approx(0.01)  # outside the scope: BC's
 
 
+def test_improve_logs_the_filter_value_only_when_the_filter_has_one(policy_params, mesh, tmp_path):
+    # A NaN filter_value (filter 'none', DPO's) made tensorboardX print "NaN or Inf found in input tensor".
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (TensorFlow's own event reader)
+
+    data = _grow_data(np.linspace(0.1, 0.9, 8), seed=5)
+    policy = policy_lib.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    logged = {}
+    for method in ("none", "threshold"):
+        out = tmp_path / method
+        _, result = improve.improve_step(
+            policy, improve_data.GrowData.from_columns(data), str(out), 1, (["abc"], ["abc"]),
+            reward=rewards.get("chrf"), num_steps=1, eval_period=1, batch_size=8, feature_lengths=LENGTHS, mesh=mesh,
+            filter_method=method)
+        events = [e for f in out.glob("improve/events.out.tfevents.*")
+                  for e in tf.compat.v1.train.summary_iterator(str(f))]
+        logged[method] = {v.tag: v.simple_value for e in events for v in e.summary.value
+                          if v.WhichOneof("value") == "simple_value"}
+        assert not [tag for tag, value in logged[method].items() if not math.isfinite(value)], logged[method]
+        assert logged[method]["kept_fraction"] == pytest.approx(result["filter"]["kept_fraction"])
+        if method == "threshold":
+            assert logged[method]["filter_value"] == pytest.approx(result["filter"]["value"])
+    assert "filter_value" not in logged["none"]
+
+
 def test_gold_takes_p_mle_from_the_frozen_bc_policy(policy_params):
     # GOLD's per-token reward is the BC (MLE) model's probability at every Grow step: from Grow 2 on the store's
     # behaviour log-probs are a ReST policy's (and at the sampling temperature), so they must not be used.
