@@ -586,7 +586,7 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
                "starting policy is intact and rerunning the same command restarts this stage from it")
     with metrics_lib.MetricWriter(out_dir, "improve") as writer, \
             trainer.error_advice(memory_knobs=MEMORY_KNOBS, last_checkpoint=lambda: restart):
-        # A filter without a value (none, top_k) logs no filter_value: a NaN point makes tensorboardX warn
+        # A filter without a value (none) logs no filter_value: a NaN point makes tensorboardX warn
         # "NaN or Inf found in input tensor" on the user's console.
         value = {} if fres.value is None else {"filter_value": float(fres.value)}
         writer.write_scalars(0, {"validation_reward": initial, "kept_fraction": fres.kept_fraction,
