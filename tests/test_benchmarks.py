@@ -26,10 +26,10 @@ TINY = {
     "multiprocess_benchmark.py": "--shape tiny --layouts 1x2,2x1 --sources 4 --samples 2 --length 8 --batch 4 "
                                  "--steps 2",
 }
-# Scripts covered elsewhere or needing inputs a test cannot make cheaply.
+# Scripts covered elsewhere: their own test below, or another test file.
 NOT_HERE = {
     "improve_memory_benchmark.py": "tests/test_improve_memory.py runs its measurement",
-    "improve_stage_benchmark.py": "needs a finished `rest` run's Grow store (RUN_DIR)",
+    "improve_stage_benchmark.py": "test_improve_stage_benchmark_runs_on_a_finished_run (needs a run's Grow store)",
 }
 
 
@@ -59,10 +59,21 @@ def test_every_benchmark_script_is_run_here():
 
 @pytest.mark.slow  # minutes each: the slow suite keeps the benchmarks runnable
 @pytest.mark.parametrize("command", _commands(), ids=lambda c: " ".join(shlex.split(c)[1:]))
-def test_benchmark_command_runs(command, tmp_path):
-    argv = shlex.split(command)
+def test_benchmark_command_runs(command):
+    _run_ok(shlex.split(command)[1:])
+
+
+@pytest.mark.slow
+def test_improve_stage_benchmark_runs_on_a_finished_run(tmp_path):
+    from rest_jax import inspection  # pylint: disable=import-outside-toplevel
+
+    run_dir = inspection.make_tiny_run(tmp_path / "run")
+    _run_ok(["benchmarks/improve_stage_benchmark.py", run_dir, "--steps", "4"])
+
+
+def _run_ok(args: list[str]) -> None:
+    """Runs a benchmark script from the repository root; it must exit 0 and print a table."""
     env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=1800,
-                          env=env)
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "|---" in proc.stdout or "| ---" in proc.stdout, proc.stdout[-2000:]
