@@ -465,7 +465,6 @@ def test_subcommand_importing_late_modules_runs_after_gin_is_locked(tmp_path):
     assert [float(x) for x in (tmp_path / "out.txt").read_text().split()] == pytest.approx(expected, abs=1e-6)
 
 
-
 # One process configures each case in turn (a subprocess per case cost ~10 s of imports each).
 _STEP_LENGTHS = """
 import json, sys
