@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,14 +146,18 @@ def test_rest_loop_end_to_end_and_kill_resume(tmp_path, tiny_run):
 
 def test_control_continues_bc_on_the_original_data(tmp_path, tiny_run):
     """`run_rest.control`: the Improve steps of ReST on D instead of a Grow store, from a shared BC (bc_run:
-    the tiny ReST run's)."""
-    demo, bc_run, control = tiny_run.parent / "demo", tiny_run, tmp_path / "control"
+    a copy of the tiny ReST run's, as when a run is copied from gs:// to a workstation or was made with a
+    MODEL_DIR relative to another directory: its stage.json paths name the original, which must not be read)."""
+    demo, control = tiny_run.parent / "demo", tmp_path / "control"
+    bc_run = tmp_path / "copied" / "run"
+    shutil.copytree(tiny_run / "bc", bc_run / "bc")
+    shutil.copytree(tiny_run / "vocab", bc_run / "vocab")
     argv = _command(control, demo) + ["--gin.run_rest.control=True", f"--gin.run_rest.bc_run='{bc_run}'",
                                       "--gin.run_rest.best_of_n_ns=()"]
     proc = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((control / "report.json").read_text())
-    bc = json.loads((bc_run / "report.json").read_text())
+    bc = json.loads((tiny_run / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["BC G=0 I=0", "Control G=1 I=0", "Control G=1 I=1"]
     assert report["rows"][0] == bc["rows"][0]  # the shared BC, not a new one
     assert not (control / "bc").exists() and not (control / "grow_1" / "store").exists()
