@@ -79,8 +79,7 @@ def worker_stage(gin_files: list[str], bindings: list[str], steps: int, log_peri
 def worker_step(gin_files: list[str], bindings: list[str], steps: int, work_dir: str) -> dict:
     import jax  # pylint: disable=import-outside-toplevel
 
-    from rest_jax import gin_utils, optim, partitioning, trainer  # pylint: disable=import-outside-toplevel
-    from rest_jax import policy as policy_lib  # pylint: disable=import-outside-toplevel
+    from rest_jax import gin_utils, losses, optim, partitioning, trainer  # pylint: disable=import-outside-toplevel
     from rest_jax import rest  # pylint: disable=import-outside-toplevel
     from rest_jax import train as train_lib  # pylint: disable=import-outside-toplevel
 
@@ -94,7 +93,7 @@ def worker_step(gin_files: list[str], bindings: list[str], steps: int, work_dir:
     part = partitioning.Partitioner.create(None)
     model, optimizer = t5.build_model(), optim.create_optimizer()
     state, shardings = trainer.init_train_state(model, optimizer, jax.random.key(0), part.mesh, part.rules)
-    step = trainer.make_train_step(optimizer, policy_lib.make_loss_fn(model), mesh=part.mesh, rules=part.rules,
+    step = trainer.make_train_step(optimizer, losses.make_loss_fn(model), mesh=part.mesh, rules=part.rules,
                                    state_shardings=shardings)
     host = next(pipeline.get_batches(task, "train", batch_size=gin_utils.bound_setting("train.batch_size", train_lib.train),
                                      feature_lengths=lengths, shuffle=True, seed=0, repeat=True,

@@ -33,7 +33,7 @@ def child(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
-    from rest_jax import decoding, grow, optim, trainer
+    from rest_jax import decoding, grow, losses, optim, trainer
     from rest_jax import policy as policy_lib
     from rest_jax.data import demo_corpus
     from rest_jax.data import vocab as vocab_lib
@@ -78,7 +78,7 @@ def child(args: argparse.Namespace) -> None:
     opt = optim.create_optimizer(lambda learning_rate: optim.adamw(learning_rate),
                                  schedule=optim.learning_rate_schedule("constant", 1e-4, 0))
     state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), part.mesh, part.rules)
-    step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model), mesh=part.mesh, rules=part.rules,
+    step = trainer.make_train_step(opt, losses.make_loss_fn(model), mesh=part.mesh, rules=part.rules,
                                  state_shardings=shardings)
     for _ in range(2):
         state, metrics = step(state, device_batch)

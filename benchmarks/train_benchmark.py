@@ -77,11 +77,10 @@ def _batch(vocab: int, batch: int, src: int, tgt: int):
 def adamw_step(model, host_batch: dict, loss_fn=None):
     """(train state, jitted AdamW step, the batch on the device) of `model` on one CPU device: this benchmark's
     optimizer (lr 1e-4 constant, weight decay on every parameter) and `loss_fn` (default: plain cross entropy of
-    an encoder-decoder batch, `policy.make_loss_fn`)."""
+    an encoder-decoder batch, `losses.make_loss_fn`)."""
     import jax
 
-    from rest_jax import optim, partitioning, trainer
-    from rest_jax import policy as policy_lib
+    from rest_jax import losses, optim, partitioning, trainer
 
     mesh = partitioning.create_mesh((1, 1), devices=jax.devices()[:1])
     rules = partitioning.standard_logical_axis_rules()
@@ -89,7 +88,7 @@ def adamw_step(model, host_batch: dict, loss_fn=None):
         lambda learning_rate: optim.adamw(learning_rate, eps=EPS, weight_decay=WEIGHT_DECAY, decay_matrices_only=False),
         schedule=optim.learning_rate_schedule("constant", LR, 0))
     state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), mesh, rules)
-    loss_fn = loss_fn or policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0)
+    loss_fn = loss_fn or losses.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0)
     step = trainer.make_train_step(opt, loss_fn, mesh=mesh,
                                    rules=rules, state_shardings=shardings)
     return state, step, partitioning.shard_batch(host_batch, mesh, rules)
@@ -223,11 +222,14 @@ def worker_peak(size: int = 2048, reps: int = 5) -> dict:
             "peak_gflops": max(best_jax, best_torch) / 1e9}
 
 
-def _run_worker(args: list[str], threads: int | None = None, script: str = __file__) -> dict:
+def _run_worker(args: list[str], threads: int | None = None, script: str = __file__,
+                accelerator: bool = False) -> dict:
     """Runs `script --worker ARGS` (a measurement) in a fresh process and returns the dict it prints;
-    `threads` caps the framework's intra-op threads."""
+    `threads` caps the framework's intra-op threads. The worker sees no GPU unless `accelerator`."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if not accelerator:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env.pop("XLA_FLAGS", None)  # one CPU device (no simulated devices)
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), BENCH_THREADS=str(threads))

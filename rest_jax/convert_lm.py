@@ -28,6 +28,7 @@ from etils import epath
 from rest_jax import convert
 from rest_jax import tree as tree_lib
 from rest_jax.data import vocab as vocab_lib
+from rest_jax.data.special_tokens import EOS_ID, PAD_ID
 from rest_jax.model.decoder_only import DecoderOnlyConfig
 
 Params = dict[str, Any]
@@ -240,9 +241,9 @@ def save_hf_folder(config: DecoderOnlyConfig, params: Mapping[str, Any], path: s
                              "folder is expected).")
         vocab = vocab_lib.HuggingFaceVocabulary(vocab_path)
         hf_ids = np.asarray(vocab.hf_ids)
-        token_ids = {"pad_token_id": int(hf_ids[0]), "eos_token_id": int(hf_ids[vocab_lib.EOS_ID]),
+        token_ids = {"pad_token_id": int(hf_ids[0]), "eos_token_id": int(hf_ids[EOS_ID]),
                      "bos_token_id": int(hf_ids[vocab.prompt_start_id])
-                     if vocab.prompt_start_id != vocab_lib.PAD_ID else None}
+                     if vocab.prompt_start_id != PAD_ID else None}
         folder = epath.Path(vocab_path)
         files = tuple(folder / name for name in convert.HF_TOKENIZER_FILES if (folder / name).exists())
     return convert.write_hf_folder(path, hf_config_dict(config, token_ids), params_to_hf(config, params, hf_ids),

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rest_jax.data.vocab import EOS_ID, PAD_ID
+from rest_jax.data.special_tokens import EOS_ID, PAD_ID
 from rest_jax.model.decoder_only import DecoderOnly, DecoderOnlyConfig
 from rest_jax.model.t5 import T5Config, Transformer
 from rest_jax.model.translation_lm import TranslationLM

@@ -34,7 +34,7 @@ from rest_jax import filters as filters_lib
 from rest_jax import partitioning
 from rest_jax import policy as policy_lib
 from rest_jax.data import grow_store as store_lib
-from rest_jax.data.vocab import EOS_ID
+from rest_jax.data.special_tokens import EOS_ID
 
 Batch = dict[str, np.ndarray]
 Columns = dict[str, np.ndarray]

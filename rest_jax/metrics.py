@@ -429,17 +429,19 @@ PEAK_FLOPS = (
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of a jitted size^3 matmul in `dtype` (float32 accumulation) on the host's CPU: its peak.
+def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 3,
+                         backend: str = "cpu") -> float:
+    """FLOP/s of a jitted size^3 matmul in `dtype` (float32 accumulation) on the first device of `backend`.
 
-    Measured once per process and dtype (under a second, compilation included). A CPU's peak is not on a spec
-    sheet (it depends on the cores this process may use and on AVX512-BF16/AMX), so the stage summaries compare
-    with this instead.
+    Measured once per process, dtype and size (under a second on a CPU, compilation included). A CPU's peak is
+    not on a spec sheet (it depends on the cores this process may use and on AVX512-BF16/AMX), so the stage
+    summaries compare with this instead; on an accelerator the benchmarks print it beside the spec sheet's
+    (`peak_flops_per_device`), with a size large enough to fill the chip (e.g. 8192).
     """
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-    device = jax.local_devices(backend="cpu")[0]
+    device = jax.local_devices(backend=backend)[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)
     dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     dot(a, a).block_until_ready()

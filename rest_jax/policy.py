@@ -3,7 +3,7 @@
 One object for what every stage does with the model: Grow samples from it and scores the references under it
 (`generate`, `score`), Improve fine-tunes it (`replace` with the trained parameters; its losses call the same
 network, plus the value heads of `rest_jax.model.heads`), evaluation and best-of-N decode with it (`generate`).
-BC's loss on the network is `make_loss_fn` here; parameters are initialised by `trainer.init_train_state`,
+BC's loss on the network is `losses.make_loss_fn`; parameters are initialised by `trainer.init_train_state`,
 directly in their shards (a policy too large for one device is never whole on one).
 
     policy = load_policy(checkpoint, vocabulary)          # the gin model, a checkpoint's parameters
@@ -21,19 +21,16 @@ from typing import Any
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rest_jax import checkpoints
 from rest_jax import convert
 from rest_jax import decoding
-from rest_jax import losses
 from rest_jax import metrics as metrics_lib
 from rest_jax import partitioning
-from rest_jax import trainer
 from rest_jax.data import prompts
 from rest_jax.data import vocab as vocab_lib
-from rest_jax.data.vocab import EOS_ID
+from rest_jax.data.special_tokens import EOS_ID
 from rest_jax.model import decoder_only
 from rest_jax.model import t5
 from rest_jax.model import translation_lm
@@ -105,42 +102,6 @@ def check_prompt(model: nn.Module, metadata: Mapping[str, Any], checkpoint: str)
 def init_params(model: nn.Module, rng: jax.Array) -> PyTree:
     """Boxed (logically partitioned) parameters of a network of `build_network`."""
     return t5.init_params(model, rng)
-
-
-def teacher_forced_logits(model: nn.Module, params: PyTree, batch: trainer.Batch,
-                          rng: jax.Array | None = None) -> jax.Array:
-    """Logits [b, t, vocab] of a T5X-style batch for either family (dropout when `rng` is given)."""
-    return model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                       encoder_segment_ids=batch.get("encoder_segment_ids"),
-                       decoder_segment_ids=batch.get("decoder_segment_ids"), enable_dropout=rng is not None,
-                       rngs=None if rng is None else {"dropout": rng})
-
-
-@gin.configurable(denylist=["model"])
-def make_loss_fn(model: nn.Module, label_smoothing: float = 0.0, z_loss: float = 1e-4) -> trainer.LossFn:
-    """Token-level NLL (behaviour cloning, ReST Sec. 2) normalised per target token.
-
-    Args:
-      model: A network of `build_network` (either family).
-      label_smoothing: Mass spread over the other tokens (T5X convention: a perfect prediction of the
-        smoothed target costs 0).
-      z_loss: Coefficient of log(Z)^2, which keeps the softmax normaliser near 1 (T5X default 1e-4).
-
-    Returns:
-      `loss_fn(params, batch, rng) -> (loss, aux)`, aux holding z_loss, accuracy and num_tokens.
-    """
-    def loss_fn(params: PyTree, batch: trainer.Batch, rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        logits = teacher_forced_logits(model, params, batch, rng)
-        targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-        total, total_z, num_tokens = losses.cross_entropy_loss(logits, targets, weights, label_smoothing, z_loss)
-        denom = jnp.maximum(num_tokens, 1.0)
-        # "Target logit is the largest" rather than argmax: the same except for exact ties, and XLA CPU
-        # lowers argmax over a 32k vocabulary to a slow (value, index) reduction (~5% of a step).
-        target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        correct = jnp.sum((target_logits >= jnp.max(logits, axis=-1)) * weights)
-        return total / denom, {"z_loss": total_z / denom, "accuracy": correct / denom, "num_tokens": num_tokens}
-
-    return loss_fn
 
 
 def tokenize(vocab: Any, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:

@@ -20,6 +20,7 @@ import jax
 from jax.sharding import Mesh
 
 from rest_jax import checkpoints as ckpt_lib
+from rest_jax import losses
 from rest_jax import metrics as metrics_lib
 from rest_jax import optim
 from rest_jax import partitioning
@@ -99,7 +100,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
       seed: Seeds parameter init, data order and dropout.
       optimizer: Default `optim.create_optimizer()` (gin-configured).
       mesh: Default `partitioning.create_mesh()` (gin-configured).
-      loss_fn: Default `policy.make_loss_fn(model)` (gin: label smoothing, z-loss).
+      loss_fn: Default `losses.make_loss_fn(model)` (gin: label smoothing, z-loss).
       eval_callbacks: Extra evaluations run with the validation loss, each called as
         `cb(model=..., params=..., step=..., mesh=..., model_dir=...) -> {name: value}`, e.g. BLEU/chrF
         from `rest_jax.evaluate` configured in gin.
@@ -154,7 +155,7 @@ def train(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, train_split: 
                                    shuffle=shuffle, seed=seed, start_step=start, repeat=True, pack=pack,
                                    shard_index=shard_index, num_shards=num_shards)
     shard_fn = lambda b: partitioning.shard_batch(trainer.token_features(b), mesh, rules)  # noqa: E731
-    loss_fn = loss_fn if loss_fn is not None else policy_lib.make_loss_fn(model)
+    loss_fn = loss_fn if loss_fn is not None else losses.make_loss_fn(model)
     train_step = trainer.make_train_step(optimizer, loss_fn, mesh=mesh, rules=rules, state_shardings=shardings,
                                          dropout_seed=seed)
 

@@ -6,6 +6,7 @@ benchmark failed with a KeyError for a day after the policy layer changed. Figur
 in the benchmarks' own output); each run must exit 0 and print its result table.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -69,6 +70,71 @@ def test_improve_stage_benchmark_runs_on_a_finished_run(tmp_path):
 
     run_dir = inspection.make_tiny_run(tmp_path / "run")
     _run_ok(["benchmarks/improve_stage_benchmark.py", run_dir, "--steps", "4"])
+
+
+# An accelerator image (the device tool's: jax, flax, optax, orbax, torch, no TensorFlow) lacks these; the
+# model, the sampler and the train step must import without them (the vocabularies and data need them).
+NOT_ON_ACCELERATOR_IMAGE = ("tensorflow", "seqio", "tensorflow_datasets")
+_BLOCKER = f"""import sys
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {NOT_ON_ACCELERATOR_IMAGE!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not on the accelerator image)", name=name)
+        return None
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def _without_tensorflow(tmp_path: pathlib.Path) -> dict:
+    """An environment whose Python processes (and their subprocesses) cannot import NOT_ON_ACCELERATOR_IMAGE."""
+    site = tmp_path / "no_tensorflow"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOCKER)
+    return dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def test_model_sampler_and_train_step_import_without_tensorflow(tmp_path):
+    env = _without_tensorflow(tmp_path)
+    modules = ["rest_jax.model.t5", "rest_jax.model.decoder_only", "rest_jax.decoding", "rest_jax.losses",
+               "rest_jax.optim", "rest_jax.partitioning", "rest_jax.trainer", "rest_jax.metrics"]
+    code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The blocker works: the vocabularies (seqio) do not import.
+    proc = subprocess.run([sys.executable, "-c", "import rest_jax.data.vocab"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "not on the accelerator image" in proc.stderr
+
+
+def test_dtype_benchmark_table_gives_mfu_over_the_spec_sheet_on_an_accelerator():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import dtype_benchmark  # pylint: disable=import-outside-toplevel
+    finally:
+        sys.path.pop(0)
+    rows = [{"stage": "Grow", "impl": "rest_jax", "dtype": dtype, "tokens_per_s": tokens, "gflops_per_s": gflops,
+             "of_peak": 0.5, "peak_rss_mb": 2000.0, "device_peak_mb": 512.0}
+            for dtype, tokens, gflops in (("float32", 1000.0, 98.9), ("bfloat16", 2000.0, 197.8))]
+    lines = dtype_benchmark.table(rows, spec_peak=989.0).splitlines()
+    assert "MFU (bf16 spec) | device peak MB" in lines[0] and lines[1].count("|") == lines[0].count("|")
+    # 98.9 / 989 = 10%, 197.8 / 989 = 20%; bfloat16 at twice float32's tokens/s.
+    assert lines[2].endswith("| 10.0% | 512 | 1.00x | - |") and lines[3].endswith("| 20.0% | 512 | 2.00x | - |")
+    assert "MFU" not in dtype_benchmark.table(rows, spec_peak=None)  # a CPU has no spec sheet
+
+
+@pytest.mark.slow
+def test_accelerator_check_runs_without_tensorflow(tmp_path):
+    """benchmarks/accelerator_check.sh, the prepared command for a lent GPU, at a tiny size on this CPU (JAX's
+    default device here) with TensorFlow and seqio hidden as on the accelerator image."""
+    env = dict(_without_tensorflow(tmp_path), PYTHON=sys.executable, OUT=str(tmp_path))
+    proc = subprocess.run(["bash", "benchmarks/accelerator_check.sh", "--shape", "tiny", "--repeats", "1",
+                           "--steps", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "accelerator_check.json").read_text())
+    assert [(r["stage"], r["dtype"]) for r in result["rows"]] == [
+        ("Grow", "float32"), ("Grow", "bfloat16"), ("Improve", "float32"), ("Improve", "bfloat16")]
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"]) and "|---" in proc.stdout
 
 
 def _run_ok(args: list[str]) -> None:

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 
 import test_convert_hf as hf_parity
-from rest_jax import convert, decoding, optim, partitioning, trainer
-from rest_jax import policy as policy_lib
+from rest_jax import convert, decoding, losses, optim, partitioning, trainer
 from rest_jax.model.t5 import T5Config, Transformer
 
 pytest.importorskip("torch")
@@ -106,7 +105,7 @@ def test_bfloat16_loss_and_gradient_are_near_float32():
         jax.random.key(0), batch["encoder_input_tokens"], batch["decoder_input_tokens"])["params"])
     results = {}
     for dtype in ("float32", "bfloat16"):
-        loss_fn = policy_lib.make_loss_fn(Transformer(_tiny(dtype)))
+        loss_fn = losses.make_loss_fn(Transformer(_tiny(dtype)))
         with jax.default_matmul_precision("float32"):
             (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
         results[dtype] = (float(loss), grads)
@@ -130,17 +129,17 @@ def test_bfloat16_training_keeps_float32_state_and_learns_like_float32():
         opt = optim.create_optimizer(lambda learning_rate: optim.adamw(learning_rate),
                                      schedule=optim.learning_rate_schedule("constant", 3e-3, 0))
         state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), mesh, rules)
-        step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model), mesh=mesh, rules=rules,
+        step = trainer.make_train_step(opt, losses.make_loss_fn(model), mesh=mesh, rules=rules,
                                        state_shardings=shardings)
         device_batch = partitioning.shard_batch(batch, mesh, rules)
-        losses = []
+        curve = []
         for _ in range(40):
             state, metrics = step(state, device_batch)
-            losses.append(float(metrics["loss"]))
+            curve.append(float(metrics["loss"]))
         dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
                   if jnp.issubdtype(x.dtype, jnp.floating)}
         assert dtypes == {jnp.dtype(jnp.float32)}, (dtype, dtypes)
-        curves[dtype] = np.asarray(losses)
+        curves[dtype] = np.asarray(curve)
     # Memorising one batch: both fall far, and bfloat16 tracks float32 step by step.
     assert curves["float32"][-1] < 0.5 * curves["float32"][0]
     np.testing.assert_allclose(curves["bfloat16"], curves["float32"], rtol=0.05)

@@ -15,6 +15,7 @@ from rest_jax import policy as policy_lib
 from rest_jax.data import grow_store
 from rest_jax.data import prompts
 from rest_jax.data import vocab as vocab_lib
+from rest_jax.data.special_tokens import EOS_ID
 from rest_jax.model import translation_lm
 
 torch = pytest.importorskip("torch")
@@ -49,7 +50,7 @@ def test_ids_are_renumbered_pad_zero_eos_one(tmp_path):
     text = "das haus ist klein ."
     ids = vocab.encode(text)
     assert vocab.to_hf(ids) == tok.encode(text, add_special_tokens=False).ids
-    assert vocab.decode(list(ids) + [vocab_lib.EOS_ID, 7, 8]) == tok.decode(tok.encode(text).ids)  # cut at EOS
+    assert vocab.decode(list(ids) + [EOS_ID, 7, 8]) == tok.decode(tok.encode(text).ids)  # cut at EOS
     np.testing.assert_array_equal(vocab.encode_tf(tf.constant(text)).numpy(), ids)
     assert vocab_lib.vocab_fingerprint(str(folder)) == vocab_lib.vocab_fingerprint(vocab)
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
@@ -208,7 +209,7 @@ def test_chat_prompts_are_what_transformers_apply_chat_template_makes(tmp_path):
                                       add_generation_prompt=True, tokenize=True)
     want = list(want["input_ids"] if isinstance(want, Mapping) else want)
     assert ours == want, (hf_tok.convert_ids_to_tokens(ours), hf_tok.convert_ids_to_tokens(want))
-    assert vocab.decode([vocab_lib.EOS_ID]) == ""  # the completion ends at the end-of-turn token, the EOS
+    assert vocab.decode([EOS_ID]) == ""  # the completion ends at the end-of-turn token, the EOS
     with pytest.raises(ValueError, match="chat = True too"):
         prompts.PromptFormat(system="be brief")
     plain = vocab_lib.load_vocabulary(str(_tokenizer_folder(tmp_path)[0]))
@@ -273,8 +274,8 @@ def test_add_prefix_space_makes_prompts_the_tokenizers_own_tokens_of_the_whole_t
     pairs = [("Das Haus ist klein.", "The house is small."), ("Katzen schlafen oft.", "Cats often sleep."),
              ("Ein Hund", "A dog")]
     for source, target in pairs:
-        src = np.asarray([vocab.encode(source) + [vocab_lib.EOS_ID]])
-        prompt, mask = translation_lm.prompt_tokens(src, before, after, vocab_lib.EOS_ID, vocab.prompt_start_id)
+        src = np.asarray([vocab.encode(source) + [EOS_ID]])
+        prompt, mask = translation_lm.prompt_tokens(src, before, after, EOS_ID, vocab.prompt_start_id)
         ids = [int(i) for i in np.asarray(prompt)[np.asarray(mask)]][1:] + list(vocab.encode(target))  # no BOS
         whole = f"Translate German to English.\nGerman: {source}\nEnglish: {target}"
         assert vocab.to_hf(ids) == tok.encode(whole).ids, (source, [tok.id_to_token(i) for i in vocab.to_hf(ids)])

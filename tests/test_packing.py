@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from rest_jax import improve, improve_data, losses, trainer
-from rest_jax import policy as policy_lib
 from rest_jax.model import t5
 
 CONFIG = t5.T5Config(vocab_size=50, emb_dim=32, num_heads=2, num_encoder_layers=2, num_decoder_layers=2,
@@ -78,7 +77,7 @@ def test_packed_logits_equal_each_example_alone(model_and_params):
 def test_packed_loss_sum_equals_unpacked(model_and_params):
     model, params = model_and_params
     examples = _examples(num=12, seed=1)
-    loss_fn = policy_lib.make_loss_fn(model, label_smoothing=0.1, z_loss=1e-4)
+    loss_fn = losses.make_loss_fn(model, label_smoothing=0.1, z_loss=1e-4)
     totals = {}
     for pack in (False, True):
         batch = _converted(examples, pack=pack)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rest_jax import decoding
+from rest_jax import losses
 from rest_jax import policy as policy_lib
 from rest_jax import tree as tree_lib
 from rest_jax.data import prompts
@@ -95,7 +96,7 @@ def test_logits_equal_the_plain_lm_on_each_row_alone(lm):
 
 def test_the_loss_covers_the_completion_only(lm):
     model, params = lm
-    loss, aux = policy_lib.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0)(params, _batch(), None)
+    loss, aux = losses.make_loss_fn(model, label_smoothing=0.0, z_loss=0.0)(params, _batch(), None)
     nll = 0.0
     for source, target in zip(SOURCES, TARGETS):
         alone = np.asarray(_alone(model, params, source, target))
@@ -281,7 +282,7 @@ def test_sharded_train_steps_match_one_device(lm, mesh_shape):
         opt = optim.create_optimizer(lambda learning_rate: optim.adamw(learning_rate),
                                      schedule=optim.learning_rate_schedule("constant", 1e-2, 0))
         state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), mesh, rules)
-        step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model), mesh=mesh, rules=rules,
+        step = trainer.make_train_step(opt, losses.make_loss_fn(model), mesh=mesh, rules=rules,
                                        state_shardings=shardings)
         losses_seen = []
         for _ in range(3):

@@ -16,8 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from rest_jax import checkpoints, optim, partitioning, train, trainer
-from rest_jax import policy as policy_lib
+from rest_jax import checkpoints, losses, optim, partitioning, train, trainer
 from rest_jax.model import t5
 
 # Dropout on: the per-step dropout keys are part of what resuming must reproduce.
@@ -58,7 +57,7 @@ def _compiled(config, mesh_shape, optimizer_kind, label_smoothing, z_loss):
     rules = partitioning.standard_logical_axis_rules()
     model = t5.Transformer(config)
     state, shardings = trainer.init_train_state(model, opt, jax.random.key(0), mesh, rules)
-    step = trainer.make_train_step(opt, policy_lib.make_loss_fn(model, label_smoothing=label_smoothing, z_loss=z_loss),
+    step = trainer.make_train_step(opt, losses.make_loss_fn(model, label_smoothing=label_smoothing, z_loss=z_loss),
                                  mesh=mesh, rules=rules, state_shardings=shardings, dropout_seed=0)
     shard = lambda b: partitioning.shard_batch(b, mesh, rules)  # noqa: E731
     return model, opt, state, shardings, step, shard

@@ -37,10 +37,10 @@ import tensorflow as tf
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 
+from rest_jax.data.special_tokens import EOS_ID, PAD_ID, UNK_ID
 from rest_jax.io import atomic
 
 
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 DEFAULT_MODEL_NAME = "sentencepiece.model"
 
 

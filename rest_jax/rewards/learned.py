@@ -33,7 +33,7 @@ import seqio
 from etils import epath
 
 from rest_jax import checkpoints as ckpt_lib
-from rest_jax.data import vocab as vocab_lib
+from rest_jax.data.special_tokens import EOS_ID
 from rest_jax.model import heads
 from rest_jax.model.t5 import T5Config
 from rest_jax.rewards.base import Reward, register
@@ -64,7 +64,7 @@ def encode_inputs(vocab: seqio.SentencePieceVocabulary, sources: Sequence[str], 
     refs = [None] * len(candidates) if references is None else references
     texts = [format_input(s, c, r) for s, c, r in zip(sources, candidates, refs)]
     ids = vocab.tokenizer.encode(texts, out_type=int)
-    return [list(row[:max_input_length - 1]) + [vocab_lib.EOS_ID] for row in ids]
+    return [list(row[:max_input_length - 1]) + [EOS_ID] for row in ids]
 
 
 # ----------------------------------------------------------------------------------------------- reward
