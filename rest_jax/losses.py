@@ -5,7 +5,8 @@ filtered Grow data: BC/NLL (the best, the default), GOLD, BVMPO and offline acto
 NLL (Singh et al. 2023) is a natural extra. Conventions are T5X's: logits [B, T, V] (float32 or wider),
 `decoder_target_tokens` [B, T] int, `decoder_loss_weights` [B, T] float, 0 on padding.
 
-`cross_entropy_loss` returns sums (T5X style) so the caller normalises per target token. The Improve losses
+`cross_entropy_loss` returns sums (T5X style) so the caller normalises per target token; `make_loss_fn` wraps it
+as BC's loss on a network for `trainer.make_train_step` (gin: label smoothing, z-loss). The Improve losses
 share one signature,
 
     loss_fn(batch, outputs, step=0) -> (scalar loss, metrics dict)
