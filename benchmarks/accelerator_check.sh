@@ -3,7 +3,7 @@
 # float32 and bfloat16 Grow and Improve on JAX's default device, with MFU over the chip's bf16 spec sheet,
 # the measured matmul peak and the device's peak memory (benchmarks/dtype_benchmark.py --accelerator).
 #   bash benchmarks/accelerator_check.sh                      # the IWSLT shape at the CPU table's sizes
-#   bash benchmarks/accelerator_check.sh --sources 256 --batch 512   # sizes that fill an H100 better
+#   bash benchmarks/accelerator_check.sh --sources 256 --batch 256   # sizes that fill a GPU better (the README's)
 # The model, sampler and train step import without TensorFlow or seqio (an accelerator image may lack them);
 # the two small pure-Python packages they do need travel as wheels in .whl/ when the machine lacks them
 # (benchmarks/README.md, "On an accelerator"). Results go to $OUT (the device tool's folder) or the current one.
