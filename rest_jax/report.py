@@ -2,7 +2,10 @@
 
 A stage (BC, a Grow step, an Improve step) is finished when its `stage.json` exists; it is written
 atomically last, so a killed run is resumed by rerunning the same command (ReST's stages communicate only
-through files, see ARCHITECTURE.md).
+through files, see ARCHITECTURE.md). Paths under the stage's own directory (its checkpoint, translations,
+Grow store) are read back under the directory the stage is read from, not as written: a run whose MODEL_DIR
+was relative may be resumed from another working directory, and a run copied elsewhere (gs:// to a
+workstation) must not go on reading the original.
 """
 
 from __future__ import annotations
@@ -20,14 +23,42 @@ from rest_jax.io import atomic
 STAGE_FILE = "stage.json"
 
 
+STAGE_DIR_KEY = "stage_dir"  # where finish_stage wrote the stage, so that stage_result can relocate its paths
+
+
 def stage_result(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The recorded result of a finished stage, or None if it has not finished."""
+    """The recorded result of a finished stage, or None if it has not finished.
+
+    Every path it recorded under its own directory is returned under `stage_dir` as given now. A stage.json
+    written before the directory was recorded gets it from its checkpoint (`<stage_dir>/checkpoints`).
+    """
     path = epath.Path(stage_dir) / STAGE_FILE
-    return atomic.read_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    result = atomic.read_json(path)
+    recorded = result.get(STAGE_DIR_KEY)
+    checkpoint = result.get("checkpoint")
+    if recorded is None and isinstance(checkpoint, str) and os.path.basename(checkpoint) == "checkpoints":
+        recorded = os.path.dirname(checkpoint)
+    if recorded is None:
+        return result
+    recorded, here = recorded.rstrip("/"), os.fspath(stage_dir).rstrip("/")
+
+    def relocated(value: Any) -> Any:
+        if isinstance(value, str) and (value == recorded or value.startswith(recorded + "/")):
+            return here + value[len(recorded):]
+        if isinstance(value, dict):
+            return {k: relocated(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [relocated(v) for v in value]
+        return value
+
+    return relocated(result)
 
 
 def finish_stage(stage_dir: str | os.PathLike, result: Mapping[str, Any]) -> dict[str, Any]:
-    result = dict(result)
+    """Marks the stage finished with `result` (and its directory, see `stage_result`); returns the result."""
+    result = dict(result, **{STAGE_DIR_KEY: os.fspath(stage_dir)})
     atomic.write_json(epath.Path(stage_dir) / STAGE_FILE, result)
     return result
 

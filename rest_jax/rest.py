@@ -184,17 +184,12 @@ def behaviour_cloning(run_dir: str, task: str, *, lengths: Mapping[str, int], se
                       scores: Callable[[policy_lib.Policy, str], dict[str, Any]]) -> dict[str, Any]:
     """"BC G=0 I=0" (ReST Sec. 2): the stage result of `<run_dir>/bc`, trained and scored unless finished.
 
-    A finished BC's paths (checkpoint, translations) are those under `<run_dir>/bc` as given now, not as its
-    stage.json wrote them: a BC shared through `bc_run` may have been trained with a MODEL_DIR relative to
+    A finished BC's paths (checkpoint, translations) are read under `<run_dir>/bc` as given now
+    (`report.stage_result`): a BC shared through `bc_run` may have been trained with a MODEL_DIR relative to
     another working directory, or copied elsewhere (e.g. from gs:// to a workstation)."""
     bc_dir = os.path.join(run_dir, "bc")
     bc = report.stage_result(bc_dir)
-    if bc is not None:
-        bc["checkpoint"] = os.path.join(bc_dir, "checkpoints")
-        for split, split_scores in bc["scores"].items():
-            if "translations" in split_scores:
-                split_scores["translations"] = os.path.join(bc_dir, f"{split}.greedy.txt")
-    else:
+    if bc is None:
         console.logger.info("Behaviour cloning in %s", bc_dir)
         started = time.perf_counter()
         train_lib.train(model_dir=bc_dir, task=task, feature_lengths=dict(lengths), seed=seed)

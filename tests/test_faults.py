@@ -271,13 +271,13 @@ def test_stage_markers_and_reports_are_atomic(tmp_path, monkeypatch):
     (stage / ".stage.json.tmp-4242").write_text(json.dumps({"name": "Grow 1"}))
     assert report.stage_result(stage) is None
     report.finish_stage(stage, {"name": "Grow 1", "store": "s"})
-    assert report.stage_result(stage) == {"name": "Grow 1", "store": "s"}
+    assert report.stage_result(stage) == {"name": "Grow 1", "store": "s", "stage_dir": str(stage)}
     # A stage redone after a kill (outputs written, marker not yet) rewrites its files in place.
     atomic.write_text(stage / "validation.greedy.txt", "a\n")
     atomic.write_text(stage / "validation.greedy.txt", "b\n")
     report.finish_stage(stage, {"name": "Grow 1", "store": "t"})
     assert (stage / "validation.greedy.txt").read_text() == "b\n"
-    assert report.stage_result(stage) == {"name": "Grow 1", "store": "t"}
+    assert report.stage_result(stage) == {"name": "Grow 1", "store": "t", "stage_dir": str(stage)}
 
     # A truncated marker (copied partly; our own writes cannot leave one) is an error naming the file.
     (stage / "stage.json").write_text('{"name": "Gro')

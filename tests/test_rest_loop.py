@@ -144,6 +144,28 @@ def test_rest_loop_end_to_end_and_kill_resume(tmp_path, tiny_run):
     assert "sample reward" in (plain / "report.md").read_text() and "**oracle**" in (plain / "report.md").read_text()
 
 
+def test_a_copied_run_resumes_from_the_copy(tmp_path, tiny_run):
+    """A run copied elsewhere (gs:// to a workstation) and resumed there with a MODEL_DIR relative to another
+    working directory: its stages' recorded paths (checkpoints, translations) name the original, which must
+    not be read; the last Improve step, redone, starts from the copy's previous one."""
+    copy = tmp_path / "copied" / "run"
+    shutil.copytree(tiny_run, copy)
+    shutil.rmtree(copy / "grow_1" / "improve_1")
+    (copy / "report.json").unlink()
+    command = [a if not a.startswith("--gin.MODEL_DIR=") else "--gin.MODEL_DIR='copied/run'"
+               for a in _command(copy, tiny_run.parent / "demo")]
+    proc = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = json.loads((copy / "report.json").read_text())
+    redone = json.loads((copy / "grow_1" / "improve_1" / "stage.json").read_text())
+    assert redone["start"] == os.path.join("copied", "run", "grow_1", "improve_0", "checkpoints")
+    for stage in resumed["stages"]:
+        paths = [stage["checkpoint"]] + [s["translations"] for s in stage["scores"].values() if "translations" in s]
+        assert all(p.startswith(os.path.join("copied", "run") + os.sep) for p in paths), paths
+    # The same stages from the same files: the same report as the original run's.
+    assert resumed["rows"] == json.loads((tiny_run / "report.json").read_text())["rows"]
+
+
 def test_control_continues_bc_on_the_original_data(tmp_path, tiny_run):
     """`run_rest.control`: the Improve steps of ReST on D instead of a Grow store, from a shared BC (bc_run:
     a copy of the tiny ReST run's, as when a run is copied from gs:// to a workstation or was made with a
