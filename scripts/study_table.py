@@ -20,13 +20,16 @@ import re
 import sys
 from typing import Any
 
+from rest_jax import inspection
 from rest_jax import rewards as rewards_lib
 from rest_jax import significance
 
 
-def _stages(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The report's stages but BC by their "G=g I=i"."""
-    return {r["name"].split(" ", 1)[1]: r for r in report["stages"] if not r["name"].startswith("BC")}
+def _stages(run_dir: pathlib.Path) -> dict[str, dict[str, Any]]:
+    """The run's finished Improve stages by their "G=g I=i", read from the run directory (paths under it, so the
+    study may have been copied or run from another working directory)."""
+    return {f"G={s.grow} I={s.improve}": dict(s.result, name=s.name) for s in inspection.list_stages(run_dir)
+            if s.kind == "improve" and s.finished}
 
 
 def _lines(path: str | pathlib.Path) -> list[str]:
@@ -38,8 +41,7 @@ def _translations(stage: dict[str, Any], split: str, references: list[str]) -> l
     """The stage's translations of the first sentences of the split (a report scores the first n)."""
     path = pathlib.Path(stage["scores"][split]["translations"])
     if not path.exists():
-        raise SystemExit(f"study_table: {path} (the translations of {stage['name']}) is missing; run the script "
-                         "from the directory the study ran in.")
+        raise SystemExit(f"study_table: {path} (the translations of {stage['name']}) is missing.")
     hyps = _lines(path)
     if len(hyps) > len(references):
         raise SystemExit(f"study_table: {path} holds {len(hyps)} translations, --references {len(references)}.")
@@ -67,7 +69,7 @@ def sentence_bootstrap(seed_dirs: list[pathlib.Path], row: str, baseline: str, r
             return hyps, rewards_lib.score_pairs(reward, srcs[:n], hyps, references[:n] if reward.needs_reference
                                                  else None)
 
-        stages_a, stages_b = _stages(a), _stages(b)
+        stages_a, stages_b = _stages(seed_dir / row), _stages(seed_dir / baseline)
         for stage in (s for s in stages_a if s in stages_b):
             (hyps_b, rewards_b), (hyps_a, rewards_a) = scored(stages_b[stage]), scored(stages_a[stage])
             diffs = significance.compare(hyps_b, hyps_a, references[:len(hyps_a)], rewards_b, rewards_a,

@@ -25,17 +25,22 @@ HYPS = {  # (row, stage) -> translations of the six sentences
 
 
 def _study(tmp_path):
+    """Two rows of seed 0, as the study leaves them, but with stage.json paths that name where the study ran
+    (another machine): the script must read each stage under the run directory it is given."""
     for row in ("base", "new"):
         run = tmp_path / "study" / "s0" / row
-        run.mkdir(parents=True)
-        stages, rows = [], [{"name": "BC G=0 I=0", "reward": 0.5, "bleu": 30.0, "chrf": 50.0}]
+        rows = [{"name": "BC G=0 I=0", "reward": 0.5, "bleu": 30.0, "chrf": 50.0}]
         for stage in ("G=1 I=0", "G=1 I=1"):
-            path = run / f"{stage.replace(' ', '_')}.test.greedy.txt"
-            path.write_text("".join(h + "\n" for h in HYPS[row, stage]))
-            stages.append({"name": f"ReST {stage}", "scores": {"test": {"translations": str(path)}}})
+            i = stage[-1]
+            stage_dir = run / "grow_1" / f"improve_{i}"
+            stage_dir.mkdir(parents=True)
+            (stage_dir / "test.greedy.txt").write_text("".join(h + "\n" for h in HYPS[row, stage]))
+            elsewhere = f"/elsewhere/s0/{row}/grow_1/improve_{i}"
+            (stage_dir / "stage.json").write_text(json.dumps({
+                "name": f"ReST {stage}", "stage_dir": elsewhere, "checkpoint": f"{elsewhere}/checkpoints",
+                "scores": {"test": {"translations": f"{elsewhere}/test.greedy.txt"}}}))
             rows.append({"name": f"ReST {stage}", "reward": 0.6, "bleu": 31.0, "chrf": 51.0})
-        (run / "report.json").write_text(json.dumps({"split": "test", "reward": "chrf", "rows": rows,
-                                                     "stages": [{"name": "BC G=0 I=0"}, *stages]}))
+        (run / "report.json").write_text(json.dumps({"split": "test", "reward": "chrf", "rows": rows}))
     refs = tmp_path / "refs.txt"
     refs.write_text("".join(r + "\n" for r in REFS + ["a sentence the report did not score ."]))
     return tmp_path / "study", refs
