@@ -31,6 +31,7 @@ import gin
 import numpy as np
 from etils import epath
 
+from rest_jax import configurables
 from rest_jax import gin_utils
 from rest_jax import policy as policy_lib
 from rest_jax import report
@@ -240,9 +241,7 @@ def load_run_config(run_dir: str | os.PathLike, bindings: Sequence[str] = ()) ->
     Returns:
       The path of the parsed config file.
     """
-    # Importing the ReST loop registers every configurable its config may bind.
-    from rest_jax import rest  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-
+    configurables.register()  # what the config may bind: any command's settings (experiment files set several)
     global _LOADED_RUN
     path = config_path(run_dir)
     extra = [gin_utils.Binding(b, f"load_run_config(bindings=[{b!r}])") for b in bindings]

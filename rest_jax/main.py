@@ -6,7 +6,7 @@
     rest_jax launch --num_processes=2 --devices_per_process=4 -- rest ...   # P local processes (launch.py)
 
 Each subcommand calls one gin-configurable entry function with no arguments; every setting comes from
-gin (the T5X habit).  Order of events: import every module with configurables (`CONFIGURABLE_MODULES`), parse
+gin (the T5X habit).  Order of events: import every module with configurables (`rest_jax.configurables`), parse
 the subcommand's run config `configs/runs/<subcommand>.gin` when it exists (train also
 accepts runs/pretrain.gin, eval runs/evaluate.gin; --no_run_config skips it), then each --gin_file, then the
 bindings (--model_dir, --gin_bindings, --gin.KEY=VALUE, in that order, later wins), validate (unbound or
@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 # TensorFlow (used by SeqIO for data only) logs device probing at start-up; keep the console for the run.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from rest_jax import configurables  # noqa: E402
 from rest_jax import gin_utils  # noqa: E402
 from rest_jax import rerun  # noqa: E402
 from rest_jax.gin_utils import Binding, GinConfigError  # noqa: E402
@@ -318,36 +319,6 @@ def load_entry(sub: Subcommand) -> Callable[[], Any]:
         raise ImportError(f"{sub.module} has no function {sub.function!r}") from e
 
 
-# Every module that registers gin configurables. All are imported before gin parses anything, whatever the
-# subcommand: what a gin file may bind, and whether a stage may import a module after gin is locked, must
-# not depend on which modules a subcommand happens to import first (gin refuses to register a configurable
-# once the config is finalised). tests/test_main_cli.py checks that the list is complete.
-CONFIGURABLE_MODULES = (
-    "rest_jax.checkpoints", "rest_jax.convert", "rest_jax.evaluate", "rest_jax.filters",
-    "rest_jax.grow", "rest_jax.improve", "rest_jax.improve_data", "rest_jax.losses", "rest_jax.metrics",
-    "rest_jax.online", "rest_jax.optim", "rest_jax.partitioning", "rest_jax.policy", "rest_jax.rest",
-    "rest_jax.reward_model",
-    "rest_jax.train", "rest_jax.trainer",
-    "rest_jax.data.demo_corpus", "rest_jax.data.grow_store.writer", "rest_jax.data.prompts",
-    "rest_jax.data.task_vocab", "rest_jax.data.tasks",
-    "rest_jax.data.vocab", "rest_jax.model.decoder_only", "rest_jax.model.heads", "rest_jax.model.lora",
-    "rest_jax.model.t5",
-    "rest_jax.rewards.learned", "rest_jax.rewards.metricx", "rest_jax.rewards.sacrebleu_rewards",
-)
-
-
-# Modules without configurables that register readers into one that has them (the decoder-only Hugging Face
-# families of `rest_jax convert`, which rest_jax.convert cannot import: convert_lm builds on it).
-REGISTERING_MODULES = ("rest_jax.convert_lm",)
-
-
-def register_configurables() -> None:
-    """Imports every module in `CONFIGURABLE_MODULES` and `REGISTERING_MODULES` (call before gin parses; cheap
-    when already done)."""
-    for name in (*CONFIGURABLE_MODULES, *REGISTERING_MODULES):
-        importlib.import_module(name)
-
-
 def _process_index() -> int:
     # Only ask JAX when something already imported it: asking initialises the backends.
     if "jax" not in sys.modules:
@@ -420,7 +391,7 @@ def _run(inv: Invocation) -> int:
     sub = SUBCOMMANDS[inv.command]
     try:
         with console.quiet_native_stderr(quiet):  # TensorFlow's import logs oneDNN and cuda probes
-            register_configurables()
+            configurables.register()
             entry = load_entry(sub)
     except ImportError as e:
         print(f"{PROG} {inv.command}: error: {e}", file=sys.stderr)

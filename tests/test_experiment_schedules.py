@@ -10,15 +10,14 @@ import pathlib
 import gin
 import pytest
 
-from rest_jax import gin_utils, optim
-from rest_jax import main as cli  # noqa: F401  (registers every configurable a config may bind)
+from rest_jax import configurables, gin_utils, optim
 
 EXPERIMENTS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.gin"))
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.name)
 def test_improve_starts_below_the_rate_bc_ended_at(config):
-    cli.register_configurables()
+    configurables.register()
     try:
         gin_utils.parse([str(config)], [gin_utils.Binding("MODEL_DIR = '/m'", "MODEL_DIR = '/m'")],
                         gin_utils.default_search_paths())

@@ -6,6 +6,8 @@ seconds.
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import gin
@@ -217,6 +219,21 @@ def test_format_table():
     text = ri.format_table([{"a": 1, "b": "x" * 10}, {"a": 0.5}], max_width=6)
     assert text.splitlines() == ["a      | b     ", "-------+-------", "1      | xxxxx…", "0.5000 |       "]
     assert ri.format_table([]) == "(no rows)"
+
+
+def test_a_config_binding_any_commands_settings_loads_in_a_fresh_process(tmp_path):
+    """A `rest` run's saved config also holds what its experiment file sets for other commands (the demo's
+    online budget); reading it back must not depend on which modules the reader imported before (a fresh
+    process, as a notebook kernel is, had not imported rest_jax.online)."""
+    (tmp_path / "config.gin").write_text("TASK = 'demo_synthetic'\nrun_rest.task = %TASK\n"
+                                         "online.num_iterations = 60\nPromptFormat.source_language = 'en'\n")
+    code = ("import sys, gin; from rest_jax import inspection as ri; ri.load_run_config(sys.argv[1]); "
+            "print(gin.query_parameter('online.num_iterations'))")
+    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "60"
 
 
 def test_task_and_data_from_the_saved_gin_config(tmp_path):

@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import gin
 import pytest
 
+from rest_jax import configurables
 from rest_jax import gin_utils
 from rest_jax import main as cli
 
@@ -446,7 +447,7 @@ def test_every_module_with_configurables_is_imported_before_gin_parses():
     """What a gin file may bind cannot depend on which modules a subcommand imports first (issue 11)."""
     found = _modules_registering_configurables()
     assert "rest_jax.evaluate" in found and "rest_jax.data.tasks" in found  # the scan sees decorators
-    assert found - {"rest_jax.main"} == set(cli.CONFIGURABLE_MODULES)
+    assert found - {"rest_jax.main"} == set(configurables.CONFIGURABLE_MODULES)
 
 
 def test_subcommand_importing_late_modules_runs_after_gin_is_locked(tmp_path):
@@ -469,14 +470,14 @@ def test_subcommand_importing_late_modules_runs_after_gin_is_locked(tmp_path):
 _STEP_LENGTHS = """
 import json, sys
 import gin
-from rest_jax import main
+from rest_jax import configurables, main
 
 def resolve(value):  # a macro's value, through nested macros
     if isinstance(value, dict):
         return {k: resolve(v) for k, v in value.items()}
     return resolve(value.scoped_configurable_fn()) if hasattr(value, "scoped_configurable_fn") else value
 
-main.register_configurables()
+configurables.register()
 found = []
 for command, knobs, extra in json.loads(sys.argv[1]):
     required = ["MODEL_DIR", "TASK", "CHECKPOINT", "VOCABULARY"] + (["GROW_STORE"] if command == "improve" else [])
