@@ -498,6 +498,31 @@ def check_half_compare(work, proc):
         assert abs(got - 100 * (mean_reward("half_new", stage) - mean_reward("half_same", stage))) < 0.051, line
 
 
+def check_multi30k_cost(work, proc):
+    """Every method of seed 0 starts from the study's BC policy and reports on test_2016 (1,000 sentences; the
+    size-reducing overrides cut it); online runs sample the experiment's training sources and count one call
+    per sample."""
+    bc = json.loads((work / "runs/m30k_study/s0/bc/report.json").read_text())["rows"][0]
+    for method in ("rest", "dpo", "grpo", "ppo"):
+        report = json.loads((work / f"runs/m30k_cost/s0/{method}/report.json").read_text())
+        assert report["rows"][0]["reward"] == bc["reward"], method
+        assert report["split"] == "test_2016", method
+    assert not (work / "runs/m30k_cost/s0/bc").exists()  # no BC of its own
+    for method in ("grpo", "ppo"):
+        report = json.loads((work / f"runs/m30k_cost/s0/{method}/report.json").read_text())
+        assert report["cost"]["reward_calls"] == 2 * 8 * 4, method
+        assert report["task"] == "multi30k_de_en", method
+
+
+def check_multi30k_cost_table(work, proc):
+    """One seed, every method; GRPO's calls: iterations x sources x samples."""
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("| BC | 1 | 0 | 0 |") for line in lines), proc.stdout
+    for label in ("ReST G=1 I=1", "ReST G=2 I=1", "DPO: ReST G=1 I=1", "PPO (2 it.)"):
+        assert any(line.startswith(f"| {label} | 1 |") for line in lines), (label, proc.stdout)
+    assert any(line.startswith(f"| GRPO (2 it.) | 1 | {2 * 8 * 4} |") for line in lines), proc.stdout
+
+
 def check_study_table(work, proc):
     """The BC row of the printed table: mean ± t-interval of the three seeds' BC rewards, by hand."""
     rewards = [100 * json.loads((work / f"runs/m30k_study/s{s}/bc/report.json").read_text())["rows"][0]["reward"]
@@ -559,6 +584,14 @@ RULES: list[tuple[str, Rule]] = [
     (r"^python scripts/study_table\.py runs/m30k_study$",
      Rule("run", after=(r"^scripts/multi30k_study\.sh 0 1 2$",), check=check_study_table, slow=True,
           substitute=(("scripts/", "{repo}/scripts/"),))),
+    (r"^EXPERIMENT=experiments/multi30k_de_en\.gin BC_DIR=runs/m30k_study COST_DIR=runs/m30k_cost .*"
+     r"scripts/cost_comparison\.sh 0$",
+     Rule("run", "real data (../shared), tiny sizes", extra=(*_small_study(), *SMALL_ONLINE),
+          after=(r"^scripts/multi30k_study\.sh 0 1 2$",), check=check_multi30k_cost, slow=True,
+          substitute=(("scripts/", "{repo}/scripts/"),))),
+    (r"^python scripts/cost_table\.py runs/m30k_cost$",
+     Rule("run", after=(r"^EXPERIMENT=experiments/multi30k_de_en\.gin ",), check=check_multi30k_cost_table,
+          slow=True, substitute=(("scripts/", "{repo}/scripts/"),))),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/demo\.gin --gin\.ACTIVATION_DTYPE=",
      Rule("run", extra=tuple(SMALL_REST), check=check_bfloat16_run)),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",
