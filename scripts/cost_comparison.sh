@@ -3,9 +3,9 @@
 # then each method started from it, so that every method of a seed is paired with one BC.
 #   scripts/cost_comparison.sh 0 1 2
 #   python scripts/cost_table.py runs/demo_cost
-# Methods ($METHODS, default all four): rest (the experiment's Grow and Improve steps), dpo (runs/dpo.gin at
-# Improve rate $DPO_LR, default 2e-5, where the demo's 2e-3 collapses DPO, README "Online RL"; patience 3, so
-# that its slow rise runs the stage's steps), grpo and ppo (runs/grpo.gin, runs/ppo.gin, with the experiment's
+# Methods ($METHODS, default all four; METHODS= trains the BC alone): rest (the experiment's Grow and Improve
+# steps), dpo (runs/dpo.gin at Improve rate $DPO_LR, default 2e-5, where the demo's 2e-3 collapses DPO, README
+# "Online RL"; patience 3, so that its slow rise runs the stage's steps), grpo and ppo (runs/grpo.gin, runs/ppo.gin, with the experiment's
 # online budget: on the demo 60 iterations x 32 sources x 4 samples, as many reward calls as Grow's 2,000
 # sources x 4 samples; rate $ONLINE_LR, default the .gin's AdamW rate).
 # The experiment is $EXPERIMENT (default experiments/demo.gin). With $BC_DIR set, each seed starts from the BC
@@ -23,7 +23,7 @@ if [[ ${#seeds[@]} -eq 0 ]]; then
 fi
 dir=${COST_DIR:-runs/demo_cost}
 experiment=${EXPERIMENT:-experiments/demo.gin}
-methods=" ${METHODS:-rest dpo grpo ppo} "
+methods=" ${METHODS-rest dpo grpo ppo} "
 for method in $methods; do
   case $method in rest|dpo|grpo|ppo) ;; *) echo "$0: unknown method '$method' in METHODS" >&2; exit 2 ;; esac
 done

@@ -3,8 +3,8 @@
 #   scripts/multi30k_study.sh 0 1 2
 #   ROWS="rest control rest_norefs n16 mix50 loss_gold" scripts/multi30k_study.sh 0 1 2
 #   BC=bc_half ROWS="half_same half_new" scripts/multi30k_study.sh 0 1 2
-# Rows are configs/experiments/multi30k_study/<row>.gin (default: rest control), each started from the seed's
-# BC run, configs/experiments/multi30k_study/<BC>.gin (default: bc). Arguments after the seeds
+# Rows are configs/experiments/multi30k_study/<row>.gin (default: rest control; ROWS= trains the BC alone), each
+# started from the seed's BC run, configs/experiments/multi30k_study/<BC>.gin (default: bc). Arguments after the seeds
 # (--gin.X=Y) go to every run. Runs land in $STUDY_DIR/s<seed>/<row> (default runs/m30k_study); a rerun skips
 # finished stages. The table over seeds: python scripts/study_table.py runs/m30k_study
 set -euo pipefail
@@ -19,7 +19,7 @@ bc=${BC:-bc}
 for seed in "${seeds[@]}"; do
   python -m rest_jax.main rest --gin_file="experiments/multi30k_study/$bc.gin" \
     --gin.MODEL_DIR="'$dir/s$seed/$bc'" --gin.run_rest.seed="$seed" "$@"
-  for row in ${ROWS:-rest control}; do
+  for row in ${ROWS-rest control}; do
     python -m rest_jax.main rest --gin_file="experiments/multi30k_study/$row.gin" \
       --gin.MODEL_DIR="'$dir/s$seed/$row'" --gin.run_rest.seed="$seed" \
       --gin.run_rest.bc_run="'$dir/s$seed/$bc'" "$@"
