@@ -4,16 +4,17 @@
 #   scripts/cost_comparison.sh 0 1 2
 #   python scripts/cost_table.py runs/demo_cost
 # Methods ($METHODS, default all four; METHODS= trains the BC alone): rest (the experiment's Grow and Improve
-# steps), dpo (runs/dpo.gin at Improve rate $DPO_LR, default 2e-5, where the demo's 2e-3 collapses DPO, README
-# "Online RL"; patience 3, so that its slow rise runs the stage's steps), grpo and ppo (runs/grpo.gin, runs/ppo.gin, with the experiment's
-# online budget: on the demo 60 iterations x 32 sources x 4 samples, as many reward calls as Grow's 2,000
-# sources x 4 samples; rate $ONLINE_LR, default the .gin's AdamW rate).
+# steps), dpo (runs/dpo.gin at Improve rate $DPO_LR, default 2e-5, the demo's: its 2e-3 collapses DPO, README
+# "Online RL"; Multi30k's Adafactor wants 5e-4; patience 3, so that its slow rise runs the stage's steps), grpo
+# and ppo (runs/grpo.gin, runs/ppo.gin, with the experiment's online budget: on the demo 60 iterations x 32
+# sources x 4 samples, as many reward calls as Grow's 2,000 sources x 4 samples; rate $ONLINE_LR, default the
+# .gin's AdamW rate).
 # The experiment is $EXPERIMENT (default experiments/demo.gin). With $BC_DIR set, each seed starts from the BC
 # run $BC_DIR/s<seed>/bc (e.g. the Multi30k study's) instead of training one. Arguments after the seeds
 # (--gin.X=Y) go to every run. Runs land in $COST_DIR/s<seed>/<method> (default runs/demo_cost); a rerun skips
 # finished stages. Multi30k (issue 15's second task), from the study's BC policies:
 #   EXPERIMENT=experiments/multi30k_de_en.gin BC_DIR=runs/m30k_study COST_DIR=runs/m30k_cost \
-#     ONLINE_LR=1e-3 scripts/cost_comparison.sh 0
+#     ONLINE_LR=1e-3 DPO_LR=5e-4 scripts/cost_comparison.sh 0
 set -euo pipefail
 seeds=()
 while [[ $# -gt 0 && "$1" != --* ]]; do seeds+=("$1"); shift; done

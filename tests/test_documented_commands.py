@@ -508,6 +508,9 @@ def check_multi30k_cost(work, proc):
         assert report["rows"][0]["reward"] == bc["reward"], method
         assert report["split"] == "test_2016", method
     assert not (work / "runs/m30k_cost/s0/bc").exists()  # no BC of its own
+    # DPO at the command's DPO_LR, not the script's default (the demo's AdamW rate).
+    assert "improve/learning_rate_schedule.base_learning_rate = 0.0005" in (
+        work / "runs/m30k_cost/s0/dpo/config.gin").read_text()
     for method in ("grpo", "ppo"):
         report = json.loads((work / f"runs/m30k_cost/s0/{method}/report.json").read_text())
         assert report["cost"]["reward_calls"] == 2 * 8 * 4, method
