@@ -25,7 +25,8 @@ def _runs(tmp_path: pathlib.Path, script: str, env: dict[str, str], *args: str) 
     (fake_bin / "python").chmod(0o755)
     log = tmp_path / "runs.log"
     log.unlink(missing_ok=True)
-    base = {k: v for k, v in os.environ.items() if k not in ("ROWS", "BC", "METHODS", "BC_DIR")}
+    knobs = ("ROWS", "BC", "STUDY_DIR", "METHODS", "BC_DIR", "COST_DIR", "EXPERIMENT", "DPO_LR", "ONLINE_LR")
+    base = {k: v for k, v in os.environ.items() if k not in knobs}  # a user's exported knob must not leak in
     subprocess.run(["bash", f"scripts/{script}", *args], cwd=REPO, check=True,
                    env=dict(base, PATH=f"{fake_bin}{os.pathsep}{base['PATH']}", RUN_LOG=str(log), **env))
     calls = []
