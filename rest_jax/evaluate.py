@@ -23,6 +23,7 @@ from rest_jax import partitioning
 from rest_jax import policy as policy_lib
 from rest_jax import report
 from rest_jax import rewards as rewards_lib
+from rest_jax import significance
 from rest_jax.io import atomic
 from rest_jax.io import console
 
@@ -42,6 +43,17 @@ def mean_reward(reward: Any, sources: Sequence[str], hypotheses: Sequence[str],
                 references: Sequence[str] | None) -> float:
     scores = rewards_lib.score_pairs(reward, sources, hypotheses, references if reward.needs_reference else None)
     return float(np.mean(scores))
+
+
+def compare_translations(baseline: Sequence[str], system: Sequence[str], sources: Sequence[str],
+                         references: Sequence[str], reward: Any, metrics: Sequence[str] = significance.CORPUS_METRICS,
+                         seed: int = 0) -> dict[str, significance.Difference]:
+    """`system` − `baseline`, two systems' translations of the same sentences: the paired bootstrap over the
+    sentences of each corpus metric and of the mean reward (what a report's "vs BC" columns hold)."""
+    score = lambda hyps: rewards_lib.score_pairs(  # noqa: E731
+        reward, sources, hyps, references if reward.needs_reference else None)
+    return significance.compare(baseline, system, references, score(baseline), score(system), metrics=metrics,
+                                seed=seed)
 
 
 def read_split(task: str, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:

@@ -69,7 +69,7 @@ def _fmt(x: Any, scale: float = 1.0, digits: int = 1) -> str:
     return f"{x * scale:.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
-def _fmt_delta(diff: Mapping[str, Any] | None, scale: float = 1.0) -> str:
+def format_delta(diff: Mapping[str, Any] | None, scale: float = 1.0) -> str:
     """'+0.8 [+0.2, +1.4]*' for a `significance.Difference.as_dict()` (* when p < 0.05)."""
     if not diff:
         return "-"
@@ -93,8 +93,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], split: str) -> str:
         vs = r.get("vs_bc") or {}
         flag = " ⚠" if r.get("held_out_drops") else ""
         lines.append(
-            f"| {r['name']}{flag} | {_fmt(r.get('reward'), 100.0)} | {_fmt_delta(vs.get('reward'), 100.0)} | "
-            f"{_fmt(r.get('sample_reward'), 100.0)} | {_fmt(r.get('bleu'))} | {_fmt_delta(vs.get('bleu'))} | "
+            f"| {r['name']}{flag} | {_fmt(r.get('reward'), 100.0)} | {format_delta(vs.get('reward'), 100.0)} | "
+            f"{_fmt(r.get('sample_reward'), 100.0)} | {_fmt(r.get('bleu'))} | {format_delta(vs.get('bleu'))} | "
             f"{_fmt(r.get('chrf'))} | {_fmt(r.get('ter'))} | {_fmt(r.get('kept_fraction'), digits=3)} | "
             f"{_fmt(r.get('threshold'), digits=2)} |")
     return "\n".join(lines) + "\n"

@@ -1,13 +1,18 @@
 """Reward against cost for ReST, DPO-from-Grow and online RL over seeds (issue 15; ReST Sec. 5's comparison).
 
     python scripts/cost_table.py runs/demo_cost
+    python scripts/cost_table.py runs/m30k_cost --compare "GRPO (156 it.)" "ReST G=1 I=1" \
+        --references ../shared/data/multi30k/test_2016_flickr.en
 
 Reads <dir>/s<seed>/<method>/report.json as scripts/cost_comparison.sh leaves them. Cost of a policy: the
 reward-model calls that made its training data (ReST and DPO: every record of the Grow stores behind it,
 references included; online: one per sample) and the seconds of the stages behind it (Grow, Improve steps up
-to it, or the online iterations; BC, shared by all, and the test scoring not counted). Prints a markdown
-table (mean ± 95% t-interval over seeds, Δ paired with the seed's BC) and writes
-<dir>/plots/cost_vs_reward.png (test reward, greedy and sample mean, against calls and against seconds).
+to it, or the online iterations; BC, shared by all, and the test scoring not counted). Prints markdown: the
+table over seeds (mean ± 95% t-interval, Δ paired with the seed's BC), then each seed's policies against its BC
+(the paired bootstrap over the test sentences from the reports, BLEU and TER beside the reward, and the words
+per translation: the reward-hacking and length monitors); `--compare POLICY BASELINE` adds, per seed, one
+policy against another over the same test sentences (the reports' split references, the first n as scored).
+Writes <dir>/plots/cost_vs_reward.png (test reward, greedy and sample mean, against calls and against seconds).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import sys
 
 import numpy as np
 
+from rest_jax import evaluate
+from rest_jax import report
+from rest_jax import rewards as rewards_lib
 from rest_jax import significance
 
 
@@ -47,30 +55,108 @@ def online_points(run: pathlib.Path, rows: list[dict]) -> list[dict]:
     return [{"name": rows[1]["name"], "calls": cost["reward_calls"], "seconds": cost["wall_seconds"], "row": rows[1]}]
 
 
+def _label(method: str, name: str) -> str:
+    return name if method in ("rest", "grpo", "ppo") else f"{method.upper()}: {name}"
+
+
+def _translations(report: dict, row: dict) -> pathlib.Path:
+    """The file of the row's greedy translations of the report's split (recorded in its stage)."""
+    stage = next(s for s in report["stages"] if s["name"] == row["name"])
+    return pathlib.Path(stage["scores"][report["split"]]["translations"])
+
+
+def _lines(path: pathlib.Path) -> list[str]:
+    if not path.exists():
+        raise SystemExit(f"cost_table: {path} is missing.")
+    lines = path.read_text().split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def _words(path: pathlib.Path) -> float:
+    return float(np.mean([len(line.split()) for line in _lines(path)]))
+
+
+def per_seed_table(points: dict, bc: dict) -> str:
+    """Each policy of each seed against that seed's BC: the paired bootstrap over the test sentences that its
+    report holds (`vs_bc`), and the mean length of its translations (chrF rewards recall: a length monitor)."""
+    lines = ["| policy | seed | reward calls | reward (greedy) | Δ reward vs BC | sample reward | Δ BLEU vs BC | "
+             "Δ TER vs BC (lower is better) | words per translation |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for seed, (row, path) in bc.items():
+        lines.append(f"| BC | {seed} | 0 | {100 * row['reward']:.1f} | - | {100 * row['sample_reward']:.1f} | - | - "
+                     f"| {_words(path):.1f} |")
+    for label, entries in points.items():
+        for p in entries:
+            row, vs = p["row"], p["row"].get("vs_bc") or {}
+            lines.append(f"| {label} | {p['seed']} | {p['calls']:,} | {100 * row['reward']:.1f} | "
+                         f"{report.format_delta(vs.get('reward'), 100)} | {100 * row['sample_reward']:.1f} | "
+                         f"{report.format_delta(vs.get('bleu'))} | {report.format_delta(vs.get('ter'))} | "
+                         f"{_words(p['translations']):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_table(points: dict, label: str, baseline: str, references: list[str], sources: list[str] | None,
+                  reward_name: str) -> str:
+    """`label` − `baseline`, per seed that ran both, by the paired bootstrap over the test sentences."""
+    reward = rewards_lib.get(reward_name)
+    if not reward.needs_reference and sources is None:  # a quality-estimation reward reads the source
+        raise SystemExit(f"cost_table: the {reward_name} reward reads the source: give --sources.")
+    for name in (label, baseline):
+        if name not in points:
+            raise SystemExit(f"cost_table: no policy '{name}'; the table's policies: {', '.join(points)}")
+    lines = [f"| {label} − {baseline} | seed | Δ reward [95% CI] | Δ BLEU [95% CI] | Δ TER [95% CI] |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    base = {p["seed"]: p for p in points[baseline]}
+    for p in points[label]:
+        if p["seed"] not in base:
+            continue
+        hyps_b, hyps = _lines(base[p["seed"]]["translations"]), _lines(p["translations"])
+        n = len(hyps)
+        if len(hyps_b) != n or n > len(references):
+            raise SystemExit(f"cost_table: {n} and {len(hyps_b)} translations, {len(references)} references.")
+        srcs = sources[:n] if sources is not None else [""] * n
+        diffs = evaluate.compare_translations(hyps_b, hyps, srcs, references[:n], reward,
+                                              seed=int(p["seed"][1:]))
+        cells = [report.format_delta(diffs[m].as_dict(), scale) for m, scale in (("reward", 100), ("bleu", 1),
+                                                                                  ("ter", 1))]
+        lines.append(f"| | {p['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cost_dir", help="the directory of s<seed>/<method>/ runs (COST_DIR of the script)")
+    parser.add_argument("--compare", nargs=2, action="append", metavar=("POLICY", "BASELINE"), default=[],
+                        help="print POLICY − BASELINE (two policies of the table) per seed, by the paired "
+                        "bootstrap over the test sentences; needs --references (repeatable)")
+    parser.add_argument("--references", help="the reports' split references, one per line")
+    parser.add_argument("--sources", help="its sources, one per line (for rewards that read the source)")
     args = parser.parse_args(argv)
+    if args.compare and not args.references:
+        parser.error("--compare needs --references")
     root = pathlib.Path(args.cost_dir)
     seeds = sorted((p for p in root.glob("s*") if re.fullmatch(r"s\d+", p.name)), key=lambda p: int(p.name[1:]))
     methods = [m for m in ("rest", "dpo", "grpo", "ppo") if any((s / m / "report.json").exists() for s in seeds)]
     if not methods:
         print(f"cost_table: no s<seed>/<method>/report.json in {root}", file=sys.stderr)
         return 2
-    # {(method, row name): [(point, the seed's BC row), ...]}
-    points: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
-    bc_rows = []
+    # {policy label: [point, with its seed, its seed's BC row and its translations file, ...]}
+    points: dict[str, list[dict]] = {}
+    bc: dict[str, tuple[dict, pathlib.Path]] = {}  # {seed: (BC row, its translations)}
+    reward_names = set()
     for s in seeds:
         for m in methods:
             path = s / m / "report.json"
             if not path.exists():
                 continue
-            rows = _read(path)["rows"]
-            if m == methods[0]:
-                bc_rows.append(rows[0])
-            found = online_points(s / m, rows) if "cost" in _read(path) else rest_points(s / m, rows)
+            run_report = _read(path)
+            rows = run_report["rows"]
+            reward_names.add(run_report["reward"])
+            bc.setdefault(s.name, (rows[0], _translations(run_report, rows[0])))
+            found = online_points(s / m, rows) if "cost" in run_report else rest_points(s / m, rows)
             for p in found:
-                points.setdefault((m, p["name"]), []).append((p, rows[0]))
+                points.setdefault(_label(m, p["name"]), []).append(
+                    dict(p, seed=s.name, bc=rows[0], translations=_translations(run_report, p["row"])))
 
     def cell(values: list[float], scale: float, signed: bool = False) -> str:
         mean, half = significance.seed_interval(values)
@@ -80,22 +166,32 @@ def main(argv: list[str]) -> int:
           "half-width of the 95% t-interval over seeds; Δ: paired with the same seed's BC.\n")
     print("| policy | seeds | reward calls | seconds | reward (greedy) | Δ reward | sample reward | Δ sample reward |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    if bc_rows:
-        print(f"| BC | {len(bc_rows)} | 0 | 0 | {cell([r['reward'] for r in bc_rows], 100)} | - | "
-              f"{cell([r['sample_reward'] for r in bc_rows], 100)} | - |")
+    bc_rows = [row for row, _ in bc.values()]
+    print(f"| BC | {len(bc_rows)} | 0 | 0 | {cell([r['reward'] for r in bc_rows], 100)} | - | "
+          f"{cell([r['sample_reward'] for r in bc_rows], 100)} | - |")
     summary = []
-    for (m, name), pairs in points.items():
-        calls = [p["calls"] for p, _ in pairs]
-        secs = [p["seconds"] for p, _ in pairs]
-        greedy = [p["row"]["reward"] for p, _ in pairs]
-        sample = [p["row"]["sample_reward"] for p, _ in pairs]
-        d_greedy = [p["row"]["reward"] - b["reward"] for p, b in pairs]
-        d_sample = [p["row"]["sample_reward"] - b["sample_reward"] for p, b in pairs]
-        label = name if m in ("rest", "grpo", "ppo") else f"{m.upper()}: {name}"
-        print(f"| {label} | {len(pairs)} | {np.mean(calls):,.0f} | {np.mean(secs):.0f} | {cell(greedy, 100)} | "
+    for label, entries in points.items():
+        calls = [p["calls"] for p in entries]
+        secs = [p["seconds"] for p in entries]
+        greedy = [p["row"]["reward"] for p in entries]
+        sample = [p["row"]["sample_reward"] for p in entries]
+        d_greedy = [p["row"]["reward"] - p["bc"]["reward"] for p in entries]
+        d_sample = [p["row"]["sample_reward"] - p["bc"]["sample_reward"] for p in entries]
+        print(f"| {label} | {len(entries)} | {np.mean(calls):,.0f} | {np.mean(secs):.0f} | {cell(greedy, 100)} | "
               f"{cell(d_greedy, 100, True)} | {cell(sample, 100)} | {cell(d_sample, 100, True)} |")
         summary.append((label, np.mean(calls), np.mean(secs), significance.seed_interval(greedy),
                         significance.seed_interval(sample)))
+    print("\nPer seed, against the seed's BC: paired bootstrap over the test sentences (95% interval; * p < 0.05):\n")
+    print(per_seed_table(points, bc))
+    if args.compare:
+        if len(reward_names) != 1:
+            raise SystemExit(f"cost_table: the reports use different rewards: {sorted(reward_names)}")
+        (reward_name,) = reward_names
+        references = _lines(pathlib.Path(args.references))
+        sources = _lines(pathlib.Path(args.sources)) if args.sources else None
+        for label, baseline in args.compare:
+            print(f"{label} against {baseline}, same seed, same test sentences (paired bootstrap; * p < 0.05):\n")
+            print(compare_table(points, label, baseline, references, sources, reward_name))
     _plot(summary, bc_rows, root / "plots" / "cost_vs_reward.png")
     print(f"\nplot: {root / 'plots' / 'cost_vs_reward.png'}")
     return 0

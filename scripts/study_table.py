@@ -20,7 +20,9 @@ import re
 import sys
 from typing import Any
 
+from rest_jax import evaluate
 from rest_jax import inspection
+from rest_jax import report
 from rest_jax import rewards as rewards_lib
 from rest_jax import significance
 
@@ -63,20 +65,14 @@ def sentence_bootstrap(seed_dirs: list[pathlib.Path], row: str, baseline: str, r
             raise SystemExit(f"study_table: the {a['reward']} reward reads the source: give --sources.")
         srcs = sources if sources is not None else [""] * len(references)
 
-        def scored(stage: dict[str, Any]) -> tuple[list[str], Any]:
-            hyps = _translations(stage, a["split"], references)
-            n = len(hyps)
-            return hyps, rewards_lib.score_pairs(reward, srcs[:n], hyps, references[:n] if reward.needs_reference
-                                                 else None)
-
         stages_a, stages_b = _stages(seed_dir / row), _stages(seed_dir / baseline)
         for stage in (s for s in stages_a if s in stages_b):
-            (hyps_b, rewards_b), (hyps_a, rewards_a) = scored(stages_b[stage]), scored(stages_a[stage])
-            diffs = significance.compare(hyps_b, hyps_a, references[:len(hyps_a)], rewards_b, rewards_a,
-                                         metrics=("bleu", "chrf"), seed=int(seed_dir.name[1:]))
-            cells = [f"{d.delta * scale:+.1f} [{d.ci_low * scale:+.1f}, {d.ci_high * scale:+.1f}]"
-                     f"{'*' if d.significant else ''}"
-                     for d, scale in ((diffs["reward"], 100), (diffs["bleu"], 1), (diffs["chrf"], 1))]
+            hyps_b, hyps_a = (_translations(st[stage], a["split"], references) for st in (stages_b, stages_a))
+            n = len(hyps_a)
+            diffs = evaluate.compare_translations(hyps_b, hyps_a, srcs[:n], references[:n], reward,
+                                                  metrics=("bleu", "chrf"), seed=int(seed_dir.name[1:]))
+            cells = [report.format_delta(diffs[m].as_dict(), scale) for m, scale in (("reward", 100), ("bleu", 1),
+                                                                                      ("chrf", 1))]
             lines.append(f"| {seed_dir.name} | {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
