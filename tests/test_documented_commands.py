@@ -524,6 +524,13 @@ def check_multi30k_cost_table(work, proc):
     for label in ("ReST G=1 I=1", "ReST G=2 I=1", "DPO: ReST G=1 I=1", "PPO (2 it.)"):
         assert any(line.startswith(f"| {label} | 1 |") for line in lines), (label, proc.stdout)
     assert any(line.startswith(f"| GRPO (2 it.) | 1 | {2 * 8 * 4} |") for line in lines), proc.stdout
+    # Per seed against its BC: the report's paired interval, and the words per translation counted by hand.
+    grpo = json.loads((work / "runs/m30k_cost/s0/grpo/report.json").read_text())
+    words = [len(line.split()) for line in (work / "runs/m30k_cost/s0/grpo/online/test_2016.greedy.txt").read_text()
+             .splitlines()]
+    row = next(line for line in lines if line.startswith(f"| GRPO (2 it.) | s0 | {2 * 8 * 4} |"))
+    assert row.endswith(f" | {np.mean(words):.1f} |"), (row, np.mean(words))
+    assert f"{grpo['rows'][1]['vs_bc']['reward']['delta'] * 100:+.1f} [" in row, row
 
 
 def check_study_table(work, proc):
