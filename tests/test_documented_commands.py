@@ -531,6 +531,10 @@ def check_multi30k_cost_table(work, proc):
     row = next(line for line in lines if line.startswith(f"| GRPO (2 it.) | s0 | {2 * 8 * 4} |"))
     assert row.endswith(f" | {np.mean(words):.1f} |"), (row, np.mean(words))
     assert f"{grpo['rows'][1]['vs_bc']['reward']['delta'] * 100:+.1f} [" in row, row
+    # The two --compare tables, one row per seed (one seed here).
+    for pair in ("GRPO (2 it.) − ReST G=1 I=1", "DPO: ReST G=2 I=1 − GRPO (2 it.)"):
+        table = proc.stdout.split(f"| {pair} |")[1]
+        assert table.splitlines()[2].startswith("| | s0 | "), (pair, proc.stdout)
 
 
 def check_study_table(work, proc):
@@ -599,9 +603,10 @@ RULES: list[tuple[str, Rule]] = [
      Rule("run", "real data (../shared), tiny sizes", extra=(*_small_study(), *SMALL_ONLINE),
           after=(r"^scripts/multi30k_study\.sh 0 1 2$",), check=check_multi30k_cost, slow=True,
           substitute=(("scripts/", "{repo}/scripts/"),))),
-    (r"^python scripts/cost_table\.py runs/m30k_cost$",
+    (r"^python scripts/cost_table\.py runs/m30k_cost --compare ",
      Rule("run", after=(r"^EXPERIMENT=experiments/multi30k_de_en\.gin ",), check=check_multi30k_cost_table,
-          slow=True, substitute=(("scripts/", "{repo}/scripts/"),))),
+          slow=True, substitute=(("scripts/", "{repo}/scripts/"), ("(156 it.)", "(2 it.)"),
+                                 ("../shared/data/multi30k/", f"{MULTI30K_DIR}/")))),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/demo\.gin --gin\.ACTIVATION_DTYPE=",
      Rule("run", extra=tuple(SMALL_REST), check=check_bfloat16_run)),
     (r"^python -m rest_jax\.main rest --gin_file=experiments/demo_decoder_only\.gin ",
