@@ -50,10 +50,11 @@ def compare_translations(baseline: Sequence[str], system: Sequence[str], sources
                          seed: int = 0) -> dict[str, significance.Difference]:
     """`system` − `baseline`, two systems' translations of the same sentences: the paired bootstrap over the
     sentences of each corpus metric and of the mean reward (what a report's "vs BC" columns hold)."""
-    score = lambda hyps: rewards_lib.score_pairs(  # noqa: E731
-        reward, sources, hyps, references if reward.needs_reference else None)
-    return significance.compare(baseline, system, references, score(baseline), score(system), metrics=metrics,
-                                seed=seed)
+    def rewards_of(hypotheses: Sequence[str]) -> np.ndarray:
+        return rewards_lib.score_pairs(reward, sources, hypotheses, references if reward.needs_reference else None)
+
+    return significance.compare(baseline, system, references, rewards_of(baseline), rewards_of(system),
+                                metrics=metrics, seed=seed)
 
 
 def read_split(task: str, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
