@@ -63,7 +63,7 @@ def finish_stage(stage_dir: str | os.PathLike, result: Mapping[str, Any]) -> dic
     return result
 
 
-def _fmt(x: Any, scale: float = 1.0, digits: int = 1) -> str:
+def fmt(x: Any, scale: float = 1.0, digits: int = 1) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x * scale:.{digits}f}" if isinstance(x, (int, float)) else str(x)
@@ -93,10 +93,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], split: str) -> str:
         vs = r.get("vs_bc") or {}
         flag = " ⚠" if r.get("held_out_drops") else ""
         lines.append(
-            f"| {r['name']}{flag} | {_fmt(r.get('reward'), 100.0)} | {format_delta(vs.get('reward'), 100.0)} | "
-            f"{_fmt(r.get('sample_reward'), 100.0)} | {_fmt(r.get('bleu'))} | {format_delta(vs.get('bleu'))} | "
-            f"{_fmt(r.get('chrf'))} | {_fmt(r.get('ter'))} | {_fmt(r.get('kept_fraction'), digits=3)} | "
-            f"{_fmt(r.get('threshold'), digits=2)} |")
+            f"| {r['name']}{flag} | {fmt(r.get('reward'), 100.0)} | {format_delta(vs.get('reward'), 100.0)} | "
+            f"{fmt(r.get('sample_reward'), 100.0)} | {fmt(r.get('bleu'))} | {format_delta(vs.get('bleu'))} | "
+            f"{fmt(r.get('chrf'))} | {fmt(r.get('ter'))} | {fmt(r.get('kept_fraction'), digits=3)} | "
+            f"{fmt(r.get('threshold'), digits=2)} |")
     return "\n".join(lines) + "\n"
 
 

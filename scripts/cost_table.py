@@ -59,10 +59,10 @@ def _label(method: str, name: str) -> str:
     return name if method in ("rest", "grpo", "ppo") else f"{method.upper()}: {name}"
 
 
-def _translations(report: dict, row: dict) -> pathlib.Path:
+def _translations(run_report: dict, row: dict) -> pathlib.Path:
     """The file of the row's greedy translations of the report's split (recorded in its stage)."""
-    stage = next(s for s in report["stages"] if s["name"] == row["name"])
-    return pathlib.Path(stage["scores"][report["split"]]["translations"])
+    stage = next(s for s in run_report["stages"] if s["name"] == row["name"])
+    return pathlib.Path(stage["scores"][run_report["split"]]["translations"])
 
 
 def _lines(path: pathlib.Path) -> list[str]:
@@ -83,13 +83,13 @@ def per_seed_table(points: dict, bc: dict) -> str:
              "Δ TER vs BC (lower is better) | words per translation |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for seed, (row, path) in bc.items():
-        lines.append(f"| BC | {seed} | 0 | {100 * row['reward']:.1f} | - | {100 * row['sample_reward']:.1f} | - | - "
-                     f"| {_words(path):.1f} |")
+        lines.append(f"| BC | {seed} | 0 | {report.fmt(row['reward'], 100)} | - | "
+                     f"{report.fmt(row.get('sample_reward'), 100)} | - | - | {_words(path):.1f} |")
     for label, entries in points.items():
         for p in entries:
             row, vs = p["row"], p["row"].get("vs_bc") or {}
-            lines.append(f"| {label} | {p['seed']} | {p['calls']:,} | {100 * row['reward']:.1f} | "
-                         f"{report.format_delta(vs.get('reward'), 100)} | {100 * row['sample_reward']:.1f} | "
+            lines.append(f"| {label} | {p['seed']} | {p['calls']:,} | {report.fmt(row['reward'], 100)} | "
+                         f"{report.format_delta(vs.get('reward'), 100)} | {report.fmt(row.get('sample_reward'), 100)} | "
                          f"{report.format_delta(vs.get('bleu'))} | {report.format_delta(vs.get('ter'))} | "
                          f"{_words(p['translations']):.1f} |")
     return "\n".join(lines) + "\n"
