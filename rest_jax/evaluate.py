@@ -7,8 +7,10 @@ N = 200"): sample N candidates, keep the one the reward model likes most.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -29,14 +31,55 @@ from rest_jax.io import console
 
 
 
+# sacreBLEU's corpus metrics at their defaults; TER is the one where lower is better.
+_CORPUS_METRICS = {"bleu": sacrebleu.metrics.BLEU, "chrf": sacrebleu.metrics.CHRF, "ter": sacrebleu.metrics.TER}
+
+
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
     """Corpus BLEU, chrF and TER (sacreBLEU defaults) with their signatures."""
     out = {}
-    for name, metric in (("bleu", sacrebleu.metrics.BLEU()), ("chrf", sacrebleu.metrics.CHRF()),
-                         ("ter", sacrebleu.metrics.TER())):
+    for name, metric_class in _CORPUS_METRICS.items():
+        metric = metric_class()
         out[name] = metric.corpus_score(list(hypotheses), [list(references)]).score
         out[f"{name}_signature"] = str(metric.get_signature())
     return out
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class HeldoutGuard:
+    """Checkpoint selection that a reward hack cannot win: the reward-hacking monitor applied while choosing.
+
+    Improve steps and online runs keep the policy with the best validation reward. A policy that games the reward
+    (ReST Sec. 6: "reward hacking"; e.g. longer translations that sentence chrF pays for) wins that selection, and
+    the report flags it only afterwards. With a guard, a policy counts as better only if its corpus `metric`
+    against the validation references, a metric other than the reward, is at most `max_drop` points worse than
+    the starting policy's (gin: `improve_step.heldout_guard = @HeldoutGuard()`, the same for `online`).
+
+    Attributes:
+      metric: sacreBLEU's 'bleu', 'chrf' or 'ter' (for TER "worse" means higher).
+      max_drop: Points of `metric` a selected policy may lose against the start (0: none).
+    """
+
+    metric: str = "bleu"
+    max_drop: float = 1.0
+
+    def __post_init__(self):
+        if self.metric not in _CORPUS_METRICS:
+            raise ValueError(f"HeldoutGuard.metric={self.metric!r}; expected one of {tuple(_CORPUS_METRICS)}.")
+        if not math.isfinite(self.max_drop) or self.max_drop < 0:
+            raise ValueError(f"HeldoutGuard.max_drop={self.max_drop}; expected a finite number of points >= 0.")
+
+    def measure(self, hypotheses: Sequence[str], references: Sequence[str]) -> float:
+        """The corpus metric of the translations."""
+        return _CORPUS_METRICS[self.metric]().corpus_score(list(hypotheses), [list(references)]).score
+
+    def loss(self, value: float, start: float) -> float:
+        """How many points of the metric `value` is worse than `start` (negative: better)."""
+        return value - start if self.metric == "ter" else start - value
+
+    def allows(self, value: float, start: float) -> bool:
+        return self.loss(value, start) <= self.max_drop
 
 
 def mean_reward(reward: Any, sources: Sequence[str], hypotheses: Sequence[str],

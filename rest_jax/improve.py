@@ -427,7 +427,8 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
                  vmpo_init_eta: float = 1.0, vmpo_init_alpha: float = 1.0,
                  anchor_period: int | None = 100,
                  reference_fraction: float | None = None, pack: bool = False,
-                 lora: lora_lib.LoraConfig | None = None) -> tuple[Any, dict[str, Any]]:
+                 lora: lora_lib.LoraConfig | None = None,
+                 heldout_guard: evaluate.HeldoutGuard | None = None) -> tuple[Any, dict[str, Any]]:
     """One Improve step on Grow data; returns (best policy params, result).
 
     Args:
@@ -475,6 +476,9 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
       lora: Train low-rank adapters of the policy instead of all its parameters (gin:
         `improve_step.lora = @LoraConfig()`, `LoraConfig.rank`); the step's checkpoint then holds the adapters
         and the start checkpoint's path, and loads as a whole policy. None: full fine-tuning.
+      heldout_guard: A checkpoint counts as better only if its validation translations lose at most
+        `max_drop` points of a corpus metric that is not the reward against the starting policy's (gin:
+        `improve_step.heldout_guard = @HeldoutGuard()`; `evaluate.HeldoutGuard`); None: the reward alone selects.
     """
     started = time.perf_counter()
     feature_lengths = dict(feature_lengths or {"inputs": 128, "targets": 128})
@@ -560,11 +564,16 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
 
     val_sources, val_refs = validation
 
-    def validation_reward(params: Any) -> float:
+    guard_key = None if heldout_guard is None else f"validation_{heldout_guard.metric}"
+
+    def validation_scores(params: Any) -> dict[str, float]:
         hyps = policy.replace(params).generate(
             val_sources, method=validation_method, split_across_processes=True,
             max_input_length=feature_lengths["inputs"], max_decode_length=feature_lengths["targets"]).first()
-        return evaluate.mean_reward(reward, val_sources, hyps, val_refs)
+        out = {"validation_reward": evaluate.mean_reward(reward, val_sources, hyps, val_refs)}
+        if heldout_guard is not None:
+            out[guard_key] = heldout_guard.measure(hyps, val_refs)
+        return out
 
     best = {"params": jax.device_get(policy.params)}
     if lora is not None:
@@ -581,7 +590,8 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
         frozen["anchor"] = copy_params(policy_of(loop.state.params))
 
     # The placed copy: the same layout as the trained parameters, so decoding compiles once.
-    initial = validation_reward(policy_params)
+    start = validation_scores(policy_params)
+    initial = start["validation_reward"]
     restart = (f"none in {out_dir} (an Improve stage saves its best policy only when it ends); the stage's "
                "starting policy is intact and rerunning the same command restarts this stage from it")
     with metrics_lib.MetricWriter(out_dir, "improve") as writer, \
@@ -589,11 +599,12 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
         # A filter without a value (none) logs no filter_value: a NaN point makes tensorboardX warn
         # "NaN or Inf found in input tensor" on the user's console.
         value = {} if fres.value is None else {"filter_value": float(fres.value)}
-        writer.write_scalars(0, {"validation_reward": initial, "kept_fraction": fres.kept_fraction,
-                                 "num_kept": fres.num_kept, **value})
-        validate = trainer.Evaluate(lambda st, _: {"validation_reward": validation_reward(policy_of(st.params))},
+        writer.write_scalars(0, {**start, "kept_fraction": fres.kept_fraction, "num_kept": fres.num_kept, **value})
+        admissible = None if heldout_guard is None else (
+            lambda res: heldout_guard.allows(res[guard_key], start[guard_key]))
+        validate = trainer.Evaluate(lambda st, _: validation_scores(policy_of(st.params)),
                                     eval_period, writer, monitor="validation_reward", patience=patience,
-                                    initial=initial, on_best=keep_best)
+                                    initial=initial, on_best=keep_best, admissible=admissible)
         # MFU counts the policy's training FLOPs; a loss's frozen reference passes (BC, anchor) are extra work.
         flops = metrics_lib.estimate_flops_per_example(
             model.config, feature_lengths["inputs"], feature_lengths["targets"]) * batch_size
@@ -624,18 +635,24 @@ def improve_step(policy: policy_lib.Policy, data: improve_data.GrowData, out_dir
               "threshold": float(fres.value) if filter_method == "threshold" and fres.value is not None else None,
               "filter": fres.summary(), "checkpoint": os.path.join(out_dir, "checkpoints"),
               "seconds": time.perf_counter() - started}
+    if heldout_guard is not None:
+        result["heldout_guard"] = {**dataclasses.asdict(heldout_guard), "start": start[guard_key],
+                                   "rejected_steps": validate.rejected}
     if needs.value:
         result.update(value_pretrain=value_summary, value_training=value_mode)
     if lora is not None:
         trained = int(sum(np.size(x) for x in jax.tree.leaves(best["trained"])))
         result["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
                           "base": policy.checkpoint, "trained_parameters": trained}
+    guarded = ("" if heldout_guard is None or not validate.rejected else
+               f"; {len(validate.rejected)} evaluation(s) with a higher reward lost more than "
+               f"{heldout_guard.max_drop:g} {heldout_guard.metric} (not kept)")
     kept_by = (f"threshold {fres.value:.3g}:" if filter_method == "threshold" and fres.value is not None
                else f"filter {filter_method}:")
     speed = metrics_lib.throughput(summary["tokens_per_sec"], flops / summary["step_time_sec"], model.config.dtype)
     console.stage_done(f"Improve {improve_index}", time.perf_counter() - started,
                        f"{kept_by} kept {fres.num_kept}/{fres.num_examples} ({fres.kept_fraction:.1%}), best "
-                       f"validation reward {best_reward:.4f} at step {best_step} of {step}, {speed}; "
+                       f"validation reward {best_reward:.4f} at step {best_step} of {step}{guarded}, {speed}; "
                        f"{result['checkpoint']}")
     return best_params, result
 

@@ -97,6 +97,8 @@ class Progress:
         the batch's assembly on the host), computing advantages, updating and validating (and warming the value
         network up, PPO).
       curve: (iteration, reward_calls, wall_seconds, validation reward) at every validation.
+      guard_start: The BC policy's validation score on the held-out guard's metric (None: no guard).
+      guard_rejected: Iterations whose higher validation reward the guard did not let be the best.
     """
 
     iteration: int = 0
@@ -109,6 +111,8 @@ class Progress:
     timing: dict = dataclasses.field(
         default_factory=lambda: dict.fromkeys((*ITERATION_PARTS, "validation", "value_warmup"), 0.0))
     curve: list = dataclasses.field(default_factory=list)
+    guard_start: float | None = None
+    guard_rejected: list = dataclasses.field(default_factory=list)
 
 
 def source_order(iteration: int, num_sources: int, per_iteration: int, seed: int) -> np.ndarray:
@@ -244,7 +248,8 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
            validation_split: str = "validation", num_validation_sources: int | None = 200,
            test_split: str | None = "test", num_test_sources: int | None = None,
            feature_lengths: dict[str, int] | None = None, eval_max_length: int = 128, sample_eval_n: int = 4,
-           sample_eval_temperature: float = 0.8, seed: int = 0, value_warmup_iterations: int = 0) -> dict[str, Any]:
+           sample_eval_temperature: float = 0.8, seed: int = 0, value_warmup_iterations: int = 0,
+           heldout_guard: evaluate.HeldoutGuard | None = None) -> dict[str, Any]:
     """Online RL from the BC policy (the `online` command): PPO, GRPO or RLOO; writes the report.
 
     Args:
@@ -277,6 +282,9 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
       seed: Seeds BC (when trained here), the source order, sampling and the value head.
       value_warmup_iterations: PPO: rounds of BC rollouts that train the value network alone before the first
         policy update (`warm_up_value`; their reward calls count in the cost); 0: none.
+      heldout_guard: The policy kept is the best on validation reward among those losing at most `max_drop`
+        points of a corpus metric that is not the reward against BC's (`evaluate.HeldoutGuard`, as
+        `improve_step.heldout_guard`); None: the reward alone selects.
 
     Returns:
       The report (also in `<model_dir>/report.json`).
@@ -315,7 +323,8 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
                         epochs_per_iteration=epochs_per_iteration, minibatch_size=minibatch_size, kl_coef=kl_coef,
                         kl_target=kl_target, kl_horizon=kl_horizon, discount=discount, gae_lambda=gae_lambda,
                         eval_period=eval_period, checkpoint_period=checkpoint_period, lengths=lengths, seed=seed,
-                        part=part, shard=(shard_index, num_shards), value_warmup_iterations=value_warmup_iterations)
+                        part=part, shard=(shard_index, num_shards), value_warmup_iterations=value_warmup_iterations,
+                        heldout_guard=heldout_guard)
         best = policy_lib.load_policy(result["checkpoint"], vocab_path)
         result["scores"] = scores(best, stage_dir)
         done = report.finish_stage(stage_dir, result)
@@ -407,10 +416,12 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
                    kl_target: float | None, kl_horizon: int, discount: float, gae_lambda: float,
                    eval_period: int, checkpoint_period: int, lengths: Mapping[str, int], seed: int,
                    part: partitioning.Partitioner, shard: tuple[int, int],
-                   value_warmup_iterations: int = 0) -> dict[str, Any]:
+                   value_warmup_iterations: int = 0,
+                   heldout_guard: evaluate.HeldoutGuard | None = None) -> dict[str, Any]:
     """The iterations of `online` from `bc_policy` (resumed from `stage_dir/checkpoints`); returns the stage
     result: the best policy's checkpoint, the validation curve and the cost (`cost.timing`: seconds per part).
-    A fresh PPO run first warms its value network up (`warm_up_value`) when `value_warmup_iterations` > 0."""
+    A fresh PPO run first warms its value network up (`warm_up_value`) when `value_warmup_iterations` > 0;
+    with `heldout_guard`, a validation counts as the best only if the guard allows it against BC's."""
     model, mesh, rules = bc_policy.model, part.mesh, part.rules
     with gin.config_scope(OPTIMIZER_SCOPE):
         optimizer = optim.create_optimizer()
@@ -460,12 +471,19 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
     def policy_now(st: trainer.TrainState) -> policy_lib.Policy:
         return bc_policy.replace(st.params["policy"])
 
-    def validation_reward(st: trainer.TrainState) -> float:
+    def validation_reward(st: trainer.TrainState) -> tuple[float, bool]:
+        """The validation reward, and whether the guard (if any) lets this policy be the best."""
         hyps = policy_now(st).generate(val_sources, method="greedy", split_across_processes=True,
                                        max_input_length=lengths["inputs"],
                                        max_decode_length=lengths["targets"]).first()
         prog.eval_reward_calls += len(hyps)
-        return evaluate.mean_reward(reward, val_sources, hyps, val_refs)
+        value = evaluate.mean_reward(reward, val_sources, hyps, val_refs)
+        if heldout_guard is None:
+            return value, True
+        score = heldout_guard.measure(hyps, val_refs)
+        if prog.guard_start is None:  # the first validation is BC's
+            prog.guard_start = score
+        return value, heldout_guard.allows(score, prog.guard_start)
 
     def save_best(st: trainer.TrainState) -> None:
         best = ckpt_lib.CheckpointManager(os.path.join(best_dir, "checkpoints"), keep=1, period=1)
@@ -476,10 +494,12 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
 
     def validate(st: trainer.TrainState) -> float:
         t0 = time.perf_counter()
-        value = validation_reward(st)
+        value, admissible = validation_reward(st)
         prog.timing["validation"] += time.perf_counter() - t0
         prog.curve.append((prog.iteration, prog.reward_calls, prog.wall_seconds, value))
-        if value > prog.best_reward:
+        if value > prog.best_reward and not admissible:
+            prog.guard_rejected.append(prog.iteration)
+        elif value > prog.best_reward:
             prog.best_reward, prog.best_iteration = value, prog.iteration
             save_best(st)
         return value
@@ -551,6 +571,9 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
               "checkpoint": os.path.join(best_dir, "checkpoints"), "best_iteration": prog.best_iteration,
               "validation_reward": prog.best_reward, "curve": prog.curve, "kl_coef": prog.kl_coef,
               "value_warmup": warmup,
+              **({} if heldout_guard is None else {"heldout_guard": {
+                  **dataclasses.asdict(heldout_guard), "start": prog.guard_start,
+                  "rejected_iterations": prog.guard_rejected}}),
               "cost": {"reward_calls": prog.reward_calls, "eval_reward_calls": prog.eval_reward_calls,
                        "samples": prog.reward_calls, "updates": updates, "wall_seconds": prog.wall_seconds,
                        "timing": prog.timing}}
@@ -562,7 +585,10 @@ def run_iterations(bc_policy: policy_lib.Policy, sources: list[str], references:
             "updates": (updates - first_updates) / steady, "iterations": steady}
     console.stage_done(f"Online {algorithm}", prog.wall_seconds,
                        f"{num_iterations} iterations, {prog.reward_calls} reward calls, best validation reward "
-                       f"{prog.best_reward:.4f} at iteration {prog.best_iteration}; {result['checkpoint']}")
+                       f"{prog.best_reward:.4f} at iteration {prog.best_iteration}"
+                       + (f" ({len(prog.guard_rejected)} higher rewards lost more than {heldout_guard.max_drop:g} "
+                          f"{heldout_guard.metric}: not kept)" if prog.guard_rejected else "")
+                       + f"; {result['checkpoint']}")
     return result
 
 

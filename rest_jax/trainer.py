@@ -351,15 +351,18 @@ class Evaluate(Hook):
       monitor: A result to track (higher is better): `best_value`/`best_step` follow it, `on_best(state, step)`
         runs when it improves, and `patience` evaluations without improvement stop the loop.
       initial: The monitored value before the first step (e.g. the starting policy's), at `loop.start`.
+      admissible: `admissible(results)` False: these results cannot be the best, however high the monitored
+        value (e.g. `evaluate.HeldoutGuard`); their steps go to `rejected`.
     """
 
     def __init__(self, fn: EvalFn, period: int = 0, writer: Any = None, prefix: str = "", *, monitor: str | None = None,
                  patience: int | None = None, initial: float | None = None,
-                 on_best: Callable[[TrainState, int], None] | None = None):
+                 on_best: Callable[[TrainState, int], None] | None = None,
+                 admissible: Callable[[Mapping[str, float]], bool] | None = None):
         self.fn, self.period, self.writer, self.prefix = fn, int(period), writer, prefix
-        self.monitor, self.patience, self.on_best = monitor, patience, on_best
+        self.monitor, self.patience, self.on_best, self.admissible = monitor, patience, on_best, admissible
         self.best_value, self.best_step = (-np.inf if initial is None else initial), None
-        self.since_best, self.curve, self.last_step = 0, [], None
+        self.since_best, self.curve, self.last_step, self.rejected = 0, [], None, []
 
     def _run(self, loop: Loop) -> None:
         results = {k: float(v) for k, v in self.fn(loop.state, loop.step).items()}
@@ -372,7 +375,13 @@ class Evaluate(Hook):
             return
         value = results[self.monitor]
         self.curve.append((loop.step, value))
-        if value > self.best_value:
+        better = value > self.best_value
+        if better and self.admissible is not None and not self.admissible(results):
+            better = False
+            self.rejected.append(loop.step)
+            logging.info("%s: step %d's %s %.4g beats the best but is not admissible.", loop.stage, loop.step,
+                         self.monitor, value)
+        if better:
             self.best_value, self.best_step, self.since_best = value, loop.step, 0
             if self.on_best is not None:
                 self.on_best(loop.state, loop.step)

@@ -1,6 +1,7 @@
 """Evaluation: corpus metrics against sacreBLEU, tokenisation limits, best-of-N selection by hand."""
 
 import numpy as np
+import pytest
 import sacrebleu
 
 from rest_jax import evaluate
@@ -26,6 +27,23 @@ def test_corpus_scores_equal_sacrebleu():
     assert abs(got["chrf"] - sacrebleu.corpus_chrf(hyps, [refs]).score) < 1e-9
     assert got["bleu_signature"].startswith("nrefs:1|case:mixed")
     assert "chrF" in got["chrf_signature"] or "nc:6" in got["chrf_signature"]
+
+
+def test_heldout_guard_measures_with_sacrebleu_and_counts_a_drop_in_the_metrics_direction():
+    hyps = ["the cat sat on the mat", "a dog runs", "hello world"]
+    refs = ["the cat sat on a mat", "the dog runs fast", "hello there world"]
+    for metric, want in (("bleu", sacrebleu.corpus_bleu(hyps, [refs]).score),
+                         ("chrf", sacrebleu.corpus_chrf(hyps, [refs]).score),
+                         ("ter", sacrebleu.corpus_ter(hyps, [refs]).score)):
+        assert abs(evaluate.HeldoutGuard(metric).measure(hyps, refs) - want) < 1e-9
+    bleu, ter = evaluate.HeldoutGuard("bleu", max_drop=1.0), evaluate.HeldoutGuard("ter", max_drop=1.0)
+    assert bleu.allows(39.0, start=40.0) and not bleu.allows(38.9, start=40.0) and bleu.allows(45.0, start=40.0)
+    # TER is an error rate: higher is worse.
+    assert ter.allows(41.0, start=40.0) and not ter.allows(41.1, start=40.0) and ter.allows(30.0, start=40.0)
+    with pytest.raises(ValueError, match="HeldoutGuard.metric='meteor'"):
+        evaluate.HeldoutGuard("meteor")
+    with pytest.raises(ValueError, match="HeldoutGuard.max_drop=-1"):
+        evaluate.HeldoutGuard("bleu", max_drop=-1)
 
 
 def test_tokenize_trims_keeping_eos_and_detokenize_stops_at_eos():

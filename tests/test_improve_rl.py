@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rest_jax import checkpoints, improve, improve_data, losses, optim, partitioning, rewards, trainer
+from rest_jax import checkpoints, evaluate, improve, improve_data, losses, optim, partitioning, rewards, trainer
 from rest_jax import policy as policy_lib
 from rest_jax.model import heads
 from rest_jax.model.t5 import T5Config, Transformer
@@ -539,3 +539,42 @@ def test_preference_improve_step_raises_the_chosen_over_rejected_log_ratio(tmp_p
             feature_lengths=LENGTHS, mesh=mesh, filter_method="none", include_references=False)
     assert result["num_kept"] == 16 and result["loss"] == loss_name
     assert mean_margin(trained["params"]) > 1.0, mean_margin(trained["params"])
+
+
+class _RisingReward:
+    """A reward that every later validation scores higher (k/100 at its k-th call): the selection alone decides."""
+
+    name, needs_reference = "rising", False
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, sources, candidates, references):
+        del sources, references
+        self.calls += 1
+        return np.full(len(candidates), self.calls / 100, np.float32)
+
+
+def test_heldout_guard_keeps_the_best_reward_among_steps_that_keep_the_metric(tmp_path, mesh, policy_params, adamw):
+    """improve_step.heldout_guard: validation rewards rise at every evaluation (steps 2, 4, 6, 8), the guard's
+    BLEU readings are 50 at the start, then 40, 49.5, 30, 45: with max_drop 1 only step 4 may be kept (by hand),
+    where the reward alone keeps step 8."""
+    readings = iter([50.0, 40.0, 49.5, 30.0, 45.0])
+
+    class ScriptedGuard(evaluate.HeldoutGuard):
+        def measure(self, hypotheses, references):
+            return next(readings)
+
+    policy = policy_lib.Policy(Transformer(CONFIG), policy_params, _CharVocab())
+    data = improve_data.GrowData.from_columns(_grow_data(np.linspace(0.1, 0.9, 16)))
+    args = dict(num_steps=8, eval_period=2, patience=10, batch_size=4, feature_lengths=LENGTHS, mesh=mesh,
+                filter_method="none")
+    _, plain = improve.improve_step(policy, data, str(tmp_path / "plain"), 0, (["abc"], ["abc"]),
+                                    reward=_RisingReward(), **args)
+    assert plain["best_step"] == 8 and "heldout_guard" not in plain
+    _, guarded = improve.improve_step(policy, data, str(tmp_path / "guarded"), 0, (["abc"], ["abc"]),
+                                      reward=_RisingReward(), heldout_guard=ScriptedGuard("bleu", 1.0), **args)
+    assert guarded["best_step"] == 4 and guarded["validation_reward"] == pytest.approx(0.03)  # the 3rd call
+    assert guarded["heldout_guard"] == {"metric": "bleu", "max_drop": 1.0, "start": 50.0, "rejected_steps": [2, 6, 8]}
+    assert [s for s, _ in guarded["curve"]] == [0, 2, 4, 6, 8]
+    assert os.path.isdir(os.path.join(guarded["checkpoint"], "4"))

@@ -269,6 +269,20 @@ def test_evaluate_hook_stops_early_and_keeps_the_best_step():
     assert every == [3, 6] and summary["eval"] == {"score": 0.2}
 
 
+def test_evaluate_hook_skips_results_that_are_not_admissible():
+    """Scores 0.3, 0.5, 0.4, 0.6 with a guard that refuses 0.5: the best is 0.6 at step 8; 0.5 at 4 is rejected
+    and counts against patience (0.4 at 6 then beats the best, 0.3)."""
+    *_, state, _, step, shard = _setup()
+    results = iter([{"score": 0.3, "ok": 1}, {"score": 0.5, "ok": 0}, {"score": 0.4, "ok": 1},
+                    {"score": 0.6, "ok": 1}])
+    best_calls = []
+    evaluate = trainer.Evaluate(lambda st, s: next(results), 2, monitor="score", patience=2, initial=0.1,
+                                on_best=lambda st, s: best_calls.append(s), admissible=lambda r: r["ok"] == 1)
+    trainer.train_loop(state, copy_batches(), step, 8, shard_fn=shard, hooks=[evaluate], show_progress=False)
+    assert (evaluate.best_step, evaluate.best_value) == (8, 0.6) and best_calls == [2, 6, 8]
+    assert evaluate.rejected == [4]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Real data and the gin entry.
 # ----------------------------------------------------------------------------------------------------
