@@ -26,7 +26,8 @@ Iteration k (k = 0, 1, ...):
      ratio is 1 at the first update.
 With `kl_target`, β follows Ziegler et al.'s proportional controller towards that KL (a constraint rather
 than a fixed penalty). Every `eval_period` iterations the greedy validation reward is measured and the best
-policy so far kept in `<model_dir>/online/policy` (loadable by `eval` and `grow`, like an Improve step's).
+policy so far kept in `<model_dir>/online/policy` (loadable by `eval` and `grow`, like an Improve step's); with
+`heldout_guard`, only among the policies whose validation BLEU (or chrF, TER) stays near BC's.
 
 Resumable: every `checkpoint_period` iterations the whole state (policy, value network, optimizer, β, the
 best validation reward, the cost so far) goes to `<model_dir>/online/checkpoints`, and rerunning the same
