@@ -20,6 +20,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 MULTI30K_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
@@ -44,3 +45,24 @@ def multi30k_dir() -> pathlib.Path:
             pytest.fail(f"Multi30k not found at {MULTI30K_DIR} (CI is set: real-data tests may not skip)")
         pytest.skip(f"Multi30k not found at {MULTI30K_DIR}")
     return MULTI30K_DIR
+
+
+class _RisingReward:
+    """A reward whose every call scores higher than the one before (k/1000 at the k-th call): each validation beats
+    the last, so that which policy is kept depends on the selection alone (the held-out guard's tests)."""
+
+    name, needs_reference = "rising", False
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, sources, candidates, references):
+        del sources, references
+        self.calls += 1
+        return np.full(len(candidates), self.calls / 1000, np.float32)
+
+
+@pytest.fixture
+def rising_reward():
+    """A fresh `_RisingReward` factory (call it for each run)."""
+    return _RisingReward

@@ -541,21 +541,8 @@ def test_preference_improve_step_raises_the_chosen_over_rejected_log_ratio(tmp_p
     assert mean_margin(trained["params"]) > 1.0, mean_margin(trained["params"])
 
 
-class _RisingReward:
-    """A reward that every later validation scores higher (k/100 at its k-th call): the selection alone decides."""
-
-    name, needs_reference = "rising", False
-
-    def __init__(self):
-        self.calls = 0
-
-    def score(self, sources, candidates, references):
-        del sources, references
-        self.calls += 1
-        return np.full(len(candidates), self.calls / 100, np.float32)
-
-
-def test_heldout_guard_keeps_the_best_reward_among_steps_that_keep_the_metric(tmp_path, mesh, policy_params, adamw):
+def test_heldout_guard_keeps_the_best_reward_among_steps_that_keep_the_metric(tmp_path, mesh, policy_params, adamw,
+                                                                              rising_reward):
     """improve_step.heldout_guard: validation rewards rise at every evaluation (steps 2, 4, 6, 8), the guard's
     BLEU readings are 50 at the start, then 40, 49.5, 30, 45: with max_drop 1 only step 4 may be kept (by hand),
     where the reward alone keeps step 8."""
@@ -570,11 +557,11 @@ def test_heldout_guard_keeps_the_best_reward_among_steps_that_keep_the_metric(tm
     args = dict(num_steps=8, eval_period=2, patience=10, batch_size=4, feature_lengths=LENGTHS, mesh=mesh,
                 filter_method="none")
     _, plain = improve.improve_step(policy, data, str(tmp_path / "plain"), 0, (["abc"], ["abc"]),
-                                    reward=_RisingReward(), **args)
+                                    reward=rising_reward(), **args)
     assert plain["best_step"] == 8 and "heldout_guard" not in plain
     _, guarded = improve.improve_step(policy, data, str(tmp_path / "guarded"), 0, (["abc"], ["abc"]),
-                                      reward=_RisingReward(), heldout_guard=ScriptedGuard("bleu", 1.0), **args)
-    assert guarded["best_step"] == 4 and guarded["validation_reward"] == pytest.approx(0.03)  # the 3rd call
+                                      reward=rising_reward(), heldout_guard=ScriptedGuard("bleu", 1.0), **args)
+    assert guarded["best_step"] == 4 and guarded["validation_reward"] == pytest.approx(0.003)  # the 3rd call
     assert guarded["heldout_guard"] == {"metric": "bleu", "max_drop": 1.0, "start": 50.0, "rejected_steps": [2, 6, 8]}
     assert [s for s, _ in guarded["curve"]] == [0, 2, 4, 6, 8]
     assert os.path.isdir(os.path.join(guarded["checkpoint"], "4"))

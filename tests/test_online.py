@@ -223,21 +223,7 @@ def test_killed_online_run_resumes_to_the_uninterrupted_result(bc_run):
         np.testing.assert_array_equal(np.asarray(pa[name]), np.asarray(pb[name]), err_msg=name)
 
 
-class _RisingReward:
-    """Every call scores higher than the one before (k/1000 at the k-th): each validation beats the last."""
-
-    name, needs_reference = "rising", False
-
-    def __init__(self):
-        self.calls = 0
-
-    def score(self, sources, candidates, references):
-        del sources, references
-        self.calls += 1
-        return np.full(len(candidates), self.calls / 1000, np.float32)
-
-
-def test_heldout_guard_keeps_the_best_policy_that_keeps_the_metric(tmp_path):
+def test_heldout_guard_keeps_the_best_policy_that_keeps_the_metric(tmp_path, rising_reward):
     """online.heldout_guard: the validation reward rises at every validation (BC, iterations 1, 2, 3), the guard's
     readings are BC 50, then 40, 49.5, 30: with max_drop 1 the kept policy is iteration 2's (by hand)."""
     from rest_jax import evaluate, partitioning  # pylint: disable=import-outside-toplevel
@@ -254,7 +240,7 @@ def test_heldout_guard_keeps_the_best_policy_that_keeps_the_metric(tmp_path):
     part = partitioning.Partitioner.create(partitioning.create_mesh(devices=jax.devices()[:1]))
     sources = ["abc", "hello", "xyz", "world"]
     result = online.run_iterations(
-        policy, sources, sources, (["abc"], ["abc"]), _RisingReward(), str(tmp_path / "online"), algorithm="grpo",
+        policy, sources, sources, (["abc"], ["abc"]), rising_reward(), str(tmp_path / "online"), algorithm="grpo",
         num_iterations=3, sources_per_iteration=4, num_samples=2, temperature=1.0, truncated_reward=0.0,
         epochs_per_iteration=1, minibatch_size=8, kl_coef=0.05, kl_target=None, kl_horizon=10000, discount=1.0,
         gae_lambda=0.95, eval_period=1, checkpoint_period=10, lengths={"inputs": 8, "targets": 6}, seed=0,
