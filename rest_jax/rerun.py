@@ -11,7 +11,11 @@ it.  The rule, checked by the command line before it saves `config.gin` (also wi
   differ: how processes start (`initialize_multihost.*`) and how progress is logged
   (`progress.log_every_secs`); for `train` also how far and how often it checkpoints and evaluates
   (`train.num_steps`, `.checkpoint_period`, `.keep_checkpoints`, `.eval_period`), since a resumed run
-  continues the same trajectory (data order, dropout and learning rate depend only on the step).
+  continues the same trajectory (data order, dropout and learning rate depend only on the step); for `rest`
+  also how many Grow steps (`run_rest.num_grow_steps`) and, while no Grow after the first has begun, how many
+  Improve steps per Grow (`run_rest.num_improve_steps`): a stage depends only on the stages before it, so a
+  finished run extended by more steps equals the longer run (`rest.extension_knobs`; Grow g >= 2 samples from
+  the policy G=g-1's last Improve step left, so I is fixed once it has begun).
 
 Otherwise the command exits with status 2, lists the differing bindings and leaves `config.gin` alone.
 When only allowed knobs differ, the earlier config is kept as `config.<k>.gin` (`gin_utils.save_config`).
@@ -41,13 +45,15 @@ class Resumable:
     finished_work: str
     # Bindings (fnmatch patterns over `configurable.param`) that cannot change that work.
     safe_knobs: tuple[str, ...] = ()
+    # "module:function", function(model_dir) -> more such patterns, given what `model_dir` holds now.
+    safe_knobs_in: str | None = None
 
 
 # Knobs that say how a run is started or logged, never what it computes.
 SAFE_KNOBS = ("initialize_multihost.*", "progress.log_every_secs")
 
 RESUMABLE: dict[str, Resumable] = {
-    "rest": Resumable("rest_jax.rest:finished_work"),
+    "rest": Resumable("rest_jax.rest:finished_work", safe_knobs_in="rest_jax.rest:extension_knobs"),
     "online": Resumable("rest_jax.online:finished_work"),
     "train": Resumable("rest_jax.train:finished_work",
                        ("train.num_steps", "train.checkpoint_period", "train.keep_checkpoints", "train.eval_period")),
@@ -56,7 +62,7 @@ RESUMABLE: dict[str, Resumable] = {
 _MAX_LISTED = 12
 
 
-def _load(spec: str) -> Callable[[str], Sequence[str]]:
+def _load(spec: str) -> Callable[..., Sequence[str]]:
     module, function = spec.split(":", 1)
     return getattr(importlib.import_module(module), function)
 
@@ -92,6 +98,8 @@ def check(command: str, model_dir: str, config_text: str, config_filename: str =
                              f"{model_dir} ({_summary(work)}) cannot be checked against this run's settings. "
                              "Restore it, or use a new MODEL_DIR.") from e
     safe = (*SAFE_KNOBS, *resumable.safe_knobs)
+    if resumable.safe_knobs_in:
+        safe += tuple(_load(resumable.safe_knobs_in)(os.fspath(model_dir)))
     unsafe = [d for d in differences if not any(fnmatch.fnmatchcase(d[0], pattern) for pattern in safe)]
     if not unsafe:
         return

@@ -74,6 +74,14 @@ def finished_work(model_dir: str) -> list[str]:
     return found
 
 
+def extension_knobs(model_dir: str) -> tuple[str, ...]:
+    """Knobs a rerun in `model_dir` may change although it holds finished work (`rest_jax.rerun`): G always,
+    since each stage depends only on those before it; I only until a second Grow has begun (even unfinished: its
+    shards are kept), because Grow g >= 2 samples from the policy that G=g-1's last Improve step left."""
+    later = [d for d in epath.Path(model_dir).glob("grow_*") if d.name != "grow_1"]
+    return ("run_rest.num_grow_steps",) if later else ("run_rest.num_grow_steps", "run_rest.num_improve_steps")
+
+
 def run_vocabulary(model_dir: str, task: str, vocab_path: str | None, vocab_size: int) -> str:
     """The run's vocabulary: `vocab_path`, else one trained on `task` in `<model_dir>/vocab` (once); bound as
     `get_task.vocabulary` so that the task's pipeline tokenises with it."""
@@ -262,18 +270,26 @@ def _best_of_n(model_dir: str, policies: Mapping[str, str], vocab_path: str,
                split: tuple[list[str], list[str]], reward: Any, ns: Sequence[int], seed: int,
                lengths: Mapping[str, int]) -> list[dict[str, Any]]:
     """Best-of-N rows of each named policy checkpoint (a final policy that is still BC's is skipped), cached in
-    `best_of_n.json` so that a rerun does not sample again."""
+    `best_of_n.json` with the checkpoint each row sampled, so that a rerun does not sample again unless the
+    policy changed (a run extended by more Grow or Improve steps has another final policy)."""
     path = os.path.join(model_dir, "best_of_n.json")
-    if os.path.exists(path):
-        return atomic.read_json(path)
+    cached = atomic.read_json(path) if os.path.exists(path) else []
     rows, (srcs, refs) = [], split
     for name, ckpt in policies.items():
         if name != "BC" and ckpt == policies["BC"]:
             continue
+        # Recorded relative to the run, so that a moved or copied run still finds its rows.
+        where = os.path.relpath(ckpt, model_dir)
+        # Rows from before the checkpoint was recorded: BC's are still BC's; the final policy's are sampled again.
+        recorded = where if name == "BC" else None
+        kept = [r for r in cached if r["policy"] == name and r.get("checkpoint", recorded) == where]
+        if kept:
+            rows += kept
+            continue
         for row in evaluate.best_of_n(_policy_from(ckpt, vocab_path), srcs, refs, reward, ns=ns, seed=seed,
                                       max_input_length=lengths["inputs"], max_decode_length=lengths["targets"]):
-            rows.append(dict(row, policy=name))
-    if partitioning.is_chief():
+            rows.append(dict(row, policy=name, checkpoint=where))
+    if partitioning.is_chief() and rows != cached:
         atomic.write_json(path, rows)
     return rows
 

@@ -102,6 +102,24 @@ def test_finished_rest_rerun_with_other_settings_refuses_and_keeps_config_gin(tm
     assert CALLS == ["rest"] * 4 and "MODEL_DIR = 'run'" in config.read_text()
 
 
+def test_rest_rerun_may_add_grow_steps_and_improve_steps_until_a_second_grow_begins(tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    base = ["rest", "--gin_file=experiments/demo.gin", f"--model_dir={model_dir}"]
+    assert _run(base, capsys)[0] == 0
+    _touch(model_dir / "bc" / "stage.json")
+    _touch(model_dir / "grow_1" / "stage.json")
+    _touch(model_dir / "grow_1" / "improve_0" / "stage.json")
+    code, _, err = _run([*base, "--gin.run_rest.num_improve_steps=3", "--gin.run_rest.num_grow_steps=2"], capsys)
+    assert code == 0, err
+    (model_dir / "grow_2" / "store").mkdir(parents=True)  # a second Grow has begun (a shard may be kept)
+    code, _, err = _run([*base, "--gin.run_rest.num_improve_steps=3", "--gin.run_rest.num_grow_steps=3"], capsys)
+    assert code == 0, err  # I as before (3), G changed
+    code, _, err = _run([*base, "--gin.run_rest.num_improve_steps=4", "--gin.run_rest.num_grow_steps=3"], capsys)
+    assert code == 2 and "rest_jax rest: error:   run_rest.num_improve_steps: 3 -> 4\n" in err
+    assert "num_grow_steps" not in err
+    assert CALLS == ["rest"] * 3
+
+
 def test_train_rerun_may_go_on_longer_but_not_with_another_model(tmp_path, capsys):
     model_dir = tmp_path / "bc"
     base = ["train", "--gin_file=models/tiny.gin", "--gin_file=tasks/demo_synthetic.gin", f"--model_dir={model_dir}"]

@@ -166,6 +166,33 @@ def test_a_copied_run_resumes_from_the_copy(tmp_path, tiny_run):
     assert resumed["rows"] == json.loads((tiny_run / "report.json").read_text())["rows"]
 
 
+def test_a_finished_run_extended_by_an_improve_step_equals_the_longer_run(tmp_path, tiny_run):
+    """A finished G=1 I=0 run rerun with I=1 (`rerun.check` lets `run_rest.num_improve_steps` differ until a
+    second Grow has begun) runs the one missing Improve step and ends as the uninterrupted I=1 run does, its
+    best-of-N sampled again for the new final policy (the cached rows name the policy that sampled them)."""
+    short = tmp_path / "short"
+    shutil.copytree(tiny_run, short)
+    # What a finished I=0 run leaves: no improve_1, its config says I=0, and best-of-N rows of its final policy
+    # (I=0), made stale here so that reusing them would show.
+    shutil.rmtree(short / "grow_1" / "improve_1")
+    (short / "report.json").unlink()
+    config = (short / "config.gin").read_text()
+    assert "run_rest.num_improve_steps = 1\n" in config
+    (short / "config.gin").write_text(config.replace("run_rest.num_improve_steps = 1\n",
+                                                     "run_rest.num_improve_steps = 0\n"))
+    rows = json.loads((short / "best_of_n.json").read_text())
+    assert {r["policy"] for r in rows} == {"BC", "ReST (final)"}
+    stale = [dict(r, checkpoint=os.path.join("grow_1", "improve_0", "checkpoints"), reward=-1.0)
+             if r["policy"] != "BC" else r for r in rows]
+    (short / "best_of_n.json").write_text(json.dumps(stale))
+
+    _run(short, tiny_run.parent / "demo")
+    extended, plain = (json.loads((d / "report.json").read_text()) for d in (short, tiny_run))
+    assert extended["rows"] == plain["rows"]
+    assert extended["best_of_n"] == plain["best_of_n"] and min(r["reward"] for r in extended["best_of_n"]) >= 0
+    assert "run_rest.num_improve_steps = 0" in (short / "config.1.gin").read_text()
+
+
 def test_control_continues_bc_on_the_original_data(tmp_path, tiny_run):
     """`run_rest.control`: the Improve steps of ReST on D instead of a Grow store, from a shared BC (bc_run:
     a copy of the tiny ReST run's, as when a run is copied from gs:// to a workstation or was made with a
