@@ -13,7 +13,7 @@
 # The experiment is $EXPERIMENT (default experiments/demo.gin). With $BC_DIR set, each seed starts from the BC
 # run $BC_DIR/s<seed>/bc (e.g. the Multi30k study's) instead of training one. Arguments after the seeds
 # (--gin.X=Y) go to every run. Runs land in $COST_DIR/s<seed>/<method> (default runs/demo_cost); a rerun skips
-# finished stages. Multi30k (issue 15's second task), from the study's BC policies:
+# finished stages, and one without --gin.run_rest.num_grow_steps / num_improve_steps extends a shorter ReST run. Multi30k (issue 15's second task), from the study's BC policies:
 #   EXPERIMENT=experiments/multi30k_de_en.gin BC_DIR=runs/m30k_study COST_DIR=runs/m30k_cost \
 #     ONLINE_LR=1e-3 DPO_LR=5e-4 scripts/cost_comparison.sh 0
 set -euo pipefail
