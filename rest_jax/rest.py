@@ -122,6 +122,24 @@ def stage_scores(policy: policy_lib.Policy, reward: Any, split_data: dict[str, t
     return out
 
 
+def kept_start_scores(start_scores: Mapping[str, Any], stage_dir: str) -> dict[str, Any]:
+    """The scores of an Improve step that kept its start policy (no evaluation beat it: Sec. 3's selection on
+    validation reward), which are its start's: greedy decoding and the seeded samples of the same parameters give
+    the same text. The start's translation files are copied into `stage_dir` as scoring would have written them."""
+    out = {}
+    for split, found in start_scores.items():
+        found = dict(found)
+        if "translations" in found:
+            written = epath.Path(found["translations"])
+            found["translations"] = os.path.join(stage_dir, written.name)
+            if partitioning.is_chief():
+                for path in (written, written.with_suffix(".json")):
+                    atomic.write_bytes(os.path.join(stage_dir, path.name), path.read_bytes())
+        out[split] = found
+    partitioning.sync_processes("rest_jax: kept scores copied")
+    return out
+
+
 def compare_to_bc(rows: list[dict[str, Any]], split: str, data: tuple[list[str], list[str]], reward: Any,
                   seed: int) -> None:
     """Adds to each row but BC `vs_bc` (paired bootstrap on `split`) and `held_out_drops` (see significance)."""
@@ -430,6 +448,8 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
         original = improve_data.GrowData.from_pairs(_policy_from(base_checkpoint, vocab_path).vocab, srcs, refs,
                                                     lengths)
     stores: list[str] = []
+    # The rows this run scored, by checkpoint (a BC shared through `bc_run` was scored by its own run's settings).
+    scored = {} if bc_run else {base_checkpoint: bc}
     grow_reward, refreshes = reward, []
     for g in range(1, num_grow_steps + 1):
         grow_dir = os.path.join(model_dir, f"grow_{g}")
@@ -452,12 +472,15 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
                     policy, data, stage_dir, i, val, reward=reward, feature_lengths=lengths, seed=seed + 1000 * g + i,
                     prior_improves=0 if restart_from_base else improves_done,
                     bc_policy=None if start == base_checkpoint else base_checkpoint)  # BVMPO/GOLD's frozen π_BC
-                best = policy.replace(params)
-                found, eval_seconds = _timed(scores, best, eval_splits, stage_dir)
+                if result["best_step"] == 0 and start in scored:  # kept its start: scoring it again is waste
+                    found, eval_seconds = _timed(kept_start_scores, scored[start]["scores"], stage_dir)
+                else:
+                    found, eval_seconds = _timed(scores, policy.replace(params), eval_splits, stage_dir)
                 result.update(name=f"{'Control' if control else 'ReST'} G={g} I={i}", start=start,
                               scores=found, eval_seconds=eval_seconds)
                 done = report.finish_stage(stage_dir, result)
             rows.append(done)
+            scored[done["checkpoint"]] = done
             curves[done["name"]] = [tuple(p) for p in done.get("curve", [])]
             if done.get("threshold") is not None:
                 thresholds[f"G={g} I={i}"] = done["threshold"]

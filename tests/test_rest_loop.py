@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from rest_jax import evaluate
 from rest_jax import inspection
 from rest_jax import metrics
+from rest_jax import rewards
 from rest_jax.data import grow_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -219,3 +221,35 @@ def test_control_continues_bc_on_the_original_data(tmp_path, tiny_run):
     missing = subprocess.run(_command(tmp_path / "other", demo) + [f"--gin.run_rest.bc_run='{tmp_path / 'none'}'"],
                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0 and "has no finished BC stage" in missing.stderr
+
+
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_step_that_keeps_its_start_policy_has_its_scores(tiny_run, index):
+    """An Improve step whose validation reward never rose keeps its start policy (best step 0) and is not scored
+    again: its scores and translations are its start's. Checked against translating and scoring its checkpoint
+    afresh. In the tiny run no evaluation beats BC: I=0 keeps BC's policy, I=1 I=0's."""
+    report = json.loads((tiny_run / "report.json").read_text())
+    split, reward_name = report["split"], report["reward"]
+    kept = tiny_run / "grow_1" / f"improve_{index}"
+    stage = json.loads((kept / "stage.json").read_text())
+    assert stage["best_step"] == 0, "the tiny run's Improve steps must keep their start for this test"
+    start = tiny_run / ("bc" if index == 0 else "grow_1/improve_0") / "checkpoints"
+    assert stage["start"] == str(start)
+    assert stage["eval_seconds"] < 1.0  # scoring takes seconds; the start's results were copied
+    scores = stage["scores"][split]
+    assert scores["translations"] == str(kept / f"{split}.greedy.txt")
+    saved = (kept / f"{split}.greedy.txt").read_text().splitlines()
+
+    # The reference: the step's checkpoint translated and scored here (other tests may have changed gin since).
+    inspection.load_run_config(tiny_run)
+    policy = inspection.load_stage_policy(tiny_run, f"grow_1/improve_{index}")
+    sources, references = inspection.split_data(tiny_run, split, len(saved))
+    hyps = inspection.translate(policy, sources)
+    assert saved == hyps
+    fresh = evaluate.corpus_scores(hyps, references)
+    fresh["reward"] = evaluate.mean_reward(rewards.get(reward_name), sources, hyps, references)
+    for key in ("reward", "bleu", "chrf", "ter"):
+        assert scores[key] == pytest.approx(fresh[key], abs=1e-9), key
+    assert json.loads((kept / f"{split}.greedy.json").read_text())["reward"] == pytest.approx(fresh["reward"])
