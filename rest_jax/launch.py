@@ -143,22 +143,26 @@ def run(command: Sequence[str], num_processes: int, devices_per_process: int | N
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
-    for i in range(num_processes):
-        env = child_env(os.environ, coordinator=coordinator, num_processes=num_processes, process_id=i,
-                        devices_per_process=devices_per_process)
-        proc = subprocess.Popen([*program, *command], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # Ctrl-C reaches them through us, once
-        procs.append(proc)
-        thread = threading.Thread(target=_pump, args=(proc.stdout, i, out, lock, verbose), daemon=True)
-        thread.start()
-        pumps.append(thread)
-    _say(out, lock, f"started {num_processes} process(es) of `rest_jax {' '.join(command)}`"
-                    f"{f' with {devices_per_process} device(s) each' if devices_per_process else ''}; "
-                    f"coordinator {coordinator}.")
     failed: tuple[int, int] | None = None  # (process index, status)
     deadline = None
+    # The handlers go in before the first process starts: a Ctrl-C or SIGTERM that arrived between the start and
+    # the wait loop would otherwise kill the launcher alone and orphan the processes (own sessions).
     with _interrupt_flag() as interrupted:
+        for i in range(num_processes):
+            if interrupted.is_set():
+                break
+            env = child_env(os.environ, coordinator=coordinator, num_processes=num_processes, process_id=i,
+                            devices_per_process=devices_per_process)
+            proc = subprocess.Popen([*program, *command], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)  # Ctrl-C reaches them through us, once
+            procs.append(proc)
+            thread = threading.Thread(target=_pump, args=(proc.stdout, i, out, lock, verbose), daemon=True)
+            thread.start()
+            pumps.append(thread)
+        _say(out, lock, f"started {num_processes} process(es) of `rest_jax {' '.join(command)}`"
+                        f"{f' with {devices_per_process} device(s) each' if devices_per_process else ''}; "
+                        f"coordinator {coordinator}.")
         while any(p.poll() is None for p in procs):
             if interrupted.is_set():
                 _stop(procs, signal.SIGINT)

@@ -113,12 +113,16 @@ def test_usage_errors(argv, message, capsys):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_cli_interrupt_reaches_every_process(tmp_path, sig):
-    """Ctrl-C (or SIGTERM) on `rest_jax launch` is passed to each process; the launch exits 130 with one line."""
+    """Ctrl-C (or SIGTERM) on `rest_jax launch` is passed to each process; the launch exits 130 with one line.
+
+    The launcher is held for 5 s after starting the processes (its "started" line), so the signal arrives before
+    its wait loop: the handlers must already be in place then, or the launcher alone dies and orphans them."""
     script = tmp_path / "child.py"
     # Default Ctrl-C handling, as rest_jax.main sets it (a background job's children inherit SIGINT ignored).
     script.write_text("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
                       "print('ready', flush=True)\ntime.sleep(600)\n")
-    code = ("import sys\nfrom rest_jax import launch\n"
+    code = ("import sys, time\nfrom rest_jax import launch\nsay = launch._say\n"
+            "launch._say = lambda out, lock, m: (m.startswith('started') and time.sleep(5), say(out, lock, m))\n"
             f"sys.exit(launch.run([], 2, 1, program=[sys.executable, {str(script)!r}]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
