@@ -198,28 +198,35 @@ def main(argv: list[str]) -> int:
 
 
 def _plot(summary: list, bc_rows: list[dict], path: pathlib.Path) -> None:
+    """Greedy and sample-mean reward of each policy against its reward-model calls and its seconds; policies at
+    the same cost are spread sideways (by 1.2% of the axis each) so that none hides another."""
+    from matplotlib import colormaps  # pylint: disable=import-outside-toplevel
     from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(13, 4.5))
     left, right = fig.subplots(1, 2)
+    colors = colormaps["tab20"]
     for ax, index, unit in ((left, 1, "reward-model calls (training data)"), (right, 2, "seconds on this machine")):
-        for label, *costs, (g_mean, g_half), (s_mean, s_half) in summary:
-            x = costs[index - 1]
-            line = ax.errorbar([x], [100 * g_mean], yerr=[0 if np.isnan(g_half) else 100 * g_half], fmt="o",
-                               capsize=3, label=f"{label} (greedy)")
+        xs = [row[index] for row in summary]
+        width = 0.012 * (max(xs) - min(xs) or max(max(xs), 1))
+        for k, (label, *_, (g_mean, g_half), (s_mean, s_half)) in enumerate(summary):
+            same = [j for j, x in enumerate(xs) if x == xs[k]]
+            x = xs[k] + (same.index(k) - (len(same) - 1) / 2) * width
+            color = colors(k % colors.N)
+            ax.errorbar([x], [100 * g_mean], yerr=[0 if np.isnan(g_half) else 100 * g_half], fmt="o",
+                        capsize=3, color=color, label=label)
             ax.errorbar([x], [100 * s_mean], yerr=[0 if np.isnan(s_half) else 100 * s_half], fmt="s", capsize=3,
-                        color=line[0].get_color(), alpha=0.5)
+                        color=color, alpha=0.5)
         if bc_rows:
             ax.axhline(100 * np.mean([r["reward"] for r in bc_rows]), color="grey", ls="--", lw=1)
             ax.axhline(100 * np.mean([r["sample_reward"] for r in bc_rows]), color="grey", ls=":", lw=1)
         ax.set_xlabel(unit)
         ax.set_ylabel("test reward (0-100): ● greedy, ■ sample mean")
-    left.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Reward against cost (BC: grey lines, dashed greedy, dotted sample mean)")
-    fig.tight_layout()
+    fig.legend(*left.get_legend_handles_labels(), fontsize=7, loc="center right")
+    fig.suptitle("Reward against cost, mean ± 95% interval over seeds (BC: grey, dashed greedy, dotted sample mean)")
+    fig.tight_layout(rect=(0, 0, 0.83, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
