@@ -228,5 +228,6 @@ def _plot(summary: list, bc_rows: list[dict], path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
