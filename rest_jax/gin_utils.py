@@ -437,7 +437,7 @@ def _parse(gin_files: Sequence[str], bindings: Sequence[Binding], search_paths: 
             gin.parse_config_file(path)
         except (ValueError, SyntaxError, IOError, ImportError, TypeError, tokenize.TokenError) as e:
             raise _explain(e, f"--gin_file={name}") from e
-        except RecursionError as e:
+        except RecursionError:
             # gin follows `include` without remembering where it has been: a cycle ends in a RecursionError
             # thousands of lines long.  Name the cycle instead.
             raise GinConfigError(_include_cycle(path, name, search_paths) or f"--gin_file={name}: includes nest "
