@@ -23,6 +23,8 @@ HYPS = {  # (row, stage) -> translations of the six sentences
                          "child runs on beach .", "a cat sleeps .", "an man sells fish ."],
 }
 
+REPORTED = {("base", "G=1 I=0"): 0.55, ("base", "G=1 I=1"): 0.6, ("new", "G=1 I=0"): 0.58, ("new", "G=1 I=1"): 0.52}
+
 
 def _study(tmp_path):
     """Two rows of seed 0, as the study leaves them, but with stage.json paths that name where the study ran
@@ -39,7 +41,7 @@ def _study(tmp_path):
             (stage_dir / "stage.json").write_text(json.dumps({
                 "name": f"ReST {stage}", "stage_dir": elsewhere, "checkpoint": f"{elsewhere}/checkpoints",
                 "scores": {"test": {"translations": f"{elsewhere}/test.greedy.txt"}}}))
-            rows.append({"name": f"ReST {stage}", "reward": 0.6, "bleu": 31.0, "chrf": 51.0})
+            rows.append({"name": f"ReST {stage}", "reward": REPORTED[row, stage], "bleu": 31.0, "chrf": 51.0})
         (run / "report.json").write_text(json.dumps({"split": "test", "reward": "chrf", "rows": rows}))
     refs = tmp_path / "refs.txt"
     refs.write_text("".join(r + "\n" for r in REFS + ["a sentence the report did not score ."]))
@@ -65,3 +67,39 @@ def test_compare_rows_per_seed_over_the_test_sentences(tmp_path):
     assert lines["G=1 I=1"].split("|")[3].strip().startswith("-")  # "new" is worse at I=1, better at I=0
     assert lines["G=1 I=0"].split("|")[3].strip().startswith("+")
     assert "| G=1 I=1 | 1 |" in proc.stdout  # the difference over seeds (one seed here)
+
+
+def _table(stdout):
+    """The seed table's rows: run label -> its cells."""
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in stdout.splitlines() if line.startswith("| ")]
+    return {c[0]: c[1:] for c in cells if c[0].startswith("BC G=") or ": ReST G=" in c[0]}
+
+
+def test_rows_and_stages_select_what_the_table_shows(tmp_path):
+    study, _ = _study(tmp_path)
+    script = [sys.executable, str(REPO / "scripts/study_table.py"), str(study)]
+    proc = subprocess.run(script + ["--rows", "new", "--stages", "G=1 I=1"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    table = _table(proc.stdout)
+    assert list(table) == ["BC G=0 I=0", "new: ReST G=1 I=1"]
+    # One seed: reward 52.0 against its BC's 50.0 (reward 0-1 shown x100).
+    assert table["new: ReST G=1 I=1"][1:3] == ["52.0", "+2.0"]
+
+    proc = subprocess.run(script + ["--rows", "new", "base", "--compare", "new", "base"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert list(_table(proc.stdout)) == ["BC G=0 I=0", "new: ReST G=1 I=0", "new: ReST G=1 I=1",
+                                         "base: ReST G=1 I=0", "base: ReST G=1 I=1"]
+    diffs = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in proc.stdout.splitlines()
+             if line.startswith("| G=1 I=")}
+    assert diffs == {"G=1 I=0": "+3.0", "G=1 I=1": "-8.0"}  # 58 - 55, 52 - 60: one seed, no interval
+
+
+def test_unknown_rows_and_stages_are_named(tmp_path):
+    study, _ = _study(tmp_path)
+    script = [sys.executable, str(REPO / "scripts/study_table.py"), str(study)]
+    proc = subprocess.run(script + ["--rows", "new", "nope"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "row(s) nope" in proc.stderr and "base, new" in proc.stderr
+    proc = subprocess.run(script + ["--stages", "G=1 I=7"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "stage(s) G=1 I=7" in proc.stderr and "G=1 I=1" in proc.stderr
