@@ -7,10 +7,10 @@ the same seed's BC policy, from the reports that scripts/multi30k_study.sh leave
     python scripts/study_table.py runs/m30k_study --rows control rest rest_norefs --stages "G=1 I=1" "G=1 I=3"
 
 Reads <dir>/s<seed>/<row>/report.json (every row that has a report, or those of `--rows` in that order; every
-stage, or those of `--stages`); prints markdown. `--compare ROW BASELINE`
-adds ROW − BASELINE at each stage, paired by seed (default: rest − control where both ran), and with the report
-split's references (the first n, as many as the report scored), per seed the paired bootstrap of that
-difference over the test sentences (as each row's difference to BC is in its report).
+stage, or those of `--stages`); prints markdown. `--compare ROW BASELINE` adds ROW − BASELINE at each stage,
+paired by seed (default: rest − control where both ran), and with the report split's references (the first n,
+as many as the report scored), per seed the paired bootstrap of that difference over the test sentences (as
+each row's difference to BC is in its report).
 """
 
 from __future__ import annotations
