@@ -34,6 +34,7 @@ import difflib
 import importlib.util  # noqa: F401  pylint: disable=unused-import
 import inspect
 import logging
+import operator
 import os
 import pathlib
 import re
@@ -959,17 +960,19 @@ def _default(key: tuple[str, str, str]) -> Any:
     return param.default
 
 
-def diff_configs(old: str, new: str, opaque_macros: Iterable[str] = ()) -> list[tuple[str, str, str]]:
+def diff_configs(old: str, new: str, opaque_macros: Iterable[str] = (),
+                 same: Callable[[Any, Any], bool] = operator.eq) -> list[tuple[str, str, str]]:
     """Bindings whose values differ between two gin config texts, as (binding, old value, new value).
 
     Macros are compared through the bindings that use them (`config_bindings`); a binding present on one
-    side only counts as its parameter's default there.  Values are shown as gin would write them.
+    side only counts as its parameter's default there.  Values are shown as gin would write them.  `same`
+    decides whether two values are equal (e.g. two spellings of one path).
     """
     a, b = config_bindings(old, opaque_macros), config_bindings(new, opaque_macros)
     out = []
     for key in sorted(set(a) | set(b)):
         (va, how_a), (vb, how_b) = _lookup(a, key), _lookup(b, key)
-        if va == vb:
+        if same(va, vb):
             continue
         out.append((_display_key(key), *(("(not set)" if v is _NO_DEFAULT else repr(v)) + how
                                           for v, how in ((va, how_a), (vb, how_b)))))

@@ -7,7 +7,9 @@ it.  The rule, checked by the command line before it saves `config.gin` (also wi
   When MODEL_DIR holds finished work (`rest`: the trained vocabulary, a finished stage, BC checkpoints;
   `online`: those of BC and a checkpoint or the finished online stage; `train`: a committed checkpoint) and has a `config.gin`, the new config must give every binding the value
   that `config.gin` gives it (macros compared through the bindings that use them; MODEL_DIR itself is
-  not compared, so a moved run directory still resumes).  Only knobs that cannot change finished work may
+  not compared, so a moved run directory still resumes; two strings that name the same existing local
+  file or directory, e.g. `run_rest.bc_run` given once absolute and once relative, are the same value,
+  a relative one read from the working directory of this run).  Only knobs that cannot change finished work may
   differ: how processes start (`initialize_multihost.*`) and how progress is logged
   (`progress.log_every_secs`); for `train` also how far and how often it checkpoints and evaluates
   (`train.num_steps`, `.checkpoint_period`, `.keep_checkpoints`, `.eval_period`), since a resumed run
@@ -72,6 +74,20 @@ def _summary(items: Sequence[str], limit: int = _MAX_LISTED) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def same_value(old: object, new: object) -> bool:
+    """Whether a binding's old and new values are the same: equal, or two spellings of one existing local
+    path (`runs/x/s0/bc` from /work and `/work/runs/x/s0/bc`), since a path setting such as
+    `run_rest.bc_run` names work, not text."""
+    if old == new:
+        return True
+    if not (isinstance(old, str) and isinstance(new, str)) or "://" in old + new or not (old and new):
+        return False
+    try:
+        return os.path.samefile(old, new)
+    except OSError:  # either does not exist here
+        return False
+
+
 def check(command: str, model_dir: str, config_text: str, config_filename: str = "config.gin") -> None:
     """Refuses a rerun of `command` whose config differs from the one that made the work in `model_dir`.
 
@@ -92,7 +108,7 @@ def check(command: str, model_dir: str, config_text: str, config_filename: str =
         return  # nothing made yet: the new settings apply to everything
     try:
         old = path.read_text()
-        differences = gin_utils.diff_configs(old, config_text, opaque_macros=["MODEL_DIR"])
+        differences = gin_utils.diff_configs(old, config_text, opaque_macros=["MODEL_DIR"], same=same_value)
     except (OSError, SyntaxError, ValueError, tokenize.TokenError) as e:
         raise GinConfigError(f"{path} cannot be read as gin ({type(e).__name__}: {e}), so the work in "
                              f"{model_dir} ({_summary(work)}) cannot be checked against this run's settings. "

@@ -147,3 +147,24 @@ def test_train_rerun_may_go_on_longer_but_not_with_another_model(tmp_path, capsy
     config.write_text("train.num_steps = (\n")  # not gin: cannot vouch for the checkpoints
     code, _, err = _run(base, capsys)
     assert code == 2 and f"{config} cannot be read as gin" in err and CALLS == ["train"] * 3
+
+
+def test_a_path_setting_given_once_absolute_and_once_relative_is_the_same_setting(tmp_path, capsys, monkeypatch):
+    # The Multi30k study ran with an absolute STUDY_DIR; resuming it with the README's relative one was refused
+    # ('/abs/s0/bc' -> 'runs/s0/bc') although both name the same BC run.
+    (tmp_path / "study" / "bc").mkdir(parents=True)
+    (tmp_path / "other_bc").mkdir()
+    model_dir = tmp_path / "study" / "rest"
+    base = ["rest", "--gin_file=experiments/demo.gin", f"--model_dir={model_dir}"]
+    assert _run([*base, f"--gin.run_rest.bc_run='{tmp_path / 'study' / 'bc'}'"], capsys)[0] == 0
+    _touch(model_dir / "grow_1" / "stage.json")
+    monkeypatch.chdir(tmp_path)
+    for bc_run in ["study/bc", "./study/../study/bc/"]:
+        code, _, err = _run([*base, f"--gin.run_rest.bc_run='{bc_run}'"], capsys)
+        assert code == 0, err
+    assert CALLS == ["rest"] * 3
+    # Another directory, or one that does not exist, is another setting.
+    for bc_run in ["other_bc", "missing/bc"]:
+        code, _, err = _run([*base, f"--gin.run_rest.bc_run='{bc_run}'"], capsys)
+        assert code == 2 and f"rest_jax rest: error:   run_rest.bc_run: './study/../study/bc/' -> '{bc_run}'\n" in err
+    assert CALLS == ["rest"] * 3
