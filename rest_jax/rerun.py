@@ -74,7 +74,7 @@ def _summary(items: Sequence[str], limit: int = _MAX_LISTED) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def same_value(old: object, new: object) -> bool:
+def _same_value(old: object, new: object) -> bool:
     """Whether a binding's old and new values are the same: equal, or two spellings of one existing local
     path (`runs/x/s0/bc` from /work and `/work/runs/x/s0/bc`), since a path setting such as
     `run_rest.bc_run` names work, not text."""
@@ -108,7 +108,7 @@ def check(command: str, model_dir: str, config_text: str, config_filename: str =
         return  # nothing made yet: the new settings apply to everything
     try:
         old = path.read_text()
-        differences = gin_utils.diff_configs(old, config_text, opaque_macros=["MODEL_DIR"], same=same_value)
+        differences = gin_utils.diff_configs(old, config_text, opaque_macros=["MODEL_DIR"], same=_same_value)
     except (OSError, SyntaxError, ValueError, tokenize.TokenError) as e:
         raise GinConfigError(f"{path} cannot be read as gin ({type(e).__name__}: {e}), so the work in "
                              f"{model_dir} ({_summary(work)}) cannot be checked against this run's settings. "
