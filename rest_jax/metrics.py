@@ -31,10 +31,22 @@ import gin
 import numpy as np
 import tqdm
 from etils import epath
-from tensorboardX import SummaryWriter
-from tensorboardX import record_writer
 
 from rest_jax.io import console
+
+# tensorboardX's writer imports torch when it is installed, only to accept torch tensors (rest_jax passes
+# NumPy values): 1-2 s added to the start of every command. Hide torch from that one import unless it is
+# already loaded (a None entry in sys.modules makes `import torch` raise ImportError, which tensorboardX
+# expects); a later `import torch` anywhere else loads it as usual.
+_HIDE_TORCH = "torch" not in sys.modules
+if _HIDE_TORCH:
+    sys.modules["torch"] = None  # type: ignore[assignment]
+try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+finally:
+    if _HIDE_TORCH:
+        del sys.modules["torch"]
 
 logger = logging.getLogger(__name__)
 

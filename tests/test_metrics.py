@@ -4,6 +4,8 @@ quiet off a terminal, FLOP counts against a hand listing of every matmul."""
 import glob
 import io
 import logging
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -22,6 +24,19 @@ def read_events(logdir):
         for value in event.summary.value:
             out.append((event.step, value.tag, value))
     return out
+
+
+def test_importing_the_writer_does_not_load_torch_and_torch_still_loads_after(tmp_path):
+    """tensorboardX would import torch (1-2 s at every command's start); the writer must work without it."""
+    torch_installed = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+    code = (f"import sys\nfrom rest_jax import metrics\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+            f"with metrics.MetricWriter({str(tmp_path)!r}, 'train', enabled=True) as w:\n"
+            f"    w.write_scalars(1, {{'loss': 0.5}})\n"
+            + ("import torch\nassert float(torch.ones(2).sum()) == 2.0\n" if torch_installed else ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(step, tag, value.simple_value) for step, tag, value in read_events(tmp_path / "train")] == [
+        (1, "loss", 0.5)]
 
 
 def test_scalars_histograms_texts_are_readable_by_tensorflow(tmp_path, caplog):
