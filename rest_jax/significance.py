@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import numpy as np
 import sacrebleu
-from scipy import stats
 
 CORPUS_METRICS = ("bleu", "chrf", "ter")
 LOWER_IS_BETTER = ("ter",)
@@ -114,6 +113,8 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
         raise ValueError("seed_interval: no values")
     if len(x) == 1:
         return float(x[0]), float("nan")
+    # Imported here: scipy.stats takes ~1 s to import, and most commands never print an interval over seeds.
+    from scipy import stats  # pylint: disable=g-import-not-at-top
     half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
     return float(x.mean()), float(half)
 
