@@ -34,9 +34,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _parse_gin(gin_files: list[str], bindings: list[str]) -> None:
+    from rest_jax import configurables  # pylint: disable=import-outside-toplevel
     from rest_jax import gin_utils  # pylint: disable=import-outside-toplevel
-    from rest_jax import rest  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (configurables)
 
+    configurables.register()  # every command's configurables: experiment files bind several (e.g. `online`)
     gin_utils.parse(gin_files, [gin_utils.binding_from_flag(*b.split("=", 1)) for b in bindings])
 
 
