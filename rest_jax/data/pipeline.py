@@ -23,6 +23,7 @@ import seqio
 import tensorflow as tf
 
 from rest_jax.data import tasks
+from rest_jax.data import tf_tracing
 
 Batch = dict[str, np.ndarray]
 _TEXT_FEATURES = ("inputs_pretokenized", "targets_pretokenized")
@@ -62,6 +63,7 @@ def _to_numpy(batch: Mapping[str, np.ndarray]) -> Batch:
     return out
 
 
+@tf_tracing.autograph(False)
 def get_batches(
     task: Union[str, seqio.Task],
     split: str = "train",
@@ -121,7 +123,8 @@ def get_batches(
     )
     # Only the token features: the packer warns about (and drops) the others anyway.
     ds = ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]})
-    ds = seqio.EncDecFeatureConverter(pack=pack)(ds, lengths)
+    with tf_tracing.autograph(pack):  # seqio's packer loops over a tensor in Python
+        ds = seqio.EncDecFeatureConverter(pack=pack)(ds, lengths)
     ds = ds.batch(batch_size, drop_remainder=True)
     if start_step:
         ds = ds.skip(start_step)
@@ -185,6 +188,7 @@ def _pad_batch(batch: Batch, rows: int) -> Batch:
     return out
 
 
+@tf_tracing.autograph(False)
 def get_eval_batches(
     task: Union[str, seqio.Task],
     split: str = "validation",

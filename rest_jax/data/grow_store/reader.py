@@ -13,6 +13,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from rest_jax.data import tf_tracing
 from rest_jax.data.vocab import vocab_file, vocab_fingerprint
 from rest_jax.data.grow_store.schema import (
     DEFAULT_IGNORED_MODEL_FIELDS, FIELDS, FORMAT_NAME, FORMAT_VERSION, GrowIncompleteError,
@@ -130,6 +131,7 @@ class GrowStore:
         for _ in self.iterate(("source_id",)):
             pass
 
+    @tf_tracing.autograph(False)
     def as_tf_dataset(self, columns: Iterable[str] | None = None, shuffle_files: bool = False,
                       seed: int | None = None) -> tf.data.Dataset:
         """One element per record, lists as dense 1-D tensors (tokens int32). Unshuffled: shard order.

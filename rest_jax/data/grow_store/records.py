@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from rest_jax.data import tf_tracing
 from rest_jax.data.grow_store.schema import (
     FIELDS, GrowStoreCorruptError, _CORRUPT_ADVICE)
 
@@ -78,7 +79,8 @@ def _iterate_file(path: str, columns: Sequence[str], batch_size: int) -> Iterato
         parsed = tf.io.parse_example(serialized, spec)
         return {k: (v.values, v.row_splits) if isinstance(v, tf.RaggedTensor) else v for k, v in parsed.items()}
 
-    ds = tf.data.TFRecordDataset(path).batch(batch_size).map(parse)
+    with tf_tracing.autograph(False):
+        ds = tf.data.TFRecordDataset(path).batch(batch_size).map(parse)
     it = iter(ds.as_numpy_iterator())
     while True:
         try:
