@@ -281,6 +281,36 @@ def test_pipelines_skip_autograph_and_give_the_batches_autograph_gives(multi30k,
             np.testing.assert_array_equal(g[k], w[k])
 
 
+
+def test_a_preprocessor_that_needs_autograph_gets_it(multi30k, monkeypatch):
+    """A user's seqio preprocessor with Python control flow over a tensor fails without AutoGraph, so the
+    pipeline is built again with it: the batches are those of TensorFlow's default (AutoGraph on)."""
+    import seqio  # pylint: disable=import-outside-toplevel
+
+    from rest_jax.data import tf_tracing  # pylint: disable=import-outside-toplevel
+
+    def short_targets(ds):
+        def fn(ex):
+            targets = ex["targets"]
+            if tf.size(targets) > 5:  # a Python `if` on a tensor: a graph op only through AutoGraph
+                targets = targets[:5]
+            return {**ex, "targets": targets}
+        return ds.map(fn)
+
+    base = tasks.get_task("multi30k_de_en")
+    task = seqio.Task("multi30k_short_targets", source=base.source, output_features=base.output_features,
+                      preprocessors=[*base.preprocessors, short_targets])
+    kwargs = dict(split="validation", batch_size=16, feature_lengths=LENGTHS, shuffle=False, shard_index=0,
+                  num_shards=1)
+    with tf_tracing.autograph(False), pytest.raises(tf.errors.OperatorNotAllowedInGraphError):
+        pipeline.get_batches.__wrapped__(task, **kwargs)
+    got = next(pipeline.get_batches(task, **kwargs))
+    monkeypatch.setattr(tf_tracing, "ag_ctx", None)  # the reference: TensorFlow's default, AutoGraph on
+    want = next(pipeline.get_batches(task, **kwargs))
+    assert (got["decoder_target_tokens"] != 0).sum(axis=1).max() == 5
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
 def test_source_shuffle_is_a_new_permutation_each_epoch(multi30k):
     source = tasks.get_source("multi30k_de_en")
     ds = source.get_dataset("validation", shuffle=True, seed=3).repeat(2)

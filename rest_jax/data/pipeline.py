@@ -63,7 +63,7 @@ def _to_numpy(batch: Mapping[str, np.ndarray]) -> Batch:
     return out
 
 
-@tf_tracing.autograph(False)
+@tf_tracing.without_autograph
 def get_batches(
     task: Union[str, seqio.Task],
     split: str = "train",
@@ -188,7 +188,7 @@ def _pad_batch(batch: Batch, rows: int) -> Batch:
     return out
 
 
-@tf_tracing.autograph(False)
+@tf_tracing.without_autograph
 def get_eval_batches(
     task: Union[str, seqio.Task],
     split: str = "validation",

@@ -151,7 +151,7 @@ class ParallelTextSource(seqio.DataSource):
     def num_input_examples(self, split: str) -> int:
         return len(self.pairs(split)[0])
 
-    @tf_tracing.autograph(False)
+    @tf_tracing.without_autograph
     def get_dataset(
         self,
         split: str = "train",
@@ -256,7 +256,7 @@ class TfdsTranslationSource(seqio.DataSource):
     def num_input_examples(self, split: str) -> int:
         return self.builder.info.splits[split].num_examples
 
-    @tf_tracing.autograph(False)
+    @tf_tracing.without_autograph
     def get_dataset(
         self,
         split: str = "train",
@@ -529,7 +529,7 @@ def as_task(task_or_name: Union[str, seqio.Task]) -> seqio.Task:
     return get_task(task_or_name) if isinstance(task_or_name, str) else task_or_name
 
 
-@tf_tracing.autograph(False)
+@tf_tracing.without_autograph
 def count_overlong(
     task: Union[str, seqio.Task], split: str, feature_lengths: Mapping[str, int]
 ) -> dict[str, Any]:

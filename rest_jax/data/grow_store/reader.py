@@ -131,7 +131,7 @@ class GrowStore:
         for _ in self.iterate(("source_id",)):
             pass
 
-    @tf_tracing.autograph(False)
+    @tf_tracing.without_autograph
     def as_tf_dataset(self, columns: Iterable[str] | None = None, shuffle_files: bool = False,
                       seed: int | None = None) -> tf.data.Dataset:
         """One element per record, lists as dense 1-D tensors (tokens int32). Unshuffled: shard order.
