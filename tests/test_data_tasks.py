@@ -245,7 +245,6 @@ def test_hosts_rows_assemble_the_one_host_batches(multi30k):
                 np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), want[k])
 
 
-
 def test_pipelines_skip_autograph_and_give_the_batches_autograph_gives(multi30k, monkeypatch):
     """Pipelines build without AutoGraph's source rewrite (`tf_tracing`: ~3 s off each command's start), except
     seqio's packer, which needs it, and yield exactly what the same pipelines traced through AutoGraph
@@ -281,7 +280,6 @@ def test_pipelines_skip_autograph_and_give_the_batches_autograph_gives(multi30k,
             np.testing.assert_array_equal(g[k], w[k])
 
 
-
 def test_a_preprocessor_that_needs_autograph_gets_it(multi30k, monkeypatch):
     """A user's seqio preprocessor with Python control flow over a tensor fails without AutoGraph, so the
     pipeline is built again with it: the batches are those of TensorFlow's default (AutoGraph on)."""
@@ -310,6 +308,7 @@ def test_a_preprocessor_that_needs_autograph_gets_it(multi30k, monkeypatch):
     assert (got["decoder_target_tokens"] != 0).sum(axis=1).max() == 5
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+
 
 def test_source_shuffle_is_a_new_permutation_each_epoch(multi30k):
     source = tasks.get_source("multi30k_de_en")
