@@ -26,6 +26,7 @@ from rest_jax import policy as policy_lib
 from rest_jax import report
 from rest_jax import rewards as rewards_lib
 from rest_jax import significance
+from rest_jax.data import tasks
 from rest_jax.io import atomic
 from rest_jax.io import console
 
@@ -98,32 +99,6 @@ def compare_translations(baseline: Sequence[str], system: Sequence[str], sources
 
     return significance.compare(baseline, system, references, rewards_of(baseline), rewards_of(system),
                                 metrics=metrics, seed=seed)
-
-
-def read_split(task: str, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
-    """Raw (sources, references) of a task split, in order.
-
-    `split` may carry a Python slice, 'validation[:1000]' or 'validation[1000:]': two disjoint parts of one
-    held-out split, to select checkpoints on one and report on the other when a task has no other.
-    """
-    from rest_jax.data import tasks  # pylint: disable=import-outside-toplevel
-
-    source = tasks.get_source(task)
-    name, part = tasks.split_slice(split)
-    if hasattr(source, "pairs"):
-        srcs, refs = source.pairs(split)
-    elif part != slice(None):
-        srcs, refs = read_split(task, name)
-        srcs, refs = srcs[part], refs[part]
-    else:
-        srcs, refs = [], []
-        for ex in source.get_dataset(split=split, shuffle=False).as_numpy_iterator():
-            srcs.append(ex["inputs"].decode("utf-8"))
-            refs.append(ex["targets"].decode("utf-8"))
-    srcs, refs = list(srcs), list(refs)
-    if limit is not None:
-        srcs, refs = srcs[:limit], refs[:limit]
-    return srcs, refs
 
 
 def evaluate_policy(policy: policy_lib.Policy, sources: Sequence[str], references: Sequence[str], *, reward: Any = None,
@@ -229,7 +204,7 @@ def evaluate(checkpoint: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED, out
       beam_size, alpha: Beam width and GNMT length penalty (method 'beam').
     """
     policy = policy_lib.load_policy(checkpoint, vocabulary, step)
-    sources, references = read_split(task, split, limit)
+    sources, references = tasks.read_split(task, split, limit)
     reward = rewards_lib.get(reward_name) if reward_name else None
     out = epath.Path(output_dir)
     decode = dict(batch_size=batch_size, max_input_length=max_input_length, max_decode_length=max_decode_length)

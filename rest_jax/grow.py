@@ -17,13 +17,13 @@ import gin
 import jax
 import numpy as np
 
-from rest_jax import evaluate
 from rest_jax import gin_utils
 from rest_jax import metrics as metrics_lib
 from rest_jax import partitioning
 from rest_jax import policy as policy_lib
 from rest_jax import rewards as rewards_lib
 from rest_jax.data import grow_store as store_lib
+from rest_jax.data import tasks
 from rest_jax.io import console
 
 
@@ -221,7 +221,7 @@ def grow(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, checkpoint: st
       grow_index: g, the Grow step's number (the store's folder and its records).
     """
     policy = policy_lib.load_policy(checkpoint, vocabulary)
-    sources, references = evaluate.read_split(task, split, max_sources)
+    sources, references = tasks.read_split(task, split, max_sources)
     store_dir = os.path.join(model_dir, f"grow_{grow_index}", "store")
     return grow_dataset(policy, sources, references, store_dir, grow_index, checkpoint=checkpoint,
                         vocab_path=vocabulary)

@@ -63,6 +63,7 @@ from rest_jax import policy as policy_lib
 from rest_jax import rewards as rewards_lib
 from rest_jax import trainer
 from rest_jax.data import grow_store as store_lib
+from rest_jax.data import tasks
 from rest_jax.io import atomic
 from rest_jax.io import console
 from rest_jax.model import heads
@@ -692,7 +693,7 @@ def improve(model_dir: str = gin.REQUIRED, grow_store: str | Sequence[str] = gin
     for store in stores:
         store_lib.GrowStore(store).check_compatible(vocab=policy.vocab, model_config=policy.config)
     data = improve_data.GrowData.open(stores)
-    validation = evaluate.read_split(task, validation_split, num_validation_sources)
+    validation = tasks.read_split(task, validation_split, num_validation_sources)
     _, result = improve_step(policy, data, model_dir, improve_index, validation, reward=rewards_lib.get(reward_name),
                              seed=seed, bc_policy=bc_checkpoint, prior_improves=prior_improves)
     result.update(start=checkpoint, grow_store=stores, task=task,

@@ -449,10 +449,10 @@ def run_task(run_dir: str | os.PathLike) -> str:
 def split_data(run_dir: str | os.PathLike, split: str = "validation",
                limit: int | None = None) -> tuple[list[str], list[str]]:
     """(sources, references) of the run's task split, in order; data settings from the run's gin config."""
-    from rest_jax import evaluate  # pylint: disable=import-outside-toplevel
+    from rest_jax.data import tasks  # pylint: disable=import-outside-toplevel
 
     ensure_run_config(run_dir)  # e.g. demo_source.data_dir
-    return evaluate.read_split(run_task(run_dir), split, limit)
+    return tasks.read_split(run_task(run_dir), split, limit)
 
 
 def run_reward(run_dir: str | os.PathLike) -> Any:

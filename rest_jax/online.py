@@ -66,6 +66,7 @@ from rest_jax import report
 from rest_jax import rest as rest_lib
 from rest_jax import rewards as rewards_lib
 from rest_jax import trainer
+from rest_jax.data import tasks
 from rest_jax.io import atomic
 from rest_jax.io import console
 from rest_jax.model import heads
@@ -316,7 +317,7 @@ def online(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, algorithm
     done = report.stage_result(stage_dir)
     if done is None:
         bc_policy = policy_lib.load_policy(bc["checkpoint"], vocab_path)
-        sources, references = evaluate.read_split(task, grow_split, max_sources)
+        sources, references = tasks.read_split(task, grow_split, max_sources)
         result = run_iterations(bc_policy, sources, references, eval_splits[validation_split], reward, stage_dir,
                         algorithm=algorithm,
                         num_iterations=num_iterations, sources_per_iteration=sources_per_iteration,

@@ -42,7 +42,7 @@ from rest_jax import train as train_lib
 from rest_jax.data import demo_corpus  # noqa: F401  pylint: disable=unused-import
 from rest_jax.data import grow_store as store_lib
 from rest_jax.data import task_vocab
-from rest_jax.data import tasks  # noqa: F401  pylint: disable=unused-import
+from rest_jax.data import tasks
 from rest_jax.data import vocab as vocab_lib
 from rest_jax.io import atomic
 from rest_jax.io import console
@@ -172,7 +172,7 @@ def _grown(g: int, grow_dir: str, store_dir: str, policy_checkpoint: str, vocab_
     # writer keeps intact shards, rewrites the metadata, and names any shard that must be deleted.
     if grown is None or not store_lib.GrowStore.is_complete(store_dir):
         policy = _policy_from(policy_checkpoint, vocab_path)
-        sources, references = evaluate.read_split(task, grow_split, max_grow_sources)
+        sources, references = tasks.read_split(task, grow_split, max_grow_sources)
         meta = grow_lib.grow_dataset(policy, sources, references, store_dir, g, reward=reward,
                                      max_input_length=lengths["inputs"], max_decode_length=lengths["targets"],
                                      seed=seed, checkpoint=policy_checkpoint, vocab_path=vocab_path)
@@ -193,9 +193,9 @@ def evaluation_splits(task: str, validation_split: str, num_validation: int | No
                       num_test: int | None) -> tuple[dict[str, tuple[list[str], list[str]]], str]:
     """{split: (sources, references)} of the validation split (its first `num_validation`) and the test split
     (None: none), and the split the report is on (test, else validation)."""
-    splits = {validation_split: evaluate.read_split(task, validation_split, num_validation)}
+    splits = {validation_split: tasks.read_split(task, validation_split, num_validation)}
     if test_split:
-        splits[test_split] = evaluate.read_split(task, test_split, num_test)
+        splits[test_split] = tasks.read_split(task, test_split, num_test)
     return splits, test_split or validation_split
 
 
@@ -444,7 +444,7 @@ def run_rest(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, *, vocab_p
     improves_done = 0  # Improve steps behind the latest policy: the learning rate falls with each (ReST Sec. 3)
     original = None
     if control:
-        srcs, refs = evaluate.read_split(task, grow_split, None)
+        srcs, refs = tasks.read_split(task, grow_split, None)
         original = improve_data.GrowData.from_pairs(_policy_from(base_checkpoint, vocab_path).vocab, srcs, refs,
                                                     lengths)
     stores: list[str] = []

@@ -485,18 +485,6 @@ def refresh_reward_model(reward_dir: str, store_dirs: Sequence[str], output_dir:
     return result
 
 
-def _parallel_pairs(task: str, split: str) -> tuple[list[str], list[str]]:
-    source = tasks.get_source(task)
-    if hasattr(source, "pairs"):
-        src, tgt = source.pairs(split)
-        return list(src), list(tgt)
-    src, tgt = [], []
-    for ex in source.get_dataset(split=split, shuffle=False).as_numpy_iterator():
-        src.append(ex["inputs"].decode("utf-8"))
-        tgt.append(ex["targets"].decode("utf-8"))
-    return src, tgt
-
-
 @gin.configurable
 def train_learned_reward(output_dir: str = gin.REQUIRED, vocabulary: str = gin.REQUIRED,
                          grow_store: str | None = None, task: str | None = None, split: str = "train",
@@ -540,7 +528,7 @@ def train_learned_reward(output_dir: str = gin.REQUIRED, vocabulary: str = gin.R
         examples = examples_from_grow_store(grow_store, include_references, rescore_with, max_examples=max_examples,
                                             seed=seed)
     else:
-        sources, references = _parallel_pairs(task, split)
+        sources, references = tasks.read_split(task, split)
         if max_examples is not None:
             keep = max(1, max_examples // (candidates_per_source + int(include_references)))
             sources, references = sources[:keep], references[:keep]

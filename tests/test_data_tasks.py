@@ -6,6 +6,7 @@ import time
 import gin
 import numpy as np
 import pytest
+import seqio
 import sentencepiece as spm
 import tensorflow as tf
 
@@ -483,12 +484,43 @@ def test_a_slice_of_a_split_is_that_part_of_its_lines_for_training_and_for_grow(
     source = tasks.get_source("multi30k_de_en")
     assert source.pairs("train[:14500]") == (de[:14500], en[:14500])
     assert source.pairs("train[14500:]") == (de[14500:], en[14500:])
-    from rest_jax import evaluate  # pylint: disable=import-outside-toplevel
-
-    assert evaluate.read_split("multi30k_de_en", "train[28990:]") == (de[28990:], en[28990:])
+    assert tasks.read_split("multi30k_de_en", "train[28990:]") == (de[28990:], en[28990:])
     batch = next(pipeline.get_batches("multi30k_de_en", "train[14500:14516]", batch_size=16,
                                       feature_lengths=LENGTHS, shuffle=False, shard_index=0, num_shards=1))
     expected = [_brute_force_row(sp, s, LENGTHS["inputs"]) for s in de[14500:14516]]
     np.testing.assert_array_equal(batch["encoder_input_tokens"], np.array(expected))
     with pytest.raises(ValueError, match="Unknown split 'tran\\[:10\\]'"):
         source.pairs("tran[:10]")
+
+
+@pytest.mark.parametrize("kind", ["text files", "seqio source"])
+def test_read_split_reads_a_split_its_slices_and_its_first_rows_in_order(tmp_path, kind):
+    # Two ways in: text files (their source holds the pairs) and any other seqio source (read in batches,
+    # here 3 rows at a time against 10 rows, so the last batch is partial).
+    pairs = [(f"quelle {i} é", f"source {i}") for i in range(10)]
+    name = "parallel_text"
+    if kind == "text files":
+        (tmp_path / "valid.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in pairs), encoding="utf-8")
+        gin.bind_parameter("parallel_text_source.files", {"validation": str(tmp_path / "valid.tsv")})
+    else:
+        name = "test_read_split_function_source"
+
+        def dataset(split, shuffle_files, seed=None):
+            del split, shuffle_files, seed
+            return tf.data.Dataset.from_tensor_slices(
+                {"inputs": [a for a, _ in pairs], "targets": [b for _, b in pairs]})
+
+        source = seqio.FunctionDataSource(dataset, splits=["validation"])
+        seqio.TaskRegistry.add(name, source=source, output_features={})
+    src, tgt = [a for a, _ in pairs], [b for _, b in pairs]
+    try:
+        assert tasks.read_split(name, "validation") == (src, tgt)
+        assert tasks.read_split(name, "validation[:4]") == (src[:4], tgt[:4])
+        assert tasks.read_split(name, "validation[4:]", 2) == (src[4:6], tgt[4:6])
+        assert tasks.read_split(name, "validation[-3:]") == (src[-3:], tgt[-3:])
+        assert tasks.read_split(name, "validation", 7) == (src[:7], tgt[:7])
+        assert list(tasks.iterate_pairs(name, "validation", batch_size=3)) == pairs
+    finally:
+        gin.clear_config()
+        if name in seqio.TaskRegistry.names():
+            seqio.TaskRegistry.remove(name)

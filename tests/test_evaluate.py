@@ -95,23 +95,3 @@ def test_policy_with_a_vocabulary_larger_than_the_model_is_refused():
         policy_lib.Policy(model, None, Sized())
     Sized.vocab_size = 512
     assert policy_lib.Policy(model, None, Sized()).vocab.vocab_size == 512
-
-
-def test_read_split_takes_a_slice_of_a_split(tmp_path):
-    import gin  # pylint: disable=import-outside-toplevel
-
-    from rest_jax.data import tasks  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-
-    pairs = [(f"quelle {i}", f"source {i}") for i in range(10)]
-    (tmp_path / "valid.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
-    gin.bind_parameter("parallel_text_source.files", {"validation": str(tmp_path / "valid.tsv")})
-    try:
-        whole = evaluate.read_split("parallel_text", "validation")
-        head = evaluate.read_split("parallel_text", "validation[:4]")
-        tail = evaluate.read_split("parallel_text", "validation[4:]")
-        assert whole == ([a for a, _ in pairs], [b for _, b in pairs])
-        assert head == (whole[0][:4], whole[1][:4]) and tail == (whole[0][4:], whole[1][4:])
-        assert evaluate.read_split("parallel_text", "validation[4:]", 2) == (whole[0][4:6], whole[1][4:6])
-        assert evaluate.read_split("parallel_text", "validation[-3:]") == (whole[0][-3:], whole[1][-3:])
-    finally:
-        gin.clear_config()

@@ -124,11 +124,11 @@ def test_rest_loop_end_to_end_and_kill_resume(tmp_path, tiny_run):
     import gin  # pylint: disable=import-outside-toplevel
     import sacrebleu  # pylint: disable=import-outside-toplevel
 
-    from rest_jax import evaluate  # pylint: disable=import-outside-toplevel
+    from rest_jax.data import tasks  # pylint: disable=import-outside-toplevel
 
     inspection.load_run_config(plain)
     try:
-        _, refs = evaluate.read_split("demo_synthetic", "test", 16)
+        _, refs = tasks.read_split("demo_synthetic", "test", 16)
     finally:
         gin.clear_config()
 

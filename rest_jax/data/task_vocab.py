@@ -24,10 +24,9 @@ from rest_jax.io import console
 
 def task_training_text(task_name: str, split: str = "train") -> Iterable[str]:
     """Yields source and target sentences of a task's split (joint vocabulary)."""
-    source = tasks.get_source(task_name)
-    for ex in source.get_dataset(split=split, shuffle=False).as_numpy_iterator():
-        yield ex["inputs"].decode("utf-8")
-        yield ex["targets"].decode("utf-8")
+    for source, target in tasks.iterate_pairs(task_name, split):
+        yield source
+        yield target
 
 
 @gin.configurable
