@@ -5,7 +5,7 @@
 #   python scripts/cost_table.py runs/demo_cost
 # Methods ($METHODS, default all four; METHODS= trains the BC alone): rest (the experiment's Grow and Improve
 # steps), dpo (runs/dpo.gin at Improve rate $DPO_LR, default 2e-5, the demo's: its 2e-3 collapses DPO; on
-# Multi30k 5e-4, chosen on seed 0 and reward hacking on seeds 1 and 2: README "Online RL"; patience 3, so that its
+# Multi30k 5e-4, chosen on seed 0 and reward hacking on seeds 1 and 2: README "Online RL", docs/results.md; patience 3, so that its
 # slow rise runs the stage's steps), grpo
 # and ppo (runs/grpo.gin, runs/ppo.gin, with the experiment's online budget: on the demo 60 iterations x 32
 # sources x 4 samples, as many reward calls as Grow's 2,000 sources x 4 samples; rate $ONLINE_LR, default the
