@@ -63,6 +63,8 @@ class Subcommand:
     # Run configs to load first, relative to the search paths; the first that exists is used.
     # Empty: `runs/<subcommand>.gin`.
     run_configs: tuple[str, ...] = ()
+    # For a subcommand without a run config: the gin file a user passes (named in the help).
+    example_gin_file: str = ""
 
     @property
     def module(self) -> str:
@@ -90,7 +92,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "convert": Subcommand("rest_jax.convert:convert", "Convert checkpoints: HF <-> rest_jax, T5X -> rest_jax."),
     "vocab": Subcommand("rest_jax.data.task_vocab:train_task_vocabulary", "Train a SentencePiece vocabulary."),
     "reward-model": Subcommand("rest_jax.reward_model:train_learned_reward",
-                               "Train a learned (e.g. reference-free) reward model."),
+                               "Train a learned (e.g. reference-free) reward model.",
+                               example_gin_file="rewards/train_learned_qe.gin"),
 }
 
 FLAGS_HELP = """\
@@ -252,23 +255,30 @@ def _required_text(files: Sequence[str], search_paths: Sequence[str], bindings: 
     return ", ".join(required) if required else "none"
 
 
+def _no_run_config(command: str) -> str:
+    """What the help says of a subcommand whose run config is not found: which gin file to pass instead."""
+    example = SUBCOMMANDS[command].example_gin_file
+    return "none; pass " + (f"--gin_file={example} (or your own)" if example else "--gin_file") + (
+        "" if example else f" ({' or '.join(run_config_names(command))} not found)")
+
+
 def general_help(search_paths: Sequence[str]) -> str:
     lines = [f"usage: {PROG} SUBCOMMAND [--gin_file=PATH]... [--gin.KEY=VALUE]... [--model_dir=DIR] [flags]",
              "       (same as: python -m rest_jax.main SUBCOMMAND ...)", "",
              "ReST (Reinforced Self-Training, Gulcehre et al. 2023) for machine translation; gin-configured",
              "like T5X.  Each subcommand loads its run config, then your gin files and overrides.", "",
              "subcommands:"]
+    width = max(map(len, SUBCOMMANDS))
     for name, sub in SUBCOMMANDS.items():
-        lines.append(f"  {name:<8} {sub.summary}")
+        lines.append(f"  {name:<{width}} {sub.summary}")
         rc = run_config(name, search_paths)
         if rc:
-            lines.append(f"  {'':<8}   run config: {_display_path(rc)}; "
+            lines.append(f"  {'':<{width}}   run config: {_display_path(rc)}; "
                          f"required macros: {_required_text([rc], search_paths)}")
         else:
-            lines.append(f"  {'':<8}   run config: none ({' or '.join(run_config_names(name))} not found); "
-                         "pass --gin_file")
-    lines += [f"  {'launch':<8} Run any subcommand as P local processes of one multi-process JAX job:",
-              f"  {'':<8}   {PROG} launch --num_processes=2 --devices_per_process=4 -- rest --gin_file=...",
+            lines.append(f"  {'':<{width}}   run config: {_no_run_config(name)}")
+    lines += [f"  {'launch':<{width}} Run any subcommand as P local processes of one multi-process JAX job:",
+              f"  {'':<{width}}   {PROG} launch --num_processes=2 --devices_per_process=4 -- rest --gin_file=...",
               "", FLAGS_HELP]
     return "\n".join(lines)
 
@@ -277,15 +287,15 @@ def subcommand_help(inv: Invocation) -> str:
     sub = SUBCOMMANDS[inv.command]
     rc = run_config(inv.command, inv.search_paths) if inv.use_run_config else None
     files = gin_files_for(inv)
-    missing = " or ".join(run_config_names(inv.command))
     lines = [f"usage: {PROG} {inv.command} [--gin_file=PATH]... [--gin.KEY=VALUE]... [flags]", "",
              sub.summary, f"entry function: {sub.entry} (called with no arguments; configure it with gin)",
-             f"run config: {_display_path(rc) if rc else f'none ({missing} not found)'}",
+             f"run config: {_display_path(rc) if rc else _no_run_config(inv.command)}",
              f"gin files loaded: {', '.join(_display_path(f) for f in files) or 'none'}",
              f"macros still required: {_required_text(files, inv.search_paths, inv.bindings) if files else 'none'}",
              f"search paths: {', '.join(inv.search_paths)}"]
     try:
-        doc = inspect_doc(sub)
+        with console.quiet_native_stderr(not inv.verbose):  # the entry's import starts TensorFlow, which logs
+            doc = inspect_doc(sub)
     except ImportError as e:
         doc = f"(entry not importable: {e})"
     if doc:

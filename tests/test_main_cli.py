@@ -360,6 +360,12 @@ def test_console_script_help_in_a_fresh_process():
     assert proc.returncode == 0, proc.stderr
     for name in ["train", "grow", "improve", "rest", "eval", "infer", "score", "convert", "vocab"]:
         assert f"\n  {name} " in proc.stdout
+    # One subcommand's help imports its entry (TensorFlow and JAX start-up logs): none of that by default.
+    proc = subprocess.run([sys.executable, "-m", "rest_jax.main", "reward-model", "--help"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "pass --gin_file=rewards/train_learned_qe.gin" in proc.stdout
+    assert "Train a learned" in proc.stdout and "def " not in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "rest_jax.main", "grwo"], cwd=repo, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "Did you mean: grow" in proc.stderr and "Traceback" not in proc.stderr
