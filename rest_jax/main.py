@@ -49,6 +49,7 @@ from rest_jax.io import console  # noqa: E402
 PROG = "rest_jax"
 CONFIG_FILENAME = "config.gin"
 OPERATIVE_CONFIG_FILENAME = "operative_config.gin"
+EXIT_FAILED = 1  # the run failed (as Python's own exit status for an uncaught exception)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 DISTRIBUTED_ENV = "REST_JAX_DISTRIBUTED"
@@ -458,6 +459,12 @@ def _run(inv: Invocation) -> int:
         # A knob whose value is found wrong only when the run uses it (e.g. convert.output_path naming a
         # folder of user files): one line, like the configuration errors above.
         return _fail(e, inv.command)
+    except Exception as e:  # pylint: disable=broad-except
+        if inv.verbose or _multiprocess() or not _explains_itself(e):
+            raise
+        _print_error(f"{PROG} {inv.command}", f"{type(e).__name__}: {e}")
+        print(f"{PROG} {inv.command}: (--verbose shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         if inv.verbose:
             traceback.print_exc()  # where it was: for a run that seemed stuck
@@ -475,14 +482,24 @@ def _run(inv: Invocation) -> int:
 
 
 def _fail(err: GinConfigError, command: str | None = None) -> int:
-    prefix = f"{PROG} {command}" if command else PROG
-    # gin appends "  In call to configurable 'name' (<function ...>)" to errors raised inside an entry.
-    lines = [line for line in str(err).splitlines() if not line.startswith("  In call to configurable ")]
-    lines = lines or [type(err).__name__]
-    print(f"{prefix}: error: {lines[0]}", file=sys.stderr)
-    for line in lines[1:]:
-        print(f"{prefix}: error: {line}", file=sys.stderr)
+    _print_error(f"{PROG} {command}" if command else PROG, str(err) or type(err).__name__)
     return EXIT_USAGE
+
+
+def _print_error(prefix: str, message: str) -> None:
+    """`<prefix>: error: <line>` for each line of `message`, without the call chain gin appends to it."""
+    # gin appends "  In call to configurable 'name' (<function ...>)" to errors raised inside an entry.
+    for line in message.splitlines():
+        if not line.startswith("  In call to configurable "):
+            print(f"{prefix}: error: {line}", file=sys.stderr)
+
+
+def _explains_itself(err: BaseException) -> bool:
+    """True for errors whose message names the file or setting and what to do: rest_jax's own error classes
+    (a damaged checkpoint, a mismatched Grow store, data not prepared, a NaN loss, ...) and a missing file.
+    These print as one line; anything else keeps its traceback, since it may be a bug."""
+    return isinstance(err, FileNotFoundError) or any(
+        cls.__module__.startswith("rest_jax.") for cls in type(err).__mro__)
 
 
 def _multiprocess() -> bool:

@@ -52,6 +52,17 @@ def cli_fake_interrupted(model_dir: str = gin.REQUIRED):
     raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
 
 
+@gin.configurable(module="clitest")
+def cli_fake_failing(error: str = "missing"):
+    from rest_jax import checkpoints  # pylint: disable=import-outside-toplevel
+
+    if error == "missing":
+        raise FileNotFoundError("Vocabulary not found: /data/sp.model.")
+    if error == "corrupt":  # one of rest_jax's own error classes, as a failing stage raises it
+        raise checkpoints.CheckpointCorruptError("Checkpoint /run/2 is damaged.\nDelete it and rerun.")
+    raise RuntimeError("an unforeseen failure")
+
+
 @pytest.fixture(autouse=True)
 def fake_entries(monkeypatch, tmp_path):
     module = types.ModuleType("clitest_entries")
@@ -121,6 +132,31 @@ def test_ctrl_c_exits_130_with_one_line_on_what_was_kept(tmp_path, capsys, monke
     assert code == cli.EXIT_INTERRUPTED == 130 and CALLS == [dict(model_dir=str(tmp_path / "run"))]
     assert err == (f"rest_jax train: interrupted; nothing finished yet in {tmp_path / 'run'}. Rerun the same "
                    "command to start again.\n")
+
+
+@pytest.mark.parametrize("error, lines", [
+    ("missing", ["rest_jax train: error: FileNotFoundError: Vocabulary not found: /data/sp.model."]),
+    ("corrupt", ["rest_jax train: error: CheckpointCorruptError: Checkpoint /run/2 is damaged.",
+                 "rest_jax train: error: Delete it and rerun."]),
+])
+def test_an_error_that_says_what_to_do_is_one_message_and_verbose_shows_the_traceback(capsys, monkeypatch,
+                                                                                     error, lines):
+    monkeypatch.setattr(sys.modules["clitest_entries"], "failing", cli_fake_failing, raising=False)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "train", cli.Subcommand("clitest_entries:failing", "fake failure"))
+    argv = ["train", "--no_run_config", f"--gin.cli_fake_failing.error='{error}'"]
+    code, out, err = run(argv, capsys)
+    assert code == cli.EXIT_FAILED == 1 and out == ""
+    assert err.splitlines() == [*lines, "rest_jax train: (--verbose shows the traceback)"]
+    gin.clear_config()
+    with pytest.raises((FileNotFoundError, ValueError), match="not found|damaged"):
+        cli.main([*argv, "--verbose"])
+
+
+def test_an_unforeseen_error_keeps_its_traceback(monkeypatch):
+    monkeypatch.setattr(sys.modules["clitest_entries"], "failing", cli_fake_failing, raising=False)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "train", cli.Subcommand("clitest_entries:failing", "fake failure"))
+    with pytest.raises(RuntimeError, match="an unforeseen failure"):
+        cli.main(["train", "--no_run_config", "--gin.cli_fake_failing.error='other'"])
 
 
 def test_run_config_is_loaded_first_and_later_files_win(tmp_path, capsys):
