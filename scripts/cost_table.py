@@ -25,10 +25,14 @@ import sys
 
 import numpy as np
 
-from rest_jax import evaluate
-from rest_jax import report
-from rest_jax import rewards as rewards_lib
-from rest_jax import significance
+from rest_jax.io import console
+
+with console.quiet_native_stderr():  # TensorFlow's start-up lines (oneDNN, cuda probes)
+    from rest_jax import evaluate
+    from rest_jax import report
+    from rest_jax import rewards as rewards_lib
+    from rest_jax import significance
+    console.start_tensorflow()
 
 
 def _read(path: pathlib.Path) -> dict:

@@ -22,11 +22,15 @@ import re
 import sys
 from typing import Any
 
-from rest_jax import evaluate
-from rest_jax import inspection
-from rest_jax import report
-from rest_jax import rewards as rewards_lib
-from rest_jax import significance
+from rest_jax.io import console
+
+with console.quiet_native_stderr():  # TensorFlow's start-up lines (oneDNN, cuda probes)
+    from rest_jax import evaluate
+    from rest_jax import inspection
+    from rest_jax import report
+    from rest_jax import rewards as rewards_lib
+    from rest_jax import significance
+    console.start_tensorflow()
 
 
 def _stages(run_dir: pathlib.Path, keep: list[str] | None) -> dict[str, dict[str, Any]]:
