@@ -277,6 +277,7 @@ def check_improve(work, proc):
 
 
 def check_demo_corpus(work, proc):
+    assert proc.stderr == "", proc.stderr  # no TensorFlow start-up lines
     assert len(_lines(work / "demo_data/test.src")) == len(_lines(work / "demo_data/test.tgt")) == 500
 
 

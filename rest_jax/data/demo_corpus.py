@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import random
@@ -738,6 +739,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--validation_size", type=int, default=500)
     parser.add_argument("--test_size", type=int, default=500)
     args = parser.parse_args(argv)
+    with console.quiet_native_stderr():  # the files are written through tf.io.gfile: TensorFlow's start-up lines
+        importlib.import_module("rest_jax.data.text_files")
+        console.start_tensorflow()
     files = write_corpus(args.output, args.train_size, args.validation_size, args.test_size, args.seed)
     for split, (src, tgt) in files.items():
         print(f"{split}: {src} {tgt}")
