@@ -118,7 +118,8 @@ flags:
                             lines (also REST_JAX_VERBOSE=1); by default: progress, one line per
                             stage, warnings.
   -h, --help                this help; `rest_jax SUBCOMMAND --help` for one subcommand.
-exit status: 0 success, 2 configuration or usage error, 130 interrupted (Ctrl-C; rerun to resume)."""
+exit status: 0 success, 1 the run failed (the error says why), 2 configuration or usage error,
+             130 interrupted (Ctrl-C; rerun to resume)."""
 
 
 class UsageError(GinConfigError):
