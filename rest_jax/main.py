@@ -260,8 +260,9 @@ def _required_text(files: Sequence[str], search_paths: Sequence[str], bindings: 
 def _no_run_config(command: str) -> str:
     """What the help says of a subcommand whose run config is not found: which gin file to pass instead."""
     example = SUBCOMMANDS[command].example_gin_file
-    return "none; pass " + (f"--gin_file={example} (or your own)" if example else "--gin_file") + (
-        "" if example else f" ({' or '.join(run_config_names(command))} not found)")
+    if example:
+        return f"none; pass --gin_file={example} (or your own)"
+    return f"none ({' or '.join(run_config_names(command))} not found); pass --gin_file"
 
 
 def general_help(search_paths: Sequence[str]) -> str:
@@ -483,16 +484,16 @@ def _run(inv: Invocation) -> int:
 
 
 def _fail(err: GinConfigError, command: str | None = None) -> int:
-    _print_error(f"{PROG} {command}" if command else PROG, str(err) or type(err).__name__)
+    _print_error(f"{PROG} {command}" if command else PROG, str(err))
     return EXIT_USAGE
 
 
 def _print_error(prefix: str, message: str) -> None:
     """`<prefix>: error: <line>` for each line of `message`, without the call chain gin appends to it."""
     # gin appends "  In call to configurable 'name' (<function ...>)" to errors raised inside an entry.
-    for line in message.splitlines():
-        if not line.startswith("  In call to configurable "):
-            print(f"{prefix}: error: {line}", file=sys.stderr)
+    lines = [line for line in message.splitlines() if not line.startswith("  In call to configurable ")]
+    for line in lines or ["(no message)"]:
+        print(f"{prefix}: error: {line}", file=sys.stderr)
 
 
 def _explains_itself(err: BaseException) -> bool:
